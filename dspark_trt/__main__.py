@@ -1,0 +1,5 @@
+import sys
+
+from dspark_trt.cli import main
+
+sys.exit(main())
