@@ -1,0 +1,78 @@
+"""Turning logits into the distribution a token is drawn from, and drawing it.
+
+One definition is shared by the drafter (which samples draft tokens from q) and the verifier (which
+compares the target's p against the very same q), so top-k/top-p/temperature are applied to both
+distributions consistently. Randomness enters only as uniform numbers in [0, 1): every sampler is
+an inverse-CDF lookup, which makes runs reproducible from a per-request seed and lets kernels
+(Triton, TensorRT, ONNX Runtime) take the same uniforms as inputs and give the same tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+GREEDY_TEMPERATURE = 1e-5  # below this a temperature means greedy (argmax), as in the reference
+
+
+def warp_probs(
+    logits: torch.Tensor,
+    temperature: torch.Tensor | float = 1.0,
+    top_k: torch.Tensor | int = 0,
+    top_p: torch.Tensor | float = 1.0,
+) -> torch.Tensor:
+    """Per-row sampling distribution [N, V] (float32) from logits [N, V].
+
+    Order: temperature, then top-k (0 = off), then top-p (1.0 = off), renormalised. A row whose
+    temperature is below GREEDY_TEMPERATURE becomes the one-hot of its argmax. Parameters are
+    scalars or one value per row.
+    """
+    logits = logits.float()
+    n, vocab = logits.shape
+    temperature = torch.as_tensor(temperature, dtype=torch.float32).expand(n).reshape(n, 1)
+    top_k = torch.as_tensor(top_k, dtype=torch.long).expand(n)
+    top_p = torch.as_tensor(top_p, dtype=torch.float32).expand(n)
+    greedy = temperature.squeeze(1) < GREEDY_TEMPERATURE
+    scaled = logits / torch.where(greedy.unsqueeze(1), torch.ones_like(temperature), temperature)
+    if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
+        scaled = _mask_top_k_top_p(scaled, top_k, top_p)
+    probs = torch.softmax(scaled, dim=-1)
+    if bool(greedy.any()):
+        one_hot = torch.zeros_like(probs)
+        one_hot.scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        probs = torch.where(greedy.unsqueeze(1), one_hot, probs)
+    return probs
+
+
+def _mask_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set logits outside the top-k / top-p (nucleus) set to -inf; the top token always stays."""
+    vocab = scaled.shape[-1]
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab).expand_as(sorted_logits)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab)).unsqueeze(1)
+    drop = rank >= k
+    sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop |= mass_before >= top_p.unsqueeze(1)
+    drop[:, 0] = False
+    return scaled.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+
+
+def sample_from_uniform(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row of probs [N, V] by inverse CDF with uniforms [N] in [0, 1).
+
+    Rows need not be normalised (residual distributions are passed unnormalised). Zero-probability
+    tokens are never returned.
+    """
+    cdf = probs.float().cumsum(dim=-1)
+    target = uniform.float().reshape(-1, 1) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    idx = idx.clamp(max=probs.shape[-1] - 1)
+    # guard against landing on a zero-probability token through rounding at the top of the cdf
+    bad = probs.gather(1, idx.unsqueeze(1)).squeeze(1) <= 0
+    if bool(bad.any()):
+        idx = torch.where(bad, probs.argmax(dim=-1), idx)
+    return idx
+
+
+def uniforms(generator: torch.Generator, n: int) -> torch.Tensor:
+    """n uniform numbers in [0, 1) from a request's own generator (float64 for a fine CDF lookup)."""
+    return torch.rand(n, generator=generator, dtype=torch.float64)
