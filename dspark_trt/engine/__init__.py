@@ -1,0 +1,1 @@
+"""The engine: continuous batching of DSpark speculative decoding over any runtime."""

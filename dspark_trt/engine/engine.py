@@ -1,0 +1,298 @@
+"""Continuous-batching DSpark engine: admit, prefill, draft, schedule, verify, commit, stream.
+
+Each step (1) admits waiting requests into free slots, (2) prefills prompts in chunks, (3) drafts a
+block for every decoding request in one draft pass, (4) lets the scheduler pick each request's
+verification length from calibrated confidences, (5) verifies all prefixes in one target pass with
+the DSparkVerify semantics, and (6) commits accepted tokens, rolls back rejected K/V and streams the
+new tokens. The engine knows nothing about the backend: it talks to a `Runtime`.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from typing import Callable, Iterable
+
+import torch
+
+from dspark_trt.engine.request import Request, SamplingParams, Status, StreamCallback
+from dspark_trt.errors import DSparkError
+from dspark_trt.runtimes.base import Runtime
+from dspark_trt.spec.sampling import sample_from_uniform, uniforms, warp_probs
+from dspark_trt.spec.verify import dspark_verify
+
+# (calibrated conditional confidences [R, B] or None, max lengths [R]) -> verify lengths [R]
+Scheduler = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
+
+
+class EngineOverloadedError(DSparkError):
+    """The waiting queue is full; the request was refused rather than queued without bound."""
+
+
+def _no_speculation(conf: torch.Tensor | None, max_lengths: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(max_lengths)
+
+
+class Engine:
+    """Runs many requests at once on one runtime. Not thread-safe: drive it from one thread."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        scheduler: Scheduler | None = None,
+        sts_temperatures: torch.Tensor | None = None,
+        max_batch_tokens: int = 512,
+        max_queue_size: int = 1024,
+        detokenize: Callable[[list[int]], str] | None = None,
+    ):
+        self.runtime = runtime
+        self.scheduler = scheduler or _no_speculation
+        self.speculate = scheduler is not None and runtime.block_size > 0
+        self.sts_temperatures = sts_temperatures
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queue_size = max_queue_size
+        self.detokenize = detokenize
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._ids = itertools.count()
+        self.steps = 0
+
+    # ---- request lifecycle -------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    on_tokens: StreamCallback | None = None) -> Request:
+        params.validate()
+        if not prompt_ids:
+            raise DSparkError("prompt is empty: at least one token is needed")
+        if len(prompt_ids) + 1 > self.runtime.max_seq_len:
+            raise DSparkError(
+                f"prompt has {len(prompt_ids)} tokens; the context limit is {self.runtime.max_seq_len}"
+            )
+        if len(self.waiting) >= self.max_queue_size:
+            raise EngineOverloadedError(f"overloaded: {len(self.waiting)} requests already waiting")
+        request = Request(
+            request_id=request_id if request_id is not None else str(next(self._ids)),
+            prompt_ids=list(prompt_ids), params=params, on_tokens=on_tokens, arrival_time=time.perf_counter(),
+        )
+        request.generator = torch.Generator().manual_seed(params.seed)
+        self.waiting.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Ask for a request to stop; its slot is freed at the start of the next step."""
+        request.cancel_requested = True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def run(self) -> None:
+        while self.has_work:
+            self.step()
+
+    def generate(self, prompts: Iterable[list[int]], params: SamplingParams) -> list[Request]:
+        requests = [self.add_request(p, params) for p in prompts]
+        self.run()
+        return requests
+
+    # ---- one engine step ---------------------------------------------------------------------
+    def step(self) -> None:
+        self.steps += 1
+        self._drop_cancelled()
+        self._admit()
+        prefilling = [r for r in self.running if r.prefilled < len(r.prompt_ids)]
+        if prefilling:
+            self._guard(prefilling, self._prefill, prefilling)
+        decoding = [r for r in self.running if r.anchor is not None and not r.done]
+        if decoding:
+            self._guard(decoding, self._decode, decoding)
+        self.running = [r for r in self.running if not r.done]
+
+    def _guard(self, requests: list[Request], fn, *args) -> None:
+        """A failure inside a batched pass fails the requests of that pass, never the engine."""
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - reported to each request, engine keeps serving
+            for request in requests:
+                if not request.done:
+                    self._finish(request, Status.FAILED, "error", error=f"{type(exc).__name__}: {exc}")
+
+    def _drop_cancelled(self) -> None:
+        for request in list(self.waiting):
+            if request.cancel_requested:
+                self.waiting.remove(request)
+                self._finish(request, Status.CANCELLED, "cancelled")
+        for request in self.running:
+            if request.cancel_requested and not request.done:
+                self._finish(request, Status.CANCELLED, "cancelled")
+        self.running = [r for r in self.running if not r.done]
+
+    def _admit(self) -> None:
+        while self.waiting and self.runtime.free_slots > 0:
+            request = self.waiting.popleft()
+            request.slot = self.runtime.allocate_slot()
+            request.status = Status.RUNNING
+            self.running.append(request)
+
+    def _prefill(self, requests: list[Request]) -> None:
+        """Feed prompt chunks within the token budget; sample the first token of completed prompts."""
+        budget = self.max_batch_tokens
+        batch: list[tuple[Request, list[int]]] = []
+        for request in requests:
+            if budget <= 0:
+                break
+            chunk = request.prompt_ids[request.prefilled: request.prefilled + budget]
+            batch.append((request, chunk))
+            budget -= len(chunk)
+        ids = torch.tensor([t for _, chunk in batch for t in chunk], dtype=torch.long)
+        slots = torch.tensor([r.slot for r, _ in batch], dtype=torch.long)
+        lens = torch.tensor([len(chunk) for _, chunk in batch], dtype=torch.long)
+        out = self.runtime.target_forward(ids, slots, lens, logits_rows="last")
+        row = 0
+        for i, (request, chunk) in enumerate(batch):
+            if out.taps is not None:
+                request.pending_features = _append(request.pending_features, out.taps[row: row + len(chunk)])
+            row += len(chunk)
+            request.prefilled += len(chunk)
+            if request.prefilled < len(request.prompt_ids):
+                continue
+            params = request.params
+            probs = warp_probs(out.logits[i: i + 1], params.temperature, params.top_k, params.top_p)
+            token = int(sample_from_uniform(probs, uniforms(request.generator, 1))[0])
+            request.stats.first_token_time = time.perf_counter()
+            self._commit(request, [token])
+
+    def _decode(self, requests: list[Request]) -> None:
+        rt = self.runtime
+        n = len(requests)
+        temperature = torch.tensor([r.params.temperature for r in requests], dtype=torch.float32)
+        top_k = torch.tensor([r.params.top_k for r in requests], dtype=torch.long)
+        top_p = torch.tensor([r.params.top_p for r in requests], dtype=torch.float32)
+        slots = torch.tensor([r.slot for r in requests], dtype=torch.long)
+        anchors = torch.tensor([r.anchor for r in requests], dtype=torch.long)
+        # the most draft tokens each request may verify: block size, output budget, context limit
+        max_lengths = torch.tensor([
+            max(0, min(rt.block_size, r.params.max_tokens - len(r.output_ids) - 1,
+                       rt.max_seq_len - r.context_length - 1))
+            for r in requests
+        ], dtype=torch.long)
+
+        draft = None
+        lengths = torch.zeros(n, dtype=torch.long)
+        if self.speculate:
+            draft = rt.draft(
+                slots, [self._take_features(r) for r in requests], anchors, temperature, top_k, top_p,
+                torch.stack([uniforms(r.generator, rt.block_size) for r in requests]),
+            )
+            for request in requests:
+                request.stats.draft_tokens_proposed += rt.block_size
+            lengths = self.scheduler(self._calibrated(draft.confidence_logits), max_lengths)
+            lengths = torch.minimum(lengths.long(), max_lengths)
+        else:
+            for request in requests:
+                request.pending_features = None
+
+        # one target pass over [anchor, d_0 .. d_{l-1}] of every request
+        rows_per_request = lengths + 1
+        row_offsets = torch.zeros(n + 1, dtype=torch.long)
+        row_offsets[1:] = rows_per_request.cumsum(0)
+        pieces, draft_tokens, draft_probs = [], [], []
+        for i, request in enumerate(requests):
+            ell = int(lengths[i])
+            pieces.append(anchors[i: i + 1])
+            if ell:
+                pieces.append(draft.tokens[i, :ell])
+                draft_tokens.append(draft.tokens[i, :ell])
+                draft_probs.append(draft.probs[i, :ell])
+        out = rt.target_forward(torch.cat(pieces), slots, rows_per_request, logits_rows="all")
+        vocab = out.logits.shape[-1]
+        result = dspark_verify(
+            out.logits,
+            torch.cat(draft_tokens) if draft_tokens else torch.zeros(0, dtype=torch.long),
+            torch.cat(draft_probs) if draft_probs else torch.zeros(0, vocab),
+            row_offsets, temperature, top_k, top_p,
+            torch.cat([uniforms(r.generator, int(rows_per_request[i])) for i, r in enumerate(requests)]),
+        )
+        for i, request in enumerate(requests):
+            try:
+                self._commit_round(request, int(lengths[i]), int(result.accepted[i]), int(result.next_token[i]),
+                                   draft, i, out.taps, int(row_offsets[i]))
+            except Exception as exc:  # noqa: BLE001 - one request's failure stays its own
+                self._finish(request, Status.FAILED, "error", error=f"{type(exc).__name__}: {exc}")
+
+    def _commit_round(self, request: Request, ell: int, accepted: int, next_token: int, draft, index: int,
+                      taps: torch.Tensor | None, row0: int) -> None:
+        start = request.context_length
+        new_ids = (draft.tokens[index, :accepted].tolist() if accepted else []) + [next_token]
+        stats = request.stats
+        stats.draft_tokens_verified += ell
+        stats.draft_tokens_accepted += accepted
+        # τ of the round: an accepted stop token ends it there, without the bonus/correction token
+        stats.accepted_lengths.append(len(_cut_at_stop(new_ids, request.params.stop_ids)[0]))
+        # the target cache keeps the anchor and the accepted drafts; the new anchor is not cached yet
+        self.runtime.rollback(request.slot, start + accepted + 1)
+        if taps is not None:
+            request.pending_features = _append(request.pending_features, taps[row0: row0 + accepted + 1])
+        self._commit(request, new_ids)
+
+    def _commit(self, request: Request, new_ids: list[int]) -> None:
+        """Append tokens, apply stop conditions and the token budget, stream, finish if done."""
+        params = request.params
+        new_ids, stopped = _cut_at_stop(new_ids, params.stop_ids)
+        finish = "stop" if stopped else None
+        room = params.max_tokens - len(request.output_ids)
+        if len(new_ids) >= room:
+            new_ids, finish = new_ids[:room], finish or "length"
+        request.output_ids.extend(new_ids)
+        if finish is None and params.stop_strings and self._hit_stop_string(request):
+            finish = "stop"
+        request.anchor = request.output_ids[-1]
+        if finish is None:
+            self._emit(request, new_ids, False)
+        else:
+            self._finish(request, Status.FINISHED, finish, new_ids=new_ids)
+
+    def _hit_stop_string(self, request: Request) -> bool:
+        if self.detokenize is None:
+            raise DSparkError("stop strings need a tokenizer: construct the Engine with detokenize=...")
+        longest = max(len(s) for s in request.params.stop_strings)
+        tail = self.detokenize(request.output_ids[-(longest + 8):])
+        return any(s in tail for s in request.params.stop_strings)
+
+    def _finish(self, request: Request, status: Status, reason: str, new_ids: list[int] | None = None,
+                error: str | None = None) -> None:
+        request.status, request.finish_reason, request.error = status, reason, error
+        request.finish_time = time.perf_counter()
+        request.pending_features = None
+        if request.slot is not None:
+            self.runtime.free_slot(request.slot)
+            request.slot = None
+        self._emit(request, new_ids or [], True)
+
+    def _emit(self, request: Request, new_ids: list[int], finished: bool) -> None:
+        if request.on_tokens is not None:
+            request.on_tokens(request, new_ids, finished)
+
+    def _take_features(self, request: Request) -> torch.Tensor:
+        features, request.pending_features = request.pending_features, None
+        return features
+
+    def _calibrated(self, confidence_logits: torch.Tensor | None) -> torch.Tensor | None:
+        """Calibrated conditional confidences c_k = sigmoid(s_k / T_k) (T_k from STS; 1 if uncalibrated)."""
+        if confidence_logits is None:
+            return None
+        logits = confidence_logits.float()
+        if self.sts_temperatures is not None:
+            logits = logits / self.sts_temperatures.to(logits)[: logits.shape[1]]
+        return torch.sigmoid(logits)
+
+
+def _cut_at_stop(ids: list[int], stop_ids: tuple[int, ...]) -> tuple[list[int], bool]:
+    """ids up to and including the first stop id, and whether one was found."""
+    for k, token in enumerate(ids):
+        if token in stop_ids:
+            return ids[: k + 1], True
+    return ids, False
+
+
+def _append(existing: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    return rows if existing is None else torch.cat([existing, rows])

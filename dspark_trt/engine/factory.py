@@ -1,0 +1,54 @@
+"""Build a runtime and an engine from user-facing options (shared by generate, bench, eval, serve)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dspark_trt.engine.engine import Engine
+from dspark_trt.errors import DSparkError
+from dspark_trt.models.weights import load_target
+from dspark_trt.runtimes.torch_runtime import TorchRuntime
+
+SCHEDULE_MODES = ("off", "fixed", "threshold", "dspark", "async")
+
+
+@dataclass
+class EngineOptions:
+    target: str = "smollm2"
+    draft: str | None = None  # path to a DeepSpec checkpoint; None = no speculation
+    schedule: str = "fixed"
+    gamma: int | None = None  # fixed mode: drafts verified per round (default: block size)
+    threshold: float = 0.5  # threshold mode
+    cost_table: str | None = None  # dspark / async modes
+    calibration: str | None = None
+    num_slots: int = 8
+    max_seq_len: int = 2048
+    max_batch_tokens: int = 512
+
+
+def build_engine(options: EngineOptions) -> tuple[Engine, object]:
+    """(engine, tokenizer) for the options; raises DSparkError naming a bad option."""
+    if options.schedule not in SCHEDULE_MODES:
+        raise DSparkError(f"unknown schedule '{options.schedule}': choose from {', '.join(SCHEDULE_MODES)}")
+    target, tokenizer = load_target(options.target)
+    drafter = None
+    if options.draft is not None and options.schedule != "off":
+        from dspark_trt.models.drafter import load_drafter
+
+        drafter = load_drafter(options.draft)
+    runtime = TorchRuntime(target, drafter, num_slots=options.num_slots, max_seq_len=options.max_seq_len)
+    scheduler, temps = None, None
+    if drafter is not None:
+        from dspark_trt.spec.scheduler import make_scheduler
+
+        if options.calibration:
+            from dspark_trt.spec.calibration import load_calibration
+
+            temps = torch.as_tensor(load_calibration(options.calibration).temperatures)
+        scheduler = make_scheduler(options.schedule, block_size=runtime.block_size, gamma=options.gamma,
+                                   threshold=options.threshold, cost_table=options.cost_table,
+                                   has_confidence=runtime.has_confidence_head)
+    engine = Engine(runtime, scheduler, sts_temperatures=temps, max_batch_tokens=options.max_batch_tokens,
+                    detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+    return engine, tokenizer

@@ -1,0 +1,102 @@
+"""A generation request as the engine sees it: what was asked, where it is, what it has cost."""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from dspark_trt.errors import DSparkError
+
+
+class InvalidRequestError(DSparkError):
+    """A request parameter is out of range; the message names the field."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding parameters (names follow TensorRT-LLM's Triton backend)."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0  # < 1e-5 means greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    seed: int = 0
+    stop_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+
+    def validate(self, max_tokens_limit: int | None = None) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if max_tokens_limit is not None and self.max_tokens > max_tokens_limit:
+            raise InvalidRequestError(f"max_tokens {self.max_tokens} exceeds the limit {max_tokens_limit}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not 0 <= self.seed < 2**64:
+            raise InvalidRequestError(f"seed must be in [0, 2^64), got {self.seed!r}")
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+@dataclass
+class RequestStats:
+    """Speculation counters of one request (τ per round includes the bonus/correction token)."""
+
+    accepted_lengths: list[int] = field(default_factory=list)
+    draft_tokens_proposed: int = 0  # drafted by the drafter (block size per round)
+    draft_tokens_verified: int = 0  # sent to the target for verification
+    draft_tokens_accepted: int = 0
+    first_token_time: float | None = None
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return sum(self.accepted_lengths) / len(self.accepted_lengths) if self.accepted_lengths else 1.0
+
+
+# Called with (request, new token ids, finished) for every committed chunk.
+StreamCallback = Callable[["Request", list[int], bool], None]
+
+
+@dataclass
+class Request:
+    """Engine-side state of one request. The engine owns it; callers read it after it finishes."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_tokens: StreamCallback | None = None
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
+    error: str | None = None
+    stats: RequestStats = field(default_factory=RequestStats)
+    arrival_time: float = 0.0
+    finish_time: float | None = None
+    # engine state
+    slot: int | None = None
+    prefilled: int = 0  # prompt tokens already in the target cache
+    anchor: int | None = None  # last committed token, whose target K/V is not cached yet
+    pending_features: torch.Tensor | None = None  # target taps not yet given to the drafter
+    generator: torch.Generator | None = None
+    cancel_requested: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.status in (Status.FINISHED, Status.CANCELLED, Status.FAILED)
+
+    @property
+    def context_length(self) -> int:
+        """Position of the anchor = tokens whose target K/V are cached."""
+        return len(self.prompt_ids) + len(self.output_ids) - 1

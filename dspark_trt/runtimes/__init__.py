@@ -1,0 +1,1 @@
+"""Runtimes the engine can drive: torch (reference), ONNX Runtime, TensorRT."""

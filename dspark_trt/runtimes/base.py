@@ -1,0 +1,75 @@
+"""The interface every runtime (torch, ONNX Runtime, TensorRT) offers the engine.
+
+The engine drives target passes and draft passes through this interface only, so the same loop
+runs on any backend. A runtime owns the target KV slot pool and the drafter's per-slot context
+cache; the engine addresses both by slot.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TargetStep:
+    """Result of one target pass: logits of the requested rows and the tap features of every row."""
+
+    logits: torch.Tensor  # [rows, V] float32
+    taps: torch.Tensor | None  # [T, len(tap_layers) * hidden]
+
+
+@dataclass
+class DraftStep:
+    """Result of one draft pass for R requests (B = block size)."""
+
+    tokens: torch.Tensor  # [R, B] long
+    probs: torch.Tensor  # [R, B, V] the distribution q each token was drawn from
+    confidence_logits: torch.Tensor | None  # [R, B] pre-sigmoid, None without a confidence head
+
+
+class Runtime(ABC):
+    """Target + drafter behind slots. Positions are implicit: a slot's tokens are appended in order."""
+
+    vocab_size: int
+    eos_token_ids: list[int]  # the target's stop ids, the default stop condition of a request
+    max_seq_len: int
+    num_slots: int
+    block_size: int  # 0 when there is no drafter
+    has_confidence_head: bool
+    name: str
+
+    @abstractmethod
+    def allocate_slot(self) -> int:
+        """Reserve a target KV slot (and its draft context cache); raises when none is free."""
+
+    @abstractmethod
+    def free_slot(self, slot: int) -> None:
+        """Release the slot and forget its cached target K/V and draft context."""
+
+    @property
+    @abstractmethod
+    def free_slots(self) -> int: ...
+
+    @abstractmethod
+    def cache_length(self, slot: int) -> int: ...
+
+    @abstractmethod
+    def rollback(self, slot: int, length: int) -> None:
+        """Drop target K/V beyond `length` (rejected draft positions)."""
+
+    @abstractmethod
+    def target_forward(self, input_ids: torch.Tensor, slots: torch.Tensor, query_lens: torch.Tensor,
+                       logits_rows: str) -> TargetStep:
+        """Append query_lens[r] tokens to slot slots[r] for each r, in one ragged pass.
+
+        logits_rows: "last" (one row per request) or "all" (every row). Taps are returned for all rows
+        when the runtime has a drafter.
+        """
+
+    @abstractmethod
+    def draft(self, slots: torch.Tensor, new_features: list[torch.Tensor], anchors: torch.Tensor,
+              temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+              uniforms: torch.Tensor) -> DraftStep:
+        """Append each slot's new context features to its draft cache, then draft one block per slot."""

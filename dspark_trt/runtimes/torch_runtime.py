@@ -1,0 +1,85 @@
+"""The torch reference runtime: our TargetModel with a slot KV cache, and the DSpark drafter."""
+from __future__ import annotations
+
+import torch
+
+from dspark_trt.errors import DSparkError
+from dspark_trt.models.target import TargetModel
+from dspark_trt.runtimes.base import DraftStep, Runtime, TargetStep
+from dspark_trt.runtimes.kv_cache import KVCache
+
+
+class TorchRuntime(Runtime):
+    """Runs the reference torch modules (CPU here; CUDA where present)."""
+
+    name = "torch"
+
+    def __init__(self, target: TargetModel, drafter=None, num_slots: int = 8, max_seq_len: int = 2048):
+        self.target = target
+        self.drafter = drafter
+        self.vocab_size = target.config.vocab_size
+        self.eos_token_ids = list(target.config.eos_token_ids)
+        self.max_seq_len = min(max_seq_len, target.config.max_position_embeddings)
+        self.num_slots = num_slots
+        self.cache = KVCache(target.config, num_slots=num_slots, max_seq_len=self.max_seq_len,
+                             dtype=next(target.parameters()).dtype)
+        if drafter is not None:
+            _check_pair(target, drafter)
+            self.block_size = drafter.config.block_size
+            self.has_confidence_head = drafter.config.enable_confidence_head
+            self.tap_layers = tuple(drafter.config.target_layer_ids)
+        else:
+            self.block_size, self.has_confidence_head, self.tap_layers = 0, False, ()
+        self._draft_states: dict[int, object] = {}
+
+    def allocate_slot(self) -> int:
+        slot = self.cache.allocate()
+        if self.drafter is not None:
+            self._draft_states[slot] = self.drafter.new_state()
+        return slot
+
+    def free_slot(self, slot: int) -> None:
+        self.cache.free(slot)
+        self._draft_states.pop(slot, None)
+
+    @property
+    def free_slots(self) -> int:
+        return self.cache.num_free
+
+    def cache_length(self, slot: int) -> int:
+        return int(self.cache.lengths[slot])
+
+    def rollback(self, slot: int, length: int) -> None:
+        self.cache.set_length(slot, length)
+
+    @torch.inference_mode()
+    def target_forward(self, input_ids, slots, query_lens, logits_rows: str) -> TargetStep:
+        starts = self.cache.lengths[slots]
+        positions = torch.cat([torch.arange(int(s), int(s) + int(q)) for s, q in zip(starts, query_lens)])
+        out = self.target(input_ids, positions, slots, query_lens, self.cache, tap_layers=self.tap_layers,
+                          logits_rows=logits_rows)
+        return TargetStep(logits=out.logits, taps=out.taps)
+
+    @torch.inference_mode()
+    def draft(self, slots, new_features, anchors, temperature, top_k, top_p, uniforms) -> DraftStep:
+        states = [self._draft_states[int(s)] for s in slots]
+        empty = torch.zeros(0, len(self.tap_layers) * self.target.config.hidden_size)
+        features = [f if f is not None else empty for f in new_features]
+        out = self.drafter.draft_batch(states, features, anchors, temperature, top_k, top_p, uniforms)
+        return DraftStep(tokens=out.tokens, probs=out.probs, confidence_logits=out.confidence_logits)
+
+
+def _check_pair(target: TargetModel, drafter) -> None:
+    """A drafter fits a target only if hidden size, vocabulary and tap layers agree."""
+    t, d = target.config, drafter.config
+    problems = []
+    if d.hidden_size != t.hidden_size:
+        problems.append(f"hidden_size {d.hidden_size} != target {t.hidden_size}")
+    if d.vocab_size != t.vocab_size:
+        problems.append(f"vocab_size {d.vocab_size} != target {t.vocab_size}")
+    if d.num_target_layers != t.num_layers:
+        problems.append(f"num_target_layers {d.num_target_layers} != target layers {t.num_layers}")
+    if any(not -1 <= i < t.num_layers for i in d.target_layer_ids):
+        problems.append(f"target_layer_ids {list(d.target_layer_ids)} outside the target's layers")
+    if problems:
+        raise DSparkError("drafter does not match the target: " + "; ".join(problems))
