@@ -1,0 +1,238 @@
+"""The DSpark drafter: parallel block backbone with target-context K/V injection, Markov head,
+confidence head (DSPARK_SPEC.md sections 1-2 and 4.4).
+
+A block is [anchor, MASK x (B-1)] at positions p..p+B-1 (p = context length). Every draft layer
+attends from the block to [context ; block] without a mask; the context keys/values are the layer's
+k/v projections of the projected target features c = hidden_norm(fc(taps)), computed once per
+context token and kept in a per-request cache. The block's own K/V are never kept. Slot k's parallel
+logits U_k plus the Markov bias B_k(x_{k-1}) give the distribution the k-th draft token is drawn
+from, left to right.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dspark_trt.models.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
+from dspark_trt.models.markov_heads import ConfidenceHead, make_markov_head
+from dspark_trt.spec.sampling import sample_from_uniform, warp_probs
+
+
+@dataclass
+class DrafterConfig:
+    """The fields of a DeepSpec DSpark config.json that define the drafter (raw keeps all the rest)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int  # draft layers
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    block_size: int
+    mask_token_id: int
+    target_layer_ids: list[int]
+    num_target_layers: int
+    markov_rank: int = 0
+    markov_head_type: str | None = None
+    enable_confidence_head: bool = False
+    confidence_head_with_markov: bool = False
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_taps(self) -> int:
+        return len(self.target_layer_ids)
+
+
+@dataclass
+class DraftState:
+    """Per-request context cache: per draft layer, the context K/V [n_kv, n, d] (after norm + RoPE)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+
+@dataclass
+class DraftOutput:
+    """One block for one request (the reference API)."""
+
+    tokens: torch.Tensor  # [B]
+    logits: torch.Tensor  # [B, V] U + B: what the tokens were drawn from
+    base_logits: torch.Tensor  # [B, V] U
+    probs: torch.Tensor  # [B, V] the warped distribution q of each token
+    confidence_logits: torch.Tensor | None  # [B]
+    block_hidden: torch.Tensor  # [B, H]
+
+
+@dataclass
+class DraftBatchOutput:
+    tokens: torch.Tensor  # [R, B]
+    probs: torch.Tensor  # [R, B, V]
+    logits: torch.Tensor  # [R, B, V]
+    base_logits: torch.Tensor  # [R, B, V]
+    confidence_logits: torch.Tensor | None  # [R, B]
+    block_hidden: torch.Tensor  # [R, B, H]
+
+
+class DraftAttention(nn.Module):
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def context_kv(self, ctx: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V [n_kv, n, d] of projected context features [n, H] at their positions."""
+        n = ctx.shape[0]
+        k = apply_rotary(self.k_norm(self.k_proj(ctx).view(n, self.n_kv, self.head_dim)), cos, sin)
+        v = self.v_proj(ctx).view(n, self.n_kv, self.head_dim)
+        return k.transpose(0, 1), v.transpose(0, 1)
+
+    def forward(self, a: torch.Tensor, cos, sin, contexts: list[tuple[torch.Tensor, torch.Tensor]]):
+        """Block states a [R, B, H] attend to each request's context K/V and to the whole block."""
+        r, b, _ = a.shape
+        q = apply_rotary(self.q_norm(self.q_proj(a).view(r, b, self.n_heads, self.head_dim)), cos, sin)
+        k = apply_rotary(self.k_norm(self.k_proj(a).view(r, b, self.n_kv, self.head_dim)), cos, sin)
+        v = self.v_proj(a).view(r, b, self.n_kv, self.head_dim)
+        out = torch.empty_like(q)
+        for i, (ctx_k, ctx_v) in enumerate(contexts):
+            keys = torch.cat([ctx_k, k[i].transpose(0, 1)], dim=1).unsqueeze(0)
+            values = torch.cat([ctx_v, v[i].transpose(0, 1)], dim=1).unsqueeze(0)
+            att = F.scaled_dot_product_attention(q[i].transpose(0, 1).unsqueeze(0), keys, values, enable_gqa=True)
+            out[i] = att.squeeze(0).transpose(0, 1)
+        return self.o_proj(out.reshape(r, b, -1))
+
+
+class DraftLayer(nn.Module):
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = DraftAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, contexts):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, contexts)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DSparkDrafter(nn.Module):
+    """Parameter names match DeepSpec's checkpoints (no `model.` prefix)."""
+
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, h)
+        self.layers = nn.ModuleList(DraftLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(h, config.rms_norm_eps)
+        self.fc = nn.Linear(config.num_taps * h, h, bias=False)
+        self.hidden_norm = RMSNorm(h, config.rms_norm_eps)
+        self.lm_head = nn.Linear(h, config.vocab_size, bias=False)
+        self.markov_head = (make_markov_head(config.markov_head_type, config.vocab_size, h, config.markov_rank)
+                            if config.markov_rank > 0 else None)
+        if config.enable_confidence_head:
+            with_markov = config.confidence_head_with_markov and self.markov_head is not None
+            self.confidence_head = ConfidenceHead(h + (config.markov_rank if with_markov else 0))
+        else:
+            self.confidence_head = None
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    # ---- context cache -----------------------------------------------------------------------
+    def new_state(self) -> DraftState:
+        empty = torch.zeros(self.config.num_key_value_heads, 0, self.config.head_dim,
+                            dtype=self.embed_tokens.weight.dtype)
+        n = self.config.num_hidden_layers
+        return DraftState(keys=[empty] * n, values=[empty] * n)
+
+    def extend_context(self, state: DraftState, features: torch.Tensor) -> None:
+        """Project new target features [n, taps*H] once and append their K/V to every layer's cache."""
+        n = features.shape[0]
+        if n == 0:
+            return
+        if features.shape[1] != self.fc.in_features:
+            raise ValueError(f"context features have width {features.shape[1]}, expected {self.fc.in_features} "
+                             f"({self.config.num_taps} taps x hidden {self.config.hidden_size})")
+        ctx = self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
+        positions = torch.arange(state.length, state.length + n)
+        cos, sin = self.rotary(positions, ctx.dtype)
+        for i, layer in enumerate(self.layers):
+            k, v = layer.self_attn.context_kv(ctx, cos, sin)
+            state.keys[i] = torch.cat([state.keys[i], k], dim=1)
+            state.values[i] = torch.cat([state.values[i], v], dim=1)
+        state.length += n
+
+    # ---- drafting ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def draft(self, state: DraftState, ctx_features: torch.Tensor, anchor_id: int, temperature: float = 0.0,
+              top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None) -> DraftOutput:
+        """Reference single-request API: append ctx_features, then draft one block after anchor_id."""
+        b = self.config.block_size
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        u = torch.rand(1, b, generator=generator, dtype=torch.float64)
+        out = self.draft_batch([state], [ctx_features], torch.tensor([int(anchor_id)]), torch.tensor([temperature]),
+                               torch.tensor([top_k]), torch.tensor([top_p]), u)
+        conf = out.confidence_logits[0] if out.confidence_logits is not None else None
+        return DraftOutput(out.tokens[0], out.logits[0], out.base_logits[0], out.probs[0], conf, out.block_hidden[0])
+
+    @torch.no_grad()
+    def draft_batch(self, states: list[DraftState], ctx_features: list[torch.Tensor], anchor_ids: torch.Tensor,
+                    temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                    uniforms: torch.Tensor | None) -> DraftBatchOutput:
+        """One block per request: parallel backbone for all R, then the sequential Markov loop."""
+        cfg = self.config
+        r, b = len(states), cfg.block_size
+        for state, features in zip(states, ctx_features):
+            self.extend_context(state, features)
+        block_ids = torch.full((r, b), cfg.mask_token_id, dtype=torch.long)
+        block_ids[:, 0] = anchor_ids
+        x = self.embed_tokens(block_ids)
+        positions = torch.tensor([s.length for s in states]).unsqueeze(1) + torch.arange(b)
+        cos, sin = self.rotary(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, [(s.keys[i], s.values[i]) for s in states])
+        hidden = self.norm(x)
+        base_logits = self.lm_head(hidden).float()
+        if uniforms is None:
+            uniforms = torch.zeros(r, b, dtype=torch.float64)
+        return self._sample_block(anchor_ids, hidden, base_logits, temperature, top_k, top_p, uniforms)
+
+    def _sample_block(self, anchor_ids, hidden, base_logits, temperature, top_k, top_p, uniforms):
+        """Left-to-right: ℓ_k = U_k + B_k(x_{k-1}); x_k ~ warp(ℓ_k); then confidences from the drawn prefix."""
+        r, b, _ = base_logits.shape
+        head = self.markov_head
+        state = head.initial_state(r, hidden) if head is not None else None
+        prev = anchor_ids
+        prevs, tokens, logits, probs = [], [], [], []
+        for k in range(b):
+            logit_k = base_logits[:, k]
+            if head is not None:
+                bias, state = head.step(prev, hidden[:, k], state)
+                logit_k = logit_k + bias.float()
+            q = warp_probs(logit_k, temperature, top_k, top_p)
+            token = sample_from_uniform(q, uniforms[:, k])
+            prevs.append(prev)
+            tokens.append(token)
+            logits.append(logit_k)
+            probs.append(q)
+            prev = token
+        conf = None
+        if self.confidence_head is not None:
+            features = hidden
+            if self.confidence_head.proj.in_features > hidden.shape[-1]:
+                features = torch.cat([hidden, head.markov_w1(torch.stack(prevs, dim=1))], dim=-1)
+            conf = self.confidence_head(features).float()
+        return DraftBatchOutput(torch.stack(tokens, 1), torch.stack(probs, 1), torch.stack(logits, 1),
+                                base_logits, conf, hidden)

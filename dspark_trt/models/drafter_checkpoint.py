@@ -1,0 +1,196 @@
+"""DeepSpec checkpoint I/O: config.json + (sharded) safetensors, keys without a `model.` prefix.
+
+Released `deepseek-ai/dspark_*` / `dflash_*` drafters load unchanged, and drafters we train are
+written in the same format so DeepSpec-compatible tools read them.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dspark_trt.errors import ModelNotFoundError, UnsupportedModelError
+from dspark_trt.models.drafter import DrafterConfig, DSparkDrafter
+from dspark_trt.models.layers import rope_theta
+from dspark_trt.models.markov_heads import MARKOV_HEAD_TYPES
+
+REQUIRED_FIELDS = ("target_layer_ids", "mask_token_id", "block_size", "num_anchors", "enable_confidence_head",
+                   "markov_rank", "num_target_layers", "hidden_size", "vocab_size", "num_hidden_layers")
+SUPPORTED_ARCHITECTURES = ("Qwen3DSparkModel",)
+
+# SmolLM2's `<empty_output>` (id 16): a special token of its code pre-training (an empty Jupyter
+# output marker) that chat text never contains, so it plays the role of Qwen3's untrained padding
+# row 151669 as the block's mask token.
+SMOLLM2_MASK_TOKEN_ID = 16
+
+
+def config_from_dict(raw: dict, where: str = "config.json") -> DrafterConfig:
+    """Validate a DeepSpec config dict and extract the drafter's fields."""
+    arch = (raw.get("architectures") or ["Qwen3DSparkModel"])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(f"{where}: drafter architecture '{arch}' is not supported "
+                                    f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    missing = [k for k in REQUIRED_FIELDS if k not in raw]
+    if missing:
+        raise UnsupportedModelError(f"{where}: missing required field(s) {', '.join(missing)}")
+    rank = int(raw["markov_rank"])
+    head_type = raw.get("markov_head_type")
+    if rank > 0 and head_type not in MARKOV_HEAD_TYPES:
+        raise UnsupportedModelError(f"{where}: markov_rank {rank} needs markov_head_type in {MARKOV_HEAD_TYPES}, "
+                                    f"got {head_type!r}")
+    if raw["enable_confidence_head"] and "confidence_head_with_markov" not in raw:
+        raise UnsupportedModelError(f"{where}: enable_confidence_head needs confidence_head_with_markov")
+    taps = [int(t) for t in raw["target_layer_ids"]]
+    n_target = int(raw["num_target_layers"])
+    if not taps or taps != sorted(set(taps)) or taps[0] < -1 or taps[-1] >= n_target:
+        raise UnsupportedModelError(f"{where}: target_layer_ids {taps} must be strictly increasing ids in "
+                                    f"[-1, {n_target - 1}]")
+    if not 0 <= int(raw["mask_token_id"]) < int(raw["vocab_size"]):
+        raise UnsupportedModelError(f"{where}: mask_token_id {raw['mask_token_id']} outside the vocabulary")
+    heads = int(raw["num_attention_heads"])
+    return DrafterConfig(
+        vocab_size=int(raw["vocab_size"]),
+        hidden_size=int(raw["hidden_size"]),
+        intermediate_size=int(raw["intermediate_size"]),
+        num_hidden_layers=int(raw["num_hidden_layers"]),
+        num_attention_heads=heads,
+        num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+        head_dim=int(raw.get("head_dim") or int(raw["hidden_size"]) // heads),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta(type("Cfg", (), raw)),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 40960)),
+        block_size=int(raw["block_size"]),
+        mask_token_id=int(raw["mask_token_id"]),
+        target_layer_ids=taps,
+        num_target_layers=n_target,
+        markov_rank=rank,
+        markov_head_type=head_type if rank > 0 else None,
+        enable_confidence_head=bool(raw["enable_confidence_head"]),
+        confidence_head_with_markov=bool(raw.get("confidence_head_with_markov", False)),
+        raw=copy.deepcopy(raw),
+    )
+
+
+def config_to_dict(config: DrafterConfig) -> dict:
+    """The DeepSpec config.json: the raw dict (target config copy) with the drafter's fields set."""
+    raw = copy.deepcopy(config.raw)
+    raw.update({
+        "architectures": ["Qwen3DSparkModel"], "model_type": raw.get("model_type", "qwen3"),
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
+        "layer_types": ["full_attention"] * config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim, "rms_norm_eps": config.rms_norm_eps,
+        "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default"},
+        "max_position_embeddings": config.max_position_embeddings, "block_size": config.block_size,
+        "mask_token_id": config.mask_token_id, "target_layer_ids": list(config.target_layer_ids),
+        "num_target_layers": config.num_target_layers, "num_anchors": raw.get("num_anchors", 512),
+        "markov_rank": config.markov_rank, "enable_confidence_head": config.enable_confidence_head,
+        "tie_word_embeddings": False, "attention_bias": False, "hidden_act": "silu",
+    })
+    raw.pop("markov_head_type", None)
+    raw.pop("confidence_head_with_markov", None)
+    if config.markov_rank > 0:
+        raw["markov_head_type"] = config.markov_head_type
+    if config.enable_confidence_head:
+        raw["confidence_head_with_markov"] = config.confidence_head_with_markov
+    return raw
+
+
+def drafter_config_for_target(target, block_size: int = 7, num_draft_layers: int = 1,
+                              target_layer_ids: list[int] | None = None, markov_rank: int = 256,
+                              markov_head_type: str = "vanilla", mask_token_id: int = SMOLLM2_MASK_TOKEN_ID,
+                              enable_confidence_head: bool = True, confidence_head_with_markov: bool = True,
+                              intermediate_size: int | None = None) -> DrafterConfig:
+    """A drafter for our TargetConfig: Qwen3-style draft layers with the target's sizes and vocabulary."""
+    if target_layer_ids is None:  # spread over the depth, never the last layer (spec 1.2)
+        n = target.num_layers
+        target_layer_ids = sorted({round(1 + i * (n - 3) / 4) for i in range(5)})
+    raw = {"model_type": "qwen3", "num_anchors": 512, "dtype": "float32",
+           "bos_token_id": target.bos_token_id, "eos_token_id": target.eos_token_ids}
+    raw.update({"vocab_size": target.vocab_size, "hidden_size": target.hidden_size,
+                "num_hidden_layers": num_draft_layers, "num_attention_heads": target.num_heads,
+                "num_key_value_heads": target.num_kv_heads, "head_dim": target.head_dim,
+                "intermediate_size": intermediate_size or target.intermediate_size,
+                "rms_norm_eps": target.rms_norm_eps, "rope_parameters": {"rope_theta": target.rope_theta},
+                "max_position_embeddings": target.max_position_embeddings, "block_size": block_size,
+                "mask_token_id": mask_token_id, "target_layer_ids": target_layer_ids,
+                "num_target_layers": target.num_layers, "markov_rank": markov_rank,
+                "markov_head_type": markov_head_type if markov_rank > 0 else None,
+                "enable_confidence_head": enable_confidence_head,
+                "confidence_head_with_markov": confidence_head_with_markov})
+    return config_from_dict(raw, where="drafter config")
+
+
+def random_drafter(config: DrafterConfig, seed: int = 0, target: nn.Module | None = None) -> DSparkDrafter:
+    """HF-style init (normal 0.02, norms at 1); embed/lm_head copied from the target when given."""
+    generator = torch.Generator().manual_seed(seed)
+    model = DSparkDrafter(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        if target is not None:
+            model.embed_tokens.weight.copy_(target.embed_tokens.weight)
+            model.lm_head.weight.copy_(target.lm_head.weight)
+    return model.eval()
+
+
+def load_drafter(path: str | Path, dtype: torch.dtype = torch.float32) -> DSparkDrafter:
+    """Load a DeepSpec drafter directory; any key/shape mismatch names the first offending tensor."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ModelNotFoundError(f"drafter '{path}': no config.json (expected a DeepSpec checkpoint directory)")
+    try:
+        raw = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise UnsupportedModelError(f"{config_path}: not valid JSON ({exc})") from exc
+    config = config_from_dict(raw, where=str(config_path))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise ModelNotFoundError(f"drafter '{path}': no model.safetensors")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(path / name))
+    with torch.device("meta"):
+        model = DSparkDrafter(config)
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in state:
+            raise UnsupportedModelError(f"{path}: checkpoint lacks tensor '{key}' required by its config")
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise UnsupportedModelError(f"{path}: tensor '{key}' has shape {tuple(state[key].shape)}, "
+                                        f"config implies {tuple(tensor.shape)}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise UnsupportedModelError(f"{path}: checkpoint has tensor '{extra[0]}' that its config does not use")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+    model.rotary.inv_freq = model.rotary.inv_freq_for(config.head_dim, config.rope_theta)
+    return model.eval()
+
+
+def save_drafter(model: DSparkDrafter, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write config.json + model.safetensors (embed_tokens and lm_head stored, as DeepSpec does)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    raw = config_to_dict(model.config)
+    state = {k: (v.to(dtype) if dtype else v).detach().contiguous().clone() for k, v in model.state_dict().items()}
+    raw["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
