@@ -1,0 +1,75 @@
+"""CostTable: interpolation, forced monotonicity, JSON round trip and clear errors."""
+import json
+
+import numpy as np
+import pytest
+
+from dspark_trt.errors import DSparkError
+from dspark_trt.spec.cost_table import CostTable
+
+
+def test_interpolates_linearly_and_clamps_beyond_measured_points():
+    t = CostTable([2, 4, 8], [100.0, 80.0, 40.0])
+    assert t.sps(3) == pytest.approx(90.0)  # halfway between 100 and 80
+    assert t.sps(6) == pytest.approx(60.0)
+    assert t.sps(1) == 100.0 and t.sps(1000) == 40.0  # clamped
+    assert np.allclose(t.sps(np.array([2, 5])), [100.0, 70.0])
+    with pytest.raises(ValueError, match=">= 1"):
+        t.sps(0)
+
+
+def test_noise_is_removed_by_running_minimum_and_points_are_sorted():
+    # measured out of order with a noisy bump at B = 4 (faster than B = 2): forced down to 90
+    t = CostTable([4, 1, 2, 8], [95.0, 100.0, 90.0, 50.0])
+    assert t.batch_sizes == [1, 2, 4, 8]
+    assert t.steps_per_second == [100.0, 90.0, 90.0, 50.0]
+    # draft cost is forced non-decreasing in the number of requests
+    t = CostTable([1], [10.0], draft_requests=[1, 2, 4], draft_seconds=[0.02, 0.01, 0.03])
+    assert t.draft_seconds == [0.02, 0.02, 0.03]
+    assert t.draft_step_seconds(3) == pytest.approx(0.025)
+    assert CostTable([1], [10.0]).draft_step_seconds(5) == 0.0
+
+
+@pytest.mark.parametrize("sizes, sps, match", [
+    ([], [], "non-empty"),
+    ([1, 2], [1.0], "equal length"),
+    ([0, 2], [1.0, 1.0], "integers >= 1"),
+    ([1, 1], [1.0, 1.0], "distinct"),
+    ([1.5], [1.0], "integers"),
+    ([1, 2], [1.0, float("nan")], "finite"),
+    ([1, 2], [1.0, 0.0], "> 0"),
+])
+def test_bad_curves_are_refused(sizes, sps, match):
+    with pytest.raises(ValueError, match=match):
+        CostTable(sizes, sps)
+
+
+def test_synthetic_is_labelled_and_non_increasing():
+    t = CostTable.synthetic()
+    assert "synthetic" in t.metadata["method"]
+    assert t.sps(1) == t.sps(16) == 100.0 and t.sps(66) == pytest.approx(50.0)
+    assert np.all(np.diff(t.steps_per_second) <= 0)
+
+
+def test_json_round_trip_keeps_curve_and_metadata(tmp_path):
+    path = tmp_path / "cost.json"
+    t = CostTable([1, 8], [50.0, 25.0], [1, 4], [0.01, 0.02],
+                  metadata={"runtime": "torch", "versions": {"torch": "2.13"}, "method": "median of 5"})
+    t.to_json(path)
+    loaded = CostTable.from_json(path)
+    assert loaded.batch_sizes == [1, 8] and loaded.steps_per_second == [50.0, 25.0]
+    assert loaded.draft_requests == [1, 4] and loaded.draft_seconds == [0.01, 0.02]
+    meta = json.loads(path.read_text())["metadata"]
+    assert meta["runtime"] == "torch" and meta["method"] == "median of 5"
+    assert {"machine", "date", "versions"} <= set(meta)
+
+
+def test_missing_or_malformed_file_names_the_path_and_the_fix(tmp_path):
+    missing = tmp_path / "nope.json"
+    with pytest.raises(DSparkError, match=r"nope\.json does not exist.*dspark-trt profile"):
+        CostTable.from_json(missing)
+    for text in ("{not json", '{"batch_sizes": [1]}', '{"batch_sizes": [1, 2], "steps_per_second": [1, -1]}'):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(DSparkError, match=r"bad\.json is malformed.*dspark-trt profile"):
+            CostTable.from_json(bad)
