@@ -47,7 +47,7 @@ def test_bad_curves_are_refused(sizes, sps, match):
 def test_synthetic_is_labelled_and_non_increasing():
     t = CostTable.synthetic()
     assert "synthetic" in t.metadata["method"]
-    assert t.sps(1) == t.sps(16) == 100.0 and t.sps(66) == pytest.approx(50.0)
+    assert t.sps(1) == t.sps(16) == 100.0 and t.sps(64) == pytest.approx(100.0 / (1 + 0.02 * 48))
     assert np.all(np.diff(t.steps_per_second) <= 0)
 
 

@@ -1,82 +1,104 @@
-"""The runtime's measured cost curve: seconds per target pass for B verification tokens, and per
-draft pass for R requests. The scheduler turns it into SPS (steps/second) for Algorithm 1.
+"""SPS(B): measured target steps per second at a verification batch of B tokens.
 
-Measured by `dspark-trt profile` on the actual runtime and machine; the JSON records both.
-Times are smoothed to be non-decreasing in the batch size (a measured dip is noise, and a
-scheduler chasing it would oscillate), interpolated linearly between measured sizes and
-extrapolated linearly beyond the largest one (so large batches never look free).
+The prefix scheduler trades expected accepted tokens against the slowdown of a bigger target pass,
+so it needs the real shape of the runtime's cost curve, measured on the machine that serves
+(`dspark-trt profile`). A measured curve is noisy; the scheduler assumes more tokens per pass are
+never faster, so the table is forced non-increasing (running minimum) whenever it is built.
+Optionally it also records the drafter's seconds per step for a number of requests, which the
+scheduler uses to judge whether speculating pays at all (`min_predicted_gain`).
 """
 from __future__ import annotations
 
+import datetime
 import json
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from dspark_trt.errors import DSparkError
 
-
-def _monotone(points: dict[int, float]) -> dict[int, float]:
-    out, running = {}, 0.0
-    for size in sorted(points):
-        running = max(running, float(points[size]))
-        out[int(size)] = running
-    return out
-
-
-def _interpolate(points: dict[int, float], x: float) -> float:
-    sizes = sorted(points)
-    if len(sizes) == 1:
-        return points[sizes[0]] * max(x, 1) / sizes[0]
-    if x <= sizes[0]:
-        return points[sizes[0]]
-    for lo, hi in zip(sizes, sizes[1:]):
-        if x <= hi:
-            return points[lo] + (points[hi] - points[lo]) * (x - lo) / (hi - lo)
-    lo, hi = sizes[-2], sizes[-1]
-    slope = max((points[hi] - points[lo]) / (hi - lo), 0.0)
-    return points[hi] + slope * (x - hi)
+PROFILE_HINT = "run `dspark-trt profile` to measure it"
 
 
 @dataclass
 class CostTable:
-    verify_seconds: dict[int, float]  # tokens per target pass -> seconds
-    draft_seconds: dict[int, float] = field(default_factory=dict)  # requests per draft pass -> seconds
+    """Target steps/second per verification batch size, plus optional draft seconds per request count."""
+
+    batch_sizes: list[int]
+    steps_per_second: list[float]
+    draft_requests: list[int] = field(default_factory=list)
+    draft_seconds: list[float] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
 
-    def __post_init__(self):
-        if not self.verify_seconds:
-            raise DSparkError("cost table has no verification timings")
-        if any(s < 1 or t <= 0 for s, t in self.verify_seconds.items()):
-            raise DSparkError("cost table timings must be positive, for batch sizes >= 1")
-        self.verify_seconds = _monotone(self.verify_seconds)
-        self.draft_seconds = _monotone(self.draft_seconds)
+    def __post_init__(self) -> None:
+        self.batch_sizes, self.steps_per_second = _checked_curve(
+            self.batch_sizes, self.steps_per_second, "batch_sizes", "steps_per_second")
+        # more tokens per target pass is never faster: running minimum removes measurement noise
+        self.steps_per_second = np.minimum.accumulate(np.asarray(self.steps_per_second)).tolist()
+        if self.draft_requests or self.draft_seconds:
+            self.draft_requests, self.draft_seconds = _checked_curve(
+                self.draft_requests, self.draft_seconds, "draft_requests", "draft_seconds", allow_zero=True)
+            self.draft_seconds = np.maximum.accumulate(np.asarray(self.draft_seconds)).tolist()
 
-    def step_seconds(self, verify_tokens: int, draft_requests: int = 0) -> float:
-        """Predicted seconds of one engine step (draft pass for R requests + target pass of B tokens)."""
-        seconds = _interpolate(self.verify_seconds, verify_tokens)
-        if draft_requests and self.draft_seconds:
-            seconds += _interpolate(self.draft_seconds, draft_requests)
-        return seconds
+    def sps(self, batch: int | float | np.ndarray) -> float | np.ndarray:
+        """SPS at batch size(s) B >= 1: linear between measured points, clamped beyond them."""
+        b = np.asarray(batch, dtype=np.float64)
+        if np.any(b < 1):
+            raise ValueError(f"verification batch size must be >= 1, got {batch}")
+        out = np.interp(b, self.batch_sizes, self.steps_per_second)
+        return float(out) if out.ndim == 0 else out
 
-    def sps(self, verify_tokens: int, draft_requests: int = 0) -> float:
-        """Steps per second SPS(B), the quantity of Algorithm 1."""
-        return 1.0 / self.step_seconds(verify_tokens, draft_requests)
+    def draft_step_seconds(self, n_requests: int) -> float:
+        """Seconds of one draft step for n_requests (0 when the table has no draft costs)."""
+        if not self.draft_requests:
+            return 0.0
+        return float(np.interp(n_requests, self.draft_requests, self.draft_seconds))
+
+    @classmethod
+    def synthetic(cls, base_sps: float = 100.0, flat_until: int = 16, slope: float = 0.02,
+                  max_batch: int = 512) -> "CostTable":
+        """A made-up curve for tests only: flat up to `flat_until` tokens, then SPS ∝ 1/(1+slope·excess)."""
+        sizes = sorted({1, flat_until, *range(flat_until, max_batch + 1, max(1, flat_until))})
+        sps = [base_sps / (1.0 + slope * max(0, b - flat_until)) for b in sizes]
+        return cls(sizes, sps, metadata={"method": "synthetic (tests only, not a measurement)"})
 
     def to_json(self, path: str | Path) -> None:
-        data = {"verify_seconds": {str(k): v for k, v in self.verify_seconds.items()},
-                "draft_seconds": {str(k): v for k, v in self.draft_seconds.items()},
-                "metadata": self.metadata}
+        meta = {
+            "machine": platform.node(),
+            "platform": platform.platform(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **self.metadata,
+        }
+        data = {"batch_sizes": self.batch_sizes, "steps_per_second": self.steps_per_second,
+                "draft_requests": self.draft_requests, "draft_seconds": self.draft_seconds, "metadata": meta}
         Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def from_json(cls, path: str | Path) -> "CostTable":
         path = Path(path)
         if not path.is_file():
-            raise DSparkError(f"cost table {path} not found: measure one with `dspark-trt profile --out {path}`")
+            raise DSparkError(f"cost table {path} does not exist; {PROFILE_HINT}")
         try:
             data = json.loads(path.read_text())
-            return cls({int(k): float(v) for k, v in data["verify_seconds"].items()},
-                       {int(k): float(v) for k, v in data.get("draft_seconds", {}).items()},
-                       data.get("metadata", {}))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise DSparkError(f"cost table {path} is malformed ({exc}); re-run `dspark-trt profile`") from exc
+            return cls(data["batch_sizes"], data["steps_per_second"], data.get("draft_requests", []),
+                       data.get("draft_seconds", []), data.get("metadata", {}))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise DSparkError(f"cost table {path} is malformed ({type(exc).__name__}: {exc}); {PROFILE_HINT}") from exc
+
+
+def _checked_curve(xs, ys, x_name: str, y_name: str, allow_zero: bool = False) -> tuple[list[int], list[float]]:
+    """Validate and sort one measured curve; raise ValueError naming the field that is wrong."""
+    if not isinstance(xs, (list, tuple, np.ndarray)) or not isinstance(ys, (list, tuple, np.ndarray)):
+        raise ValueError(f"{x_name} and {y_name} must be lists")
+    if len(xs) == 0 or len(xs) != len(ys):
+        raise ValueError(f"{x_name} and {y_name} must be non-empty and of equal length ({len(xs)} vs {len(ys)})")
+    x = np.asarray(xs, dtype=np.float64)
+    y = np.asarray(ys, dtype=np.float64)
+    if np.any(x != np.round(x)) or np.any(x < 1) or len(np.unique(x)) != len(x):
+        raise ValueError(f"{x_name} must be distinct integers >= 1, got {list(xs)}")
+    if not np.all(np.isfinite(y)) or np.any(y < 0) or (not allow_zero and np.any(y == 0)):
+        raise ValueError(f"{y_name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {list(ys)}")
+    order = np.argsort(x)
+    return x[order].astype(int).tolist(), y[order].tolist()
