@@ -25,3 +25,49 @@ def smollm2_hf():
     source = resolve_model("smollm2")
     return AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file,
                                                 dtype=torch.float32).eval()
+
+
+def tiny_target(vocab_size: int = 8, seed: int = 0, num_layers: int = 2, scale: float = 1.0):
+    """A random Llama-style TargetModel small enough for thousands of statistical samples.
+
+    `scale` multiplies the output logits' spread: larger = more peaked next-token distributions.
+    """
+    from dspark_trt.models.target import TargetConfig, TargetModel
+
+    config = TargetConfig(arch="llama", vocab_size=vocab_size, hidden_size=16, intermediate_size=24,
+                          num_layers=num_layers, num_heads=2, num_kv_heads=1, head_dim=8, rms_norm_eps=1e-6,
+                          rope_theta=10000.0, max_position_embeddings=128, tie_word_embeddings=False,
+                          eos_token_ids=[])
+    torch.manual_seed(seed)
+    model = TargetModel(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    return model.eval()
+
+
+def tiny_drafter(target, block_size: int, seed: int = 0, **overrides):
+    """A random-weight DSpark drafter fitted to a tiny target (its own, unrelated predictions)."""
+    from dspark_trt.models.drafter_checkpoint import drafter_config_for_target, random_drafter
+
+    cfg = drafter_config_for_target(target.config, block_size=block_size, num_draft_layers=1,
+                                    target_layer_ids=[0, 1], markov_rank=4,
+                                    mask_token_id=target.config.vocab_size - 1, **overrides)
+    drafter = random_drafter(cfg, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # spread the draft distribution so it is neither uniform nor one-hot
+        drafter.lm_head.weight.copy_(torch.randn(drafter.lm_head.weight.shape, generator=g) * 2)
+    return drafter
+
+
+def chi_square_p_value(counts, expected_probs, min_expected: float = 5.0) -> float:
+    """Goodness-of-fit p-value; cells with expected count below min_expected are pooled."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    expected = torch.as_tensor(expected_probs, dtype=torch.float64) * counts.sum()
+    small = expected < min_expected
+    if bool(small.any()):
+        counts = torch.cat([counts[~small], counts[small].sum().reshape(1)])
+        expected = torch.cat([expected[~small], expected[small].sum().reshape(1)])
+    stat = float(((counts - expected) ** 2 / expected.clamp(min=1e-12)).sum())
+    dof = counts.numel() - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))

@@ -1,0 +1,210 @@
+"""The engine's promises: greedy speculation is token-identical to AR; sampling follows the target's
+distribution exactly (chi-square with fixed seeds, and the test fails on a biased verifier);
+continuous batching, streaming, stop conditions, cancellation and slot hygiene."""
+import itertools
+
+import pytest
+import torch
+
+import dspark_trt.engine.engine as engine_module
+from dspark_trt.engine.engine import Engine
+from dspark_trt.engine.request import SamplingParams, Status
+from dspark_trt.runtimes.torch_runtime import TorchRuntime
+from dspark_trt.spec.sampling import warp_probs
+from dspark_trt.spec.scheduler import make_scheduler
+from dspark_trt.spec.verify import VerifyResult, dspark_verify
+
+from conftest import chi_square_p_value, tiny_drafter, tiny_target
+
+PROMPTS = [[3, 1, 2, 1, 0, 2, 3], [2, 1], [1, 3, 2, 0, 2, 3, 3, 1, 0, 0, 2]]
+
+
+def _engine(target, drafter=None, schedule="fixed", slots=8, **kw):
+    scheduler = make_scheduler(schedule, drafter.config.block_size if drafter else 0, **kw) if drafter else None
+    return Engine(TorchRuntime(target, drafter, num_slots=slots, max_seq_len=128), scheduler)
+
+
+@pytest.mark.parametrize("block_size", range(1, 9))
+def test_greedy_speculation_equals_autoregressive(block_size):
+    target = tiny_target(vocab_size=4, seed=block_size, scale=3.0)
+    drafter = tiny_drafter(target, block_size, seed=block_size)
+    params = SamplingParams(max_tokens=24)
+    ar = [r.output_ids for r in _engine(target).generate(PROMPTS, params)]
+    alone = [_engine(target, drafter).generate([p], params)[0] for p in PROMPTS]
+    batched = _engine(target, drafter).generate(PROMPTS, params)
+    assert [r.output_ids for r in alone] == ar
+    assert [r.output_ids for r in batched] == ar
+    assert sum(r.stats.draft_tokens_verified for r in batched) > 0  # speculation really happened
+    assert all(len(r.output_ids) == 24 for r in batched)
+
+
+def test_greedy_drafts_do_get_accepted():
+    """Across block sizes the random drafters match the target sometimes, so the accept path runs."""
+    accepted = 0
+    for block_size in range(1, 9):
+        target = tiny_target(vocab_size=4, seed=block_size, scale=3.0)
+        requests = _engine(target, tiny_drafter(target, block_size, seed=block_size)).generate(
+            PROMPTS, SamplingParams(max_tokens=24))
+        accepted += sum(r.stats.draft_tokens_accepted for r in requests)
+        assert all(len(r.output_ids) == sum(r.stats.accepted_lengths) + 1 for r in requests)
+    assert accepted > 0
+
+
+@pytest.mark.slow
+def test_greedy_speculation_on_smollm2_equals_autoregressive(smollm2):
+    from dspark_trt.engine.prompts import chat_prompt_ids
+    from dspark_trt.models.drafter_checkpoint import drafter_config_for_target, random_drafter
+
+    model, tokenizer = smollm2
+    drafter = random_drafter(drafter_config_for_target(model.config, block_size=5), seed=0, target=model)
+    prompts = [chat_prompt_ids(tokenizer, t) for t in ("Name three colors.", "What is 12 times 12?")]
+    params = SamplingParams(max_tokens=24, stop_ids=tuple(model.config.eos_token_ids))
+    ar = [r.output_ids for r in Engine(TorchRuntime(model, num_slots=2)).generate(prompts, params)]
+    spec = Engine(TorchRuntime(model, drafter, num_slots=2), make_scheduler("fixed", 5)).generate(prompts, params)
+    assert [r.output_ids for r in spec] == ar
+
+
+def _exact_distribution(target, prompt, n_tokens, params):
+    """P(x_1..x_n | prompt) for every token tuple, by enumeration with the target alone."""
+    vocab = target.config.vocab_size
+    from dspark_trt.runtimes.kv_cache import KVCache
+
+    def next_probs(seq):
+        cache = KVCache(target.config, num_slots=1, max_seq_len=64)
+        slot = cache.allocate()
+        with torch.no_grad():
+            out = target(torch.tensor(seq), torch.arange(len(seq)), torch.tensor([slot]),
+                         torch.tensor([len(seq)]), cache)
+        return warp_probs(out.logits, params.temperature, params.top_k, params.top_p)[0]
+
+    probs = {}
+    for tokens in itertools.product(range(vocab), repeat=n_tokens):
+        p = 1.0
+        for k in range(n_tokens):
+            p *= float(next_probs(prompt + list(tokens[:k]))[tokens[k]]) if p > 0 else 0.0
+        probs[tokens] = p
+    return probs
+
+
+def _sample_outputs(target, drafter, prompt, params, n_samples, n_tokens):
+    engine = _engine(target, drafter, slots=64)
+    engine.max_queue_size = n_samples
+    requests = [engine.add_request(prompt, SamplingParams(**{**params.__dict__, "seed": seed}))
+                for seed in range(n_samples)]
+    engine.run()
+    return [tuple(r.output_ids[:n_tokens]) for r in requests], requests
+
+
+SAMPLING_CASES = [SamplingParams(max_tokens=4, temperature=1.0),
+                  SamplingParams(max_tokens=4, temperature=0.7, top_k=4, top_p=0.9)]
+
+
+@pytest.mark.parametrize("params", SAMPLING_CASES, ids=["T1", "T0.7-topk4-topp0.9"])
+def test_sampling_follows_target_distribution(params):
+    target = tiny_target(vocab_size=5, seed=11, scale=1.5)
+    drafter = tiny_drafter(target, block_size=3, seed=12)
+    prompt = [1, 3, 2]
+    exact = _exact_distribution(target, prompt, 3, params)
+    outputs, requests = _sample_outputs(target, drafter, prompt, params, n_samples=3000, n_tokens=3)
+    keys = sorted(exact)
+    counts = [outputs.count(k) for k in keys]
+    assert chi_square_p_value(counts, [exact[k] for k in keys]) > 1e-3
+    # and the drafts were really put to the test: both acceptances and rejections happened
+    accepted = sum(r.stats.draft_tokens_accepted for r in requests)
+    verified = sum(r.stats.draft_tokens_verified for r in requests)
+    assert 0.1 * verified < accepted < 0.95 * verified
+
+
+def test_biased_verifier_fails_the_same_test(monkeypatch):
+    """Resampling from p instead of the residual max(0, p - q) is a classic bug: the test must see it."""
+
+    def biased_verify(target_logits, draft_tokens, draft_probs, row_offsets, *args):
+        result = dspark_verify(target_logits, draft_tokens, draft_probs, row_offsets, *args)
+        wrong = dspark_verify(target_logits, draft_tokens, None if draft_probs is None else
+                              torch.zeros_like(draft_probs), row_offsets, *args)
+        rejected = result.accepted < (row_offsets[1:] - row_offsets[:-1] - 1)
+        return VerifyResult(result.accepted, torch.where(rejected, wrong.next_token, result.next_token))
+
+    monkeypatch.setattr(engine_module, "dspark_verify", biased_verify)
+    params = SAMPLING_CASES[0]
+    target = tiny_target(vocab_size=5, seed=11, scale=1.5)
+    drafter = tiny_drafter(target, block_size=3, seed=12)
+    prompt = [1, 3, 2]
+    exact = _exact_distribution(target, prompt, 3, params)
+    outputs, _ = _sample_outputs(target, drafter, prompt, params, n_samples=3000, n_tokens=3)
+    keys = sorted(exact)
+    assert chi_square_p_value([outputs.count(k) for k in keys], [exact[k] for k in keys]) < 1e-3
+
+
+def test_same_seed_same_output_and_streaming_chunks():
+    target = tiny_target(vocab_size=8, seed=3, scale=2.0)
+    drafter = tiny_drafter(target, block_size=4, seed=4)
+    chunks = []
+    params = SamplingParams(max_tokens=20, temperature=1.0, seed=42)
+    engine = _engine(target, drafter)
+    first = engine.add_request(PROMPTS[0], params, on_tokens=lambda r, ids, done: chunks.append((list(ids), done)))
+    engine.run()
+    second = _engine(target, drafter).generate([PROMPTS[0]], params)[0]
+    assert first.output_ids == second.output_ids
+    assert [t for ids, _ in chunks for t in ids] == first.output_ids
+    assert [done for _, done in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert len(chunks) - 1 == len(first.stats.accepted_lengths)  # one chunk per round + the first token
+
+
+def test_stop_ids_max_tokens_and_slot_release():
+    target = tiny_target(vocab_size=8, seed=5, scale=2.0)
+    drafter = tiny_drafter(target, block_size=4, seed=6)
+    ar = _engine(target).generate([PROMPTS[2]], SamplingParams(max_tokens=30))[0].output_ids
+    stop = ar[7]
+    first_stop = ar.index(stop)
+    engine = _engine(target, drafter, slots=2)
+    reqs = engine.generate([PROMPTS[2]] * 3, SamplingParams(max_tokens=30, stop_ids=(stop,)))
+    for r in reqs:
+        assert r.output_ids == ar[: first_stop + 1] and r.finish_reason == "stop"
+    assert engine.runtime.free_slots == 2
+    short = engine.generate([PROMPTS[2]], SamplingParams(max_tokens=5))[0]
+    assert short.output_ids == ar[:5] and short.finish_reason == "length"
+
+
+def test_stop_string_via_detokenizer():
+    target = tiny_target(vocab_size=8, seed=5, scale=2.0)
+    ar = _engine(target).generate([PROMPTS[2]], SamplingParams(max_tokens=30))[0].output_ids
+    engine = Engine(TorchRuntime(target, num_slots=2, max_seq_len=128),
+                    detokenize=lambda ids: "".join(chr(97 + t) for t in ids))
+    needle = "".join(chr(97 + t) for t in ar[3:5])
+    r = engine.generate([PROMPTS[2]], SamplingParams(max_tokens=30, stop_strings=(needle,)))[0]
+    text = "".join(chr(97 + t) for t in r.output_ids)
+    assert needle in text and needle not in text[:-1] and r.finish_reason == "stop"
+
+
+def test_cancellation_frees_slots_and_spares_others():
+    target = tiny_target(vocab_size=8, seed=7, scale=2.0)
+    drafter = tiny_drafter(target, block_size=3, seed=8)
+    engine = _engine(target, drafter, slots=4)
+    params = SamplingParams(max_tokens=40)
+    reqs = [engine.add_request(p, params) for p in PROMPTS * 3]
+    for _ in range(3):
+        engine.step()
+    victims = reqs[::3]
+    for r in victims:
+        engine.cancel(r)
+    engine.run()
+    assert all(r.status == Status.CANCELLED for r in victims)
+    others = [r for r in reqs if r not in victims]
+    assert all(r.status == Status.FINISHED and len(r.output_ids) == 40 for r in others)
+    assert engine.runtime.free_slots == 4
+
+
+def test_failure_in_a_step_fails_those_requests_not_the_engine(monkeypatch):
+    target = tiny_target(vocab_size=8, seed=9, scale=2.0)
+    engine = _engine(target)
+    bad = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=10))
+    original = engine.runtime.target_forward
+    monkeypatch.setattr(engine.runtime, "target_forward",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    engine.step()
+    assert bad.status == Status.FAILED and "boom" in bad.error
+    monkeypatch.setattr(engine.runtime, "target_forward", original)
+    good = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=10))[0]
+    assert good.status == Status.FINISHED and len(good.output_ids) == 10
+    assert engine.runtime.free_slots == 8
