@@ -1,0 +1,1 @@
+"""Serving glue: launching tritonserver and (later) filling the Triton model repository."""
