@@ -18,6 +18,7 @@ import torch
 from dspark_trt.engine.request import Request, SamplingParams, Status, StreamCallback
 from dspark_trt.errors import DSparkError
 from dspark_trt.runtimes.base import Runtime
+from dspark_trt.spec.calibration import apply_sts
 from dspark_trt.spec.sampling import sample_from_uniform, uniforms, warp_probs
 from dspark_trt.spec.verify import dspark_verify
 
@@ -44,6 +45,7 @@ class Engine:
         max_batch_tokens: int = 512,
         max_queue_size: int = 1024,
         detokenize: Callable[[list[int]], str] | None = None,
+        record_rounds: bool = False,
     ):
         self.runtime = runtime
         self.scheduler = scheduler or _no_speculation
@@ -52,6 +54,7 @@ class Engine:
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_size = max_queue_size
         self.detokenize = detokenize
+        self.record_rounds = record_rounds  # keep per-round confidences (for calibration and eval)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count()
@@ -214,6 +217,8 @@ class Engine:
         )
         for i, request in enumerate(requests):
             try:
+                if self.record_rounds and draft is not None and draft.confidence_logits is not None:
+                    request.stats.round_confidence_logits.append(draft.confidence_logits[i].tolist())
                 self._commit_round(request, int(lengths[i]), int(result.accepted[i]), int(result.next_token[i]),
                                    draft, i, out.taps, int(row_offsets[i]))
             except Exception as exc:  # noqa: BLE001 - one request's failure stays its own
@@ -226,6 +231,8 @@ class Engine:
         stats = request.stats
         stats.draft_tokens_verified += ell
         stats.draft_tokens_accepted += accepted
+        stats.round_verified.append(ell)
+        stats.round_accepted.append(accepted)
         # τ of the round: an accepted stop token ends it there, without the bonus/correction token
         stats.accepted_lengths.append(len(_cut_at_stop(new_ids, request.params.stop_ids)[0]))
         # the target cache keeps the anchor and the accepted drafts; the new anchor is not cached yet
@@ -280,10 +287,8 @@ class Engine:
         """Calibrated conditional confidences c_k = sigmoid(s_k / T_k) (T_k from STS; 1 if uncalibrated)."""
         if confidence_logits is None:
             return None
-        logits = confidence_logits.float()
-        if self.sts_temperatures is not None:
-            logits = logits / self.sts_temperatures.to(logits)[: logits.shape[1]]
-        return torch.sigmoid(logits)
+        temps = self.sts_temperatures if self.sts_temperatures is not None else torch.ones(confidence_logits.shape[1])
+        return apply_sts(confidence_logits.float(), temps)
 
 
 def _cut_at_stop(ids: list[int], stop_ids: tuple[int, ...]) -> tuple[list[int], bool]:

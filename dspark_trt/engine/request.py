@@ -59,6 +59,9 @@ class RequestStats:
     draft_tokens_verified: int = 0  # sent to the target for verification
     draft_tokens_accepted: int = 0
     first_token_time: float | None = None
+    round_verified: list[int] = field(default_factory=list)  # ℓ per round
+    round_accepted: list[int] = field(default_factory=list)  # accepted drafts per round
+    round_confidence_logits: list[list[float]] = field(default_factory=list)  # when the engine records them
 
     @property
     def mean_accepted_length(self) -> float:
