@@ -3,6 +3,7 @@ import importlib.util
 import queue
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,8 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with TritonServer(make_repository(tmp_path_factory.mktemp("triton"), "warp", "counter")) as running:
+    root = tmp_path_factory.mktemp("triton")
+    with TritonServer(make_repository(root, "warp", "counter"), workdir=root / "work") as running:
         yield running
 
 
@@ -185,21 +187,29 @@ def test_admin_apis_need_the_generated_key_and_inference_apis_do_not(server):
 
 @pytest.mark.server
 def test_stop_frees_the_ports_and_leaves_no_server_or_stub_process(tmp_path):
+    import tritonclient.http as httpclient
+
     repo = make_repository(tmp_path, "counter")
-    server = TritonServer(repo)
+    server = TritonServer(repo, extra_args=["--exit-timeout-secs=3"])
     server.start()
     try:
+        assert "exit_timeout                     | 3 " in server.log_path.read_text()  # extra_args win
         pids = processes_using(repo)
         assert len(pids) >= 2, "expected the server and one python stub"
         assert stream(server, {"x": (0, 2)})["x"] == [("value", 0), ("value", 1), ("final", None)]
         ports = [int(url.rsplit(":", 1)[1].split("/")[0]) for url in (server.http_url, server.grpc_url,
                                                                       server.metrics_url)]
         assert not any(port_is_free(port) for port in ports)
+        idle_client = httpclient.InferenceServerClient(server.http_url)  # a keep-alive connection left open
+        assert idle_client.is_server_live()
     finally:
+        began = time.monotonic()
         server.stop()
+    assert time.monotonic() - began < 10, "an idle client connection held up shutdown"
     assert not server.is_running()
     assert processes_using(repo) == []
     assert all(port_is_free(port) for port in ports)
+    assert not server.log_path.parent.exists()  # its own temporary workdir is gone
     server.stop()  # idempotent
 
 

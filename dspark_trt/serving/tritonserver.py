@@ -49,6 +49,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from dspark_trt.errors import DSparkError
 
@@ -57,6 +58,9 @@ RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
 STUB_NAME = "triton_python_backend_stub"
 _PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 _LOG_TAIL_CHARS = 6000
+# On SIGTERM tritonserver waits this long for open connections (an idle keep-alive client counts), then
+# as long again for in-flight requests while models unload; Triton's default of 30 s each outlasts stop().
+EXIT_TIMEOUT_S = 5
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,8 @@ class TritonServer:
 
     Ports left at 0 are picked free at start(). `http_url` and `grpc_url` are `host:port`, the form
     tritonclient takes; `metrics_url` is the full Prometheus scrape URL. The server log (stdout and
-    stderr of the server and of its python stubs) stays at `log_path` after stop().
+    stderr of the server and of its python stubs) is `workdir/tritonserver.log`; without a workdir it
+    goes to a temporary directory that stop() deletes (start() errors carry the log's tail).
     """
 
     def __init__(self, model_repository: Path, http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
@@ -179,6 +184,7 @@ class TritonServer:
         self._ports: tuple[int, int, int] | None = None
         self._process: subprocess.Popen | None = None
         self._log_file = None
+        self._owned_workdir: Path | None = None
 
     # -- addresses ---------------------------------------------------------------------------------
     @property
@@ -223,6 +229,7 @@ class TritonServer:
             f"--http-restricted-api={restriction}",
             f"--grpc-restricted-protocol={restriction}",
             "--allow-sagemaker=false", "--allow-vertex-ai=false",
+            f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
             f"--log-verbose={int(self.log_verbose)}",
             *self.extra_args,
         ]
@@ -231,30 +238,41 @@ class TritonServer:
         """Launch the server and wait until /v2/health/ready (all models loaded)."""
         if self.is_running():
             raise DSparkError("this tritonserver is already running")
-        workdir = self.workdir or Path(tempfile.mkdtemp(prefix="dspark-tritonserver-"))
-        workdir.mkdir(parents=True, exist_ok=True)
+        if self.workdir is None:
+            workdir = self._owned_workdir = Path(tempfile.mkdtemp(prefix="dspark-tritonserver-"))
+        else:
+            workdir = self.workdir
+            workdir.mkdir(parents=True, exist_ok=True)
         backends = prepare_backend_directory(self.install, self.workdir)
         free = iter(_free_ports(self.address, sum(p == 0 for p in self.requested_ports)))
         self._ports = tuple(p or next(free) for p in self.requested_ports)
         self.log_path = workdir / "tritonserver.log"
         self._log_file = open(self.log_path, "wb")
-        self._process = subprocess.Popen(
-            self.command(backends), stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
-            env=server_environment(self.install, self.extra_env), cwd=workdir, start_new_session=True)
+        try:
+            self._process = subprocess.Popen(
+                self.command(backends), stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+                env=server_environment(self.install, self.extra_env), cwd=workdir, start_new_session=True)
+        except OSError as exc:
+            self._fail(f"cannot run {self.install.binary}: {exc}")
         ready_url = f"http://{self.http_url}/v2/health/ready"
+        no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never ask a proxy about localhost
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                code = self._process.returncode
-                self.stop()
-                raise DSparkError(f"tritonserver exited with code {code} before it was ready\n{self.log_tail()}")
+                message = f"tritonserver exited with code {self._process.returncode} before it was ready"
+                self._fail(message)
             with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-                with urllib.request.urlopen(ready_url, timeout=1) as response:
+                with no_proxy.open(ready_url, timeout=1) as response:
                     if response.status == 200:
                         return
             time.sleep(0.2)
+        self._fail(f"tritonserver was not ready after {timeout_s:.0f} s")
+
+    def _fail(self, message: str) -> NoReturn:
+        """Stop, and raise a DSparkError with message and the log's tail (read before stop deletes it)."""
+        tail = self.log_tail()
         self.stop()
-        raise DSparkError(f"tritonserver was not ready after {timeout_s:.0f} s\n{self.log_tail()}")
+        raise DSparkError(f"{message}\n{tail}")
 
     def stop(self, timeout_s: float = 20) -> None:
         """SIGTERM the server (it unloads models, stubs finalize), SIGKILL it after timeout_s, then kill
@@ -272,6 +290,9 @@ class TritonServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self._owned_workdir is not None:
+            shutil.rmtree(self._owned_workdir, ignore_errors=True)
+            self._owned_workdir = None
 
     @staticmethod
     def _kill_group(pgid: int, timeout_s: float = 5) -> None:
@@ -292,7 +313,7 @@ class TritonServer:
         if self.log_path is None or not self.log_path.exists():
             return "(no server log)"
         text = self.log_path.read_bytes()[-chars:].decode("utf-8", errors="replace")
-        return f"--- last {len(text)} characters of {self.log_path} ---\n{text}"
+        return f"--- tritonserver log, last {len(text)} characters ---\n{text}"
 
     def __enter__(self) -> TritonServer:
         self.start()
