@@ -122,9 +122,11 @@ def prepare_backend_directory(install: TritonInstall, root: Path | None = None) 
             shutil.copy2(source, staging / "python" / source.name)
         try:
             staging.rename(backends)
-        except OSError:  # another process finished first; its copy is identical
+        except OSError:  # another process finished first (its copy is identical), else re-raise
             shutil.rmtree(staging, ignore_errors=True)
-    except PermissionError as exc:
+            if not (backends / "python" / STUB_NAME).is_file():
+                raise
+    except OSError as exc:  # read-only file systems raise EROFS, not PermissionError
         raise DSparkError(f"cannot create the tritonserver backend directory under {backends.parent}: {exc}; "
                           "pass a writable workdir") from exc
     return backends
