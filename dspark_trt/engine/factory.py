@@ -34,7 +34,7 @@ def build_engine(options: EngineOptions) -> tuple[Engine, object]:
     target, tokenizer = load_target(options.target)
     drafter = None
     if options.draft is not None and options.schedule != "off":
-        from dspark_trt.models.drafter import load_drafter
+        from dspark_trt.models.drafter_checkpoint import load_drafter
 
         drafter = load_drafter(options.draft)
     runtime = TorchRuntime(target, drafter, num_slots=options.num_slots, max_seq_len=options.max_seq_len)

@@ -1,0 +1,85 @@
+"""The speculative CLI end to end on a tiny model pair: generate with each schedule, profile, calibrate."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dspark_trt.models.drafter_checkpoint import drafter_config_for_target, random_drafter, save_drafter
+from dspark_trt.models.weights import load_target
+
+WORDS = [f"w{i}" for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A tiny Qwen3 target directory (with a word-level tokenizer and chat template) and a drafter."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    root = tmp_path_factory.mktemp("pair")
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=len(WORDS), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                         tie_word_embeddings=False, eos_token_id=1)
+    hf = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(20)
+    hf.save_pretrained(root / "target")
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w1")
+    fast.chat_template = "{% for m in messages %}w2 {{ m['content'] }} w3 {% endfor %}w4"
+    fast.save_pretrained(root / "target")
+    target, _ = load_target(str(root / "target"))
+    cfg = drafter_config_for_target(target.config, block_size=4, num_draft_layers=1, target_layer_ids=[0, 1],
+                                    markov_rank=4, mask_token_id=11)
+    drafter = random_drafter(cfg, seed=3, target=target)
+    save_drafter(drafter, root / "draft")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"turns": [" ".join(WORDS[5 + i % 6] for i in range(n))]}) + "\n"
+                               for n in range(3, 11)))
+    return root
+
+
+def _cli(*args):
+    out = subprocess.run([sys.executable, "-m", "dspark_trt", *args], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+def _generate(pair, *extra):
+    out = _cli("generate", "--target", str(pair / "target"), "--prompts-file", str(pair / "prompts.jsonl"),
+               "--max-tokens", "12", "--json", *extra)
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+@pytest.mark.slow
+def test_every_schedule_gives_the_autoregressive_greedy_output(pair):
+    ar = _generate(pair, "--no-spec")
+    cost = pair / "cost.json"
+    _cli("profile", "--target", str(pair / "target"), "--draft", str(pair / "draft"), "--out", str(cost),
+         "--batch-sizes", "1,2,4,8", "--repeats", "2", "--context-len", "16")
+    table = json.loads(cost.read_text())
+    assert table["batch_sizes"] == [1, 2, 4, 8] and len(table["draft_seconds"]) > 0
+    assert table["metadata"]["runtime"] == "torch"
+    calib = pair / "calib.json"
+    report = json.loads(_cli("calibrate", "--target", str(pair / "target"), "--draft", str(pair / "draft"),
+                             "--prompts", str(pair / "prompts.jsonl"), "--out", str(calib), "--json").stdout)
+    assert report["rounds"] > 0 and len(report["temperatures"]) == 4
+    assert json.loads(calib.read_text())["temperatures"] == report["temperatures"]
+    for extra in (["--schedule", "fixed"], ["--schedule", "fixed", "--gamma", "2"],
+                  ["--schedule", "threshold", "--threshold", "0.3"],
+                  ["--schedule", "dspark", "--cost-table", str(cost), "--calibration", str(calib)],
+                  ["--schedule", "async", "--cost-table", str(cost), "--concurrency", "4"]):
+        spec = _generate(pair, "--draft", str(pair / "draft"), *extra)
+        assert [r["token_ids"] for r in spec] == [r["token_ids"] for r in ar], extra
+        assert all(len(r["accepted_lengths"]) >= 1 for r in spec)
+
+
+def test_dspark_schedule_without_cost_table_says_what_to_run(pair):
+    out = subprocess.run([sys.executable, "-m", "dspark_trt", "generate", "--target", str(pair / "target"),
+                          "--draft", str(pair / "draft"), "--schedule", "dspark", "--prompt", "w5"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "dspark-trt profile" in out.stderr
