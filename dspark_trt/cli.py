@@ -23,7 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str | None, int]] = {
     "train-draft": ("train a DSpark drafter for a target by self-distillation", None, 6),
     "calibrate": ("fit Sequential Temperature Scaling of the confidence head", "calibrate", 5),
     "profile": ("measure the runtime's cost table SPS(B) for the scheduler", "profile", 5),
-    "bench": ("benchmarks: AR speed, speculative speedup, load sweep", None, 3),
+    "bench": ("benchmarks: AR speed, speculative speedup, load sweep", "bench", 3),
 }
 
 
