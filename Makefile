@@ -23,7 +23,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 serve: setup
-	$(VENV)/bin/dspark-trt serve --default
+	$(VENV)/bin/dspark-trt serve
 
 clean:
 	rm -rf $(VENV) build/__pycache__ .pytest_cache

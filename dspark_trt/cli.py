@@ -37,8 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, module_name, issue) in SUBCOMMANDS.items():
         if module_name is None:
             sp = sub.add_parser(name, help=f"{help_text} [not built yet: issue #{issue}]")
-            sp.set_defaults(_run=_not_built(name, issue))
-            sp.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            sp.set_defaults(_run=_not_built(name, issue), _built=False)
             continue
         module = importlib.import_module(f"dspark_trt.commands.{module_name}")
         sp = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
@@ -56,7 +55,9 @@ def _not_built(name: str, issue: int):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "_built", True):  # options of unbuilt commands are not known yet
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2

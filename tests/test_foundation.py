@@ -66,7 +66,7 @@ def test_unbuilt_subcommand_fails_clearly():
     if not unbuilt:
         pytest.skip("every subcommand is built")
     name = unbuilt[0]
-    out = _cli(name)
+    out = _cli(name, "--some-future-option", "value")  # its options are not defined yet
     assert out.returncode != 0
     assert "not built yet" in out.stderr and "issue #" in out.stderr
     assert out.stdout == ""
