@@ -1,0 +1,1 @@
+"""Drafter training by self-distillation from the target (DSPARK_SPEC.md section 6)."""

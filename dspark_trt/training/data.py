@@ -1,0 +1,210 @@
+"""Self-distillation data: the target regenerates the responses, then gives tap features on the fly.
+
+DSpark drafters learn the target's own distribution (DSPARK_SPEC.md 6.4), so the assistant turns
+are the target's generations, not the datasets' answers. Regeneration runs through our Engine
+(continuous batching) and appends each finished sample to a JSONL file keyed by a hash of the
+prompt, so an interrupted run resumes where it stopped. Target features are not cached: one
+target forward per training sequence gives the tapped layers' raw outputs (the drafter's context)
+and the final-normed last hidden state (the teacher's logits through the frozen lm_head), which
+keeps disk use at zero and memory bounded by the batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from dspark_trt.engine.engine import Engine
+from dspark_trt.engine.prompts import chat_prompt_ids
+from dspark_trt.engine.request import SamplingParams
+from dspark_trt.errors import DSparkError
+from dspark_trt.models.target import TargetModel
+from dspark_trt.runtimes.kv_cache import KVCache
+from dspark_trt.runtimes.torch_runtime import TorchRuntime
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    domain: str = "chat"
+
+    @property
+    def key(self) -> str:
+        return prompt_hash(self.text)
+
+
+def prompt_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
+def read_training_prompts(paths: Iterable[str | Path], limit_per_file: int | None = None) -> list[Prompt]:
+    """First user turns of JSONL files ({"turns": [...], "domain": ...}), duplicates dropped."""
+    prompts, seen = [], set()
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise DSparkError(f"prompts file not found: {path}")
+        taken = 0
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompt = Prompt(str(row["turns"][0]), str(row.get("domain", "chat")))
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                raise DSparkError(f"{path}:{number}: expected a JSON object with a non-empty 'turns' list") from exc
+            if prompt.key in seen:
+                continue
+            seen.add(prompt.key)
+            prompts.append(prompt)
+            taken += 1
+            if limit_per_file is not None and taken >= limit_per_file:
+                break
+    return prompts
+
+
+def finished_keys(path: str | Path) -> set[str]:
+    """Prompt hashes already in a responses file (a torn last line from a crash is ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        return set()
+    keys = set()
+    for line in path.read_text().splitlines():
+        try:
+            keys.add(json.loads(line)["key"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return keys
+
+
+def regenerate_responses(target: TargetModel, tokenizer, prompts: list[Prompt], out_path: str | Path,
+                         max_new_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
+                         top_k: int = 0, batch_size: int = 8, seed: int = 0, progress: bool = True) -> int:
+    """Generate the target's response to every prompt not yet in out_path; returns how many were added.
+
+    Each finished sample is appended as one JSON line {key, domain, prompt, prompt_ids, response_ids,
+    finish_reason} and flushed, so killing the run loses at most the samples in flight. The sampling
+    seed of a prompt derives from its hash, so a resumed run draws what the first run would have.
+    """
+    out_path = Path(out_path)
+    done = finished_keys(out_path)
+    todo = [p for p in prompts if p.key not in done]
+    if not todo:
+        return 0
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    prompt_ids = [chat_prompt_ids(tokenizer, p.text) for p in todo]
+    max_len = min(max(map(len, prompt_ids)) + max_new_tokens + 1, target.config.max_position_embeddings)
+    engine = Engine(TorchRuntime(target, None, num_slots=batch_size, max_seq_len=max_len))
+    stop_ids = tuple(target.config.eos_token_ids)
+    requests = []
+    for prompt, ids in zip(todo, prompt_ids):
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                seed=(int(prompt.key, 16) + seed) % 2**63, stop_ids=stop_ids)
+        requests.append((prompt, engine.add_request(ids, params)))
+    written, pending = 0, list(requests)
+    with out_path.open("a") as f:
+        if f.tell() > 0 and not out_path.read_bytes().endswith(b"\n"):
+            f.write("\n")  # end a torn line left by a killed run so the next record stays whole
+        while engine.has_work:
+            engine.step()
+            still = []
+            for prompt, request in pending:
+                if not request.done:
+                    still.append((prompt, request))
+                    continue
+                if request.error:
+                    raise DSparkError(f"generation failed for prompt {prompt.key}: {request.error}")
+                f.write(json.dumps({"key": prompt.key, "domain": prompt.domain, "prompt": prompt.text,
+                                    "prompt_ids": request.prompt_ids, "response_ids": request.output_ids,
+                                    "finish_reason": request.finish_reason}) + "\n")
+                f.flush()
+                written += 1
+                if progress:
+                    print(f"regenerate: {len(done) + written}/{len(done) + len(todo)} responses", file=sys.stderr)
+            pending = still
+    return written
+
+
+@dataclass
+class Sample:
+    """One training sequence: chat-templated prompt + the target's response, loss on the response."""
+
+    input_ids: torch.Tensor  # [T] long
+    loss_mask: torch.Tensor  # [T] bool
+
+    def __len__(self) -> int:
+        return self.input_ids.numel()
+
+
+def make_sample(prompt_ids: list[int], response_ids: list[int], max_length: int) -> Sample:
+    """Tokens = chat template up to the assistant header ++ the target's own response tokens.
+
+    The response is kept as the token ids the target generated (re-tokenising its decoded text can
+    split differently); they end with the end-of-turn token when the target stopped, so the loss
+    mask covers the assistant content through the end-of-turn marker as in spec 6.4.3.
+    """
+    ids = (list(prompt_ids) + list(response_ids))[:max_length]
+    mask = ([False] * len(prompt_ids) + [True] * len(response_ids))[:max_length]
+    return Sample(torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool))
+
+
+def load_samples(path: str | Path, max_length: int = 2048, min_loss_tokens: int = 14) -> list[Sample]:
+    """Samples of a responses file, truncated to max_length; too-short responses are dropped (spec 6.4.3)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DSparkError(f"responses file not found: {path}")
+    samples = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a torn last line from an interrupted run
+        sample = make_sample(row["prompt_ids"], row["response_ids"], max_length)
+        if int(sample.loss_mask.sum()) >= min_loss_tokens:
+            samples.append(sample)
+    return samples
+
+
+@dataclass
+class TargetFeatures:
+    """Target outputs for a packed batch of sequences (rows of all sequences concatenated)."""
+
+    taps: torch.Tensor  # [M, len(tap_layers) * H] raw outputs of the tapped layers
+    last_hidden: torch.Tensor  # [M, H] final-normed last-layer state (teacher logits = lm_head of it)
+    positions: torch.Tensor  # [M] position within its sequence
+    seq: torch.Tensor  # [M] index of the sequence in the batch
+
+
+class FeatureExtractor:
+    """One ragged target forward per batch with taps at the drafter's layers (plus the last, for the
+    teacher's final hidden state). The KV cache is reused across batches."""
+
+    def __init__(self, target: TargetModel, tap_layers: list[int], max_batch: int, max_length: int):
+        self.target = target
+        last = target.config.num_layers - 1
+        if last in tap_layers:
+            raise DSparkError(f"tap layer {last} is the target's last layer; the drafter must not tap it (spec 1.2)")
+        self.tap_layers = list(tap_layers) + [last]
+        self.cache = KVCache(target.config, num_slots=max_batch, max_seq_len=max_length,
+                             dtype=next(target.parameters()).dtype)
+
+    @torch.no_grad()
+    def __call__(self, samples: list[Sample]) -> TargetFeatures:
+        if len(samples) > self.cache.num_slots:
+            raise DSparkError(f"{len(samples)} sequences exceed the feature batch limit {self.cache.num_slots}")
+        lens = torch.tensor([len(s) for s in samples])
+        self.cache.lengths.zero_()
+        out = self.target(torch.cat([s.input_ids for s in samples]), torch.cat([torch.arange(n) for n in lens]),
+                          torch.arange(len(samples)), lens, self.cache, tap_layers=self.tap_layers,
+                          logits_rows=torch.zeros(0, dtype=torch.long))
+        h = self.target.config.hidden_size
+        return TargetFeatures(
+            taps=out.taps[:, :-h],
+            last_hidden=self.target.norm(out.taps[:, -h:]),
+            positions=torch.cat([torch.arange(n) for n in lens]),
+            seq=torch.repeat_interleave(torch.arange(len(samples)), lens),
+        )

@@ -1,0 +1,57 @@
+"""The DSpark objective (DSPARK_SPEC.md 5.1, 6.1, 6.2): α_ce·CE + α_tv·L1 + α_conf·BCE, each a weighted
+mean over supervised block slots with weight exp(-k/γ) at slot k."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Released DSpark values; DFlash (no Markov head) is ce=1, tv=0, conf=0."""
+
+    ce: float = 0.1
+    tv: float = 0.9
+    conf: float = 1.0
+    decay_gamma: float = 4.0
+
+
+def position_weights(block_size: int, gamma: float = 4.0) -> torch.Tensor:
+    """w_k = exp(-k/γ), k = 0..B-1 (the code's γ = 4, not the paper's block size; spec 6.2)."""
+    return torch.tensor([math.exp(-k / gamma) for k in range(block_size)])
+
+
+def dspark_loss(logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
+                confidence_logits: torch.Tensor | None, weights: torch.Tensor,
+                loss_weights: LossWeights = LossWeights()) -> tuple[torch.Tensor, dict[str, float]]:
+    """(total loss, diagnostics) for block slots [A, B].
+
+    logits: the Markov-corrected draft logits ℓ [A, B, V]; target_logits: u^t [A, B, V];
+    labels: ground-truth next tokens [A, B]; weights [A, B]: position weight on supervised slots, 0
+    elsewhere. The confidence label c* = 1 - TV(softmax ℓ, softmax u^t) is detached.
+    """
+    w = weights.float()
+    denom = w.sum().clamp(min=1e-12)
+    draft_logp = F.log_softmax(logits.float(), dim=-1)
+    target_p = F.softmax(target_logits.float(), dim=-1)
+    ce = F.nll_loss(draft_logp.flatten(0, 1), labels.flatten(), reduction="none").view_as(w)
+    l1 = (draft_logp.exp() - target_p).abs().sum(-1)
+    accept = (1 - 0.5 * l1.detach()).clamp(0, 1)  # c*_k, the analytic acceptance probability
+    loss_ce, loss_tv = (w * ce).sum() / denom, (w * l1).sum() / denom
+    total = loss_weights.ce * loss_ce + loss_weights.tv * loss_tv
+    stats = {"ce": float(loss_ce), "tv": float(loss_tv)}
+    if confidence_logits is not None and loss_weights.conf > 0:
+        bce = F.binary_cross_entropy_with_logits(confidence_logits.float(), accept, reduction="none")
+        loss_conf = (w * bce).sum() / denom
+        total = total + loss_weights.conf * loss_conf
+        stats["conf"] = float(loss_conf)
+    supervised = w > 0
+    blocks = supervised[:, 0]
+    # expected accepted length under teacher forcing: 1 + Σ_k Π_{i≤k} c*_i (spec 5.4)
+    survival = torch.cumprod(torch.where(supervised, accept, torch.zeros_like(accept)), dim=1)
+    stats["tau_probabilistic"] = float((1 + survival[blocks].sum(1)).mean()) if bool(blocks.any()) else 0.0
+    stats["loss"] = float(total)
+    return total, stats
