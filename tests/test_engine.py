@@ -208,3 +208,21 @@ def test_failure_in_a_step_fails_those_requests_not_the_engine(monkeypatch):
     good = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=10))[0]
     assert good.status == Status.FINISHED and len(good.output_ids) == 10
     assert engine.runtime.free_slots == 8
+
+
+def test_chunked_prefill_and_joining_mid_run_change_nothing():
+    target = tiny_target(vocab_size=8, seed=13, scale=2.0)
+    drafter = tiny_drafter(target, block_size=3, seed=14)
+    long_prompt = [i % 7 for i in range(50)]
+    params = SamplingParams(max_tokens=12)
+    reference = _engine(target, drafter).generate([long_prompt, PROMPTS[0]], params)
+    engine = _engine(target, drafter)
+    engine.max_batch_tokens = 16  # the 50-token prompt is prefilled in 4 chunks
+    first = engine.add_request(long_prompt, params)
+    for _ in range(4):
+        engine.step()
+    assert first.prefilled == 50 and 0 < len(first.output_ids) < 12
+    late = engine.add_request(PROMPTS[0], params)  # joins while the first one is decoding
+    engine.run()
+    assert first.output_ids == reference[0].output_ids
+    assert late.output_ids == reference[1].output_ids
