@@ -99,8 +99,13 @@ class DraftAttention(nn.Module):
         v = self.v_proj(ctx).view(n, self.n_kv, self.head_dim)
         return k.transpose(0, 1), v.transpose(0, 1)
 
-    def forward(self, a: torch.Tensor, cos, sin, contexts: list[tuple[torch.Tensor, torch.Tensor]]):
-        """Block states a [R, B, H] attend to each request's context K/V and to the whole block."""
+    def forward(self, a: torch.Tensor, cos, sin, contexts: list[tuple[torch.Tensor, torch.Tensor]],
+                masks: torch.Tensor | None = None):
+        """Block states a [R, B, H] attend to each request's context K/V and to the whole block.
+
+        Inference passes no mask (a block sees all its context and itself); training packs many
+        blocks into one row and passes masks [R, B, n_ctx + B] (True = may attend), spec 1.4.
+        """
         r, b, _ = a.shape
         q = apply_rotary(self.q_norm(self.q_proj(a).view(r, b, self.n_heads, self.head_dim)), cos, sin)
         k = apply_rotary(self.k_norm(self.k_proj(a).view(r, b, self.n_kv, self.head_dim)), cos, sin)
@@ -109,7 +114,9 @@ class DraftAttention(nn.Module):
         for i, (ctx_k, ctx_v) in enumerate(contexts):
             keys = torch.cat([ctx_k, k[i].transpose(0, 1)], dim=1).unsqueeze(0)
             values = torch.cat([ctx_v, v[i].transpose(0, 1)], dim=1).unsqueeze(0)
-            att = F.scaled_dot_product_attention(q[i].transpose(0, 1).unsqueeze(0), keys, values, enable_gqa=True)
+            mask = masks[i] if masks is not None else None
+            att = F.scaled_dot_product_attention(q[i].transpose(0, 1).unsqueeze(0), keys, values, attn_mask=mask,
+                                                 enable_gqa=True)
             out[i] = att.squeeze(0).transpose(0, 1)
         return self.o_proj(out.reshape(r, b, -1))
 
@@ -122,8 +129,8 @@ class DraftLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, contexts):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, contexts)
+    def forward(self, x, cos, sin, contexts, masks=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, contexts, masks)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -161,17 +168,74 @@ class DSparkDrafter(nn.Module):
         n = features.shape[0]
         if n == 0:
             return
+        kv = self.context_kv(features, torch.arange(state.length, state.length + n))
+        for i, (k, v) in enumerate(kv):
+            state.keys[i] = torch.cat([state.keys[i], k], dim=1)
+            state.values[i] = torch.cat([state.values[i], v], dim=1)
+        state.length += n
+
+    def context_kv(self, features: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per draft layer, K/V [n_kv, n, d] of target features [n, taps*H] at their positions."""
         if features.shape[1] != self.fc.in_features:
             raise ValueError(f"context features have width {features.shape[1]}, expected {self.fc.in_features} "
                              f"({self.config.num_taps} taps x hidden {self.config.hidden_size})")
         ctx = self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
-        positions = torch.arange(state.length, state.length + n)
         cos, sin = self.rotary(positions, ctx.dtype)
-        for i, layer in enumerate(self.layers):
-            k, v = layer.self_attn.context_kv(ctx, cos, sin)
-            state.keys[i] = torch.cat([state.keys[i], k], dim=1)
-            state.values[i] = torch.cat([state.values[i], v], dim=1)
-        state.length += n
+        return [layer.self_attn.context_kv(ctx, cos, sin) for layer in self.layers]
+
+    def backbone(self, block_ids: torch.Tensor, positions: torch.Tensor, contexts: list[list[tuple]],
+                 masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h [R, b, H], U [R, b, V] float32) of block rows; contexts[layer][row] = that row's context K/V."""
+        x = self.embed_tokens(block_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer, layer_contexts in zip(self.layers, contexts):
+            x = layer(x, cos, sin, layer_contexts, masks)
+        hidden = self.norm(x)
+        return hidden, self.lm_head(hidden).float()
+
+    # ---- training (teacher forcing, packed blocks; spec 1.4 and 6.3) ---------------------------
+    def forward_packed(self, features: torch.Tensor, ctx_positions: torch.Tensor, ctx_seq: torch.Tensor,
+                       anchor_ids: torch.Tensor, anchor_positions: torch.Tensor, anchor_seq: torch.Tensor,
+                       prev_tokens: torch.Tensor):
+        """Training forward of A blocks over the packed context of several sequences.
+
+        features [M, taps*H] at ctx_positions [M] of sequences ctx_seq [M]; block j has its anchor
+        anchor_ids[j] at anchor_positions[j] of sequence anchor_seq[j] and sees that sequence's
+        context strictly before the anchor plus its own block. prev_tokens [A, B] are the
+        teacher-forced previous tokens of the Markov and confidence heads (slot 0: the anchor).
+        Returns (corrected logits ℓ [A, B, V], U [A, B, V], confidence logits [A, B] or None).
+        """
+        b = self.config.block_size
+        a = anchor_ids.shape[0]
+        block_ids = torch.full((a, b), self.config.mask_token_id, dtype=torch.long)
+        block_ids[:, 0] = anchor_ids
+        positions = (anchor_positions.unsqueeze(1) + torch.arange(b)).reshape(1, a * b)
+        sees_ctx = (ctx_seq.unsqueeze(0) == anchor_seq.unsqueeze(1)) & (ctx_positions.unsqueeze(0)
+                                                                         < anchor_positions.unsqueeze(1))
+        block_of = torch.arange(a * b) // b  # block index of every packed query / block key
+        mask = torch.cat([sees_ctx[block_of], block_of.unsqueeze(1) == block_of.unsqueeze(0)], dim=1)
+        contexts = [[kv] for kv in self.context_kv(features, ctx_positions)]
+        hidden, base_logits = self.backbone(block_ids.reshape(1, a * b), positions, contexts, mask.unsqueeze(0))
+        hidden, base_logits = hidden.view(a, b, -1), base_logits.view(a, b, -1)
+        logits = base_logits
+        if self.markov_head is not None:
+            head = self.markov_head
+            state = head.initial_state(a, hidden)
+            biases = []
+            for k in range(b):
+                bias, state = head.step(prev_tokens[:, k], hidden[:, k], state)
+                biases.append(bias.float())
+            logits = base_logits + torch.stack(biases, dim=1)
+        return logits, base_logits, self.confidence_logits(hidden, prev_tokens)
+
+    def confidence_logits(self, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor | None:
+        """s_k from [h_k ; W1[x_{k-1}]] (or h_k alone); prev_tokens [R, B] start with the anchor."""
+        if self.confidence_head is None:
+            return None
+        features = hidden
+        if self.confidence_head.proj.in_features > hidden.shape[-1]:
+            features = torch.cat([hidden, self.markov_head.markov_w1(prev_tokens)], dim=-1)
+        return self.confidence_head(features).float()
 
     # ---- drafting ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -198,13 +262,9 @@ class DSparkDrafter(nn.Module):
             self.extend_context(state, features)
         block_ids = torch.full((r, b), cfg.mask_token_id, dtype=torch.long)
         block_ids[:, 0] = anchor_ids
-        x = self.embed_tokens(block_ids)
         positions = torch.tensor([s.length for s in states]).unsqueeze(1) + torch.arange(b)
-        cos, sin = self.rotary(positions, x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, [(s.keys[i], s.values[i]) for s in states])
-        hidden = self.norm(x)
-        base_logits = self.lm_head(hidden).float()
+        contexts = [[(s.keys[i], s.values[i]) for s in states] for i in range(cfg.num_hidden_layers)]
+        hidden, base_logits = self.backbone(block_ids, positions, contexts)
         if uniforms is None:
             uniforms = torch.zeros(r, b, dtype=torch.float64)
         return self._sample_block(anchor_ids, hidden, base_logits, temperature, top_k, top_p, uniforms)
@@ -228,11 +288,6 @@ class DSparkDrafter(nn.Module):
             logits.append(logit_k)
             probs.append(q)
             prev = token
-        conf = None
-        if self.confidence_head is not None:
-            features = hidden
-            if self.confidence_head.proj.in_features > hidden.shape[-1]:
-                features = torch.cat([hidden, head.markov_w1(torch.stack(prevs, dim=1))], dim=-1)
-            conf = self.confidence_head(features).float()
+        conf = self.confidence_logits(hidden, torch.stack(prevs, dim=1))
         return DraftBatchOutput(torch.stack(tokens, 1), torch.stack(probs, 1), torch.stack(logits, 1),
                                 base_logits, conf, hidden)

@@ -42,16 +42,16 @@ def dspark_loss(logits: torch.Tensor, target_logits: torch.Tensor, labels: torch
     accept = (1 - 0.5 * l1.detach()).clamp(0, 1)  # c*_k, the analytic acceptance probability
     loss_ce, loss_tv = (w * ce).sum() / denom, (w * l1).sum() / denom
     total = loss_weights.ce * loss_ce + loss_weights.tv * loss_tv
-    stats = {"ce": float(loss_ce), "tv": float(loss_tv)}
+    stats = {"ce": loss_ce.item(), "tv": loss_tv.item()}
     if confidence_logits is not None and loss_weights.conf > 0:
         bce = F.binary_cross_entropy_with_logits(confidence_logits.float(), accept, reduction="none")
         loss_conf = (w * bce).sum() / denom
         total = total + loss_weights.conf * loss_conf
-        stats["conf"] = float(loss_conf)
+        stats["conf"] = loss_conf.item()
     supervised = w > 0
     blocks = supervised[:, 0]
     # expected accepted length under teacher forcing: 1 + Σ_k Π_{i≤k} c*_i (spec 5.4)
     survival = torch.cumprod(torch.where(supervised, accept, torch.zeros_like(accept)), dim=1)
     stats["tau_probabilistic"] = float((1 + survival[blocks].sum(1)).mean()) if bool(blocks.any()) else 0.0
-    stats["loss"] = float(total)
+    stats["loss"] = total.item()
     return total, stats
