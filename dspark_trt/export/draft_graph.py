@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dspark_trt.export.target_graph import OPSET, padded_attention
+from dspark_trt.export.target_graph import OPSET, gather_past, padded_attention
 from dspark_trt.models.drafter import DSparkDrafter
 from dspark_trt.models.layers import apply_rotary
 
@@ -137,10 +137,10 @@ def export_drafter(drafter: DSparkDrafter, out_dir: str | Path) -> dict[str, Pat
 
 
 def block_inputs(anchors, ctx_lens, cache_k: np.ndarray, cache_v: np.ndarray, slots) -> dict[str, np.ndarray]:
-    """Feeds of draft_block for slots whose context caches [L, num_slots, kv, max_seq, d] hold ctx_lens rows."""
+    """Feeds of draft_block for slots whose context caches (per layer [num_slots, kv, max_seq, d]) hold
+    ctx_lens rows."""
     ctx_lens = np.asarray(ctx_lens, dtype=np.int64)
     slots = np.asarray(slots, dtype=np.int64)
     p = max(1, int(ctx_lens.max()))
     return {"anchors": np.asarray(anchors, dtype=np.int64), "ctx_lens": ctx_lens,
-            "ctx_k": np.ascontiguousarray(cache_k[:, slots, :, :p]),
-            "ctx_v": np.ascontiguousarray(cache_v[:, slots, :, :p])}
+            "ctx_k": gather_past(cache_k, slots, p), "ctx_v": gather_past(cache_v, slots, p)}

@@ -109,11 +109,17 @@ class TargetStepInputs:
     row_positions: np.ndarray  # [T] cache position of each new row
 
 
+def gather_past(cache, slots: np.ndarray, length: int) -> np.ndarray:
+    """[L, R, kv_heads, length, head_dim]: the first `length` positions of each slot, every layer."""
+    return np.stack([layer[slots, :, :length] for layer in cache])
+
+
 def step_inputs(input_ids, slots, starts, query_lens, cache_k: np.ndarray, cache_v: np.ndarray,
                 logits_rows: str | Sequence[int] = "last") -> TargetStepInputs:
     """Feeds for appending query_lens[r] tokens to slots[r], whose caches hold starts[r] positions.
 
-    cache_k/cache_v: the runtime's cache [L, num_slots, kv_heads, max_seq, head_dim].
+    cache_k/cache_v: the runtime's cache, per layer [num_slots, kv_heads, max_seq, head_dim] (a list of
+    arrays or one stacked array).
     """
     ids = np.asarray(input_ids, dtype=np.int64)
     slots = np.asarray(slots, dtype=np.int64)
@@ -121,8 +127,9 @@ def step_inputs(input_ids, slots, starts, query_lens, cache_k: np.ndarray, cache
     lens = np.asarray(query_lens, dtype=np.int64)
     if lens.sum() != ids.size or (lens < 1).any():
         raise DSparkError(f"query lengths {lens.tolist()} must be positive and sum to {ids.size} tokens")
-    if (starts + lens > cache_k.shape[3]).any():
-        raise DSparkError(f"a request exceeds the cache limit {cache_k.shape[3]}")
+    max_seq = cache_k[0].shape[2]
+    if (starts + lens > max_seq).any():
+        raise DSparkError(f"a request exceeds the cache limit {max_seq}")
     r, q_len, total = lens.size, int(lens.max()), int(lens.sum())
     first = np.concatenate([[0], np.cumsum(lens)[:-1]])
     request_of_row = np.repeat(np.arange(r), lens)
@@ -139,8 +146,7 @@ def step_inputs(input_ids, slots, starts, query_lens, cache_k: np.ndarray, cache
     feeds = {
         "input_ids": ids,
         "positions": (starts[request_of_row] + offset_in_request).astype(np.int64),
-        "past_k": np.ascontiguousarray(cache_k[:, slots, :, :p]),
-        "past_v": np.ascontiguousarray(cache_v[:, slots, :, :p]),
+        "past_k": gather_past(cache_k, slots, p), "past_v": gather_past(cache_v, slots, p),
         "past_lens": starts, "query_lens": lens, "gather_rows": gather_rows,
         "row_slots": (request_of_row * q_len + offset_in_request).astype(np.int64),
         "logits_rows": rows.astype(np.int64),

@@ -1,0 +1,108 @@
+"""An engine directory: the exported graphs of a target (and drafter) plus `manifest.json` describing them.
+
+The manifest is all a runtime needs besides the graph files: the model configs (target and DeepSpec
+drafter config), tap layers, block size, mask token, each graph's file, I/O names/shapes/dtypes and
+sha256, and the versions that produced them. `build-engines` adds validation results and tokenizer files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import onnx
+
+from dspark_trt import __version__
+from dspark_trt.errors import DSparkError
+from dspark_trt.export.draft_graph import export_drafter
+from dspark_trt.export.target_graph import OPSET, export_target
+
+MANIFEST = "manifest.json"
+FORMAT = "dspark-trt-engines/1"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def graph_io(path: Path) -> dict:
+    """Names, shapes (symbolic dims by name) and element types of a graph's inputs and outputs."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def describe(values):
+        return [{"name": v.name,
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+                 "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name}
+                for v in values]
+
+    return {"inputs": describe(graph.input), "outputs": describe(graph.output)}
+
+
+def versions() -> dict[str, str]:
+    import onnxruntime
+    import torch
+
+    return {"dspark_trt": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "opset": str(OPSET)}
+
+
+def graph_entry(path: Path, out_dir: Path) -> dict:
+    return {"file": path.relative_to(out_dir).as_posix(), **graph_io(path), "sha256": sha256(path)}
+
+
+def export_engines(target, drafter, out_dir: str | Path, progress=lambda message: None) -> dict:
+    """Export target (with the drafter's taps) and drafter graphs into out_dir and write the manifest."""
+    from dspark_trt.models.drafter_checkpoint import config_to_dict
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    taps = list(drafter.config.target_layer_ids) if drafter is not None else []
+    progress("exporting target graph")
+    paths = {"target": export_target(target, out_dir / "target.onnx", tap_layers=taps)}
+    if drafter is not None:
+        progress("exporting drafter graphs")
+        paths.update(export_drafter(drafter, out_dir))
+    manifest = {
+        "format": FORMAT,
+        "backend": "onnxruntime",
+        "dtype": "float32",
+        "target": {"config": dataclasses.asdict(target.config)},
+        "draft": None if drafter is None else {
+            "config": config_to_dict(drafter.config), "block_size": drafter.config.block_size,
+            "mask_token_id": drafter.config.mask_token_id,
+            "markov_head_type": drafter.config.markov_head_type,
+            "confidence_head": drafter.config.enable_confidence_head},
+        "taps": taps,
+        "graphs": {name: graph_entry(path, out_dir) for name, path in paths.items()},
+        "versions": versions(),
+    }
+    write_manifest(out_dir, manifest)
+    return manifest
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> Path:
+    path = Path(out_dir) / MANIFEST
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return path
+
+
+def read_manifest(engine_dir: str | Path) -> dict:
+    """The manifest of an engine directory; errors name the directory and what is wrong."""
+    path = Path(engine_dir) / MANIFEST
+    if not path.is_file():
+        raise DSparkError(f"{engine_dir}: no {MANIFEST} (build one with `dspark-trt build-engines`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DSparkError(f"{path}: not valid JSON ({exc})") from exc
+    if manifest.get("format") != FORMAT:
+        raise DSparkError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    for name, graph in manifest["graphs"].items():
+        if not (Path(engine_dir) / graph["file"]).is_file():
+            raise DSparkError(f"{engine_dir}: graph '{name}' file {graph['file']} is missing")
+    return manifest

@@ -1,0 +1,72 @@
+"""The engine on ONNX Runtime gives the same greedy tokens (and accepted lengths) as on torch."""
+import json
+
+import pytest
+
+from conftest import tiny_drafter, tiny_target
+from dspark_trt.engine.engine import Engine
+from dspark_trt.engine.request import SamplingParams
+from dspark_trt.errors import DSparkError
+from dspark_trt.export.engines import export_engines
+from dspark_trt.runtimes.ort_runtime import OrtRuntime
+from dspark_trt.runtimes.torch_runtime import TorchRuntime
+from dspark_trt.spec.scheduler import make_scheduler
+
+PROMPTS = [[3, 1, 2, 1, 0, 2, 3], [2, 1], [1, 3, 2, 0, 2, 3, 3, 1, 0, 0, 2]]
+
+
+def _run(runtime, prompts, params, speculate=True):
+    scheduler = make_scheduler("fixed", runtime.block_size) if speculate else None
+    return Engine(runtime, scheduler).generate(prompts, params)
+
+
+def test_tiny_pair_greedy_identical_with_speculation(tmp_path):
+    target = tiny_target(vocab_size=6, seed=2, scale=3.0)  # a seed whose drafts get accepted
+    drafter = tiny_drafter(target, block_size=4, seed=2)
+    export_engines(target, drafter, tmp_path)
+    params = SamplingParams(max_tokens=20)
+    ref = _run(TorchRuntime(target, drafter, num_slots=4, max_seq_len=64), PROMPTS, params)
+    ort = _run(OrtRuntime(tmp_path, num_slots=4, max_seq_len=64), PROMPTS, params)
+    assert [r.output_ids for r in ort] == [r.output_ids for r in ref]
+    assert [r.stats.accepted_lengths for r in ort] == [r.stats.accepted_lengths for r in ref]
+    assert sum(r.stats.draft_tokens_accepted for r in ort) > 0  # drafts were really accepted
+    ar = _run(OrtRuntime(tmp_path, num_slots=4, max_seq_len=64, use_drafter=False), PROMPTS, params, False)
+    assert [r.output_ids for r in ar] == [r.output_ids for r in ref]
+
+
+def test_slots_are_recycled_and_rolled_back(tmp_path):
+    """More requests than slots: a freed slot's stale K/V and context must never leak into the next."""
+    target = tiny_target(vocab_size=4, seed=5, scale=3.0)
+    drafter = tiny_drafter(target, block_size=3, seed=5)
+    export_engines(target, drafter, tmp_path)
+    prompts = PROMPTS * 2
+    params = SamplingParams(max_tokens=12)
+    ref = _run(TorchRuntime(target, drafter, num_slots=2, max_seq_len=64), prompts, params)
+    runtime = OrtRuntime(tmp_path, num_slots=2, max_seq_len=64)
+    ort = _run(runtime, prompts, params)
+    assert [r.output_ids for r in ort] == [r.output_ids for r in ref]
+    assert runtime.free_slots == 2
+
+
+def test_bad_engine_dirs_are_named(tmp_path):
+    with pytest.raises(DSparkError, match="no manifest.json"):
+        OrtRuntime(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "dspark-trt-engines/1", "graphs": {
+        "target": {"file": "target.onnx"}}}))
+    with pytest.raises(DSparkError, match="graph 'target' file target.onnx is missing"):
+        OrtRuntime(tmp_path)
+
+
+@pytest.mark.slow
+def test_smollm2_default_pair_greedy_identical(smollm2, tmp_path):
+    from dspark_trt.engine.prompts import chat_prompt_ids
+    from dspark_trt.models.drafter_checkpoint import drafter_config_for_target, random_drafter
+
+    model, tokenizer = smollm2
+    drafter = random_drafter(drafter_config_for_target(model.config, block_size=5), seed=0, target=model)
+    export_engines(model, drafter, tmp_path)
+    prompts = [chat_prompt_ids(tokenizer, t) for t in ("Name three colors.", "What is 12 times 12?")]
+    params = SamplingParams(max_tokens=16, stop_ids=tuple(model.config.eos_token_ids))
+    ref = _run(TorchRuntime(model, drafter, num_slots=2, max_seq_len=256), prompts, params)
+    ort = _run(OrtRuntime(tmp_path, num_slots=2, max_seq_len=256), prompts, params)
+    assert [r.output_ids for r in ort] == [r.output_ids for r in ref]
