@@ -16,7 +16,7 @@ from dspark_trt.errors import DSparkError, NotBuiltError
 # name -> (help text, module under dspark_trt.commands or None, issue that builds it)
 SUBCOMMANDS: dict[str, tuple[str, str | None, int]] = {
     "generate": ("generate text with the target, with or without DSpark speculation", "generate", 3),
-    "build-engines": ("export target and drafter to ONNX and compile engines", None, 7),
+    "build-engines": ("export target and drafter to ONNX and compile engines", "build_engines", 7),
     "package": ("turn built engines into a Triton model repository", None, 8),
     "serve": ("start tritonserver on a packaged model repository", None, 8),
     "eval": ("measure acceptance and confidence calibration of a drafter", None, 6),

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dspark_trt.errors import DSparkError
-from dspark_trt.export.draft_graph import block_inputs
+from dspark_trt.export.draft_graph import GRAPH_NAMES, block_inputs
 from dspark_trt.export.engines import read_manifest
 from dspark_trt.export.ort_session import make_session, run
 from dspark_trt.export.target_graph import step_inputs
@@ -38,21 +38,21 @@ class OrtRuntime(Runtime):
         self.config = TargetConfig(**manifest["target"]["config"])
         self.vocab_size = self.config.vocab_size
         self.eos_token_ids = list(self.config.eos_token_ids)
-        self.max_seq_len = min(max_seq_len, self.config.max_position_embeddings)
+        self.max_seq_len = min(max_seq_len, manifest.get("max_seq_len") or max_seq_len,
+                               self.config.max_position_embeddings)
         self.num_slots = num_slots
         self.tap_layers = tuple(manifest["taps"])
         self.cache = KVCache(self.config, num_slots=num_slots, max_seq_len=self.max_seq_len)
         self._k = [k.numpy() for k in self.cache.k]
         self._v = [v.numpy() for v in self.cache.v]
-        self._target = make_session(engine_dir / graphs["target"]["file"], threads)
+        self.sessions = {"target": make_session(engine_dir / graphs["target"]["file"], threads)}
         self.draft_config = None
         self.block_size, self.has_confidence_head = 0, False
         if manifest["draft"] is not None and use_drafter:
             cfg = self.draft_config = config_from_dict(manifest["draft"]["config"], where=f"{engine_dir} manifest")
             self.block_size, self.has_confidence_head = cfg.block_size, cfg.enable_confidence_head
-            self._draft = {name: make_session(engine_dir / graphs[name]["file"], threads)
-                           for name in ("draft_context", "draft_block", "draft_markov_step", "draft_confidence")
-                           if name in graphs}
+            self.sessions.update({name: make_session(engine_dir / graphs[name]["file"], threads)
+                                  for name in GRAPH_NAMES if name in graphs})
             layout = SimpleNamespace(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
                                      head_dim=cfg.head_dim)
             self.context = KVCache(layout, num_slots=num_slots, max_seq_len=self.max_seq_len)
@@ -87,7 +87,7 @@ class OrtRuntime(Runtime):
         starts = self.cache.lengths.numpy()[slots_np]
         inputs = step_inputs(np.asarray(input_ids), slots_np, starts, np.asarray(query_lens), self._k, self._v,
                              logits_rows)
-        logits, new_k, new_v, *taps = run(self._target, inputs.feeds)
+        logits, new_k, new_v, *taps = run(self.sessions["target"], inputs.feeds)
         for layer, (k, v) in enumerate(zip(new_k, new_v)):
             self._k[layer][inputs.row_slot_ids, :, inputs.row_positions] = k
             self._v[layer][inputs.row_slot_ids, :, inputs.row_positions] = v
@@ -96,6 +96,13 @@ class OrtRuntime(Runtime):
         return TargetStep(logits=torch.from_numpy(logits), taps=taps)
 
     def draft(self, slots, new_features, anchors, temperature, top_k, top_p, uniforms) -> DraftStep:
+        hidden, base = self.backbone(slots, new_features, anchors)
+        if uniforms is None:
+            uniforms = torch.zeros(len(slots), self.block_size, dtype=torch.float64)
+        return self._sample_block(torch.as_tensor(anchors), hidden, base, temperature, top_k, top_p, uniforms)
+
+    def backbone(self, slots, new_features, anchors) -> tuple[np.ndarray, torch.Tensor]:
+        """Append the new context features, then the parallel stage: block hidden [R, B, H], U [R, B, V]."""
         if self.draft_config is None:
             raise DSparkError("this runtime has no drafter")
         slots_np = np.asarray(slots, dtype=np.int64)
@@ -103,12 +110,9 @@ class OrtRuntime(Runtime):
         ctx_lens = self.context.lengths.numpy()[slots_np]
         if (ctx_lens + self.block_size > self.max_seq_len).any():
             raise DSparkError(f"draft block beyond the context limit {self.max_seq_len}")
-        hidden, base = run(self._draft["draft_block"],
+        hidden, base = run(self.sessions["draft_block"],
                            block_inputs(np.asarray(anchors), ctx_lens, self._ctx_k, self._ctx_v, slots_np))
-        if uniforms is None:
-            uniforms = torch.zeros(len(slots_np), self.block_size, dtype=torch.float64)
-        return self._sample_block(torch.as_tensor(anchors), hidden, torch.from_numpy(base), temperature, top_k,
-                                  top_p, uniforms)
+        return hidden, torch.from_numpy(base)
 
     def _extend_context(self, slots: np.ndarray, new_features) -> None:
         """One draft_context pass over every slot's new features; rows written at each slot's next positions."""
@@ -122,7 +126,7 @@ class OrtRuntime(Runtime):
         row_slots = np.concatenate([np.full(f.shape[0], s) for s, f in rows])
         positions = np.concatenate([np.arange(lengths[s], lengths[s] + f.shape[0]) for s, f in rows])
         features = torch.cat([f for _, f in rows]).to(torch.float32).numpy()
-        ctx_k, ctx_v = run(self._draft["draft_context"], {"features": features, "positions": positions})
+        ctx_k, ctx_v = run(self.sessions["draft_context"], {"features": features, "positions": positions})
         for layer, (k, v) in enumerate(zip(ctx_k, ctx_v)):
             self._ctx_k[layer][row_slots, :, positions] = k
             self._ctx_v[layer][row_slots, :, positions] = v
@@ -131,7 +135,7 @@ class OrtRuntime(Runtime):
 
     def _sample_block(self, anchors, hidden, base_logits, temperature, top_k, top_p, uniforms) -> DraftStep:
         """As DSparkDrafter._sample_block: ℓ_k = U_k + B_k(x_{k-1}); x_k ~ warp(ℓ_k), left to right."""
-        step = self._draft.get("draft_markov_step")
+        step = self.sessions.get("draft_markov_step")
         state = np.zeros((len(anchors), self.draft_config.markov_rank), np.float32)
         prev = anchors
         prevs, tokens, probs = [], [], []
@@ -149,8 +153,8 @@ class OrtRuntime(Runtime):
             probs.append(q)
             prev = token
         conf = None
-        if "draft_confidence" in self._draft:
-            (c,) = run(self._draft["draft_confidence"],
+        if "draft_confidence" in self.sessions:
+            (c,) = run(self.sessions["draft_confidence"],
                        {"hidden": hidden, "prev_tokens": torch.stack(prevs, 1).numpy().astype(np.int64)})
             conf = torch.from_numpy(c)
         return DraftStep(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1), confidence_logits=conf)

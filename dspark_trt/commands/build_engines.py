@@ -1,0 +1,31 @@
+"""Export the target and drafter to ONNX, check and validate the graphs on ONNX Runtime against torch,
+and write an engine directory with manifest.json (TensorRT plans need an NVIDIA GPU host)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from dspark_trt.export.build import BACKENDS, DTYPES, BuildOptions, build_engines
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="smollm2", help="target alias, .gguf file or HF directory")
+    parser.add_argument("--draft", help="DeepSpec drafter directory (omit for a target-only engine)")
+    parser.add_argument("--out", required=True, help="engine directory to write")
+    parser.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--max-seq-len", type=int, help="context limit per request "
+                        "(default: min(2048, the target's max positions))")
+    parser.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per target pass")
+    parser.add_argument("--tolerance", type=float, default=1e-3,
+                        help="max abs error vs torch allowed, relative to max(1, the reference's magnitude)")
+    parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest = build_engines(BuildOptions(out=args.out, target=args.target, draft=args.draft, backend=args.backend,
+                                          dtype=args.dtype, max_seq_len=args.max_seq_len,
+                                          max_batch_tokens=args.max_batch_tokens, tolerance=args.tolerance))
+    if args.json:
+        print(json.dumps(manifest))
+    return 0

@@ -1,0 +1,118 @@
+"""The build-engines job: load, export, check, validate, copy the tokenizer, write the manifest.
+
+Each step reports progress; a failure is raised as a DSparkError naming the step and the graph. The
+TensorRT backend needs the `tensorrt` package (NVIDIA GPU hosts only) and fails up front without it.
+"""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from dspark_trt.errors import DSparkError
+from dspark_trt.export.engines import export_engines, sha256, write_manifest
+from dspark_trt.export.validate import failures, validate_engines
+
+BACKENDS = ("onnxruntime", "tensorrt")
+DTYPES = ("float32",)
+TENSORRT_MISSING = "tensorrt is not installed; TensorRT plans can only be built on an NVIDIA GPU host"
+STEPS = ("load", "export", "check", "validate", "tokenizer", "manifest")
+
+
+@dataclass
+class BuildOptions:
+    out: str
+    target: str = "smollm2"
+    draft: str | None = None
+    backend: str = "onnxruntime"
+    dtype: str = "float32"
+    max_seq_len: int | None = None  # None: min(2048, the target's max positions)
+    max_batch_tokens: int = 512
+    tolerance: float = 1e-3  # max abs error allowed, relative to max(1, the reference's magnitude)
+
+
+def _stderr(message: str) -> None:
+    print(f"build-engines: {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _step(name: str, progress: Callable[[str], None], graph: str | None = None):
+    progress(f"[{STEPS.index(name) + 1}/{len(STEPS)}] {name}" + (f" ({graph})" if graph else ""))
+    where = f"step '{name}'" + (f", graph '{graph}'" if graph else "")
+    try:
+        yield
+    except DSparkError as exc:
+        raise DSparkError(f"{where}: {exc}") from exc
+    except Exception as exc:  # exporter/checker/ORT errors: name where they happened, keep the cause
+        raise DSparkError(f"{where}: {type(exc).__name__}: {exc}") from exc
+
+
+def check_options(options: BuildOptions) -> None:
+    """Reject bad options before any slow work."""
+    if options.backend not in BACKENDS:
+        raise DSparkError(f"unknown backend '{options.backend}': choose from {', '.join(BACKENDS)}")
+    if options.backend == "tensorrt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise DSparkError(TENSORRT_MISSING) from None
+        raise DSparkError("building TensorRT plans is not implemented yet (issue #7); use --backend onnxruntime")
+    if options.dtype not in DTYPES:
+        raise DSparkError(f"dtype '{options.dtype}' is not supported: the exported graphs are {', '.join(DTYPES)}")
+    if options.max_seq_len is not None and options.max_seq_len < 16:
+        raise DSparkError(f"--max-seq-len must be at least 16, got {options.max_seq_len}")
+    if options.max_batch_tokens < 1:
+        raise DSparkError(f"--max-batch-tokens must be positive, got {options.max_batch_tokens}")
+
+
+def build_engines(options: BuildOptions, progress: Callable[[str], None] = _stderr) -> dict:
+    """Build the engine directory options.out; returns its manifest."""
+    from dspark_trt.models.weights import load_target
+    from dspark_trt.runtimes.torch_runtime import TorchRuntime
+
+    check_options(options)
+    out = Path(options.out)
+    with _step("load", progress, "target"):
+        target, tokenizer = load_target(options.target)
+        limit = target.config.max_position_embeddings
+        if options.max_seq_len is not None and options.max_seq_len > limit:
+            raise DSparkError(f"--max-seq-len {options.max_seq_len} exceeds the target's max_position_embeddings {limit}")
+        max_seq_len = options.max_seq_len or min(2048, limit)
+    drafter = None
+    if options.draft is not None:
+        with _step("load", progress, "draft"):
+            from dspark_trt.models.drafter_checkpoint import load_drafter
+
+            drafter = load_drafter(options.draft)
+            TorchRuntime(target, drafter, num_slots=1, max_seq_len=1)  # checks the pair fits
+    with _step("export", progress):
+        manifest = export_engines(target, drafter, out, progress=lambda m: progress(f"      {m}"))
+    for name, graph in manifest["graphs"].items():
+        with _step("check", progress, name):
+            onnx.checker.check_model(str(out / graph["file"]), full_check=True)  # full: strict shape inference
+    with _step("validate", progress):
+        report = validate_engines(out, target, drafter)
+        for graph, entry in report.items():
+            if isinstance(entry, dict):
+                progress(f"      {graph}: max abs error {entry['max_abs_error']:.3g} (scale {entry['scale']:.3g})")
+        problems = failures(report, options.tolerance)
+        if problems:
+            raise DSparkError("ONNX Runtime disagrees with torch: " + "; ".join(problems))
+    with _step("tokenizer", progress):
+        tokenizer.save_pretrained(str(out / "tokenizer"))
+        files = sorted(p for p in (out / "tokenizer").iterdir() if p.is_file())
+    with _step("manifest", progress):
+        manifest.update({
+            "sources": {"target": options.target, "draft": options.draft},
+            "dtype": options.dtype, "max_seq_len": max_seq_len,
+            "max_batch_tokens": options.max_batch_tokens,
+            "validation": {"tolerance": options.tolerance, "results": report},
+            "tokenizer": {"files": [{"file": p.relative_to(out).as_posix(), "sha256": sha256(p)} for p in files]},
+        })
+        write_manifest(out, manifest)
+    progress(f"wrote {out / 'manifest.json'}")
+    return manifest

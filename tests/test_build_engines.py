@@ -1,0 +1,128 @@
+"""build-engines end to end on the tiny Qwen3 pair: graphs, checks, validation, manifest, errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from dspark_trt.errors import DSparkError
+from dspark_trt.export.build import TENSORRT_MISSING, BuildOptions, build_engines
+from dspark_trt.export.engines import sha256
+from dspark_trt.export.validate import failures
+
+from test_cli_spec import pair  # noqa: F401  (the tiny Qwen3 target + tokenizer + drafter fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(*args):
+    return subprocess.run([sys.executable, str(ROOT / "build" / "build_engines.py"), *args], capture_output=True,
+                          text=True)
+
+
+@pytest.fixture(scope="module")
+def built(pair, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("engines")
+    result = _script("--target", str(pair / "target"), "--draft", str(pair / "draft"), "--out", str(out),
+                     "--max-seq-len", "256", "--max-batch-tokens", "64")
+    assert result.returncode == 0, result.stderr
+    return out, result.stderr
+
+
+def test_manifest_describes_every_graph(built, pair):  # noqa: F811
+    out, stderr = built
+    manifest = json.loads((out / "manifest.json").read_text())
+    draft_cfg = json.loads((pair / "draft" / "config.json").read_text())
+    assert set(manifest["graphs"]) == {"target", "draft_context", "draft_block", "draft_markov_step",
+                                       "draft_confidence"}
+    for name, graph in manifest["graphs"].items():
+        path = out / graph["file"]
+        assert graph["sha256"] == sha256(path)
+        model = onnx.load(str(path))
+        assert [i["name"] for i in graph["inputs"]] == [i.name for i in model.graph.input]
+        assert [o["name"] for o in graph["outputs"]] == [o.name for o in model.graph.output]
+    target = manifest["graphs"]["target"]
+    assert target["outputs"][0] == {"name": "logits", "shape": ["rows", 12], "dtype": "float32"}
+    assert {"name": "input_ids", "shape": ["tokens"], "dtype": "int64"} in target["inputs"]
+    assert manifest["taps"] == draft_cfg["target_layer_ids"]
+    assert manifest["draft"]["block_size"] == draft_cfg["block_size"] == 4
+    assert manifest["draft"]["mask_token_id"] == draft_cfg["mask_token_id"]
+    assert (manifest["max_seq_len"], manifest["max_batch_tokens"]) == (256, 64)
+    assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "dspark_trt", "opset"}
+    results = manifest["validation"]["results"]
+    assert results["draft_tokens_identical"] is True and results["target"]["greedy_identical"] is True
+    assert all(r["max_abs_error"] < 1e-4 * max(1, r["scale"]) for r in results.values() if isinstance(r, dict))
+    files = {Path(f["file"]).name: f["sha256"] for f in manifest["tokenizer"]["files"]}
+    assert "tokenizer.json" in files and files["tokenizer.json"] == sha256(out / "tokenizer" / "tokenizer.json")
+    for step in ("load", "export", "check", "validate", "tokenizer", "manifest"):
+        assert f"] {step}" in stderr
+    assert "max abs error" in stderr
+
+
+def test_engine_directory_runs_and_its_tokenizer_loads(built, pair):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    from dspark_trt.engine.engine import Engine
+    from dspark_trt.engine.request import SamplingParams
+    from dspark_trt.models.drafter_checkpoint import load_drafter
+    from dspark_trt.models.weights import load_target
+    from dspark_trt.runtimes.ort_runtime import OrtRuntime
+    from dspark_trt.runtimes.torch_runtime import TorchRuntime
+    from dspark_trt.spec.scheduler import make_scheduler
+
+    out, _ = built
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    prompt = tokenizer("w5 w6 w7 w8")["input_ids"]
+    assert prompt == [5, 6, 7, 8]
+    target, _ = load_target(str(pair / "target"))
+    drafter = load_drafter(pair / "draft")
+    params = SamplingParams(max_tokens=16)
+    runtime = OrtRuntime(out, num_slots=2, max_seq_len=4096)
+    assert runtime.max_seq_len == 256  # the built limit
+    ours = Engine(runtime, make_scheduler("fixed", 4)).generate([prompt], params)
+    ref = Engine(TorchRuntime(target, drafter, num_slots=2), make_scheduler("fixed", 4)).generate([prompt], params)
+    assert ours[0].output_ids == ref[0].output_ids
+
+
+def test_tensorrt_backend_fails_clearly(pair, tmp_path):  # noqa: F811
+    result = _script("--target", str(pair / "target"), "--out", str(tmp_path), "--backend", "tensorrt")
+    assert result.returncode == 2
+    assert TENSORRT_MISSING in result.stderr
+    assert not any(tmp_path.iterdir())  # failed before doing any work
+
+
+def test_mismatched_drafter_names_the_load_step(pair, tmp_path):  # noqa: F811
+    with pytest.raises(DSparkError, match="step 'load', graph 'draft': drafter does not match the target"):
+        build_engines(BuildOptions(out=str(tmp_path), target="smollm2", draft=str(pair / "draft")),
+                      progress=lambda m: None)
+
+
+def test_validation_failure_names_the_graph(pair, tmp_path, monkeypatch):  # noqa: F811
+    import dspark_trt.export.build as build_module
+
+    bad = {"target": {"max_abs_error": 1e-6, "scale": 3.0, "greedy_identical": True},
+           "draft_block": {"max_abs_error": 0.5, "scale": 2.0, "greedy_identical": True}}
+    monkeypatch.setattr(build_module, "validate_engines", lambda *a, **k: bad)
+    with pytest.raises(DSparkError, match="step 'validate'.*graph 'draft_block': max abs error 0.5"):
+        build_engines(BuildOptions(out=str(tmp_path), target=str(pair / "target")), progress=lambda m: None)
+
+
+def test_failures_apply_the_relative_tolerance():
+    report = {"target": {"max_abs_error": 2e-3, "scale": 10.0, "greedy_identical": True},
+              "draft_confidence": {"max_abs_error": 2e-3, "scale": 0.5},
+              "draft_block": {"max_abs_error": 0.0, "scale": 1.0, "greedy_identical": False},
+              "draft_tokens_identical": False}
+    problems = failures(report, tolerance=1e-3)
+    assert len(problems) == 3
+    assert "draft_confidence" in problems[0] and "greedy tokens differ" in problems[1]
+    assert "drafted greedy tokens" in problems[2]
+
+
+def test_bad_options_are_rejected(tmp_path):
+    with pytest.raises(DSparkError, match="--max-seq-len must be at least 16"):
+        build_engines(BuildOptions(out=str(tmp_path), max_seq_len=4))
+    with pytest.raises(DSparkError, match="unknown backend 'tvm'"):
+        build_engines(BuildOptions(out=str(tmp_path), backend="tvm"))
