@@ -20,7 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str | None, int]] = {
     "package": ("turn built engines into a Triton model repository", None, 8),
     "serve": ("start tritonserver on a packaged model repository", None, 8),
     "eval": ("measure acceptance and confidence calibration of a drafter", None, 6),
-    "train-draft": ("train a DSpark drafter for a target by self-distillation", None, 6),
+    "train-draft": ("train a DSpark drafter for a target by self-distillation", "train_draft", 6),
     "calibrate": ("fit Sequential Temperature Scaling of the confidence head", "calibrate", 5),
     "profile": ("measure the runtime's cost table SPS(B) for the scheduler", "profile", 5),
     "bench": ("benchmarks: AR speed, speculative speedup, load sweep", "bench", 3),

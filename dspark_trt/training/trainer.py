@@ -85,6 +85,11 @@ class Trainer:
         if not path.is_file():
             return False
         state = torch.load(path, weights_only=False)
+        changed = [k for k, v in asdict(self.config).items()
+                   if k not in ("checkpoint_every", "log_every") and state["config"].get(k) != v]
+        if changed:
+            raise DSparkError(f"{self.out_dir} was trained with other settings ({', '.join(changed)}); pass the "
+                              f"same options to resume, or use a new output directory")
         saved = load_drafter(self.out_dir)
         if _shapes(saved) != _shapes(self.drafter):
             raise DSparkError(f"{self.out_dir} holds a drafter of another shape; use a new --out to start over")

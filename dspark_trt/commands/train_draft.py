@@ -1,0 +1,146 @@
+"""Train a DSpark drafter for a target by self-distillation (DSPARK_SPEC.md section 6).
+
+1. The target regenerates a response to every prompt (batched through the engine; appended to
+   OUT/responses.jsonl keyed by prompt hash, so a rerun skips the finished ones).
+2. Training: each step runs the target over a few sequences for its tap features and teacher
+   logits (nothing cached on disk), samples anchors in the responses, and trains the drafter on the
+   packed teacher-forced blocks with α_ce·CE + α_tv·L1 + α_conf·BCE and position decay exp(-k/4).
+3. OUT holds the drafter in DeepSpec format (config.json + model.safetensors, loadable with
+   --draft OUT), trainer_state.pt (optimizer and schedule) and train_log.jsonl. Rerunning the same
+   command resumes from the last checkpoint and takes exactly the steps the first run would have.
+
+Defaults are chosen for SmolLM2-135M (30 layers, hidden 576, vocabulary 49152):
+- block size 7: the paper's (verification width 8); a 135M target verifies 8 tokens at nearly the
+  cost of one, so shorter blocks would waste its parallel headroom.
+- 2 draft layers: each draft layer costs about one target layer (1/30 of a target pass). The
+  paper's 5 layers on 36-layer targets are ~14% of a target pass; 2 layers keep the drafter near
+  7% here, where drafting latency matters more because the target itself is so cheap.
+- Markov rank 64, vanilla head: with a 49k vocabulary W1 + W2 cost 2·V·r parameters; rank 256
+  would be 25M parameters (more than the rest of the trainable drafter) for a first-order bias
+  that needs far less capacity on a 576-wide model.
+- taps [1, 8, 14, 21, 28]: five layers spread over the depth, never the last (spec 1.2).
+- greedy regeneration (--temperature 0): the default serving and evaluation temperature is 0, so
+  the drafter learns the argmax chain it will be verified against; use --temperature 0.7
+  --top-p 0.8 for the paper's sampled recipe.
+- --recipe dflash trains the ablation: no Markov head, no confidence head, cross-entropy only.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+from dspark_trt.errors import DSparkError
+from dspark_trt.models.drafter_checkpoint import (SMOLLM2_MASK_TOKEN_ID, drafter_config_for_target, load_drafter,
+                                                  random_drafter)
+from dspark_trt.models.markov_heads import MARKOV_HEAD_TYPES
+from dspark_trt.models.weights import load_target
+from dspark_trt.training.code_prompts import other_language_prompts, stdlib_prompts
+from dspark_trt.training.data import FeatureExtractor, load_samples, read_training_prompts, regenerate_responses
+from dspark_trt.training.losses import LossWeights
+from dspark_trt.training.trainer import STATE_FILE, Trainer, TrainConfig
+
+RESPONSES_FILE = "responses.jsonl"
+RECIPES = {"dspark": LossWeights(), "dflash": LossWeights(ce=1.0, tv=0.0, conf=0.0)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="smollm2", help="alias, .gguf file or HF directory (default smollm2)")
+    parser.add_argument("--prompts", nargs="+", required=True, help="JSONL files of {'turns': [...], 'domain': ...}")
+    parser.add_argument("--out", required=True, help="output directory; rerun with the same options to resume "
+                                                      "(the drafter's shape is then read from its checkpoint)")
+    parser.add_argument("--limit", type=int, help="prompts per file")
+    parser.add_argument("--code-extra", type=int, default=0,
+                        help="add up to N code prompts made from the standard library and other-language "
+                             "restatements of the code prompts (the prompts README's recipe)")
+    g = parser.add_argument_group("regeneration")
+    g.add_argument("--max-new-tokens", type=int, default=512)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--gen-batch", type=int, default=8, help="requests generated at once")
+    g = parser.add_argument_group("drafter")
+    g.add_argument("--recipe", choices=sorted(RECIPES), default="dspark")
+    g.add_argument("--block-size", type=int, default=7)
+    g.add_argument("--draft-layers", type=int, default=2)
+    g.add_argument("--markov-rank", type=int, default=64)
+    g.add_argument("--markov-head", choices=MARKOV_HEAD_TYPES, default="vanilla")
+    g.add_argument("--taps", type=int, nargs="+", help="target layer ids (default: 5 spread, never the last)")
+    g.add_argument("--mask-token-id", type=int, default=SMOLLM2_MASK_TOKEN_ID,
+                   help=f"token id of the block's mask slots: one that text never contains "
+                        f"(default {SMOLLM2_MASK_TOKEN_ID}, SmolLM2's <empty_output>)")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=2000)
+    g.add_argument("--lr", type=float, default=6e-4)
+    g.add_argument("--batch-size", type=int, default=4, help="sequences per step")
+    g.add_argument("--num-anchors", type=int, default=64, help="blocks per sequence")
+    g.add_argument("--max-length", type=int, default=1024, help="tokens per training sequence")
+    g.add_argument("--min-loss-tokens", type=int, default=14)
+    g.add_argument("--checkpoint-every", type=int, default=100)
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--seed", type=int, default=42)
+
+
+def _prompts(args: argparse.Namespace):
+    prompts = read_training_prompts(args.prompts, args.limit)
+    if args.code_extra > 0:
+        code = [p for p in prompts if p.domain == "code"]
+        extra = stdlib_prompts() + other_language_prompts(code)
+        random.Random(args.seed).shuffle(extra)
+        keys = {p.key for p in prompts}
+        prompts += [p for p in extra if p.key not in keys][: args.code_extra]
+    return prompts
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name in ("block_size", "draft_layers", "steps", "batch_size", "num_anchors", "max_length", "gen_batch",
+                 "max_new_tokens", "checkpoint_every", "log_every"):
+        if getattr(args, name) <= 0:
+            raise DSparkError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.markov_rank < 0:
+        raise DSparkError(f"--markov-rank must be >= 0, got {args.markov_rank}")
+    if not args.lr > 0:
+        raise DSparkError(f"--lr must be positive, got {args.lr}")
+
+
+def _drafter(args: argparse.Namespace, target, out: Path):
+    """The checkpoint in OUT when resuming, else a fresh drafter (embed/lm_head copied from the target)."""
+    dflash = args.recipe == "dflash"
+    if (out / STATE_FILE).is_file():
+        return load_drafter(out)
+    try:
+        config = drafter_config_for_target(
+            target.config, block_size=args.block_size, num_draft_layers=args.draft_layers,
+            target_layer_ids=args.taps, markov_rank=0 if dflash else args.markov_rank,
+            markov_head_type=args.markov_head, enable_confidence_head=not dflash,
+            confidence_head_with_markov=not dflash and args.markov_rank > 0, mask_token_id=args.mask_token_id)
+    except DSparkError as exc:
+        raise DSparkError(f"bad drafter options: {exc}") from exc
+    return random_drafter(config, seed=args.seed, target=target)
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    out = Path(args.out)
+    target, tokenizer = load_target(args.target)
+    drafter = _drafter(args, target, out)
+    extractor = FeatureExtractor(target, drafter.config.target_layer_ids, max_batch=args.batch_size,
+                                 max_length=args.max_length)
+    prompts = _prompts(args)
+    responses = out / RESPONSES_FILE
+    added = regenerate_responses(target, tokenizer, prompts, responses, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p, batch_size=args.gen_batch,
+                                 seed=args.seed)
+    print(f"train-draft: {added} new responses in {responses}", file=sys.stderr)
+    samples = load_samples(responses, max_length=args.max_length, min_loss_tokens=args.min_loss_tokens)
+    train_config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, num_anchors=args.num_anchors,
+                               checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
+                               loss=RECIPES[args.recipe])
+    trainer = Trainer(drafter, extractor, samples, train_config, out)
+    if trainer.restore():
+        print(f"train-draft: resuming {out} at step {trainer.step}/{args.steps}", file=sys.stderr)
+    records = trainer.train()
+    last = records[-1] if records else None
+    summary = f"loss {last['loss']:.4f}, teacher-forced τ {last['tau_probabilistic']:.2f}" if last else "no new steps"
+    print(f"drafter in {out} ({len(samples)} training sequences, step {trainer.step}; {summary})")
+    return 0
