@@ -4,7 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"  # ../shared beside the checkout
+if not SHARED.is_dir():
+    raise RuntimeError(f"the project's shared data is missing: expected {SHARED} beside the checkout")
 
 
 @pytest.fixture(scope="session")
