@@ -53,13 +53,13 @@ def test_manifest_describes_every_graph(built, pair):  # noqa: F811
     assert (manifest["max_seq_len"], manifest["max_batch_tokens"]) == (256, 64)
     assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "dspark_trt", "opset"}
     results = manifest["validation"]["results"]
-    assert results["draft_tokens_identical"] is True and results["target"]["greedy_identical"] is True
+    assert results["draft_tokens_identical"] is True and results["target:logits"]["greedy_identical"] is True
     assert all(r["max_abs_error"] < 1e-4 * max(1, r["scale"]) for r in results.values() if isinstance(r, dict))
     files = {Path(f["file"]).name: f["sha256"] for f in manifest["tokenizer"]["files"]}
     assert "tokenizer.json" in files and files["tokenizer.json"] == sha256(out / "tokenizer" / "tokenizer.json")
     for step in ("load", "export", "check", "validate", "tokenizer", "manifest"):
         assert f"] {step}" in stderr
-    assert "max abs error" in stderr
+    assert "target:logits: max abs error" in stderr
 
 
 def test_engine_directory_runs_and_its_tokenizer_loads(built, pair):  # noqa: F811
@@ -103,17 +103,17 @@ def test_mismatched_drafter_names_the_load_step(pair, tmp_path):  # noqa: F811
 def test_validation_failure_names_the_graph(pair, tmp_path, monkeypatch):  # noqa: F811
     import dspark_trt.export.build as build_module
 
-    bad = {"target": {"max_abs_error": 1e-6, "scale": 3.0, "greedy_identical": True},
-           "draft_block": {"max_abs_error": 0.5, "scale": 2.0, "greedy_identical": True}}
+    bad = {"target:logits": {"max_abs_error": 1e-6, "scale": 3.0, "greedy_identical": True},
+           "draft_block:base_logits": {"max_abs_error": 0.5, "scale": 2.0, "greedy_identical": True}}
     monkeypatch.setattr(build_module, "validate_engines", lambda *a, **k: bad)
-    with pytest.raises(DSparkError, match="step 'validate'.*graph 'draft_block': max abs error 0.5"):
+    with pytest.raises(DSparkError, match="step 'validate'.*graph 'draft_block', output 'base_logits': max abs error 0.5"):
         build_engines(BuildOptions(out=str(tmp_path), target=str(pair / "target")), progress=lambda m: None)
 
 
 def test_failures_apply_the_relative_tolerance():
-    report = {"target": {"max_abs_error": 2e-3, "scale": 10.0, "greedy_identical": True},
-              "draft_confidence": {"max_abs_error": 2e-3, "scale": 0.5},
-              "draft_block": {"max_abs_error": 0.0, "scale": 1.0, "greedy_identical": False},
+    report = {"target:logits": {"max_abs_error": 2e-3, "scale": 10.0, "greedy_identical": True},
+              "draft_confidence:confidence_logits": {"max_abs_error": 2e-3, "scale": 0.5},
+              "draft_block:base_logits": {"max_abs_error": 0.0, "scale": 1.0, "greedy_identical": False},
               "draft_tokens_identical": False}
     problems = failures(report, tolerance=1e-3)
     assert len(problems) == 3

@@ -96,9 +96,9 @@ def build_engines(options: BuildOptions, progress: Callable[[str], None] = _stde
             onnx.checker.check_model(str(out / graph["file"]), full_check=True)  # full: strict shape inference
     with _step("validate", progress):
         report = validate_engines(out, target, drafter)
-        for graph, entry in report.items():
+        for key, entry in report.items():
             if isinstance(entry, dict):
-                progress(f"      {graph}: max abs error {entry['max_abs_error']:.3g} (scale {entry['scale']:.3g})")
+                progress(f"      {key}: max abs error {entry['max_abs_error']:.3g} (scale {entry['scale']:.3g})")
         problems = failures(report, options.tolerance)
         if problems:
             raise DSparkError("ONNX Runtime disagrees with torch: " + "; ".join(problems))

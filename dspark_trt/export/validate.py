@@ -4,7 +4,7 @@ The target is checked through both runtimes (two ragged passes of three requests
 a non-empty cache, so the cache I/O is covered). The drafter's backbone (context + block graphs) is
 checked through both runtimes on the target's taps; the Markov step and confidence graphs are fed the
 torch reference's own inputs so each graph's error is its own. Errors are max abs differences; `scale`
-is the largest reference magnitude (float32 rounding grows with it).
+is the largest reference magnitude (float32 rounding grows with it). Entries are keyed "graph:output".
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from dspark_trt.runtimes.torch_runtime import TorchRuntime
 PASSES = ([5, 2, 7], [1, 3, 2])
 
 
-def _compare(report: dict, graph: str, ours, ref, greedy: bool = False) -> None:
+def _compare(report: dict, key: str, ours, ref, greedy: bool = False) -> None:
     ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    entry = report.setdefault(graph, {"max_abs_error": 0.0, "scale": 0.0})
+    entry = report.setdefault(key, {"max_abs_error": 0.0, "scale": 0.0})
     entry["max_abs_error"] = max(entry["max_abs_error"], float(np.abs(ours - ref).max()))
     entry["scale"] = max(entry["scale"], float(np.abs(ref).max()))
     if greedy:
@@ -32,7 +32,7 @@ def _compare(report: dict, graph: str, ours, ref, greedy: bool = False) -> None:
 
 @torch.inference_mode()
 def validate_engines(engine_dir: str | Path, target, drafter=None, seed: int = 0) -> dict[str, dict]:
-    """{graph: {max_abs_error, scale, greedy_identical?}} (plus draft_tokens_identical with a drafter)."""
+    """{"graph:output": {max_abs_error, scale, greedy_identical?}} (+ draft_tokens_identical with a drafter)."""
     ref_rt = TorchRuntime(target, drafter, num_slots=3, max_seq_len=64)
     ort_rt = OrtRuntime(engine_dir, num_slots=3, max_seq_len=64, use_drafter=drafter is not None)
     slots = torch.tensor([ref_rt.allocate_slot() for _ in range(3)])
@@ -46,10 +46,10 @@ def validate_engines(engine_dir: str | Path, target, drafter=None, seed: int = 0
         ids = torch.randint(0, target.config.vocab_size, (sum(lens),), generator=g)
         ref = ref_rt.target_forward(ids, slots, lens_t, "all")
         ours = ort_rt.target_forward(ids, slots, lens_t, "all")
-        _compare(report, "target", ours.logits, ref.logits, greedy=True)
+        _compare(report, "target:logits", ours.logits, ref.logits, greedy=True)
         if drafter is None:
             continue
-        _compare(report, "target", ours.taps, ref.taps)
+        _compare(report, "target:taps", ours.taps, ref.taps)
         features = list(ref.taps.split(lens))
         anchors = torch.randint(0, target.config.vocab_size, (len(lens),), generator=g)
         _validate_draft(report, drafter, ort_rt, slots, states, features, anchors)
@@ -61,8 +61,8 @@ def _validate_draft(report, drafter, ort_rt: OrtRuntime, slots, states, features
     greedy = (torch.zeros(r), torch.zeros(r, dtype=torch.long), torch.ones(r))
     ref = drafter.draft_batch(states, features, anchors, *greedy, None)
     hidden, base = ort_rt.backbone(slots, features, anchors)
-    _compare(report, "draft_block", base, ref.base_logits, greedy=True)
-    _compare(report, "draft_block", hidden, ref.block_hidden)
+    _compare(report, "draft_block:base_logits", base, ref.base_logits, greedy=True)
+    _compare(report, "draft_block:hidden", hidden, ref.block_hidden)
     prevs = torch.cat([anchors[:, None], ref.tokens[:, :-1]], dim=1)
     head = drafter.markov_head
     if head is not None:
@@ -73,14 +73,14 @@ def _validate_draft(report, drafter, ort_rt: OrtRuntime, slots, states, features
             if state is not None:
                 feeds["state"] = state.numpy()
             ours = run(ort_rt.sessions["draft_markov_step"], feeds)
-            _compare(report, "draft_markov_step", ours[0], bias)
+            _compare(report, "draft_markov_step:bias", ours[0], bias)
             if state is not None:
-                _compare(report, "draft_markov_step", ours[1], new_state)
+                _compare(report, "draft_markov_step:new_state", ours[1], new_state)
             state = new_state
     if drafter.confidence_head is not None:
         (conf,) = run(ort_rt.sessions["draft_confidence"],
                       {"hidden": ref.block_hidden.numpy(), "prev_tokens": prevs.numpy()})
-        _compare(report, "draft_confidence", conf, ref.confidence_logits)
+        _compare(report, "draft_confidence:confidence_logits", conf, ref.confidence_logits)
     ours = ort_rt.draft(slots, [None] * r, anchors, *greedy, None)  # the whole draft path, context as is
     same = bool((ours.tokens == ref.tokens).all())
     report["draft_tokens_identical"] = report.get("draft_tokens_identical", True) and same
@@ -89,14 +89,16 @@ def _validate_draft(report, drafter, ort_rt: OrtRuntime, slots, states, features
 def failures(report: dict, tolerance: float) -> list[str]:
     """Graphs whose error exceeds tolerance x max(1, scale), or whose greedy tokens differ."""
     problems = []
-    for graph, entry in report.items():
+    for key, entry in report.items():
         if not isinstance(entry, dict):
             if entry is False:
-                problems.append(f"{graph}: the drafted greedy tokens differ from torch")
+                problems.append("graphs draft_*: the drafted greedy tokens differ from torch")
             continue
+        graph, output = key.split(":")
+        where = f"graph '{graph}', output '{output}'"
         if entry["max_abs_error"] > tolerance * max(1.0, entry["scale"]):
-            problems.append(f"graph '{graph}': max abs error {entry['max_abs_error']:.3g} exceeds "
+            problems.append(f"{where}: max abs error {entry['max_abs_error']:.3g} exceeds "
                             f"{tolerance:g} x max(1, {entry['scale']:.3g})")
         if entry.get("greedy_identical") is False:
-            problems.append(f"graph '{graph}': greedy tokens differ from torch")
+            problems.append(f"{where}: greedy tokens differ from torch")
     return problems
