@@ -100,3 +100,14 @@ def test_bad_options_are_named(tiny, tmp_path, capsys, extra, message):
     assert main(_args(prompts, tmp_path / "bad", 2, *extra)) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "bad" / "responses.jsonl").exists()  # refused before the long regeneration
+
+
+def test_dflash_recipe_trains_the_ablation_without_markov_and_confidence(tiny, tmp_path):
+    _, prompts = tiny
+    assert main(_args(prompts, tmp_path / "dflash", 3, "--recipe", "dflash")) == 0
+    drafter = load_drafter(tmp_path / "dflash")
+    assert drafter.config.markov_rank == 0 and drafter.markov_head is None
+    assert not drafter.config.enable_confidence_head and drafter.confidence_head is None
+    for line in (tmp_path / "dflash" / "train_log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert "conf" not in record and record["loss"] == pytest.approx(record["ce"], rel=1e-6)
