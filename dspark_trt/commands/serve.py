@@ -1,0 +1,119 @@
+"""Serve a packaged model repository with a real tritonserver until Ctrl-C or SIGTERM.
+
+Without --repo (what `make serve` runs) the default pair is built into a cache directory the first
+time (build-engines), packaged afresh, and served. No trained default drafter ships yet, so the
+default serves the target with speculation off unless --draft names one.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+from dspark_trt.errors import DSparkError
+from dspark_trt.serving.tritonserver import TritonServer
+
+MODEL = "ensemble"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repo", help="model repository from `dspark-trt package` "
+                        "(default: build and package the default pair into --cache-dir)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--address", default="127.0.0.1", help="interface to listen on (default localhost only)")
+    parser.add_argument("--target", default="smollm2", help="without --repo: target alias or path")
+    parser.add_argument("--draft", help="without --repo: DSpark drafter directory (default: none, speculation off)")
+    parser.add_argument("--cache-dir", help="without --repo: where engines and the repository go "
+                        "(default ~/.cache/dspark-trt/serve)")
+    parser.add_argument("--log-verbose", action="store_true", help="tritonserver verbose logging")
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("http_port", "grpc_port", "metrics_port"):
+        if not 0 < getattr(args, name) < 65536:
+            raise DSparkError(f"--{name.replace('_', '-')} must be in 1..65535, got {getattr(args, name)}")
+    repo = Path(args.repo) if args.repo else default_repository(args.target, args.draft, args.cache_dir)
+    if not (repo / MODEL / "config.pbtxt").is_file():
+        raise DSparkError(f"{repo} is not a dspark-trt model repository (no {MODEL}/config.pbtxt); "
+                          "make one with `dspark-trt package`")
+    _say(f"starting tritonserver on {repo} (loading the models takes a little while)")
+    server = TritonServer(repo, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                          log_verbose=args.log_verbose, address=args.address)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        server.start(timeout_s=600)
+        print(usage(server), flush=True)
+        while server.is_running():
+            time.sleep(0.5)
+        raise DSparkError(f"tritonserver exited unexpectedly\n{server.log_tail()}")
+    except KeyboardInterrupt:
+        _say("stopping tritonserver")
+        return 0
+    finally:
+        server.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def default_repository(target: str, draft: str | None, cache_dir: str | None) -> Path:
+    """Engines for (target, draft) built once into the cache; the repository re-packaged every start."""
+    from dspark_trt.export.build import BuildOptions, build_engines
+    from dspark_trt.serving.package import PackageOptions, package_repository
+
+    cache = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
+        / "dspark-trt" / "serve"
+    key = hashlib.sha256(f"{target}|{draft}".encode()).hexdigest()[:12]
+    engines = cache / f"engines-{key}"
+    if not (engines / "manifest.json").is_file():
+        _say(f"building engines for target {target!r}" + (f" and drafter {draft!r}" if draft else "")
+             + f" into {engines} (first start only)")
+        staging = cache / f".engines-{key}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        build_engines(BuildOptions(out=str(staging), target=target, draft=draft))
+        shutil.rmtree(engines, ignore_errors=True)
+        staging.rename(engines)
+    if draft is None:
+        _say("SPECULATION OFF: no trained DSpark drafter ships for the default target yet; serving the target "
+             "alone (plain autoregressive decoding). Pass --draft DIR, or package your own engines and use --repo.")
+    repo = cache / f"repo-{key}"
+    shutil.rmtree(repo, ignore_errors=True)
+    return package_repository(PackageOptions(engines=str(engines), out=str(repo),
+                                             schedule="fixed" if draft else "off"))
+
+
+def usage(server: TritonServer) -> str:
+    """How to call the running server: a tritonclient snippet and a curl for generate_stream."""
+    return f"""
+dspark-trt is serving model '{MODEL}' (Ctrl-C to stop)
+  HTTP {server.http_url}   gRPC {server.grpc_url}   metrics {server.metrics_url}
+
+curl (server-sent events, one per committed chunk):
+  curl -N -X POST http://{server.http_url}/v2/models/{MODEL}/generate_stream \\
+       -d '{{"text_input": "Write a haiku about the sea.", "max_tokens": 64, "stream": true}}'
+  (drop "stream" and use /generate for one JSON answer)
+
+tritonclient (gRPC streaming):
+  import numpy as np, tritonclient.grpc as g
+  def tensor(name, value, dtype):
+      t = g.InferInput(name, [1, 1], dtype); t.set_data_from_numpy(np.array([[value]], dtype=object
+          if dtype == "BYTES" else None)); return t
+  client = g.InferenceServerClient("{server.grpc_url}")
+  client.start_stream(callback=lambda result, error: print(error or result.as_numpy("text_output")))
+  client.async_stream_infer("{MODEL}", [tensor("text_input", "Hello!".encode(), "BYTES"),
+      tensor("max_tokens", np.int32(64), "INT32"), tensor("stream", True, "BOOL")])
+  client.stop_stream()  # waits for the stream to finish
+"""
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _say(message: str) -> None:
+    print(f"serve: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,238 @@
+"""The serving loop behind the `dspark_bls` model: one engine, one thread, every in-flight request.
+
+Triton's `execute` only parses a request into a `Job` and submits it; the engine thread admits jobs
+between engine steps (continuous batching), streams each request's committed tokens through its
+response sender, and polls the sender for cancellation. Nothing here imports Triton: the model
+passes `respond` (build and send a response) and `is_cancelled` callables, so the loop is tested
+with plain fakes.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import queue
+import threading
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from dspark_trt.engine.engine import Engine
+from dspark_trt.engine.request import Request, SamplingParams, Status
+from dspark_trt.errors import DSparkError
+from dspark_trt.serving.text import stream_window
+
+IDLE_WAIT_S = 0.05  # how often an idle loop wakes to poll for cancellations and shutdown
+
+
+@dataclass
+class Job:
+    """One client request: what to generate, how to answer, and how far the answer has got."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    perf_metrics: bool
+    sender: object  # opaque to the loop; `respond` and `is_cancelled` know what it is
+    request: Request | None = None
+    shown: int = 0  # output ids already sent
+    closed: bool = False  # the final response went out
+
+
+# respond(job, outputs or None, error message or None, final)
+Respond = Callable[[Job, dict[str, np.ndarray] | None, str | None, bool], None]
+
+
+class Orchestrator:
+    """Drives `engine` on a background thread; `submit` is safe from any thread."""
+
+    def __init__(self, engine: Engine, respond: Respond, is_cancelled: Callable[[Job], bool],
+                 observe: Callable[[str, Job], None] | None = None):
+        self.engine = engine
+        self._respond = respond
+        self._is_cancelled = is_cancelled
+        self._observe = observe or (lambda event, job: None)  # "finished" hooks for metrics
+        self._inbox: queue.Queue[Job] = queue.Queue()
+        self._live: list[Job] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="dspark-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10) -> None:
+        """Stop the loop; requests still open get an error so their clients are not left waiting."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+        for job in self._live + _drain(self._inbox):
+            self._close(job, None, "server is shutting down")
+
+    def submit(self, job: Job) -> None:
+        self._inbox.put(job)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.engine.waiting) + self._inbox.qsize()
+
+    @property
+    def active(self) -> int:
+        return sum(not r.done for r in self.engine.running)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._admit(block=not self.engine.has_work)
+            self._poll_cancelled()
+            if not self.engine.has_work:
+                continue
+            try:
+                self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - a broken step fails its requests, not the server
+                self._fail_all(f"engine step failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            self._live = [job for job in self._live if not job.closed]
+
+    def _admit(self, block: bool) -> None:
+        jobs = []
+        if block:
+            try:
+                jobs.append(self._inbox.get(timeout=IDLE_WAIT_S))
+            except queue.Empty:
+                return
+        jobs += _drain(self._inbox)
+        for job in jobs:
+            try:
+                job.request = self.engine.add_request(job.prompt_ids, job.params,
+                                                      on_tokens=functools.partial(self._on_tokens, job))
+            except DSparkError as exc:  # bad parameters, prompt too long, queue full
+                self._close(job, None, str(exc))
+                continue
+            self._live.append(job)
+
+    def _poll_cancelled(self) -> None:
+        for job in self._live:
+            if not job.closed and not job.request.cancel_requested and self._is_cancelled(job):
+                self.engine.cancel(job.request)
+
+    def _on_tokens(self, job: Job, request: Request, new_ids: list[int], finished: bool) -> None:
+        if request.status is Status.CANCELLED:
+            self._close(job, None, None)
+        elif request.status is Status.FAILED:
+            self._close(job, None, request.error or "generation failed")
+        elif job.stream and new_ids or finished:
+            outputs = self._outputs(job, finished)
+            if finished:
+                self._close(job, outputs, None)
+            else:
+                self._respond(job, outputs, None, False)
+
+    def _outputs(self, job: Job, final: bool) -> dict[str, np.ndarray]:
+        ids = job.request.output_ids
+        window, prefix = stream_window(ids, job.shown) if job.stream else (ids, 0)
+        job.shown = len(ids)
+        outputs = {
+            "output_ids": np.asarray(window, np.int32).reshape(1, -1),
+            "prefix_length": np.array([[prefix]], np.int32),
+            "is_final": np.array([[final]], np.bool_),
+        }
+        if job.perf_metrics:
+            outputs.update(perf_metrics(job.request))
+        return outputs
+
+    def _close(self, job: Job, outputs: dict[str, np.ndarray] | None, error: str | None) -> None:
+        if job.closed:
+            return
+        job.closed = True
+        self._respond(job, outputs, error, True)
+        self._observe("finished", job)
+
+    def _fail_all(self, message: str) -> None:
+        for job in self._live:
+            if not job.closed:
+                self.engine.cancel(job.request)
+                self._close(job, None, message)
+
+
+def perf_metrics(request: Request) -> dict[str, np.ndarray]:
+    """TensorRT-LLM's speculative perf outputs: drafts offered for verification, drafts accepted."""
+    verified, accepted = request.stats.draft_tokens_verified, request.stats.draft_tokens_accepted
+    return {
+        "acceptance_rate": np.array([[accepted / verified if verified else 0.0]], np.float32),
+        "total_accepted_draft_tokens": np.array([[accepted]], np.int32),
+        "total_draft_tokens": np.array([[verified]], np.int32),
+    }
+
+
+def _drain(inbox: queue.Queue) -> list[Job]:
+    jobs = []
+    while True:
+        try:
+            jobs.append(inbox.get_nowait())
+        except queue.Empty:
+            return jobs
+
+
+# ---- building the served engine ------------------------------------------------------------------
+@dataclass
+class ServingOptions:
+    """The `dspark_bls` model parameters `dspark-trt package` writes into its config.pbtxt."""
+
+    engine_dir: str
+    schedule: str = "fixed"  # "off" serves the target alone
+    gamma: int | None = None  # fixed schedule: drafts verified per round (default: the block size)
+    cost_table: str | None = None
+    calibration: str | None = None
+    num_slots: int = 8
+    max_batch_tokens: int = 512
+    max_queue_size: int = 1024
+
+    @classmethod
+    def from_model_config(cls, model_config: dict) -> ServingOptions:
+        """From Triton's model config JSON (`parameters { key: ... value { string_value: ... } }`)."""
+        raw = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+        if "engine_dir" not in raw:
+            raise DSparkError("dspark_bls config has no 'engine_dir' parameter (fill it with `dspark-trt package`)")
+        options = cls(engine_dir=raw["engine_dir"])
+        for name in ("schedule", "cost_table", "calibration"):
+            if raw.get(name):
+                setattr(options, name, raw[name])
+        for name in ("gamma", "num_slots", "max_batch_tokens", "max_queue_size"):
+            if raw.get(name):
+                try:
+                    setattr(options, name, int(raw[name]))
+                except ValueError:
+                    raise DSparkError(f"dspark_bls parameter {name} must be an integer, got {raw[name]!r}") from None
+        return options
+
+
+def build_served_engine(options: ServingOptions) -> tuple[Engine, object]:
+    """(engine on ONNX Runtime over options.engine_dir, its tokenizer); DSparkError naming a bad option."""
+    from transformers import AutoTokenizer
+
+    from dspark_trt.export.engines import read_manifest
+    from dspark_trt.runtimes.ort_runtime import OrtRuntime
+    from dspark_trt.spec.scheduler import make_scheduler
+
+    manifest = read_manifest(options.engine_dir)
+    speculate = options.schedule != "off" and manifest["draft"] is not None
+    runtime = OrtRuntime(options.engine_dir, num_slots=options.num_slots, use_drafter=speculate)
+    scheduler, temps = None, None
+    if speculate:
+        scheduler = make_scheduler(options.schedule, block_size=runtime.block_size, gamma=options.gamma,
+                                   cost_table=options.cost_table, has_confidence=runtime.has_confidence_head)
+        if options.calibration:
+            from dspark_trt.spec.calibration import load_calibration
+
+            temps = torch.as_tensor(load_calibration(options.calibration).temperatures)
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(options.engine_dir) / "tokenizer"))
+    engine = Engine(runtime, scheduler, sts_temperatures=temps, max_batch_tokens=options.max_batch_tokens,
+                    max_queue_size=options.max_queue_size,
+                    detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+    return engine, tokenizer
+
+
+def describe(options: ServingOptions) -> str:
+    """One line for logs: what is served and how."""
+    return json.dumps({k: v for k, v in vars(options).items() if v is not None})

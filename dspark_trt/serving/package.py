@@ -1,0 +1,102 @@
+"""Fill the `triton_repo/` templates into a Triton model repository for one engine directory.
+
+Templates are `config.pbtxt` files with `${name}` fields (string.Template) plus each python model's
+`1/model.py`, copied as is. The engine directory is referenced by absolute path, not copied (the
+default target's graphs are hundreds of MB). Every option is checked here, against the engine
+manifest, so a bad one fails at package time and not when tritonserver loads the model.
+"""
+from __future__ import annotations
+
+import shutil
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from dspark_trt.errors import DSparkError
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "triton_repo"
+MODELS = ("ensemble", "preprocessing", "dspark_bls", "postprocessing")
+# One prompt per request, as TensorRT-LLM's clients send ([1, 1] tensors); concurrency comes from the
+# engine's in-flight batching, not from Triton batches.
+MAX_BATCH_SIZE = 1
+
+
+@dataclass
+class PackageOptions:
+    engines: str
+    out: str
+    schedule: str = "fixed"  # "off" serves the target alone
+    block_size: int | None = None  # drafts verified per round with the fixed schedule (default: drafter's block)
+    cost_table: str | None = None
+    calibration: str | None = None
+    num_slots: int = 8
+    max_batch_tokens: int | None = None  # default: the engines' own
+    max_queue_size: int = 1024
+
+
+def package_repository(options: PackageOptions) -> Path:
+    """Write the model repository options.out (which must not exist or be empty); returns its path."""
+    from dspark_trt.export.engines import read_manifest
+
+    engines = Path(options.engines).resolve()
+    manifest = read_manifest(engines)
+    if not (engines / "tokenizer").is_dir():
+        raise DSparkError(f"{engines}: no tokenizer/ directory (rebuild it with `dspark-trt build-engines`)")
+    _check(options, manifest)
+    out = Path(options.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DSparkError(f"--out {out} already exists and is not an empty directory")
+    fields = {
+        "max_batch_size": MAX_BATCH_SIZE,
+        "engine_dir": engines,
+        "tokenizer_dir": engines / "tokenizer",
+        "schedule": options.schedule if manifest["draft"] is not None else "off",
+        "gamma": options.block_size if options.block_size is not None else "",
+        "cost_table": Path(options.cost_table).resolve() if options.cost_table else "",
+        "calibration": Path(options.calibration).resolve() if options.calibration else "",
+        "num_slots": options.num_slots,
+        "max_batch_tokens": options.max_batch_tokens or manifest.get("max_batch_tokens") or 512,
+        "max_queue_size": options.max_queue_size,
+    }
+    for model in MODELS:
+        source = TEMPLATES / model
+        template = string.Template((source / "config.pbtxt").read_text())
+        try:
+            config = template.substitute({k: _pbtxt_string(str(v)) for k, v in fields.items()})
+        except (KeyError, ValueError) as exc:
+            raise DSparkError(f"template {source / 'config.pbtxt'}: bad or unknown field {exc}") from exc
+        (out / model / "1").mkdir(parents=True, exist_ok=True)
+        (out / model / "config.pbtxt").write_text(config)
+        if (source / "1" / "model.py").is_file():
+            shutil.copy2(source / "1" / "model.py", out / model / "1" / "model.py")
+    return out
+
+
+def _check(options: PackageOptions, manifest: dict) -> None:
+    from dspark_trt.spec.scheduler import make_scheduler
+
+    for name in ("num_slots", "max_queue_size"):
+        if getattr(options, name) < 1:
+            raise DSparkError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(options, name)}")
+    if options.max_batch_tokens is not None and options.max_batch_tokens < 1:
+        raise DSparkError(f"--max-batch-tokens must be >= 1, got {options.max_batch_tokens}")
+    for name in ("cost_table", "calibration"):
+        path = getattr(options, name)
+        if path and not Path(path).is_file():
+            raise DSparkError(f"--{name.replace('_', '-')} {path} does not exist")
+    draft = manifest["draft"]
+    if draft is None:
+        if options.schedule not in ("off", "fixed") or options.block_size or options.cost_table or options.calibration:
+            raise DSparkError("the engines have no drafter: speculation options need engines built with --draft")
+        return
+    make_scheduler(options.schedule, block_size=draft["block_size"], gamma=options.block_size,
+                   cost_table=options.cost_table, has_confidence=draft["confidence_head"])
+    if options.calibration:
+        from dspark_trt.spec.calibration import load_calibration
+
+        load_calibration(options.calibration)
+
+
+def _pbtxt_string(value: str) -> str:
+    """value inside a double-quoted pbtxt string."""
+    return value.replace("\\", "\\\\").replace('"', '\\"')

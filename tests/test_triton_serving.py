@@ -1,0 +1,312 @@
+"""Serving: stop words and streaming detokenisation, the orchestrator loop with fake senders, package,
+and (marked server) the packaged tiny pair on a real tritonserver over gRPC and HTTP."""
+import json
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from test_cli_spec import pair  # noqa: F401 - the tiny target + drafter fixture, shared
+
+from dspark_trt.cli import main as cli_main
+from dspark_trt.engine.request import SamplingParams
+from dspark_trt.errors import DSparkError
+from dspark_trt.serving.orchestrator import Job, Orchestrator, ServingOptions, build_served_engine
+from dspark_trt.serving.package import PackageOptions, package_repository
+from dspark_trt.serving.text import REPLACEMENT, decode_word_list, encode_word_list, new_text, stream_window
+
+TIMEOUT_S = 60
+NEVER = 11  # the drafter's mask token: the tiny target practically never emits it (an end_id that lets runs go long)
+
+
+# ---- text helpers ----------------------------------------------------------------------------------
+class ByteTokenizer:
+    """One token per UTF-8 byte: the worst case for characters split across tokens."""
+
+    def encode(self, text, add_special_tokens=False):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_word_lists_use_tensorrt_llms_layout():
+    class Fixed:
+        def encode(self, text, add_special_tokens=False):
+            return {"ab": [5, 6], "c": [9]}[text]
+
+    array = encode_word_list(Fixed(), ["ab", "", "c"])
+    np.testing.assert_array_equal(array, [[5, 6, 9], [2, 3, -1]])
+    assert decode_word_list(array) == [[5, 6], [9]]
+    assert encode_word_list(Fixed(), [""]).shape == (2, 0) and decode_word_list(np.zeros((2, 0))) == []
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 5])
+def test_streamed_text_never_splits_a_multibyte_character(step):
+    text = "héllo → 世界 🎉 ok ü"
+    tokenizer, ids = ByteTokenizer(), list(text.encode("utf-8"))
+    chunks, shown = [], 0
+    for end in range(step, len(ids) + step, step):
+        end = min(end, len(ids))
+        window, prefix = stream_window(ids[:end], shown)
+        chunks.append(new_text(tokenizer, window, prefix, final=end == len(ids)))
+        shown = end
+    assert "".join(chunks) == text
+    assert not any(REPLACEMENT in c for c in chunks)
+    assert sum(bool(c) for c in chunks) > 1  # it did stream
+
+
+# ---- the orchestrator with fake senders ------------------------------------------------------------
+class FakeSender:
+    def __init__(self):
+        self.responses: list[tuple[dict | None, str | None, bool]] = []
+        self.cancelled = False
+        self.done = threading.Event()
+
+
+def respond(job, outputs, error, final):
+    job.sender.responses.append((outputs, error, final))
+    if final:
+        job.sender.done.set()
+
+
+@pytest.fixture(scope="module")
+def engines(pair, tmp_path_factory):  # noqa: F811
+    from dspark_trt.export.build import BuildOptions, build_engines
+
+    out = tmp_path_factory.mktemp("engines")
+    build_engines(BuildOptions(out=str(out), target=str(pair / "target"), draft=str(pair / "draft"),
+                               max_seq_len=128), progress=lambda message: None)
+    return out
+
+
+@pytest.fixture
+def orchestrator(engines):
+    engine, _ = build_served_engine(ServingOptions(engine_dir=str(engines), num_slots=2))
+    loop = Orchestrator(engine, respond, lambda job: job.sender.cancelled)
+    loop.start()
+    yield loop
+    loop.stop()
+
+
+def job(prompt, stream=True, max_tokens=16, perf=False, **params):
+    return Job(prompt_ids=prompt, params=SamplingParams(max_tokens=max_tokens, stop_ids=(NEVER,), **params),
+               stream=stream, perf_metrics=perf, sender=FakeSender())
+
+
+def test_orchestrator_streams_many_requests_through_one_engine(orchestrator):
+    prompts = [[5, 6, 7], [8, 9], [10, 5, 6, 7], [2, 3]]  # more requests than slots: some wait
+    jobs = [job(p, stream=i % 2 == 0, perf=True) for i, p in enumerate(prompts)]
+    for j in jobs:
+        orchestrator.submit(j)
+    for j in jobs:
+        assert j.sender.done.wait(TIMEOUT_S)
+    for j in jobs:
+        responses = j.sender.responses
+        assert [final for _, _, final in responses] == [False] * (len(responses) - 1) + [True]
+        assert all(error is None for _, error, _ in responses)
+        ids = []
+        for outputs, _, _ in responses:
+            window, prefix = outputs["output_ids"][0].tolist(), int(outputs["prefix_length"][0, 0])
+            assert window[:prefix] == ids[len(ids) - prefix:]  # the context window repeats shown ids
+            ids += window[prefix:]
+        assert ids == j.request.output_ids and len(ids) == 16  # max_tokens, as no stop id comes
+        assert (len(responses) > 1) == j.stream
+        last = responses[-1][0]
+        assert int(last["total_draft_tokens"][0, 0]) == j.request.stats.draft_tokens_verified > 0
+        assert int(last["total_accepted_draft_tokens"][0, 0]) == j.request.stats.draft_tokens_accepted
+    assert orchestrator.engine.runtime.free_slots == 2
+
+
+def test_orchestrator_cancels_and_refuses_bad_requests_without_stopping(orchestrator):
+    long = job([5, 6, 7], max_tokens=100)
+    orchestrator.submit(long)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not long.sender.responses and time.monotonic() < deadline:
+        time.sleep(0.01)
+    long.sender.cancelled = True
+    assert long.sender.done.wait(TIMEOUT_S)
+    assert long.sender.responses[-1] == (None, None, True)  # the final flag alone
+    assert len(long.request.output_ids) < 100
+
+    bad = Job(prompt_ids=[], params=SamplingParams(max_tokens=4), stream=True, perf_metrics=False,
+              sender=FakeSender())
+    orchestrator.submit(bad)
+    assert bad.sender.done.wait(TIMEOUT_S)
+    assert bad.sender.responses == [(None, "prompt is empty: at least one token is needed", True)]
+
+    after = job([5, 6], max_tokens=3)
+    orchestrator.submit(after)
+    assert after.sender.done.wait(TIMEOUT_S) and len(after.request.output_ids) == 3
+    assert orchestrator.engine.runtime.free_slots == 2  # the cancelled request's slot came back
+
+
+# ---- package -------------------------------------------------------------------------------------------
+def test_package_fills_every_template_and_rejects_bad_options(engines, tmp_path):
+    repo = package_repository(PackageOptions(engines=str(engines), out=str(tmp_path / "repo"), block_size=2,
+                                             num_slots=3, max_queue_size=7))
+    for model in ("ensemble", "preprocessing", "dspark_bls", "postprocessing"):
+        config = (repo / model / "config.pbtxt").read_text()
+        assert "${" not in config and "max_batch_size: 1" in config
+    bls = (repo / "dspark_bls" / "config.pbtxt").read_text()
+    for key, value in (("engine_dir", str(engines.resolve())), ("gamma", "2"), ("num_slots", "3"),
+                       ("max_queue_size", "7"), ("schedule", "fixed")):
+        assert f'key: "{key}" value {{ string_value: "{value}" }}' in bls
+    assert (repo / "dspark_bls" / "1" / "model.py").is_file()
+
+    def bad(match, **changes):
+        options = dict(engines=str(engines), out=str(tmp_path / "other")) | changes
+        with pytest.raises(DSparkError, match=match):
+            package_repository(PackageOptions(**options))
+
+    bad("already exists", out=str(repo))
+    bad("gamma must be in 0..4", block_size=9)
+    bad("needs a cost table", schedule="dspark")
+    bad("--calibration .* does not exist", calibration=str(tmp_path / "none.json"))
+    bad("--num-slots must be >= 1", num_slots=0)
+    bad("no manifest.json", engines=str(tmp_path))
+
+
+# ---- a real tritonserver ---------------------------------------------------------------------------------
+def tensor(module, name, value, dtype):
+    kinds = {"BYTES": np.object_, "INT32": np.int32, "BOOL": np.bool_, "FP32": np.float32, "UINT64": np.uint64}
+    array = np.array([[value]], dtype=kinds[dtype])
+    t = module.InferInput(name, [1, 1], dtype)
+    t.set_data_from_numpy(array)
+    return t
+
+
+def ensemble_inputs(module, text, max_tokens, stream=False, **extra):
+    inputs = [tensor(module, "text_input", text.encode(), "BYTES"),
+              tensor(module, "max_tokens", max_tokens, "INT32"), tensor(module, "stream", stream, "BOOL")]
+    types = {"end_id": "INT32", "temperature": "FP32", "return_perf_metrics": "BOOL", "seed": "UINT64"}
+    return inputs + [tensor(module, k, v, types[k]) for k, v in extra.items()]
+
+
+@pytest.fixture(scope="module")
+def server(engines, tmp_path_factory):
+    from dspark_trt.serving.tritonserver import TritonServer
+
+    root = tmp_path_factory.mktemp("served")
+    repo = package_repository(PackageOptions(engines=str(engines), out=str(root / "repo"), num_slots=4))
+    with TritonServer(repo, workdir=root / "work") as running:
+        yield running
+
+
+def grpc_stream(server, requests: dict[str, dict], cancel_after_first: bool = False) -> dict[str, list]:
+    """Send {request_id: ensemble kwargs} on one stream; per request the ("text", str) / ("final",) /
+    ("error", message) events up to its end, perf outputs as ("perf", dict)."""
+    import tritonclient.grpc as grpcclient
+
+    events: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: events.put((result, error)))
+    seen = {request_id: [] for request_id in requests}
+    try:
+        for request_id, kwargs in requests.items():
+            client.async_stream_infer("ensemble", ensemble_inputs(grpcclient, **kwargs), request_id=request_id,
+                                      enable_empty_final_response=True)
+        open_requests = set(requests)
+        while open_requests:
+            result, error = events.get(timeout=TIMEOUT_S)
+            if error is not None:
+                assert len(open_requests) == 1, f"error while several requests were open: {error}"
+                seen[open_requests.pop()].append(("error", error.message()))
+                continue
+            response = result.get_response()
+            names = {o.name for o in response.outputs}
+            if "text_output" in names:
+                seen[response.id].append(("text", result.as_numpy("text_output").reshape(-1)[0].decode()))
+                if cancel_after_first:
+                    return seen
+            if "total_draft_tokens" in names:
+                seen[response.id].append(("perf", {n: result.as_numpy(n).item() for n in names - {"text_output"}}))
+            if response.parameters["triton_final_response"].bool_param:
+                seen[response.id].append(("final",))
+                open_requests.discard(response.id)
+        return seen
+    finally:
+        client.stop_stream(cancel_requests=cancel_after_first)
+        client.close()
+
+
+def text_of(events) -> str:
+    return "".join(e[1] for e in events if e[0] == "text")
+
+
+def http_post(server, path: str, body: dict) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/ensemble/{path}", json.dumps(body).encode())
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=TIMEOUT_S) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def metrics(server) -> dict[str, float]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    text = opener.open(server.metrics_url, timeout=10).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("dspark_")}
+
+
+@pytest.mark.server
+def test_greedy_served_text_equals_generate_over_grpc_and_http(server, pair, capsys):  # noqa: F811
+    prompts = [json.loads(line)["turns"][0] for line in (pair / "prompts.jsonl").read_text().splitlines()][:4]
+    assert cli_main(["generate", "--target", str(pair / "target"), "--draft", str(pair / "draft"),
+                     "--max-tokens", "12", "--json", *[a for p in prompts for a in ("--prompt", p)]]) == 0
+    expected = [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()]
+    streamed = grpc_stream(server, {str(i): dict(text=p, max_tokens=12, stream=True) for i, p in enumerate(prompts)})
+    unary = grpc_stream(server, {str(i): dict(text=p, max_tokens=12) for i, p in enumerate(prompts)})
+    for i, prompt in enumerate(prompts):
+        assert text_of(streamed[str(i)]) == expected[i]
+        assert [e[0] for e in unary[str(i)]] == ["text", "final"] and text_of(unary[str(i)]) == expected[i]
+        status, body = http_post(server, "generate", {"text_input": prompt, "max_tokens": 12})
+        assert status == 200 and json.loads(body)["text_output"] == expected[i]
+        status, body = http_post(server, "generate_stream", {"text_input": prompt, "max_tokens": 12, "stream": True})
+        chunks = [json.loads(line[len("data: "):]) for line in body.splitlines() if line.startswith("data: ")]
+        assert status == 200 and "".join(c["text_output"] for c in chunks) == expected[i]
+
+
+@pytest.mark.server
+def test_eight_concurrent_streams_arrive_in_pieces_with_perf_metrics_and_final_flags(server):
+    before = metrics(server)
+    requests = {f"r{i}": dict(text=f"w{5 + i % 6} w{6 + i % 5}", max_tokens=24, stream=True, end_id=NEVER,
+                              return_perf_metrics=True) for i in range(8)}
+    seen = grpc_stream(server, requests)
+    for events in seen.values():
+        kinds = [e[0] for e in events]
+        assert kinds[-1] == "final" and kinds.count("final") == 1 and "error" not in kinds
+        assert kinds.count("text") > 2  # tokens arrived as they were committed, not at the end
+        perf = [e[1] for e in events if e[0] == "perf"][-1]
+        assert perf["total_draft_tokens"] > 0 and 0 <= perf["total_accepted_draft_tokens"] <= perf["total_draft_tokens"]
+        assert perf["acceptance_rate"] == pytest.approx(perf["total_accepted_draft_tokens"] / perf["total_draft_tokens"])
+        assert len(text_of(events).split()) == 24  # one word per token, max_tokens of them
+    after = metrics(server)
+    assert after['dspark_requests{outcome="finished"}'] - before.get('dspark_requests{outcome="finished"}', 0) == 8
+    assert after["dspark_generation_tokens"] - before.get("dspark_generation_tokens", 0) == 8 * 24
+    assert after["dspark_spec_decode_num_draft_tokens"] > before.get("dspark_spec_decode_num_draft_tokens", 0)
+
+
+@pytest.mark.server
+def test_bad_requests_name_the_field_cancelled_streams_free_their_slot_and_serving_goes_on(server):
+    seen = grpc_stream(server, {"zero": dict(text="w5", max_tokens=0, stream=True)})
+    assert seen["zero"][0][0] == "error" and "max_tokens" in seen["zero"][0][1]
+    seen = grpc_stream(server, {"cold": dict(text="w5", max_tokens=4, temperature=-1.0)})
+    assert seen["cold"][0][0] == "error" and "temperature" in seen["cold"][0][1]
+    status, body = http_post(server, "generate", {"text_input": "w5", "max_tokens": 0})
+    assert status >= 400 and "max_tokens" in body
+
+    grpc_stream(server, {"gone": dict(text="w5 w6", max_tokens=400, stream=True, end_id=NEVER)},
+                cancel_after_first=True)
+    deadline = time.monotonic() + TIMEOUT_S
+    while metrics(server).get('dspark_requests{outcome="cancelled"}', 0) < 1:
+        assert time.monotonic() < deadline, "the cancelled stream was never dropped by the engine"
+        time.sleep(0.2)
+    assert metrics(server)["dspark_num_requests_running"] == 0  # its slot is free again
+    ok = grpc_stream(server, {"ok": dict(text="w5 w6", max_tokens=5, stream=True, end_id=NEVER)})["ok"]
+    assert ok[-1] == ("final",) and len(text_of(ok).split()) == 5

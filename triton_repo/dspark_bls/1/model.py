@@ -1,0 +1,146 @@
+"""dspark_bls: decoupled orchestrator. `execute` turns each request into a Job; one engine thread
+(dspark_trt.serving.orchestrator) runs every in-flight request and streams through its sender."""
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from dspark_trt.engine.request import SamplingParams
+from dspark_trt.errors import DSparkError
+from dspark_trt.serving.text import decode_word_list
+from dspark_trt.serving.orchestrator import Job, Orchestrator, ServingOptions, build_served_engine, describe
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+PREFIX = "dspark_"
+ACCEPTED_LENGTH_BUCKETS = [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 12, 16]
+
+
+def _scalar(request, name: str, default, kind):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return default if tensor is None else kind(tensor.as_numpy().reshape(-1)[0].item())
+
+
+class Metrics:
+    """Prometheus series on the metrics port, beside Triton's own nv_* ones (vLLM's names, our prefix)."""
+
+    def __init__(self, block_size: int):
+        def family(name, kind, description):
+            return pb_utils.MetricFamily(name=PREFIX + name, description=description, kind=kind)
+
+        counter, gauge, hist = (pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE,
+                                pb_utils.MetricFamily.HISTOGRAM)
+        self.families = {
+            "requests": family("requests", counter, "requests finished, by outcome"),
+            "tokens": family("generation_tokens", counter, "tokens generated"),
+            "rounds": family("spec_decode_num_drafts", counter, "verification rounds"),
+            "proposed": family("spec_decode_num_draft_tokens_proposed", counter, "draft tokens drafted"),
+            "verified": family("spec_decode_num_draft_tokens", counter, "draft tokens sent to verification"),
+            "accepted": family("spec_decode_num_accepted_tokens", counter, "draft tokens accepted"),
+            "per_pos": family("spec_decode_num_accepted_tokens_per_pos", counter, "accepted drafts by block position"),
+            "length": family("request_mean_accepted_length", hist, "mean accepted length per request (bonus included)"),
+            "active": family("num_requests_running", gauge, "requests in the engine's slots"),
+            "queue": family("num_requests_waiting", gauge, "requests waiting for a slot"),
+        }
+        f = self.families
+        self.outcomes = {o: f["requests"].Metric(labels={"outcome": o}) for o in ("finished", "cancelled", "failed")}
+        self.plain = {k: f[k].Metric(labels={}) for k in ("tokens", "rounds", "proposed", "verified", "accepted",
+                                                           "active", "queue")}
+        self.per_pos = [f["per_pos"].Metric(labels={"position": str(k)}) for k in range(block_size)]
+        self.length = f["length"].Metric(labels={}, buckets=ACCEPTED_LENGTH_BUCKETS)
+
+    def finished(self, job: Job) -> None:
+        request = job.request
+        if request is None:
+            self.outcomes["failed"].increment(1)
+            return
+        status = request.status.value
+        self.outcomes[status if status in self.outcomes else "failed"].increment(1)
+        stats = request.stats
+        self.plain["tokens"].increment(len(request.output_ids))
+        self.plain["rounds"].increment(len(stats.round_verified))
+        self.plain["proposed"].increment(stats.draft_tokens_proposed)
+        self.plain["verified"].increment(stats.draft_tokens_verified)
+        self.plain["accepted"].increment(stats.draft_tokens_accepted)
+        for accepted in stats.round_accepted:
+            for k in range(min(accepted, len(self.per_pos))):
+                self.per_pos[k].increment(1)
+        if stats.accepted_lengths:
+            self.length.observe(stats.mean_accepted_length)
+
+    def load(self, active: int, waiting: int) -> None:
+        self.plain["active"].set(active)
+        self.plain["queue"].set(waiting)
+
+    def close(self) -> None:
+        """Metrics go before their families (the python backend's rule)."""
+        self.outcomes = self.plain = self.per_pos = self.length = None
+        self.families = None
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.options = ServingOptions.from_model_config(json.loads(args["model_config"]))
+        self.engine, self.tokenizer = build_served_engine(self.options)
+        runtime = self.engine.runtime
+        pb_utils.Logger.log_info(f"dspark_bls: {describe(self.options)}; speculation "
+                                 f"{'on, block size ' + str(runtime.block_size) if self.engine.speculate else 'off'}")
+        self.metrics = Metrics(runtime.block_size)
+        self.orchestrator = Orchestrator(self.engine, self._respond, lambda job: job.sender.is_cancelled(),
+                                         observe=self._observe)
+        self.orchestrator.start()
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                job = self._job(request, sender)
+            except (ValueError, DSparkError) as exc:  # InvalidRequestError names the field
+                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+                sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+                self.metrics.outcomes["failed"].increment(1)
+                continue
+            self.orchestrator.submit(job)
+        self.metrics.load(self.orchestrator.active, self.orchestrator.queue_depth)
+        return None
+
+    def _job(self, request, sender) -> Job:
+        ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1).tolist()
+        seed = _scalar(request, "seed", None, int)
+        seed = _scalar(request, "random_seed", 0, int) if seed is None else seed
+        end_id = _scalar(request, "end_id", -1, int)
+        stop_ids = tuple(self.engine.runtime.eos_token_ids) if end_id < 0 else (end_id,)
+        stop_strings = ()
+        words = pb_utils.get_input_tensor_by_name(request, "stop_words_list")
+        if words is not None and words.as_numpy().size:
+            lists = decode_word_list(words.as_numpy()[0])
+            stop_ids += tuple(w[0] for w in lists if len(w) == 1)
+            stop_strings = tuple(self.tokenizer.decode(w) for w in lists if len(w) > 1)
+        params = SamplingParams(
+            max_tokens=_scalar(request, "request_output_len", 0, int),
+            temperature=_scalar(request, "temperature", 0.0, float),
+            top_k=_scalar(request, "runtime_top_k", 0, int),
+            top_p=_scalar(request, "runtime_top_p", 1.0, float),
+            seed=seed, stop_ids=stop_ids, stop_strings=stop_strings,
+        )
+        params.validate()  # answered here, before the engine thread sees the request
+        return Job(prompt_ids=ids, params=params, stream=_scalar(request, "streaming", False, bool),
+                   perf_metrics=_scalar(request, "return_perf_metrics", False, bool), sender=sender)
+
+    def _respond(self, job, outputs, error, final):
+        flags = FINAL if final else 0
+        if error is not None:
+            response = pb_utils.InferenceResponse(error=pb_utils.TritonError(error))
+        elif outputs is not None:
+            response = pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()])
+        else:  # cancelled: the flag alone closes the stream
+            job.sender.send(flags=flags)
+            return
+        job.sender.send(response, flags=flags)
+
+    def _observe(self, event, job):
+        self.metrics.finished(job)
+        self.metrics.load(self.orchestrator.active, self.orchestrator.queue_depth)
+
+    def finalize(self):
+        self.orchestrator.stop()
+        self.metrics.close()
