@@ -6,11 +6,11 @@ from pathlib import Path
 
 import onnx
 import pytest
-import torch
+from transformers import AutoTokenizer
 
 from dspark_trt.errors import DSparkError
 from dspark_trt.export.build import TENSORRT_MISSING, BuildOptions, build_engines
-from dspark_trt.export.engines import sha256
+from dspark_trt.export.engines import load_engine_tokenizer, sha256
 from dspark_trt.export.validate import failures
 
 from test_cli_spec import pair  # noqa: F401  (the tiny Qwen3 target + tokenizer + drafter fixture)
@@ -63,8 +63,6 @@ def test_manifest_describes_every_graph(built, pair):  # noqa: F811
 
 
 def test_engine_directory_runs_and_its_tokenizer_loads(built, pair):  # noqa: F811
-    from transformers import AutoTokenizer
-
     from dspark_trt.engine.engine import Engine
     from dspark_trt.engine.request import SamplingParams
     from dspark_trt.models.drafter_checkpoint import load_drafter
@@ -74,9 +72,10 @@ def test_engine_directory_runs_and_its_tokenizer_loads(built, pair):  # noqa: F8
     from dspark_trt.spec.scheduler import make_scheduler
 
     out, _ = built
-    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    tokenizer = load_engine_tokenizer(out)
     prompt = tokenizer("w5 w6 w7 w8")["input_ids"]
     assert prompt == [5, 6, 7, 8]
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(pair / "target").chat_template
     target, _ = load_target(str(pair / "target"))
     drafter = load_drafter(pair / "draft")
     params = SamplingParams(max_tokens=16)

@@ -106,3 +106,13 @@ def read_manifest(engine_dir: str | Path) -> dict:
         if not (Path(engine_dir) / graph["file"]).is_file():
             raise DSparkError(f"{engine_dir}: graph '{name}' file {graph['file']} is missing")
     return manifest
+
+
+def load_engine_tokenizer(engine_dir: str | Path):
+    """The tokenizer (with its chat template) that build-engines copied into the engine directory."""
+    from transformers import AutoTokenizer
+
+    path = Path(engine_dir) / "tokenizer"
+    if not path.is_dir():
+        raise DSparkError(f"{engine_dir}: no tokenizer/ directory (built by `dspark-trt build-engines`)")
+    return AutoTokenizer.from_pretrained(str(path))
