@@ -41,7 +41,7 @@ class OrtRuntime(Runtime):
         self.max_seq_len = min(max_seq_len, manifest.get("max_seq_len") or max_seq_len,
                                self.config.max_position_embeddings)
         self.num_slots = num_slots
-        self.tap_layers = tuple(manifest["taps"])
+        self.tap_layers: tuple[int, ...] = ()
         self.cache = KVCache(self.config, num_slots=num_slots, max_seq_len=self.max_seq_len)
         self._k = [k.numpy() for k in self.cache.k]
         self._v = [v.numpy() for v in self.cache.v]
@@ -51,15 +51,15 @@ class OrtRuntime(Runtime):
         if manifest["draft"] is not None and use_drafter:
             cfg = self.draft_config = config_from_dict(manifest["draft"]["config"], where=f"{engine_dir} manifest")
             self.block_size, self.has_confidence_head = cfg.block_size, cfg.enable_confidence_head
+            self.tap_layers = tuple(manifest["taps"])
             self.sessions.update({name: make_session(engine_dir / graphs[name]["file"], threads)
                                   for name in GRAPH_NAMES if name in graphs})
             layout = SimpleNamespace(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
                                      head_dim=cfg.head_dim)
+            # only its arrays and lengths are used: slots are allocated on the target cache
             self.context = KVCache(layout, num_slots=num_slots, max_seq_len=self.max_seq_len)
             self._ctx_k = [k.numpy() for k in self.context.k]
             self._ctx_v = [v.numpy() for v in self.context.v]
-        elif not use_drafter:
-            self.tap_layers = ()
 
     # ---- slots -------------------------------------------------------------------------------
     def allocate_slot(self) -> int:
