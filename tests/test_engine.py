@@ -99,16 +99,22 @@ SAMPLING_CASES = [SamplingParams(max_tokens=4, temperature=1.0),
                   SamplingParams(max_tokens=4, temperature=0.7, top_k=4, top_p=0.9)]
 
 
-@pytest.mark.parametrize("params", SAMPLING_CASES, ids=["T1", "T0.7-topk4-topp0.9"])
-def test_sampling_follows_target_distribution(params):
+def _first_tokens_p_value(params):
+    """Chi-square p-value of the first 3 sampled tokens (3000 seeded requests) against the exact target
+    distribution, and the requests (for their acceptance counters)."""
     target = tiny_target(vocab_size=5, seed=11, scale=1.5)
     drafter = tiny_drafter(target, block_size=3, seed=12)
     prompt = [1, 3, 2]
     exact = _exact_distribution(target, prompt, 3, params)
     outputs, requests = _sample_outputs(target, drafter, prompt, params, n_samples=3000, n_tokens=3)
     keys = sorted(exact)
-    counts = [outputs.count(k) for k in keys]
-    assert chi_square_p_value(counts, [exact[k] for k in keys]) > 1e-3
+    return chi_square_p_value([outputs.count(k) for k in keys], [exact[k] for k in keys]), requests
+
+
+@pytest.mark.parametrize("params", SAMPLING_CASES, ids=["T1", "T0.7-topk4-topp0.9"])
+def test_sampling_follows_target_distribution(params):
+    p_value, requests = _first_tokens_p_value(params)
+    assert p_value > 1e-3
     # and the drafts were really put to the test: both acceptances and rejections happened
     accepted = sum(r.stats.draft_tokens_accepted for r in requests)
     verified = sum(r.stats.draft_tokens_verified for r in requests)
@@ -126,14 +132,7 @@ def test_biased_verifier_fails_the_same_test(monkeypatch):
         return VerifyResult(result.accepted, torch.where(rejected, wrong.next_token, result.next_token))
 
     monkeypatch.setattr(engine_module, "dspark_verify", biased_verify)
-    params = SAMPLING_CASES[0]
-    target = tiny_target(vocab_size=5, seed=11, scale=1.5)
-    drafter = tiny_drafter(target, block_size=3, seed=12)
-    prompt = [1, 3, 2]
-    exact = _exact_distribution(target, prompt, 3, params)
-    outputs, _ = _sample_outputs(target, drafter, prompt, params, n_samples=3000, n_tokens=3)
-    keys = sorted(exact)
-    assert chi_square_p_value([outputs.count(k) for k in keys], [exact[k] for k in keys]) < 1e-3
+    assert _first_tokens_p_value(SAMPLING_CASES[0])[0] < 1e-3
 
 
 def test_same_seed_same_output_and_streaming_chunks():

@@ -16,6 +16,7 @@ from dspark_trt.errors import ModelNotFoundError, UnsupportedModelError
 from dspark_trt.models.drafter import DrafterConfig, DSparkDrafter
 from dspark_trt.models.layers import rope_theta
 from dspark_trt.models.markov_heads import MARKOV_HEAD_TYPES
+from dspark_trt.models.sources import read_safetensors_dir
 
 REQUIRED_FIELDS = ("target_layer_ids", "mask_token_id", "block_size", "num_anchors", "enable_confidence_head",
                    "markov_rank", "num_target_layers", "hidden_size", "vocab_size", "num_hidden_layers")
@@ -145,8 +146,6 @@ def random_drafter(config: DrafterConfig, seed: int = 0, target: nn.Module | Non
 
 def load_drafter(path: str | Path, dtype: torch.dtype = torch.float32) -> DSparkDrafter:
     """Load a DeepSpec drafter directory; any key/shape mismatch names the first offending tensor."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     config_path = path / "config.json"
     if not config_path.is_file():
@@ -156,16 +155,7 @@ def load_drafter(path: str | Path, dtype: torch.dtype = torch.float32) -> DSpark
     except ValueError as exc:
         raise UnsupportedModelError(f"{config_path}: not valid JSON ({exc})") from exc
     config = config_from_dict(raw, where=str(config_path))
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise ModelNotFoundError(f"drafter '{path}': no model.safetensors")
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(path / name))
+    state = read_safetensors_dir(path)
     with torch.device("meta"):
         model = DSparkDrafter(config)
     expected = model.state_dict()

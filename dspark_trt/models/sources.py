@@ -86,6 +86,25 @@ def resolve_model(name_or_path: str | os.PathLike) -> ModelSource:
     )
 
 
+def read_safetensors_dir(directory: Path) -> dict:
+    """All tensors of model.safetensors, or of every shard listed in model.safetensors.index.json."""
+    import json
+
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise ModelNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for name in files:
+        state.update(load_file(directory / name))
+    return state
+
+
 def cache_dir() -> Path:
     """Per-user cache for derived files (converted tokenizers); override with DSPARK_TRT_CACHE."""
     root = os.environ.get("DSPARK_TRT_CACHE") or os.path.join(

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dspark_trt.errors import ModelNotFoundError, UnsupportedModelError
-from dspark_trt.models.sources import ModelSource, load_config, load_tokenizer, resolve_model
+from dspark_trt.errors import UnsupportedModelError
+from dspark_trt.models.sources import ModelSource, load_config, load_tokenizer, read_safetensors_dir, resolve_model
 from dspark_trt.models.target import SUPPORTED_ARCHITECTURES, TargetConfig, TargetModel
 
 
@@ -45,20 +45,8 @@ def _add_generation_config_eos(source: ModelSource, config: TargetConfig) -> Non
 
 
 def _read_hf(directory: Path) -> dict[str, torch.Tensor]:
-    """Tensors of model.safetensors or of every shard listed in model.safetensors.index.json."""
-    from safetensors.torch import load_file
-
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (directory / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise ModelNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(directory / name))
-    return {k.removeprefix("model."): v for k, v in state.items()}
+    """Tensors of a Hugging Face directory, without transformers' `model.` prefix."""
+    return {k.removeprefix("model."): v for k, v in read_safetensors_dir(directory).items()}
 
 
 # GGUF tensor name (per block) -> our parameter name
