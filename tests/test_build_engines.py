@@ -125,3 +125,18 @@ def test_bad_options_are_rejected(tmp_path):
         build_engines(BuildOptions(out=str(tmp_path), max_seq_len=4))
     with pytest.raises(DSparkError, match="unknown backend 'tvm'"):
         build_engines(BuildOptions(out=str(tmp_path), backend="tvm"))
+
+
+def test_generate_on_engines_equals_generate_on_torch(built, pair):  # noqa: F811
+    out, _ = built
+    common = ["--prompts-file", str(pair / "prompts.jsonl"), "--limit", "3", "--max-tokens", "10", "--json"]
+
+    def generate(*args):
+        result = subprocess.run([sys.executable, "-m", "dspark_trt", "generate", *args, *common],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return [json.loads(line)["token_ids"] for line in result.stdout.splitlines()]
+
+    torch_ids = generate("--target", str(pair / "target"), "--draft", str(pair / "draft"))
+    assert generate("--engines", str(out)) == torch_ids
+    assert generate("--engines", str(out), "--no-spec") == torch_ids

@@ -20,6 +20,8 @@ from dspark_trt.errors import DSparkError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="smollm2", help="alias, .gguf file or HF directory (default smollm2)")
     parser.add_argument("--draft", help="DSpark drafter directory (DeepSpec format)")
+    parser.add_argument("--engines", help="engine directory from `dspark-trt build-engines` (ONNX Runtime); "
+                                          "replaces --target/--draft")
     parser.add_argument("--no-spec", action="store_true", help="plain autoregressive decoding")
     parser.add_argument("--schedule", choices=SCHEDULE_MODES, default="fixed",
                         help="how many drafts each request verifies per round (default fixed = block size)")
@@ -45,12 +47,12 @@ def run(args: argparse.Namespace) -> int:
         prompts += read_prompts_file(args.prompts_file, args.limit)
     if not prompts:
         raise DSparkError("no prompt given: use --prompt TEXT or --prompts-file FILE")
-    if not args.no_spec and args.draft is None:
-        raise DSparkError("speculative decoding needs --draft PATH (or pass --no-spec for plain decoding)")
+    if not args.no_spec and args.draft is None and args.engines is None:
+        raise DSparkError("speculative decoding needs --draft PATH or --engines DIR (or pass --no-spec)")
     if args.concurrency < 1:
         raise DSparkError(f"--concurrency must be >= 1, got {args.concurrency}")
     options = EngineOptions(
-        target=args.target, draft=None if args.no_spec else args.draft,
+        target=args.target, draft=None if args.no_spec else args.draft, engines=args.engines,
         schedule="off" if args.no_spec else args.schedule, gamma=args.gamma, threshold=args.threshold,
         cost_table=args.cost_table, calibration=args.calibration, num_slots=args.concurrency,
     )

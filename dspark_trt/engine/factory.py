@@ -17,6 +17,7 @@ SCHEDULE_MODES = ("off", "fixed", "threshold", "dspark", "async")
 class EngineOptions:
     target: str = "smollm2"
     draft: str | None = None  # path to a DeepSpec checkpoint; None = no speculation
+    engines: str | None = None  # an engine directory from build-engines: run on ONNX Runtime instead
     schedule: str = "fixed"
     gamma: int | None = None  # fixed mode: drafts verified per round (default: block size)
     threshold: float = 0.5  # threshold mode
@@ -31,15 +32,12 @@ def build_engine(options: EngineOptions) -> tuple[Engine, object]:
     """(engine, tokenizer) for the options; raises DSparkError naming a bad option."""
     if options.schedule not in SCHEDULE_MODES:
         raise DSparkError(f"unknown schedule '{options.schedule}': choose from {', '.join(SCHEDULE_MODES)}")
-    target, tokenizer = load_target(options.target)
-    drafter = None
-    if options.draft is not None and options.schedule != "off":
-        from dspark_trt.models.drafter_checkpoint import load_drafter
-
-        drafter = load_drafter(options.draft)
-    runtime = TorchRuntime(target, drafter, num_slots=options.num_slots, max_seq_len=options.max_seq_len)
+    if options.engines is not None:
+        runtime, tokenizer = _ort_runtime(options)
+    else:
+        runtime, tokenizer = _torch_runtime(options)
     scheduler, temps = None, None
-    if drafter is not None:
+    if runtime.block_size > 0:
         from dspark_trt.spec.scheduler import make_scheduler
 
         if options.calibration:
@@ -52,3 +50,22 @@ def build_engine(options: EngineOptions) -> tuple[Engine, object]:
     engine = Engine(runtime, scheduler, sts_temperatures=temps, max_batch_tokens=options.max_batch_tokens,
                     detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
     return engine, tokenizer
+
+
+def _torch_runtime(options: EngineOptions):
+    target, tokenizer = load_target(options.target)
+    drafter = None
+    if options.draft is not None and options.schedule != "off":
+        from dspark_trt.models.drafter_checkpoint import load_drafter
+
+        drafter = load_drafter(options.draft)
+    return TorchRuntime(target, drafter, num_slots=options.num_slots, max_seq_len=options.max_seq_len), tokenizer
+
+
+def _ort_runtime(options: EngineOptions):
+    from dspark_trt.export.engines import load_engine_tokenizer
+    from dspark_trt.runtimes.ort_runtime import OrtRuntime
+
+    runtime = OrtRuntime(options.engines, num_slots=options.num_slots, max_seq_len=options.max_seq_len,
+                         use_drafter=options.schedule != "off")
+    return runtime, load_engine_tokenizer(options.engines)
