@@ -15,7 +15,8 @@ from dspark_trt.cli import main as cli_main
 from dspark_trt.engine.request import SamplingParams
 from dspark_trt.errors import DSparkError
 from dspark_trt.serving.orchestrator import Job, Orchestrator, ServingOptions, build_served_engine
-from dspark_trt.serving.package import PackageOptions, package_repository
+from dspark_trt.serving.bls_runtime import DraftService, TargetService
+from dspark_trt.serving.package import MODELS, PackageOptions, package_repository
 from dspark_trt.serving.text import REPLACEMENT, decode_word_list, encode_word_list, new_text, stream_window
 
 TIMEOUT_S = 60
@@ -144,18 +145,42 @@ def test_orchestrator_cancels_and_refuses_bad_requests_without_stopping(orchestr
     assert orchestrator.engine.runtime.free_slots == 2  # the cancelled request's slot came back
 
 
+def test_split_runtime_gives_the_in_process_tokens(engines):
+    """dspark_bls's BlsRuntime over the dspark_target/dspark_draft services = OrtRuntime in one process."""
+    services = {"dspark_target": TargetService(engines, num_slots=2), "dspark_draft": DraftService(engines, 2)}
+    calls = []
+
+    def call(model, inputs, outputs):
+        calls.append(model)
+        return services[model]({k: v.copy() for k, v in inputs.items()})
+
+    options = ServingOptions(engine_dir=str(engines), num_slots=2)
+    split, _ = build_served_engine(options, call=call)
+    local, _ = build_served_engine(options)
+    prompts = [[5, 6, 7], [8, 9], [10, 5, 6, 7]]
+    for params in (SamplingParams(max_tokens=20, stop_ids=(NEVER,)),
+                   SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=4, stop_ids=(NEVER,))):
+        expected = [r.output_ids for r in local.generate(prompts, params)]
+        assert [r.output_ids for r in split.generate(prompts, params)] == expected
+    assert {"dspark_target", "dspark_draft"} <= set(calls) and split.runtime.free_slots == 2
+
+
 # ---- package -------------------------------------------------------------------------------------------
 def test_package_fills_every_template_and_rejects_bad_options(engines, tmp_path):
     repo = package_repository(PackageOptions(engines=str(engines), out=str(tmp_path / "repo"), block_size=2,
                                              num_slots=3, max_queue_size=7))
-    for model in ("ensemble", "preprocessing", "dspark_bls", "postprocessing"):
+    assert sorted(p.name for p in repo.iterdir()) == sorted(MODELS)
+    for model in MODELS:
         config = (repo / model / "config.pbtxt").read_text()
-        assert "${" not in config and "max_batch_size: 1" in config
+        assert "${" not in config and "max_batch_size: " in config
     bls = (repo / "dspark_bls" / "config.pbtxt").read_text()
     for key, value in (("engine_dir", str(engines.resolve())), ("gamma", "2"), ("num_slots", "3"),
                        ("max_queue_size", "7"), ("schedule", "fixed")):
         assert f'key: "{key}" value {{ string_value: "{value}" }}' in bls
     assert (repo / "dspark_bls" / "1" / "model.py").is_file()
+    assert 'string_value: "3"' in (repo / "dspark_target" / "config.pbtxt").read_text()  # same slots everywhere
+    plain = package_repository(PackageOptions(engines=str(engines), out=str(tmp_path / "plain"), schedule="off"))
+    assert not (plain / "dspark_draft").exists()  # target alone: no drafter model to load
 
     def bad(match, **changes):
         options = dict(engines=str(engines), out=str(tmp_path / "other")) | changes
@@ -245,6 +270,12 @@ def http_post(server, path: str, body: dict) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+def model_stats(server, model: str) -> dict:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://{server.http_url}/v2/models/{model}/stats", timeout=10) as response:
+        return json.loads(response.read())["model_stats"][0]
+
+
 def metrics(server) -> dict[str, float]:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     text = opener.open(server.metrics_url, timeout=10).read().decode()
@@ -305,6 +336,8 @@ def test_eight_concurrent_streams_arrive_in_pieces_with_perf_metrics_and_final_f
     assert after['dspark_requests{outcome="finished"}'] - before.get('dspark_requests{outcome="finished"}', 0) == 8
     assert after["dspark_generation_tokens"] - before.get("dspark_generation_tokens", 0) == 8 * 24
     assert after["dspark_spec_decode_num_draft_tokens"] > before.get("dspark_spec_decode_num_draft_tokens", 0)
+    for model in ("dspark_target", "dspark_draft"):  # the orchestrator reached both by BLS
+        assert model_stats(server, model)["execution_count"] > 0
 
 
 @pytest.mark.server

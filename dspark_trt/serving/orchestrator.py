@@ -23,6 +23,7 @@ import torch
 from dspark_trt.engine.engine import Engine
 from dspark_trt.engine.request import Request, SamplingParams, Status
 from dspark_trt.errors import DSparkError
+from dspark_trt.serving.bls_runtime import BlsRuntime, Call
 from dspark_trt.serving.text import stream_window
 
 IDLE_WAIT_S = 0.05  # how often an idle loop wakes to poll for cancellations and shutdown
@@ -145,8 +146,8 @@ class Orchestrator:
         if job.closed:
             return
         job.closed = True
+        self._observe("finished", job)  # before the client hears of it, so metrics never lag an answer
         self._respond(job, outputs, error, True)
-        self._observe("finished", job)
 
     def _fail_all(self, message: str) -> None:
         for job in self._live:
@@ -207,8 +208,12 @@ class ServingOptions:
         return options
 
 
-def build_served_engine(options: ServingOptions) -> tuple[Engine, object]:
-    """(engine on ONNX Runtime over options.engine_dir, its tokenizer); DSparkError naming a bad option."""
+def build_served_engine(options: ServingOptions, call: Call | None = None) -> tuple[Engine, object]:
+    """(engine over options.engine_dir, its tokenizer); DSparkError naming a bad option.
+
+    With `call` the engine reaches dspark_target/dspark_draft through it (BlsRuntime); without, it runs
+    the graphs in this process (OrtRuntime).
+    """
     from transformers import AutoTokenizer
 
     from dspark_trt.export.engines import read_manifest
@@ -217,7 +222,10 @@ def build_served_engine(options: ServingOptions) -> tuple[Engine, object]:
 
     manifest = read_manifest(options.engine_dir)
     speculate = options.schedule != "off" and manifest["draft"] is not None
-    runtime = OrtRuntime(options.engine_dir, num_slots=options.num_slots, use_drafter=speculate)
+    if call is None:
+        runtime = OrtRuntime(options.engine_dir, num_slots=options.num_slots, use_drafter=speculate)
+    else:
+        runtime = BlsRuntime(options.engine_dir, call, num_slots=options.num_slots, use_drafter=speculate)
     scheduler, temps = None, None
     if speculate:
         scheduler = make_scheduler(options.schedule, block_size=runtime.block_size, gamma=options.gamma,

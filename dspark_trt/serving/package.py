@@ -15,7 +15,7 @@ from pathlib import Path
 from dspark_trt.errors import DSparkError
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "triton_repo"
-MODELS = ("ensemble", "preprocessing", "dspark_bls", "postprocessing")
+MODELS = ("ensemble", "preprocessing", "dspark_bls", "dspark_target", "dspark_draft", "postprocessing")
 # One prompt per request, as TensorRT-LLM's clients send ([1, 1] tensors); concurrency comes from the
 # engine's in-flight batching, not from Triton batches.
 MAX_BATCH_SIZE = 1
@@ -58,7 +58,10 @@ def package_repository(options: PackageOptions) -> Path:
         "max_batch_tokens": options.max_batch_tokens or manifest.get("max_batch_tokens") or 512,
         "max_queue_size": options.max_queue_size,
     }
+    speculate = fields["schedule"] != "off"
     for model in MODELS:
+        if model == "dspark_draft" and not speculate:
+            continue  # target alone: nothing for a drafter model to load
         source = TEMPLATES / model
         template = string.Template((source / "config.pbtxt").read_text())
         try:

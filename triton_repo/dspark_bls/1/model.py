@@ -1,5 +1,6 @@
 """dspark_bls: decoupled orchestrator. `execute` turns each request into a Job; one engine thread
-(dspark_trt.serving.orchestrator) runs every in-flight request and streams through its sender."""
+(dspark_trt.serving.orchestrator) runs every in-flight request, streams through its sender, and
+reaches the target and the drafter by BLS calls to dspark_target / dspark_draft."""
 import json
 
 import numpy as np
@@ -7,6 +8,7 @@ import triton_python_backend_utils as pb_utils
 
 from dspark_trt.engine.request import SamplingParams
 from dspark_trt.errors import DSparkError
+from dspark_trt.serving.bls_runtime import bls_call
 from dspark_trt.serving.text import decode_word_list
 from dspark_trt.serving.orchestrator import Job, Orchestrator, ServingOptions, build_served_engine, describe
 
@@ -80,7 +82,7 @@ class Metrics:
 class TritonPythonModel:
     def initialize(self, args):
         self.options = ServingOptions.from_model_config(json.loads(args["model_config"]))
-        self.engine, self.tokenizer = build_served_engine(self.options)
+        self.engine, self.tokenizer = build_served_engine(self.options, call=bls_call(pb_utils))
         runtime = self.engine.runtime
         pb_utils.Logger.log_info(f"dspark_bls: {describe(self.options)}; speculation "
                                  f"{'on, block size ' + str(runtime.block_size) if self.engine.speculate else 'off'}")
