@@ -67,18 +67,15 @@ def dspark_verify(
     p_d = p[draft_rows].gather(1, draft_tokens.unsqueeze(1)).squeeze(1)
     q_d = q.gather(1, draft_tokens.unsqueeze(1)).squeeze(1)
     ratio = torch.clamp(p_d / q_d.clamp(min=RESIDUAL_FLOOR), max=1.0)
-    accept_row = torch.ones(n_rows, dtype=torch.bool)  # last rows count as accepted for the run length
+    accept_row = torch.zeros(n_rows, dtype=torch.bool)
     accept_row[draft_rows] = uniforms[draft_rows].to(ratio.dtype) < ratio
 
-    accepted = torch.empty(n_req, dtype=torch.long)
-    # residual row for each request: the first rejected row, or its last row for the bonus
-    stop_row = torch.empty(n_req, dtype=torch.long)
-    for r in range(n_req):
-        lo, hi = int(row_offsets[r]), int(row_offsets[r + 1])
-        rejected = (~accept_row[lo: hi - 1]).nonzero()
-        acc = int(rejected[0]) if rejected.numel() else hi - 1 - lo
-        accepted[r] = acc
-        stop_row[r] = lo + acc
+    # accepted = distance from a request's first row to its first non-accepted row; the last row is
+    # never "accepted", so a fully accepted prefix stops there and draws the bonus token
+    row_index = torch.arange(n_rows)
+    stop_at = torch.where(accept_row, torch.full_like(row_index, n_rows), row_index)
+    stop_row = torch.full((n_req,), n_rows, dtype=torch.long).scatter_reduce(0, request_of_row, stop_at, "amin")
+    accepted = stop_row - row_offsets[:-1]
     dist = p[stop_row].clone()
     rejected_req = accepted < counts - 1
     if bool(rejected_req.any()):
