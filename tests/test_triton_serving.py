@@ -260,8 +260,8 @@ def text_of(events) -> str:
     return "".join(e[1] for e in events if e[0] == "text")
 
 
-def http_post(server, path: str, body: dict) -> tuple[int, str]:
-    request = urllib.request.Request(f"http://{server.http_url}/v2/models/ensemble/{path}", json.dumps(body).encode())
+def http_post(http_url: str, path: str, body: dict) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://{http_url}/v2/models/ensemble/{path}", json.dumps(body).encode())
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(request, timeout=TIMEOUT_S) as response:
@@ -311,9 +311,9 @@ def test_greedy_served_text_equals_generate_over_grpc_and_http(server, pair, cap
     for i, prompt in enumerate(prompts):
         assert text_of(streamed[str(i)]) == expected[i]
         assert [e[0] for e in unary[str(i)]] == ["text", "final"] and text_of(unary[str(i)]) == expected[i]
-        status, body = http_post(server, "generate", {"text_input": prompt, "max_tokens": 12})
+        status, body = http_post(server.http_url, "generate", {"text_input": prompt, "max_tokens": 12})
         assert status == 200 and json.loads(body)["text_output"] == expected[i]
-        status, body = http_post(server, "generate_stream", {"text_input": prompt, "max_tokens": 12, "stream": True})
+        status, body = http_post(server.http_url, "generate_stream", {"text_input": prompt, "max_tokens": 12, "stream": True})
         chunks = [json.loads(line[len("data: "):]) for line in body.splitlines() if line.startswith("data: ")]
         assert status == 200 and "".join(c["text_output"] for c in chunks) == expected[i]
 
@@ -346,7 +346,7 @@ def test_bad_requests_name_the_field_cancelled_streams_free_their_slot_and_servi
     assert seen["zero"][0][0] == "error" and "max_tokens" in seen["zero"][0][1]
     seen = grpc_stream(server, {"cold": dict(text="w5", max_tokens=4, temperature=-1.0)})
     assert seen["cold"][0][0] == "error" and "temperature" in seen["cold"][0][1]
-    status, body = http_post(server, "generate", {"text_input": "w5", "max_tokens": 0})
+    status, body = http_post(server.http_url, "generate", {"text_input": "w5", "max_tokens": 0})
     assert status >= 400 and "max_tokens" in body
 
     # Triton 2.51's ensemble checks cancellation only between steps (core PR #263), so a running
@@ -359,3 +359,39 @@ def test_bad_requests_name_the_field_cancelled_streams_free_their_slot_and_servi
     assert metrics(server)["dspark_num_requests_running"] == 0  # its slot is free again
     ok = grpc_stream(server, {"ok": dict(text="w5 w6", max_tokens=5, stream=True, end_id=NEVER)})["ok"]
     assert ok[-1] == ("final",) and 0 < len(text_of(ok).split()) <= 5
+
+
+def test_serve_and_package_commands_name_bad_arguments(tmp_path, capsys):
+    assert cli_main(["serve", "--repo", str(tmp_path)]) == 2
+    assert "is not a dspark-trt model repository" in capsys.readouterr().err
+    assert cli_main(["serve", "--repo", str(tmp_path), "--http-port", "70000"]) == 2
+    assert "--http-port must be in 1..65535" in capsys.readouterr().err
+    assert cli_main(["package", "--engines", str(tmp_path), "--out", str(tmp_path / "repo")]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_serve_prints_how_to_call_it_and_stops_cleanly_on_sigterm(engines, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from dspark_trt.serving.tritonserver import _free_ports
+
+    repo = package_repository(PackageOptions(engines=str(engines), out=str(tmp_path / "repo"), schedule="off"))
+    http, grpc, metrics_port = _free_ports("127.0.0.1", 3)
+    process = subprocess.Popen([sys.executable, "-m", "dspark_trt", "serve", "--repo", str(repo), "--http-port",
+                                str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics_port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = [process.stdout.readline() for _ in range(8)]
+        assert any("is serving model 'ensemble'" in line for line in banner), banner
+        assert any(f"127.0.0.1:{http}/v2/models/ensemble/generate_stream" in line for line in banner)
+        status, body = http_post(f"127.0.0.1:{http}", "generate", {"text_input": "w5 w6", "max_tokens": 3})
+        assert status == 200 and "text_output" in json.loads(body)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert "stopping tritonserver" in process.stderr.read()
+    finally:
+        process.kill()
