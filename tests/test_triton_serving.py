@@ -207,6 +207,10 @@ def tensor(module, name, value, dtype):
 def ensemble_inputs(module, text, max_tokens, stream=False, **extra):
     inputs = [tensor(module, "text_input", text.encode(), "BYTES"),
               tensor(module, "max_tokens", max_tokens, "INT32"), tensor(module, "stream", stream, "BOOL")]
+    words = extra.pop("stop_words", None)
+    if words is not None:
+        inputs.append(module.InferInput("stop_words", [1, len(words)], "BYTES"))
+        inputs[-1].set_data_from_numpy(np.array([[w.encode() for w in words]], dtype=np.object_))
     types = {"end_id": "INT32", "temperature": "FP32", "return_perf_metrics": "BOOL", "seed": "UINT64"}
     return inputs + [tensor(module, k, v, types[k]) for k, v in extra.items()]
 
@@ -313,7 +317,8 @@ def test_greedy_served_text_equals_generate_over_grpc_and_http(server, pair, cap
         assert [e[0] for e in unary[str(i)]] == ["text", "final"] and text_of(unary[str(i)]) == expected[i]
         status, body = http_post(server.http_url, "generate", {"text_input": prompt, "max_tokens": 12})
         assert status == 200 and json.loads(body)["text_output"] == expected[i]
-        status, body = http_post(server.http_url, "generate_stream", {"text_input": prompt, "max_tokens": 12, "stream": True})
+        status, body = http_post(server.http_url, "generate_stream",
+                                 {"text_input": prompt, "max_tokens": 12, "stream": True})
         chunks = [json.loads(line[len("data: "):]) for line in body.splitlines() if line.startswith("data: ")]
         assert status == 200 and "".join(c["text_output"] for c in chunks) == expected[i]
 
@@ -330,7 +335,8 @@ def test_eight_concurrent_streams_arrive_in_pieces_with_perf_metrics_and_final_f
         assert kinds.count("text") > 2  # tokens arrived as they were committed, not at the end
         perf = [e[1] for e in events if e[0] == "perf"][-1]
         assert perf["total_draft_tokens"] > 0 and 0 <= perf["total_accepted_draft_tokens"] <= perf["total_draft_tokens"]
-        assert perf["acceptance_rate"] == pytest.approx(perf["total_accepted_draft_tokens"] / perf["total_draft_tokens"])
+        rate = perf["total_accepted_draft_tokens"] / perf["total_draft_tokens"]
+        assert perf["acceptance_rate"] == pytest.approx(rate)
         assert 0 < len(text_of(events).split()) <= 24  # one word per token; the eos word w1 is a special token
     after = metrics(server)
     assert after['dspark_requests{outcome="finished"}'] - before.get('dspark_requests{outcome="finished"}', 0) == 8
@@ -338,6 +344,18 @@ def test_eight_concurrent_streams_arrive_in_pieces_with_perf_metrics_and_final_f
     assert after["dspark_spec_decode_num_draft_tokens"] > before.get("dspark_spec_decode_num_draft_tokens", 0)
     for model in ("dspark_target", "dspark_draft"):  # the orchestrator reached both by BLS
         assert model_stats(server, model)["execution_count"] > 0
+
+
+@pytest.mark.server
+def test_stop_words_end_the_output_at_the_word(server):
+    request = dict(text="w5 w6", max_tokens=16, end_id=NEVER)  # a prompt whose answer has several words
+    words = text_of(grpc_stream(server, {"free": request})["free"]).split()
+    stop = next(w for w in words[2:] if words.index(w) >= 2)  # a word that first appears third or later
+    cut = words[: words.index(stop) + 1]
+    stopped = grpc_stream(server, {"stop": dict(request, stop_words=[stop, ""]),
+                                   "other": dict(request, stop_words=["w0"])})
+    assert text_of(stopped["stop"]).split() == cut and len(cut) < len(words)
+    assert text_of(stopped["other"]).split() == words  # a word never generated changes nothing
 
 
 @pytest.mark.server

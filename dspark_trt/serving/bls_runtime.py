@@ -174,8 +174,8 @@ def bls_call(pb_utils) -> Call:
     """The transport `dspark_bls` gives BlsRuntime: a synchronous BLS exec per call."""
 
     def call(model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        request = pb_utils.InferenceRequest(model_name=model, requested_output_names=outputs,
-                                            inputs=[pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in inputs.items()])
+        tensors = [pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in inputs.items()]
+        request = pb_utils.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=tensors)
         response = request.exec()
         if response.has_error():
             raise DSparkError(f"{model}: {response.error().message()}")
