@@ -2,6 +2,7 @@
 
   ar       our AR decode vs transformers generate (same prompt, same machine)
   speedup  batch-1 greedy DSpark vs AR on the same runtime, outputs checked token-identical
+  served   tokens/s through a real tritonserver vs the in-process engine on the same engines
 """
 from __future__ import annotations
 
@@ -30,7 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     speedup.add_argument("--limit", type=int, default=5, help="prompts per file")
     speedup.add_argument("--max-tokens", type=int, default=128)
     speedup.add_argument("--schedule", default="fixed")
-    for p in (ar, speedup):
+    served = sub.add_parser("served", help="tritonserver (HTTP generate) vs the in-process engine, concurrency 1")
+    served.add_argument("--target", default="smollm2")
+    served.add_argument("--draft", help="drafter directory (default: speculation off)")
+    served.add_argument("--prompt", action="append", help="prompt text (repeatable; default: three built-in ones)")
+    served.add_argument("--max-tokens", type=int, default=64)
+    served.add_argument("--cache-dir", help="where engines and the repository are built (as for `serve`)")
+    for p in (ar, speedup, served):
         p.add_argument("--json", action="store_true")
         p.add_argument("--out", help="also write the result JSON here")
 
@@ -54,8 +61,16 @@ def run(args: argparse.Namespace) -> int:
         summary = (f"AR {result['ar_tokens_per_second']:.1f} tok/s, DSpark {result['dspark_tokens_per_second']:.1f} "
                    f"tok/s, speedup {result['speedup']:.2f}x, tau {result['mean_accepted_length']:.2f}, "
                    f"token-identical: {result['all_token_identical']}")
+    elif args.benchmark == "served":
+        from dspark_trt.bench.served import bench_served
+
+        prompts = args.prompt or [DEFAULT_PROMPT, "List three uses of a paperclip.", "What is 17 times 23?"]
+        result = bench_served(args.target, args.draft, prompts, args.max_tokens, args.cache_dir, progress)
+        summary = (f"in-process {result['in_process_tokens_per_second']:.1f} tok/s, served "
+                   f"{result['served_tokens_per_second']:.1f} tok/s, served/in-process {result['ratio']:.2f}, "
+                   f"same text: {result['same_text']}")
     else:
-        raise DSparkError("choose a benchmark: ar or speedup (see `dspark-trt bench --help`)")
+        raise DSparkError("choose a benchmark: ar, speedup or served (see `dspark-trt bench --help`)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -61,14 +61,12 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def default_repository(target: str, draft: str | None, cache_dir: str | None) -> Path:
-    """Engines for (target, draft) built once into the cache; the repository re-packaged every start."""
+def default_engines(target: str, draft: str | None, cache_dir: str | None) -> Path:
+    """Engines for (target, draft), built once into the cache directory."""
     from dspark_trt.export.build import BuildOptions, build_engines
-    from dspark_trt.serving.package import PackageOptions, package_repository
 
-    cache = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
-        / "dspark-trt" / "serve"
-    key = hashlib.sha256(f"{target}|{draft}".encode()).hexdigest()[:12]
+    cache = _cache(cache_dir)
+    key = _key(target, draft)
     engines = cache / f"engines-{key}"
     if not (engines / "manifest.json").is_file():
         _say(f"building engines for target {target!r}" + (f" and drafter {draft!r}" if draft else "")
@@ -78,13 +76,30 @@ def default_repository(target: str, draft: str | None, cache_dir: str | None) ->
         build_engines(BuildOptions(out=str(staging), target=target, draft=draft))
         shutil.rmtree(engines, ignore_errors=True)
         staging.rename(engines)
+    return engines
+
+
+def default_repository(target: str, draft: str | None, cache_dir: str | None) -> Path:
+    """The cached engines of (target, draft), re-packaged into a fresh repository every start."""
+    from dspark_trt.serving.package import PackageOptions, package_repository
+
+    engines = default_engines(target, draft, cache_dir)
     if draft is None:
         _say("SPECULATION OFF: no trained DSpark drafter ships for the default target yet; serving the target "
              "alone (plain autoregressive decoding). Pass --draft DIR, or package your own engines and use --repo.")
-    repo = cache / f"repo-{key}"
+    repo = _cache(cache_dir) / f"repo-{_key(target, draft)}"
     shutil.rmtree(repo, ignore_errors=True)
     return package_repository(PackageOptions(engines=str(engines), out=str(repo),
                                              schedule="fixed" if draft else "off"))
+
+
+def _cache(cache_dir: str | None) -> Path:
+    return Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
+        / "dspark-trt" / "serve"
+
+
+def _key(target: str, draft: str | None) -> str:
+    return hashlib.sha256(f"{target}|{draft}".encode()).hexdigest()[:12]
 
 
 def usage(server: TritonServer) -> str:
