@@ -1,0 +1,91 @@
+"""The Triton DSparkVerify kernel against the torch reference, under TRITON_INTERPRET=1 on CPU.
+
+Given the same uniforms both must give identical accepted counts and next tokens. Uniforms are kept
+away from decision boundaries (acceptance ratios, CDF steps) so float32 rounding differences between
+the two implementations cannot flip a comparison: a case is used only if the reference gives the same
+result with every uniform shifted by ±EPS.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+import torch
+
+from dspark_trt.spec.verify import dspark_verify
+
+triton = pytest.importorskip("triton", reason="triton cannot be imported")
+from dspark_trt_plugins.triton_kernel import dspark_verify_triton  # noqa: E402
+
+EPS = 1e-4
+
+
+def _case(seed: int, vocab: int, counts: list[int], with_q: bool):
+    """Random inputs whose drafts are often accepted: drafts drawn from q, greedy drafts often argmax."""
+    g = torch.Generator().manual_seed(seed)
+    n_req, n_rows = len(counts), sum(counts)
+    row_offsets = torch.tensor([0] + counts).cumsum(0)
+    logits = torch.randn(n_rows, vocab, generator=g) * 2
+    temperature = torch.tensor([0.0 if r % 2 == 0 else 0.6 + 0.4 * r / n_req for r in range(n_req)])
+    top_k = torch.tensor([[0, 5, 40, 0][r % 4] for r in range(n_req)])
+    top_p = torch.tensor([[1.0, 1.0, 0.9, 0.7][(r + seed) % 4] for r in range(n_req)])
+    # the draft for target row j mimics that row (noisy logits), so acceptance runs of several tokens occur
+    is_last = torch.zeros(n_rows, dtype=torch.bool)
+    is_last[row_offsets[1:] - 1] = True
+    draft_logits = logits[~is_last] + 0.5 * torch.randn(n_rows - n_req, vocab, generator=g)
+    q = torch.softmax(draft_logits, dim=-1)
+    sampled = torch.multinomial(q, 1, generator=g).squeeze(1)
+    draft_tokens = sampled if with_q else draft_logits.argmax(dim=-1)
+    return dict(target_logits=logits, draft_tokens=draft_tokens, draft_probs=q if with_q else None,
+                row_offsets=row_offsets, temperature=temperature, top_k=top_k, top_p=top_p), g
+
+
+def _stable_uniforms(inputs, g: torch.Generator):
+    """Uniforms for which the reference's answer does not change within ±EPS."""
+    for _ in range(50):
+        u = torch.rand(inputs["target_logits"].shape[0], generator=g, dtype=torch.float64) * (1 - 2 * EPS) + EPS
+        results = [dspark_verify(**inputs, uniforms=u + d) for d in (-EPS, 0.0, EPS)]
+        if all(torch.equal(r.accepted, results[1].accepted) and torch.equal(r.next_token, results[1].next_token)
+               for r in results):
+            return u, results[1]
+    pytest.fail("no boundary-free uniforms found")
+
+
+@pytest.mark.parametrize("seed,vocab,counts,with_q", [
+    (0, 64, [1], False),
+    (1, 97, [3, 1, 5, 2], False),
+    (2, 128, [4, 1, 3], True),
+    (3, 300, [2, 6, 1, 3, 4, 1], True),
+    (4, 200, [5, 5], True),
+])
+def test_matches_reference(seed, vocab, counts, with_q):
+    inputs, g = _case(seed, vocab, counts, with_q)
+    u, expected = _stable_uniforms(inputs, g)
+    got = dspark_verify_triton(**inputs, uniforms=u)
+    assert torch.equal(got.accepted, expected.accepted)
+    assert torch.equal(got.next_token, expected.next_token)
+
+
+def test_acceptance_runs_and_rejections_both_exercised():
+    """Across a few uniform draws the cases above must include partial and full acceptance."""
+    inputs, g = _case(5, 80, [4, 4, 4, 4], True)
+    seen = set()
+    for _ in range(3):
+        u, expected = _stable_uniforms(inputs, g)
+        got = dspark_verify_triton(**inputs, uniforms=u)
+        assert torch.equal(got.accepted, expected.accepted)
+        assert torch.equal(got.next_token, expected.next_token)
+        seen |= set(got.accepted.tolist())
+    assert 0 in seen and len(seen) >= 2
+
+
+def test_bad_shapes_are_named():
+    inputs, _ = _case(6, 64, [2, 3], False)
+    n_rows = inputs["target_logits"].shape[0]
+    with pytest.raises(ValueError, match="draft tokens"):
+        dspark_verify_triton(**{**inputs, "draft_tokens": inputs["draft_tokens"][:-1]},
+                             uniforms=torch.rand(n_rows))
+    with pytest.raises(ValueError, match="uniforms"):
+        dspark_verify_triton(**inputs, uniforms=torch.rand(n_rows - 1))
+    with pytest.raises(ValueError, match="anchor row"):
+        dspark_verify_triton(**{**inputs, "row_offsets": torch.tensor([0, 0, 5])}, uniforms=torch.rand(n_rows))
