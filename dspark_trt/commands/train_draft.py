@@ -2,8 +2,8 @@
 
 1. The target regenerates a response to every prompt (batched through the engine; appended to
    OUT/responses.jsonl keyed by prompt hash, so a rerun skips the finished ones).
-2. Training: each step runs the target over a few sequences for its tap features and teacher
-   logits (nothing cached on disk), samples anchors in the responses, and trains the drafter on the
+2. Training: each step takes the target's tap features and teacher logits for a few sequences
+   (from a bounded float16 cache after their first use, see training/feature_cache.py), samples anchors in the responses, and trains the drafter on the
    packed teacher-forced blocks with α_ce·CE + α_tv·L1 + α_conf·BCE and position decay exp(-k/4).
 3. OUT holds the drafter in DeepSpec format (config.json + model.safetensors, loadable with
    --draft OUT), trainer_state.pt (optimizer and schedule) and train_log.jsonl. Rerunning the same
@@ -38,6 +38,7 @@ from dspark_trt.models.markov_heads import MARKOV_HEAD_TYPES
 from dspark_trt.models.weights import load_target
 from dspark_trt.training.code_prompts import other_language_prompts, stdlib_prompts
 from dspark_trt.training.data import FeatureExtractor, load_samples, read_training_prompts, regenerate_responses
+from dspark_trt.training.feature_cache import CachedFeatureExtractor, target_identity
 from dspark_trt.training.losses import LossWeights
 from dspark_trt.training.trainer import STATE_FILE, Trainer, TrainConfig
 
@@ -79,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-every", type=int, default=100)
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--feature-cache", help="directory caching the target's features per sequence (float16), so later "
+                                           "epochs and other runs on the same data skip the target forward "
+                                           "(default OUT/feature_cache; 'none' to disable)")
+    g.add_argument("--feature-cache-gb", type=float, default=4.0, help="disk budget of the feature cache")
 
 
 def _prompts(args: argparse.Namespace):
@@ -126,6 +131,10 @@ def run(args: argparse.Namespace) -> int:
     drafter = _drafter(args, target, out)
     extractor = FeatureExtractor(target, drafter.config.target_layer_ids, max_batch=args.batch_size,
                                  max_length=args.max_length)
+    if args.feature_cache != "none":
+        extractor = CachedFeatureExtractor(extractor, args.feature_cache or out / "feature_cache",
+                                           target_id=target_identity(target),
+                                           max_bytes=int(args.feature_cache_gb * 2**30))
     prompts = _prompts(args)
     responses = out / RESPONSES_FILE
     added = regenerate_responses(target, tokenizer, prompts, responses, max_new_tokens=args.max_new_tokens,

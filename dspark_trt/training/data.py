@@ -3,10 +3,10 @@
 DSpark drafters learn the target's own distribution (DSPARK_SPEC.md 6.4), so the assistant turns
 are the target's generations, not the datasets' answers. Regeneration runs through our Engine
 (continuous batching) and appends each finished sample to a JSONL file keyed by a hash of the
-prompt, so an interrupted run resumes where it stopped. Target features are not cached: one
-target forward per training sequence gives the tapped layers' raw outputs (the drafter's context)
-and the final-normed last hidden state (the teacher's logits through the frozen lm_head), which
-keeps disk use at zero and memory bounded by the batch.
+prompt, so an interrupted run resumes where it stopped. FeatureExtractor runs one
+target forward per batch of training sequences for the tapped layers' raw outputs (the drafter's
+context) and the final-normed last hidden state (the teacher's logits through the frozen lm_head);
+training/feature_cache.py keeps them on disk within a byte budget so later epochs skip the target.
 """
 from __future__ import annotations
 
