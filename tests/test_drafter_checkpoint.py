@@ -94,3 +94,32 @@ def test_bad_config_is_a_clear_error(tmp_path, edit, message):
 def test_missing_directory(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no config.json"):
         load_drafter(tmp_path)
+
+
+def test_a_checkpoint_sharing_the_targets_embeddings_is_small_and_loads_with_the_target(tmp_path):
+    from dspark_trt.models.target import TargetModel
+
+    torch.manual_seed(0)
+    target = TargetModel(TINY_TARGET)
+    cfg = drafter_config_for_target(TINY_TARGET, block_size=4, num_draft_layers=1, mask_token_id=60, markov_rank=8)
+    drafter = random_drafter(cfg, seed=1, target=target)
+    save_drafter(drafter, tmp_path, dtype=torch.bfloat16, share_target_embeddings=True)
+    assert not {"embed_tokens.weight", "lm_head.weight"} & set(load_file(tmp_path / "model.safetensors"))
+    with pytest.raises(UnsupportedModelError, match="load it with the target"):
+        load_drafter(tmp_path)
+    loaded = load_drafter(tmp_path, target=target)
+    for k, v in drafter.state_dict().items():  # bfloat16 storage: equal to bfloat16 rounding
+        if k in ("embed_tokens.weight", "lm_head.weight"):
+            continue
+        torch.testing.assert_close(loaded.state_dict()[k], v.to(torch.bfloat16).float(), rtol=0, atol=0)
+    assert torch.equal(loaded.lm_head.weight, target.lm_head.weight)
+    save_drafter(loaded, tmp_path / "full")  # saved again without sharing: a plain DeepSpec checkpoint
+    assert "dspark_trt_shares_target_embeddings" not in json.loads((tmp_path / "full" / "config.json").read_text())
+    assert torch.equal(load_drafter(tmp_path / "full").embed_tokens.weight, target.embed_tokens.weight)
+
+
+def test_default_names_the_packaged_drafter():
+    from dspark_trt.models.drafter_checkpoint import resolve_drafter
+
+    assert resolve_drafter("default").parts[-2:] == ("drafters", "smollm2")
+    assert resolve_drafter("some/dir") == __import__("pathlib").Path("some/dir")

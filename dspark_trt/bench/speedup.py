@@ -15,7 +15,7 @@ from dspark_trt.spec.scheduler import make_scheduler
 def bench_speedup(target: str, draft: str, prompts: list[str], max_tokens: int, schedule: str = "fixed",
                   progress=lambda msg: None) -> dict:
     model, tokenizer = load_target(target)
-    drafter = load_drafter(draft)
+    drafter = load_drafter(draft, target=model)
     stop = tuple(model.config.eos_token_ids)
     params = SamplingParams(max_tokens=max_tokens, stop_ids=stop)
     ar = Engine(TorchRuntime(model, num_slots=1))

@@ -22,7 +22,7 @@ class EngineOptions:
     gamma: int | None = None  # fixed mode: drafts verified per round (default: block size)
     threshold: float = 0.5  # threshold mode
     cost_table: str | None = None  # dspark / async modes
-    calibration: str | None = None
+    calibration: str | None = None  # default: the one stored next to the drafter, if any
     num_slots: int = 8
     max_seq_len: int = 2048
     max_batch_tokens: int = 512
@@ -40,10 +40,11 @@ def build_engine(options: EngineOptions) -> tuple[Engine, object]:
     if runtime.block_size > 0:
         from dspark_trt.spec.scheduler import make_scheduler
 
-        if options.calibration:
-            from dspark_trt.spec.calibration import load_calibration
+        from dspark_trt.spec.calibration import load_calibration, stored_calibration
 
-            temps = torch.as_tensor(load_calibration(options.calibration).temperatures)
+        calibration = options.calibration or stored_calibration(options.draft)
+        if calibration:
+            temps = torch.as_tensor(load_calibration(calibration).temperatures)
         scheduler = make_scheduler(options.schedule, block_size=runtime.block_size, gamma=options.gamma,
                                    threshold=options.threshold, cost_table=options.cost_table,
                                    has_confidence=runtime.has_confidence_head)
@@ -58,7 +59,7 @@ def _torch_runtime(options: EngineOptions):
     if options.draft is not None and options.schedule != "off":
         from dspark_trt.models.drafter_checkpoint import load_drafter
 
-        drafter = load_drafter(options.draft)
+        drafter = load_drafter(options.draft, target=target)
     return TorchRuntime(target, drafter, num_slots=options.num_slots, max_seq_len=options.max_seq_len), tokenizer
 
 

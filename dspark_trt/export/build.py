@@ -87,7 +87,7 @@ def build_engines(options: BuildOptions, progress: Callable[[str], None] = _stde
         with _step("load", progress, "draft"):
             from dspark_trt.models.drafter_checkpoint import load_drafter
 
-            drafter = load_drafter(options.draft)
+            drafter = load_drafter(options.draft, target=target)
             TorchRuntime(target, drafter, num_slots=1, max_seq_len=1)  # checks the pair fits
     with _step("export", progress):
         manifest = export_engines(target, drafter, out, progress=lambda m: progress(f"      {m}"))

@@ -27,6 +27,19 @@ SUPPORTED_ARCHITECTURES = ("Qwen3DSparkModel",)
 # row 151669 as the block's mask token.
 SMOLLM2_MASK_TOKEN_ID = 16
 
+# Our extension of the DeepSpec config: the checkpoint omits embed_tokens/lm_head because they are
+# frozen copies of the target's (spec 1.6), which keeps a shipped drafter small; loading then needs
+# the target. DeepSpec's own loader does not know this key.
+SHARES_TARGET_EMBEDDINGS = "dspark_trt_shares_target_embeddings"
+TARGET_TENSORS = ("embed_tokens.weight", "lm_head.weight")
+DRAFTERS_DIR = Path(__file__).resolve().parent.parent / "drafters"
+PACKAGED_DRAFTERS = {"default": DRAFTERS_DIR / "smollm2"}
+
+
+def resolve_drafter(name_or_path: str | Path) -> Path:
+    """A drafter directory: a packaged name ('default': the SmolLM2 drafter we ship) or a path."""
+    return PACKAGED_DRAFTERS.get(str(name_or_path), Path(name_or_path))
+
 
 def config_from_dict(raw: dict, where: str = "config.json") -> DrafterConfig:
     """Validate a DeepSpec config dict and extract the drafter's fields."""
@@ -144,9 +157,12 @@ def random_drafter(config: DrafterConfig, seed: int = 0, target: nn.Module | Non
     return model.eval()
 
 
-def load_drafter(path: str | Path, dtype: torch.dtype = torch.float32) -> DSparkDrafter:
-    """Load a DeepSpec drafter directory; any key/shape mismatch names the first offending tensor."""
-    path = Path(path)
+def load_drafter(path: str | Path, dtype: torch.dtype = torch.float32, target: nn.Module | None = None) -> DSparkDrafter:
+    """Load a DeepSpec drafter directory (or 'default'); any key/shape mismatch names the first offending tensor.
+
+    A checkpoint saved with share_target_embeddings takes embed_tokens/lm_head from `target`.
+    """
+    path = resolve_drafter(path)
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ModelNotFoundError(f"drafter '{path}': no config.json (expected a DeepSpec checkpoint directory)")
@@ -156,6 +172,12 @@ def load_drafter(path: str | Path, dtype: torch.dtype = torch.float32) -> DSpark
         raise UnsupportedModelError(f"{config_path}: not valid JSON ({exc})") from exc
     config = config_from_dict(raw, where=str(config_path))
     state = read_safetensors_dir(path)
+    if raw.get(SHARES_TARGET_EMBEDDINGS):
+        if target is None:
+            raise UnsupportedModelError(f"drafter '{path}' takes its embeddings and lm_head from the target; "
+                                        f"load it with the target model")
+        state.update({"embed_tokens.weight": target.embed_tokens.weight.detach(),
+                      "lm_head.weight": target.lm_head.weight.detach()})
     with torch.device("meta"):
         model = DSparkDrafter(config)
     expected = model.state_dict()
@@ -173,14 +195,20 @@ def load_drafter(path: str | Path, dtype: torch.dtype = torch.float32) -> DSpark
     return model.eval()
 
 
-def save_drafter(model: DSparkDrafter, path: str | Path, dtype: torch.dtype | None = None) -> None:
-    """Write config.json + model.safetensors (embed_tokens and lm_head stored, as DeepSpec does)."""
+def save_drafter(model: DSparkDrafter, path: str | Path, dtype: torch.dtype | None = None,
+                 share_target_embeddings: bool = False) -> None:
+    """Write config.json + model.safetensors: embed_tokens and lm_head stored as DeepSpec does, or left
+    out (share_target_embeddings) when they are the target's, for a small shipped checkpoint."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     raw = config_to_dict(model.config)
-    state = {k: (v.to(dtype) if dtype else v).detach().contiguous().clone() for k, v in model.state_dict().items()}
+    state = {k: (v.to(dtype) if dtype else v).detach().contiguous().clone() for k, v in model.state_dict().items()
+             if not (share_target_embeddings and k in TARGET_TENSORS)}
+    raw.pop(SHARES_TARGET_EMBEDDINGS, None)
+    if share_target_embeddings:
+        raw[SHARES_TARGET_EMBEDDINGS] = True
     raw["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
