@@ -1,13 +1,13 @@
 """The exported target step graph on ONNX Runtime against the torch TargetModel."""
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
 from conftest import tiny_target
 from dspark_trt.errors import DSparkError
-from dspark_trt.export.target_graph import export_target, step_inputs
+from dspark_trt.export.ort_session import make_session
+from dspark_trt.export.target_graph import export_target, idle_verify_feeds, step_inputs
 from dspark_trt.models.target import TargetConfig, TargetModel
 from dspark_trt.runtimes.kv_cache import KVCache
 
@@ -38,19 +38,23 @@ def _stack(cache):
 
 
 def _check_pass(model, session, cache, slots, lens, taps, rng):
-    """One ragged pass on both; compares logits of every row, taps and the new K/V rows."""
+    """One ragged pass on both; compares logits of every row, taps and the new K/V rows. The verify
+    tail, fed as for a pass without drafts, returns each row's greedy token."""
     cfg = model.config
     ids = torch.from_numpy(rng.integers(0, cfg.vocab_size, sum(lens)))
     starts = cache.lengths[slots].clone()
     past_k, past_v = _stack(cache)
     inputs = step_inputs(ids.numpy(), slots, starts.numpy(), lens, past_k, past_v, "all")
-    logits, new_k, new_v, *rest = session.run(None, inputs.feeds)
+    n_rows = inputs.feeds["logits_rows"].size
+    logits, new_k, new_v, *rest, accepted, next_token = session.run(
+        None, inputs.feeds | idle_verify_feeds(n_rows, cfg.vocab_size))
     positions = torch.cat([torch.arange(int(s), int(s) + n) for s, n in zip(starts, lens)])
     with torch.no_grad():
         ref = model(ids, positions, torch.tensor(slots), torch.tensor(lens), cache, tap_layers=taps,
                     logits_rows="all")
     assert _close(logits, ref.logits.numpy())
     assert (logits.argmax(-1) == ref.logits.numpy().argmax(-1)).all()
+    assert (accepted == 0).all() and (next_token == ref.logits.numpy().argmax(-1)).all()
     if taps:
         assert _close(rest[0], ref.taps.numpy())
     ref_k, ref_v = _stack(cache)
@@ -61,8 +65,8 @@ def _check_pass(model, session, cache, slots, lens, taps, rng):
 
 def _check_model(model, tmp_path, taps):
     path = export_target(model, tmp_path / "target.onnx", tap_layers=taps)
-    onnx.checker.check_model(str(path))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx.checker.check_model(str(path), full_check=True)
+    session = make_session(path)
     cache = KVCache(model.config, num_slots=4, max_seq_len=64)
     slots = [cache.allocate() for _ in range(3)]
     rng = np.random.default_rng(0)
@@ -83,6 +87,9 @@ def test_tiny_qwen3_matches_torch(tmp_path):
 
 def test_no_taps_graph_has_no_tap_output(tmp_path):
     path = export_target(tiny_target(vocab_size=16), tmp_path / "t.onnx")
+    assert [o.name for o in onnx.load(str(path)).graph.output] == ["logits", "new_k", "new_v", "accepted",
+                                                                   "next_token"]
+    path = export_target(tiny_target(vocab_size=16), tmp_path / "plain.onnx", verify=False)
     assert [o.name for o in onnx.load(str(path)).graph.output] == ["logits", "new_k", "new_v"]
 
 

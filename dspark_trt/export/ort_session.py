@@ -1,4 +1,7 @@
-"""ONNX Runtime sessions for the exported graphs (CPU, the machine's cores) and feeding them by name."""
+"""ONNX Runtime sessions for the exported graphs (CPU, the machine's cores) and feeding them by name.
+
+Every session registers the DSparkVerify custom op library (the target graph ends in that node).
+"""
 from __future__ import annotations
 
 import os
@@ -7,14 +10,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from dspark_trt_plugins.ort_op import inference_session, session_options_with_dspark_ops
+
 
 def make_session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
     """A CPU session with intra-op threads = the cores we may use (graph optimisations on)."""
-    options = ort.SessionOptions()
+    options = session_options_with_dspark_ops()
     options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return inference_session(path, options)
 
 
 def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

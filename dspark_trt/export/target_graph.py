@@ -7,6 +7,12 @@ request's past length are masked). The T new tokens stay flat for the projection
 attention they are gathered into a padded [R, Q] layout (Q = longest query) and scattered back. The
 graph returns the new tokens' K/V [L, T, kv_heads, head_dim], which the runtime writes into its cache
 at (slot, position) of each row: rollback stays a length change on the host.
+
+By default the graph ends in the DSparkVerify node (plugins/SCHEMA.md), appended to the exported
+graph: it verifies the returned logits rows, grouped into requests by `row_offsets`, against the
+draft tokens/probs with per-request sampling parameters and the given uniforms, and returns
+`accepted` and `next_token` besides the logits, K/V and taps. A pass that verifies nothing feeds
+`idle_verify_feeds` (every logits row its own greedy request without drafts).
 """
 from __future__ import annotations
 
@@ -15,12 +21,15 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import onnx
 import torch
+from onnx import helper
 from torch import nn
 
 from dspark_trt.errors import DSparkError
 from dspark_trt.models.layers import apply_rotary
 from dspark_trt.models.target import TargetModel
+from dspark_trt_plugins import ort_op
 
 OPSET = 17
 INPUT_NAMES = ["input_ids", "positions", "past_k", "past_v", "past_lens", "query_lens", "gather_rows",
@@ -32,10 +41,17 @@ DYNAMIC_AXES = {
     "gather_rows": {0: "requests", 1: "query"}, "row_slots": {0: "tokens"}, "logits_rows": {0: "rows"},
     "logits": {0: "rows"}, "new_k": {1: "tokens"}, "new_v": {1: "tokens"}, "taps": {0: "tokens"},
 }
+# the verification tail: graph inputs (besides the logits it verifies) and outputs, with their dims;
+# "vocab" stands for the vocabulary size. Verify requests are logits-row groups, not query requests.
+VERIFY_INPUTS = {"draft_tokens": ["drafts"], "draft_probs": ["drafts", "vocab"], "row_offsets": ["verify_offsets"],
+                 "temperature": ["verify_requests"], "top_k": ["verify_requests"],
+                 "top_p": ["verify_requests"], "uniforms": ["rows"]}
+VERIFY_OUTPUTS = {"accepted": ["verify_requests"], "next_token": ["verify_requests"]}
+VERIFY_NODE = "dspark_verify"
 
 
-def output_names(tap_layers: Sequence[int]) -> list[str]:
-    return ["logits", "new_k", "new_v"] + (["taps"] if tap_layers else [])
+def output_names(tap_layers: Sequence[int], verify: bool = False) -> list[str]:
+    return ["logits", "new_k", "new_v"] + (["taps"] if tap_layers else []) + (list(VERIFY_OUTPUTS) if verify else [])
 
 
 def padded_attention(q, k, v, past_k, past_v, mask, group: int, scale: float):
@@ -154,6 +170,37 @@ def step_inputs(input_ids, slots, starts, query_lens, cache_k: np.ndarray, cache
     return TargetStepInputs(feeds, slots[request_of_row], feeds["positions"])
 
 
+def verify_feeds(draft_tokens, draft_probs, row_offsets, temperature, top_k, top_p, uniforms) -> dict[str, np.ndarray]:
+    """The verification tail's feeds (torch or numpy in; the dtypes the node takes out)."""
+    def arr(x, dtype):
+        return np.ascontiguousarray(x.numpy() if isinstance(x, torch.Tensor) else x, dtype=dtype)
+
+    return {"draft_tokens": arr(draft_tokens, np.int64), "draft_probs": arr(draft_probs, np.float32),
+            "row_offsets": arr(row_offsets, np.int64), "temperature": arr(temperature, np.float32),
+            "top_k": arr(top_k, np.int64), "top_p": arr(top_p, np.float32), "uniforms": arr(uniforms, np.float32)}
+
+
+def idle_verify_feeds(n_rows: int, vocab: int) -> dict[str, np.ndarray]:
+    """Feeds for a pass that verifies nothing: each logits row a greedy request with no drafts."""
+    return verify_feeds(np.zeros(0), np.zeros((0, vocab)), np.arange(n_rows + 1), np.zeros(n_rows),
+                        np.zeros(n_rows), np.ones(n_rows), np.zeros(n_rows))
+
+
+def add_verify_tail(model: onnx.ModelProto, vocab: int) -> onnx.ModelProto:
+    """Append the DSparkVerify node over the `logits` output, its inputs and its outputs (in place)."""
+    graph = model.graph
+    types = dict(ort_op.INPUTS) | dict(ort_op.OUTPUTS)
+
+    def value(name, dims):
+        return helper.make_tensor_value_info(name, types[name], [vocab if d == "vocab" else d for d in dims])
+
+    graph.input.extend(value(name, dims) for name, dims in VERIFY_INPUTS.items())
+    graph.output.extend(value(name, dims) for name, dims in VERIFY_OUTPUTS.items())
+    graph.node.append(ort_op.make_verify_node(["logits", *VERIFY_INPUTS], list(VERIFY_OUTPUTS), VERIFY_NODE))
+    model.opset_import.append(ort_op.opset_import())
+    return model
+
+
 def example_inputs(model: TargetModel) -> dict[str, np.ndarray]:
     """A small ragged pass (2 requests over a non-empty cache) to trace the export with."""
     cfg = model.config
@@ -163,8 +210,8 @@ def example_inputs(model: TargetModel) -> dict[str, np.ndarray]:
     return step_inputs(rng.integers(0, cfg.vocab_size, 5), [0, 1], [3, 2], [2, 3], cache, cache, "all").feeds
 
 
-def export_target(model: TargetModel, path: str | Path, tap_layers: Sequence[int] = ()) -> Path:
-    """Write the target step graph (float32 weights embedded) to path."""
+def export_target(model: TargetModel, path: str | Path, tap_layers: Sequence[int] = (), verify: bool = True) -> Path:
+    """Write the target step graph (float32 weights embedded) to path; verify: end in DSparkVerify."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     graph = TargetStepGraph(model, tap_layers).eval()
@@ -175,4 +222,6 @@ def export_target(model: TargetModel, path: str | Path, tap_layers: Sequence[int
         axes = {k: v for k, v in DYNAMIC_AXES.items() if k in INPUT_NAMES or k in names}
         torch.onnx.export(graph, args, str(path), input_names=INPUT_NAMES, output_names=names, dynamic_axes=axes,
                           opset_version=OPSET, dynamo=False)
+    if verify:
+        onnx.save(add_verify_tail(onnx.load(str(path)), model.config.vocab_size), str(path))
     return path

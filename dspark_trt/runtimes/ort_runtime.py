@@ -5,6 +5,9 @@ The runtime keeps both caches on the host as numpy views of torch tensors: the t
 context K/V. Each pass gathers the batch's past window into the graph and writes the returned new
 rows back at (slot, position). The drafter's left-to-right loop runs here with `spec.sampling`, one
 `draft_markov_step` call per block position.
+
+Verification runs in the target graph's DSparkVerify node (`target_verify`); a graph built without it
+is verified by the torch reference on the returned logits, the same semantics.
 """
 from __future__ import annotations
 
@@ -18,11 +21,12 @@ from dspark_trt.errors import DSparkError
 from dspark_trt.export.draft_graph import GRAPH_NAMES, block_inputs
 from dspark_trt.export.engines import read_manifest
 from dspark_trt.export.ort_session import make_session, run
-from dspark_trt.export.target_graph import step_inputs
+from dspark_trt.export.target_graph import VERIFY_OUTPUTS, idle_verify_feeds, step_inputs, verify_feeds
 from dspark_trt.models.target import TargetConfig
 from dspark_trt.runtimes.base import DraftStep, Runtime, TargetStep
 from dspark_trt.runtimes.kv_cache import KVCache
 from dspark_trt.spec.sampling import sample_from_uniform, warp_probs
+from dspark_trt.spec.verify import VerifyResult, dspark_verify
 
 
 class OrtRuntime(Runtime):
@@ -46,6 +50,8 @@ class OrtRuntime(Runtime):
         self._k = [k.numpy() for k in self.cache.k]
         self._v = [v.numpy() for v in self.cache.v]
         self.sessions = {"target": make_session(engine_dir / graphs["target"]["file"], threads)}
+        self._target_outputs = [o.name for o in self.sessions["target"].get_outputs()]
+        self.verify_in_graph = set(VERIFY_OUTPUTS) <= set(self._target_outputs)
         self.draft_config = None
         self.block_size, self.has_confidence_head = 0, False
         if manifest["draft"] is not None and use_drafter:
@@ -83,17 +89,37 @@ class OrtRuntime(Runtime):
 
     # ---- passes ------------------------------------------------------------------------------
     def target_forward(self, input_ids, slots, query_lens, logits_rows: str) -> TargetStep:
+        return self._target_pass(input_ids, slots, query_lens, logits_rows, None)[0]
+
+    def target_verify(self, input_ids, slots, query_lens, draft_tokens, draft_probs, temperature, top_k, top_p,
+                      uniforms) -> tuple[TargetStep, VerifyResult]:
+        """A decode pass: request r appends [anchor, d_0 .. d_{l-1}] (query_lens[r] = l + 1 rows) and
+        has them verified (DSparkVerify inputs as in plugins/SCHEMA.md; logits of every row returned)."""
+        lens = torch.as_tensor(query_lens, dtype=torch.long)
+        row_offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+        args = (draft_tokens, draft_probs, row_offsets, temperature, top_k, top_p, uniforms)
+        if not self.verify_in_graph:
+            step = self.target_forward(input_ids, slots, query_lens, "all")
+            return step, dspark_verify(step.logits, *(torch.as_tensor(a) for a in args))
+        step, outputs = self._target_pass(input_ids, slots, query_lens, "all", verify_feeds(*args))
+        return step, VerifyResult(accepted=torch.from_numpy(outputs["accepted"]),
+                                  next_token=torch.from_numpy(outputs["next_token"]))
+
+    def _target_pass(self, input_ids, slots, query_lens, logits_rows: str, verify: dict | None):
+        """Run the target graph, write the new K/V rows into the cache; (step, all outputs by name)."""
         slots_np = np.asarray(slots, dtype=np.int64)
         starts = self.cache.lengths.numpy()[slots_np]
         inputs = step_inputs(np.asarray(input_ids), slots_np, starts, np.asarray(query_lens), self._k, self._v,
                              logits_rows)
-        logits, new_k, new_v, *taps = run(self.sessions["target"], inputs.feeds)
-        for layer, (k, v) in enumerate(zip(new_k, new_v)):
+        if self.verify_in_graph:
+            inputs.feeds.update(verify or idle_verify_feeds(inputs.feeds["logits_rows"].size, self.vocab_size))
+        outputs = dict(zip(self._target_outputs, run(self.sessions["target"], inputs.feeds)))
+        for layer, (k, v) in enumerate(zip(outputs["new_k"], outputs["new_v"])):
             self._k[layer][inputs.row_slot_ids, :, inputs.row_positions] = k
             self._v[layer][inputs.row_slot_ids, :, inputs.row_positions] = v
         self.cache.lengths[torch.as_tensor(slots_np)] += torch.as_tensor(np.asarray(query_lens, dtype=np.int64))
-        taps = torch.from_numpy(taps[0]) if taps and self.draft_config is not None else None
-        return TargetStep(logits=torch.from_numpy(logits), taps=taps)
+        taps = torch.from_numpy(outputs["taps"]) if "taps" in outputs and self.draft_config is not None else None
+        return TargetStep(logits=torch.from_numpy(outputs["logits"]), taps=taps), outputs
 
     def draft(self, slots, new_features, anchors, temperature, top_k, top_p, uniforms) -> DraftStep:
         hidden, base = self.backbone(slots, new_features, anchors)

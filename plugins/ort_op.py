@@ -1,0 +1,123 @@
+"""DSparkVerify as an ONNX Runtime custom op (CPU), through onnxruntime-extensions' Python ops.
+
+The op's compute is the torch reference `dspark_trt.spec.verify.dspark_verify`, so ONNX Runtime runs the
+one semantics. onnxruntime-extensions places Python ops in its own domain, `ai.onnx.contrib` (fixed by
+the library), so in ONNX the node is `ai.onnx.contrib::DSparkVerify`. Two deviations from SCHEMA.md, the
+same ones the TensorRT plugin makes: `draft_probs` is always an input (greedy drafting passes the
+one-hot q) and `uniforms` is float32 (the reference compares and draws in float32 anyway, so the tokens
+are the same as from float64 uniforms).
+
+A session runs a graph with the node only when its SessionOptions register the extensions library:
+use `session_options_with_dspark_ops()`, or `inference_session()` which does so and names the fix
+when a session was set up without it. Importing this module registers the op's Python compute (and
+its ONNX schema, so `onnx.checker` and shape inference know the node).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper
+
+from dspark_trt.errors import DSparkError
+from dspark_trt.spec.verify import dspark_verify
+
+try:
+    from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
+except ImportError:  # the error is raised when a session needs the op
+    onnx_op = None
+
+DOMAIN = "ai.onnx.contrib"  # onnxruntime-extensions' domain for Python ops
+OP_TYPE = "DSparkVerify"
+DOMAIN_VERSION = 1
+# (name, ONNX element type) in SCHEMA.md order
+INPUTS = (
+    ("target_logits", TensorProto.FLOAT), ("draft_tokens", TensorProto.INT64), ("draft_probs", TensorProto.FLOAT),
+    ("row_offsets", TensorProto.INT64), ("temperature", TensorProto.FLOAT), ("top_k", TensorProto.INT64),
+    ("top_p", TensorProto.FLOAT), ("uniforms", TensorProto.FLOAT),
+)
+OUTPUTS = (("accepted", TensorProto.INT64), ("next_token", TensorProto.INT64))
+MISSING_EXTENSIONS = "onnxruntime-extensions is not installed: `pip install onnxruntime-extensions`"
+
+
+def _fix(where: str) -> str:
+    return (f"{where} uses the custom op {DOMAIN}::{OP_TYPE}, which this ONNX Runtime session does not know: "
+            "create the session with dspark_trt_plugins.ort_op.session_options_with_dspark_ops() "
+            "(it registers the onnxruntime-extensions library)")
+
+
+def verify_compute(target_logits, draft_tokens, draft_probs, row_offsets, temperature, top_k, top_p, uniforms):
+    """The op's kernel: numpy in, numpy out, through the torch reference."""
+    t = torch.from_numpy
+    result = dspark_verify(t(np.ascontiguousarray(target_logits)), t(draft_tokens),
+                           t(np.ascontiguousarray(draft_probs)), t(row_offsets), t(temperature), t(top_k),
+                           t(top_p), t(uniforms))
+    return result.accepted.numpy().astype(np.int64), result.next_token.numpy().astype(np.int64)
+
+
+if onnx_op is not None:
+    _ORT_TYPES = {TensorProto.FLOAT: PyCustomOpDef.dt_float, TensorProto.INT64: PyCustomOpDef.dt_int64}
+    onnx_op(op_type=OP_TYPE, inputs=[_ORT_TYPES[t] for _, t in INPUTS],
+            outputs=[_ORT_TYPES[t] for _, t in OUTPUTS])(verify_compute)
+
+
+def _infer_outputs(ctx) -> None:
+    """accepted / next_token: int64 [R], R = the length of the per-request temperature."""
+    requests = ctx.get_input_type(4).tensor_type.shape.dim
+    for i in range(ctx.get_num_outputs()):
+        out = helper.make_tensor_type_proto(TensorProto.INT64, None)
+        if len(requests):
+            out.tensor_type.shape.dim.add().CopyFrom(requests[0])
+        ctx.set_output_type(i, out)
+
+
+def register_onnx_schema() -> None:
+    """Make the op known to onnx (checker, shape inference); idempotent."""
+    if onnx.defs.has(OP_TYPE, DOMAIN):
+        return
+    type_str = {TensorProto.FLOAT: "tensor(float)", TensorProto.INT64: "tensor(int64)"}
+    param = onnx.defs.OpSchema.FormalParameter
+    schema = onnx.defs.OpSchema(
+        OP_TYPE, DOMAIN, DOMAIN_VERSION, "DSpark lossless verification; see plugins/SCHEMA.md",
+        inputs=[param(name, type_str[t]) for name, t in INPUTS],
+        outputs=[param(name, type_str[t]) for name, t in OUTPUTS])
+    schema.set_type_and_shape_inference_function(_infer_outputs)
+    onnx.defs.register_schema(schema)
+
+
+register_onnx_schema()
+
+
+def opset_import() -> onnx.OperatorSetIdProto:
+    return helper.make_opsetid(DOMAIN, DOMAIN_VERSION)
+
+
+def make_verify_node(inputs: list[str], outputs: list[str], name: str = "dspark_verify") -> onnx.NodeProto:
+    """The DSparkVerify node over the named tensors (SCHEMA.md order)."""
+    if len(inputs) != len(INPUTS) or len(outputs) != len(OUTPUTS):
+        raise DSparkError(f"{OP_TYPE} takes {len(INPUTS)} inputs and gives {len(OUTPUTS)} outputs, "
+                          f"got {len(inputs)} and {len(outputs)}")
+    return helper.make_node(OP_TYPE, inputs, outputs, name=name, domain=DOMAIN)
+
+
+def session_options_with_dspark_ops(options: ort.SessionOptions | None = None) -> ort.SessionOptions:
+    """SessionOptions (new, or the given ones) with the library that runs DSparkVerify registered."""
+    if onnx_op is None:
+        raise DSparkError(MISSING_EXTENSIONS)
+    options = options or ort.SessionOptions()
+    options.register_custom_ops_library(get_library_path())
+    return options
+
+
+def inference_session(path: str | Path, options: ort.SessionOptions | None = None,
+                      providers: list[str] | None = None) -> ort.InferenceSession:
+    """ort.InferenceSession whose failure to find DSparkVerify becomes a DSparkError naming the fix."""
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+        if OP_TYPE in str(exc) or DOMAIN in str(exc):
+            raise DSparkError(_fix(f"graph {path}")) from exc
+        raise
