@@ -19,7 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str | None, int]] = {
     "build-engines": ("export target and drafter to ONNX and compile engines", "build_engines", 7),
     "package": ("turn built engines into a Triton model repository", "package", 8),
     "serve": ("start tritonserver on a packaged model repository", "serve", 8),
-    "eval": ("measure acceptance and confidence calibration of a drafter", None, 6),
+    "eval": ("measure acceptance and confidence calibration of a drafter", "eval", 6),
     "train-draft": ("train a DSpark drafter for a target by self-distillation", "train_draft", 6),
     "calibrate": ("fit Sequential Temperature Scaling of the confidence head", "calibrate", 5),
     "profile": ("measure the runtime's cost table SPS(B) for the scheduler", "profile", 5),

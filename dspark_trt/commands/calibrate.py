@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-
-import torch
 
 from dspark_trt.engine.factory import EngineOptions, build_engine
 from dspark_trt.engine.prompts import chat_prompt_ids, read_prompts_file
 from dspark_trt.engine.request import SamplingParams
+from dspark_trt.engine.rollouts import run_rollouts
 from dspark_trt.errors import DSparkError
-from dspark_trt.spec.calibration import Calibration, fit_sts, save_calibration
+from dspark_trt.models.drafter_checkpoint import resolve_drafter
+from dspark_trt.spec.calibration import CALIBRATION_FILE, Calibration, fit_sts, save_calibration
+from dspark_trt.spec.eval_stats import rounds_from_requests
 from dspark_trt.spec.metrics import calibration_metrics
 
-CALIBRATION_FILE = "calibration.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,45 +39,32 @@ def run(args: argparse.Namespace) -> int:
                                                    num_slots=args.concurrency))
     if not engine.runtime.has_confidence_head:
         raise DSparkError(f"drafter {args.draft} has no confidence head: nothing to calibrate")
-    engine.record_rounds = True
     prompts = [p for path in args.prompts for p in read_prompts_file(path, args.limit)]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             stop_ids=tuple(engine.runtime.eos_token_ids))
-    requests = [engine.add_request(chat_prompt_ids(tokenizer, p), params) for p in prompts]
-    done = 0
-    while engine.has_work:
-        engine.step()
-        finished = sum(r.done for r in requests)
-        if finished != done:
-            done = finished
-            print(f"calibrate: {done}/{len(requests)} rollouts", file=sys.stderr)
-    logits, accepted, proposed = [], [], []
-    for r in requests:
-        for conf, ell, acc in zip(r.stats.round_confidence_logits, r.stats.round_verified, r.stats.round_accepted):
-            logits.append(conf)
-            accepted.append(acc)
-            proposed.append(ell)
-    if not logits:
+    requests = run_rollouts(engine, [chat_prompt_ids(tokenizer, p) for p in prompts], params, "calibrate")
+    rounds = rounds_from_requests(requests, engine.runtime.block_size)
+    if rounds.confidence_logits is None:
         raise DSparkError("no verification rounds were recorded; give more prompts or a larger --max-tokens")
-    logits_t, accepted_t, proposed_t = torch.tensor(logits), torch.tensor(accepted), torch.tensor(proposed)
+    logits_t, accepted_t, proposed_t = rounds.confidence_logits, rounds.accepted, rounds.proposal_len
     temps = fit_sts(logits_t, accepted_t, proposed_t)
     before = calibration_metrics(logits_t, accepted_t, proposed_t)
     after = calibration_metrics(logits_t, accepted_t, proposed_t, temps)
     calibration = Calibration(
         temperatures=temps.tolist(),
         ece_before=[p["ece"] for p in before["positions"]], ece_after=[p["ece"] for p in after["positions"]],
-        metadata={"rounds": len(logits), "prompts": len(prompts), "temperature": args.temperature,
+        metadata={"rounds": len(rounds), "prompts": len(prompts), "temperature": args.temperature,
                   "prompt_files": [str(p) for p in args.prompts], "target": args.target, "draft": str(args.draft)},
     )
-    out = Path(args.out) if args.out else Path(args.draft) / CALIBRATION_FILE
+    out = Path(args.out) if args.out else resolve_drafter(args.draft) / CALIBRATION_FILE
     save_calibration(calibration, out)
-    report = {"calibration": str(out), "rounds": len(logits), "temperatures": temps.tolist(),
+    report = {"calibration": str(out), "rounds": len(rounds), "temperatures": temps.tolist(),
               "positions": [{"position": k + 1, "count": b["count"], "ece_before": b["ece"], "ece_after": a["ece"],
                              "auc": b["auc"]} for k, (b, a) in enumerate(zip(before["positions"], after["positions"]))]}
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"wrote {out} from {len(logits)} rounds")
+        print(f"wrote {out} from {len(rounds)} rounds")
         print("position  count  ECE before  ECE after  AUC    T")
         for row, t in zip(report["positions"], report["temperatures"]):
             print(f"{row['position']:>8}  {row['count']:>5}  {row['ece_before']:>10.4f}  {row['ece_after']:>9.4f}  "
