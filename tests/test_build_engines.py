@@ -47,13 +47,21 @@ def test_manifest_describes_every_graph(built, pair):  # noqa: F811
     target = manifest["graphs"]["target"]
     assert target["outputs"][0] == {"name": "logits", "shape": ["rows", 12], "dtype": "float32"}
     assert {"name": "input_ids", "shape": ["tokens"], "dtype": "int64"} in target["inputs"]
+    assert target["outputs"][-2:] == [{"name": n, "shape": ["verify_requests"], "dtype": "int64"}
+                                      for n in ("accepted", "next_token")]
+    assert {"name": "draft_probs", "shape": ["drafts", 12], "dtype": "float32"} in target["inputs"]
+    assert manifest["verify"]["graph"] == "target" and manifest["verify"]["op"] == "ai.onnx.contrib::DSparkVerify"
+    node = [n for n in onnx.load(str(out / target["file"])).graph.node if n.op_type == "DSparkVerify"]
+    assert [n.name for n in node] == [manifest["verify"]["node"]] and node[0].input[0] == "logits"
     assert manifest["taps"] == draft_cfg["target_layer_ids"]
     assert manifest["draft"]["block_size"] == draft_cfg["block_size"] == 4
     assert manifest["draft"]["mask_token_id"] == draft_cfg["mask_token_id"]
     assert (manifest["max_seq_len"], manifest["max_batch_tokens"]) == (256, 64)
-    assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "dspark_trt", "opset"}
+    assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "onnxruntime_extensions",
+                                          "dspark_trt", "opset"}
     results = manifest["validation"]["results"]
     assert results["draft_tokens_identical"] is True and results["target:logits"]["greedy_identical"] is True
+    assert results["verify_identical"] is True
     assert all(r["max_abs_error"] < 1e-4 * max(1, r["scale"]) for r in results.values() if isinstance(r, dict))
     files = {Path(f["file"]).name: f["sha256"] for f in manifest["tokenizer"]["files"]}
     assert "tokenizer.json" in files and files["tokenizer.json"] == sha256(out / "tokenizer" / "tokenizer.json")
@@ -113,11 +121,11 @@ def test_failures_apply_the_relative_tolerance():
     report = {"target:logits": {"max_abs_error": 2e-3, "scale": 10.0, "greedy_identical": True},
               "draft_confidence:confidence_logits": {"max_abs_error": 2e-3, "scale": 0.5},
               "draft_block:base_logits": {"max_abs_error": 0.0, "scale": 1.0, "greedy_identical": False},
-              "draft_tokens_identical": False}
+              "draft_tokens_identical": False, "verify_identical": False}
     problems = failures(report, tolerance=1e-3)
-    assert len(problems) == 3
+    assert len(problems) == 4
     assert "draft_confidence" in problems[0] and "greedy tokens differ" in problems[1]
-    assert "drafted greedy tokens" in problems[2]
+    assert "drafted greedy tokens" in problems[2] and "node 'dspark_verify'" in problems[3]
 
 
 def test_bad_options_are_rejected(tmp_path):

@@ -1,7 +1,8 @@
 """An engine directory: the exported graphs of a target (and drafter) plus `manifest.json` describing them.
 
 The manifest is all a runtime needs besides the graph files: the model configs (target and DeepSpec
-drafter config), tap layers, block size, mask token, each graph's file, I/O names/shapes/dtypes and
+drafter config), tap layers, block size, mask token, the DSparkVerify node ending the target graph
+(`verify`: graph, node, op, the library that runs it), each graph's file, I/O names/shapes/dtypes and
 sha256, and the versions that produced them. `build-engines` adds validation results and tokenizer files.
 """
 from __future__ import annotations
@@ -16,7 +17,8 @@ import onnx
 from dspark_trt import __version__
 from dspark_trt.errors import DSparkError
 from dspark_trt.export.draft_graph import export_drafter
-from dspark_trt.export.target_graph import OPSET, export_target
+from dspark_trt.export.target_graph import OPSET, VERIFY_NODE, export_target
+from dspark_trt_plugins import ort_op
 
 MANIFEST = "manifest.json"
 FORMAT = "dspark-trt-engines/1"
@@ -45,25 +47,28 @@ def graph_io(path: Path) -> dict:
 
 def versions() -> dict[str, str]:
     import onnxruntime
+    import onnxruntime_extensions
     import torch
 
     return {"dspark_trt": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "opset": str(OPSET)}
+            "onnxruntime": onnxruntime.__version__, "onnxruntime_extensions": onnxruntime_extensions.__version__,
+            "opset": str(OPSET)}
 
 
 def graph_entry(path: Path, out_dir: Path) -> dict:
     return {"file": path.relative_to(out_dir).as_posix(), **graph_io(path), "sha256": sha256(path)}
 
 
-def export_engines(target, drafter, out_dir: str | Path, progress=lambda message: None) -> dict:
-    """Export target (with the drafter's taps) and drafter graphs into out_dir and write the manifest."""
+def export_engines(target, drafter, out_dir: str | Path, progress=lambda message: None, verify: bool = True) -> dict:
+    """Export target (with the drafter's taps; verify: ending in DSparkVerify) and drafter graphs into
+    out_dir and write the manifest."""
     from dspark_trt.models.drafter_checkpoint import config_to_dict
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     taps = list(drafter.config.target_layer_ids) if drafter is not None else []
     progress("exporting target graph")
-    paths = {"target": export_target(target, out_dir / "target.onnx", tap_layers=taps)}
+    paths = {"target": export_target(target, out_dir / "target.onnx", tap_layers=taps, verify=verify)}
     if drafter is not None:
         progress("exporting drafter graphs")
         paths.update(export_drafter(drafter, out_dir))
@@ -78,6 +83,9 @@ def export_engines(target, drafter, out_dir: str | Path, progress=lambda message
             "markov_head_type": drafter.config.markov_head_type,
             "confidence_head": drafter.config.enable_confidence_head},
         "taps": taps,
+        "verify": None if not verify else {
+            "graph": "target", "node": VERIFY_NODE, "op": f"{ort_op.DOMAIN}::{ort_op.OP_TYPE}",
+            "library": "onnxruntime-extensions (dspark_trt_plugins.ort_op)", "schema": "plugins/SCHEMA.md"},
         "graphs": {name: graph_entry(path, out_dir) for name, path in paths.items()},
         "versions": versions(),
     }

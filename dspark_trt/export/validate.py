@@ -3,7 +3,9 @@
 The target is checked through both runtimes (two ragged passes of three requests, the second over
 a non-empty cache, so the cache I/O is covered). The drafter's backbone (context + block graphs) is
 checked through both runtimes on the target's taps; the Markov step and confidence graphs are fed the
-torch reference's own inputs so each graph's error is its own. Errors are max abs differences; `scale`
+torch reference's own inputs so each graph's error is its own. The target graph's DSparkVerify tail
+is checked on a final pass at T>0 with top-k/top-p and random drafts: its accepted counts and tokens
+must equal the torch reference's on the torch logits. Errors are max abs differences; `scale`
 is the largest reference magnitude (float32 rounding grows with it). Entries are keyed "graph:output".
 """
 from __future__ import annotations
@@ -16,8 +18,14 @@ import torch
 from dspark_trt.export.ort_session import run
 from dspark_trt.runtimes.ort_runtime import OrtRuntime
 from dspark_trt.runtimes.torch_runtime import TorchRuntime
+from dspark_trt.spec.verify import dspark_verify
 
 PASSES = ([5, 2, 7], [1, 3, 2])
+VERIFY_PASS = [3, 1, 4]  # rows per request: anchor + 2, 0 and 3 drafts
+MISMATCHES = {
+    "draft_tokens_identical": "graphs draft_*: the drafted greedy tokens differ from torch",
+    "verify_identical": "graph 'target', node 'dspark_verify': accepted counts or tokens differ from torch",
+}
 
 
 def _compare(report: dict, key: str, ours, ref, greedy: bool = False) -> None:
@@ -32,7 +40,8 @@ def _compare(report: dict, key: str, ours, ref, greedy: bool = False) -> None:
 
 @torch.inference_mode()
 def validate_engines(engine_dir: str | Path, target, drafter=None, seed: int = 0) -> dict[str, dict]:
-    """{"graph:output": {max_abs_error, scale, greedy_identical?}} (+ draft_tokens_identical with a drafter)."""
+    """{"graph:output": {max_abs_error, scale, greedy_identical?}}, verify_identical (+ draft_tokens_identical
+    with a drafter)."""
     ref_rt = TorchRuntime(target, drafter, num_slots=3, max_seq_len=64)
     ort_rt = OrtRuntime(engine_dir, num_slots=3, max_seq_len=64, use_drafter=drafter is not None)
     slots = torch.tensor([ref_rt.allocate_slot() for _ in range(3)])
@@ -53,7 +62,25 @@ def validate_engines(engine_dir: str | Path, target, drafter=None, seed: int = 0
         features = list(ref.taps.split(lens))
         anchors = torch.randint(0, target.config.vocab_size, (len(lens),), generator=g)
         _validate_draft(report, drafter, ort_rt, slots, states, features, anchors)
+    _validate_verify(report, target.config.vocab_size, ref_rt, ort_rt, slots, g)
     return report
+
+
+def _validate_verify(report, vocab: int, ref_rt, ort_rt: OrtRuntime, slots, g: torch.Generator) -> None:
+    lens = torch.tensor(VERIFY_PASS)
+    n_rows, n_req = int(lens.sum()), len(VERIFY_PASS)
+    ids = torch.randint(0, vocab, (n_rows,), generator=g)
+    drafts = torch.randint(0, vocab, (n_rows - n_req,), generator=g)
+    probs = torch.softmax(torch.randn(n_rows - n_req, vocab, generator=g), -1)
+    sampling = (torch.tensor([0.0, 1.0, 0.8]), torch.tensor([0, 0, 3]), torch.tensor([1.0, 0.9, 1.0]),
+                torch.rand(n_rows, generator=g))
+    row_offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+    ref_step = ref_rt.target_forward(ids, slots, lens, "all")
+    ref = dspark_verify(ref_step.logits, drafts, probs, row_offsets, *sampling)
+    step, ours = ort_rt.target_verify(ids, slots, lens, drafts, probs, *sampling)
+    _compare(report, "target:logits", step.logits, ref_step.logits, greedy=True)
+    report["verify_identical"] = bool(torch.equal(ours.accepted, ref.accepted)
+                                      and torch.equal(ours.next_token, ref.next_token))
 
 
 def _validate_draft(report, drafter, ort_rt: OrtRuntime, slots, states, features, anchors) -> None:
@@ -92,7 +119,7 @@ def failures(report: dict, tolerance: float) -> list[str]:
     for key, entry in report.items():
         if not isinstance(entry, dict):
             if entry is False:
-                problems.append("graphs draft_*: the drafted greedy tokens differ from torch")
+                problems.append(MISMATCHES[key])
             continue
         graph, output = key.split(":")
         where = f"graph '{graph}', output '{output}'"
