@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from dspark_trt.errors import ModelNotFoundError
+from dspark_trt.errors import ModelNotFoundError, UnsupportedModelError
 
 # alias -> (python package that ships the file, file name inside the package, install hint)
 ALIASES: dict[str, tuple[str, str, str]] = {
@@ -101,7 +101,10 @@ def read_safetensors_dir(directory: Path) -> dict:
         raise ModelNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
     state = {}
     for name in files:
-        state.update(load_file(directory / name))
+        try:
+            state.update(load_file(directory / name))
+        except Exception as exc:  # SafetensorError: truncated or not safetensors at all
+            raise UnsupportedModelError(f"{directory / name}: not a readable safetensors file ({exc})") from exc
     return state
 
 

@@ -106,7 +106,9 @@ class TargetService:
 
     def __init__(self, engine_dir: str | Path, num_slots: int):
         from dspark_trt.runtimes.ort_runtime import OrtRuntime
+        from dspark_trt.serving.integrity import check_engine_files
 
+        check_engine_files(engine_dir, graphs=["target"])
         self.runtime = OrtRuntime(engine_dir, num_slots=num_slots)  # with its drafter's taps, when it has one
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -123,8 +125,11 @@ class DraftService:
     """What `dspark_draft` runs: extend each slot's draft context at the stated length, draft one block."""
 
     def __init__(self, engine_dir: str | Path, num_slots: int):
+        from dspark_trt.export.draft_graph import GRAPH_NAMES
         from dspark_trt.runtimes.ort_runtime import OrtRuntime
+        from dspark_trt.serving.integrity import check_engine_files
 
+        check_engine_files(engine_dir, graphs=GRAPH_NAMES)
         self.runtime = OrtRuntime(engine_dir, num_slots=num_slots)
         if self.runtime.draft_config is None:
             raise DSparkError(f"{engine_dir}: the engines have no drafter for dspark_draft to run")

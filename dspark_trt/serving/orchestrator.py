@@ -20,10 +20,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from dspark_trt.engine.engine import Engine
+from dspark_trt.engine.engine import Engine, EngineOverloadedError
 from dspark_trt.engine.request import Request, SamplingParams, Status
 from dspark_trt.errors import DSparkError
 from dspark_trt.serving.bls_runtime import BlsRuntime, Call
+from dspark_trt.serving.request_parsing import Limits
 from dspark_trt.serving.text import stream_window
 
 IDLE_WAIT_S = 0.05  # how often an idle loop wakes to poll for cancellations and shutdown
@@ -72,6 +73,12 @@ class Orchestrator:
             self._close(job, None, "server is shutting down")
 
     def submit(self, job: Job) -> None:
+        """Queue job for the engine thread; EngineOverloadedError at once when max_queue_size requests
+        already wait, so load beyond capacity is refused, not absorbed."""
+        depth, limit = self.queue_depth, self.engine.max_queue_size
+        if depth >= limit:
+            raise EngineOverloadedError(f"overloaded: {depth} requests already waiting (max_queue_size {limit}); "
+                                        "retry later")
         self._inbox.put(job)
 
     @property
@@ -110,12 +117,21 @@ class Orchestrator:
             except DSparkError as exc:  # bad parameters, prompt too long, queue full
                 self._close(job, None, str(exc))
                 continue
+            except Exception as exc:  # noqa: BLE001 - one unreadable request must not stop the loop
+                self._close(job, None, f"request refused: {type(exc).__name__}: {exc}")
+                continue
             self._live.append(job)
 
     def _poll_cancelled(self) -> None:
         for job in self._live:
-            if not job.closed and not job.request.cancel_requested and self._is_cancelled(job):
+            if not job.closed and not job.request.cancel_requested and self._asks_to_cancel(job):
                 self.engine.cancel(job.request)
+
+    def _asks_to_cancel(self, job: Job) -> bool:
+        try:
+            return self._is_cancelled(job)
+        except Exception:  # noqa: BLE001 - a sender that cannot be asked has lost its client
+            return True
 
     def _on_tokens(self, job: Job, request: Request, new_ids: list[int], finished: bool) -> None:
         if request.status is Status.CANCELLED:
@@ -127,7 +143,7 @@ class Orchestrator:
             if finished:
                 self._close(job, outputs, None)
             else:
-                self._respond(job, outputs, None, False)
+                self._send(job, outputs, None, False)
 
     def _outputs(self, job: Job, final: bool) -> dict[str, np.ndarray]:
         ids = job.request.output_ids
@@ -147,7 +163,16 @@ class Orchestrator:
             return
         job.closed = True
         self._observe("finished", job)  # before the client hears of it, so metrics never lag an answer
-        self._respond(job, outputs, error, True)
+        self._send(job, outputs, error, True)
+
+    def _send(self, job: Job, outputs: dict[str, np.ndarray] | None, error: str | None, final: bool) -> None:
+        """respond, with a failure kept to this job: its request is cancelled, no one else notices."""
+        try:
+            self._respond(job, outputs, error, final)
+        except Exception:  # noqa: BLE001 - a broken sender (client gone) costs only its own request
+            job.closed = True
+            if job.request is not None and not job.request.done:
+                self.engine.cancel(job.request)
 
     def _fail_all(self, message: str) -> None:
         for job in self._live:
@@ -216,11 +241,11 @@ def build_served_engine(options: ServingOptions, call: Call | None = None) -> tu
     """
     from transformers import AutoTokenizer
 
-    from dspark_trt.export.engines import read_manifest
     from dspark_trt.runtimes.ort_runtime import OrtRuntime
+    from dspark_trt.serving.integrity import check_engine_files
     from dspark_trt.spec.scheduler import make_scheduler
 
-    manifest = read_manifest(options.engine_dir)
+    manifest = check_engine_files(options.engine_dir, graphs=None if call is None else ())  # graphs: BLS models'
     speculate = options.schedule != "off" and manifest["draft"] is not None
     if call is None:
         runtime = OrtRuntime(options.engine_dir, num_slots=options.num_slots, use_drafter=speculate)
@@ -239,6 +264,13 @@ def build_served_engine(options: ServingOptions, call: Call | None = None) -> tu
                     max_queue_size=options.max_queue_size,
                     detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
     return engine, tokenizer
+
+
+def served_limits(engine: Engine) -> Limits:
+    """What request parsing checks a request against: the served engine's vocabulary and context."""
+    runtime = engine.runtime
+    return Limits(vocab_size=runtime.vocab_size, max_seq_len=runtime.max_seq_len,
+                  eos_ids=tuple(runtime.eos_token_ids))
 
 
 def describe(options: ServingOptions) -> str:

@@ -3,23 +3,18 @@
 reaches the target and the drafter by BLS calls to dspark_target / dspark_draft."""
 import json
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from dspark_trt.engine.request import SamplingParams
+from dspark_trt.engine.engine import EngineOverloadedError
 from dspark_trt.errors import DSparkError
 from dspark_trt.serving.bls_runtime import bls_call
-from dspark_trt.serving.text import decode_word_list
-from dspark_trt.serving.orchestrator import Job, Orchestrator, ServingOptions, build_served_engine, describe
+from dspark_trt.serving.orchestrator import (Job, Orchestrator, ServingOptions, build_served_engine, describe,
+                                             served_limits)
+from dspark_trt.serving.request_parsing import parse_generation_request
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 PREFIX = "dspark_"
 ACCEPTED_LENGTH_BUCKETS = [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 12, 16]
-
-
-def _scalar(request, name: str, default, kind):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return default if tensor is None else kind(tensor.as_numpy().reshape(-1)[0].item())
 
 
 class Metrics:
@@ -86,6 +81,7 @@ class TritonPythonModel:
         runtime = self.engine.runtime
         pb_utils.Logger.log_info(f"dspark_bls: {describe(self.options)}; speculation "
                                  f"{'on, block size ' + str(runtime.block_size) if self.engine.speculate else 'off'}")
+        self.limits = served_limits(self.engine)
         self.metrics = Metrics(runtime.block_size)
         self.orchestrator = Orchestrator(self.engine, self._respond, lambda job: job.sender.is_cancelled(),
                                          observe=self._observe)
@@ -95,38 +91,17 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                job = self._job(request, sender)
-            except (ValueError, DSparkError) as exc:  # InvalidRequestError names the field
-                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
-                sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+                parsed = parse_generation_request({t.name(): t.as_numpy() for t in request.inputs()}, self.limits,
+                                                  decode=self.tokenizer.decode)
+                self.orchestrator.submit(Job(prompt_ids=parsed.prompt_ids, params=parsed.params, stream=parsed.stream,
+                                             perf_metrics=parsed.perf_metrics, sender=sender))
+            except DSparkError as exc:  # InvalidRequestError names the field; EngineOverloadedError: queue full
+                code = pb_utils.TritonError.UNAVAILABLE if isinstance(exc, EngineOverloadedError) \
+                    else pb_utils.TritonError.INVALID_ARG
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), code)), flags=FINAL)
                 self.metrics.outcomes["failed"].increment(1)
-                continue
-            self.orchestrator.submit(job)
         self.metrics.load(self.orchestrator.active, self.orchestrator.queue_depth)
         return None
-
-    def _job(self, request, sender) -> Job:
-        ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1).tolist()
-        seed = _scalar(request, "seed", None, int)
-        seed = _scalar(request, "random_seed", 0, int) if seed is None else seed
-        end_id = _scalar(request, "end_id", -1, int)
-        stop_ids = tuple(self.engine.runtime.eos_token_ids) if end_id < 0 else (end_id,)
-        stop_strings = ()
-        words = pb_utils.get_input_tensor_by_name(request, "stop_words_list")
-        if words is not None and words.as_numpy().size:
-            lists = decode_word_list(words.as_numpy()[0])
-            stop_ids += tuple(w[0] for w in lists if len(w) == 1)
-            stop_strings = tuple(self.tokenizer.decode(w) for w in lists if len(w) > 1)
-        params = SamplingParams(
-            max_tokens=_scalar(request, "request_output_len", 0, int),
-            temperature=_scalar(request, "temperature", 0.0, float),
-            top_k=_scalar(request, "runtime_top_k", 0, int),
-            top_p=_scalar(request, "runtime_top_p", 1.0, float),
-            seed=seed, stop_ids=stop_ids, stop_strings=stop_strings,
-        )
-        params.validate()  # answered here, before the engine thread sees the request
-        return Job(prompt_ids=ids, params=params, stream=_scalar(request, "streaming", False, bool),
-                   perf_metrics=_scalar(request, "return_perf_metrics", False, bool), sender=sender)
 
     def _respond(self, job, outputs, error, final):
         flags = FINAL if final else 0

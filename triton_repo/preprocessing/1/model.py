@@ -1,4 +1,5 @@
-"""Preprocessing: the prompt through the target's chat template, stop words to id lists."""
+"""Preprocessing: the prompt through the target's chat template, stop words to id lists.
+Every input is checked by dspark_trt.serving.request_parsing; a bad one is answered INVALID_ARG."""
 import json
 
 import numpy as np
@@ -6,22 +7,13 @@ import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 
 from dspark_trt.engine.prompts import chat_prompt_ids
+from dspark_trt.errors import DSparkError
+from dspark_trt.serving.request_parsing import NEUTRAL_OPTIONS, parse_text_request
 from dspark_trt.serving.text import encode_word_list
 
-
-def _strings(request, name: str) -> list[str]:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return []
-    try:
-        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in tensor.as_numpy().reshape(-1)]
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{name} is not valid UTF-8: {exc}") from None
-
-
-def _int(request, name: str, default: int) -> int:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return default if tensor is None else int(tensor.as_numpy().reshape(-1)[0])
+# this model's input -> the ensemble field the client sent (errors name the latter)
+FIELDS = {"QUERY": "text_input", "STOP_WORDS_DICT": "stop_words", "BAD_WORDS_DICT": "bad_words",
+          "END_ID": "end_id", "PAD_ID": "pad_id", **{name: name for name in NEUTRAL_OPTIONS}}
 
 
 class TritonPythonModel:
@@ -34,21 +26,20 @@ class TritonPythonModel:
 
     def _one(self, request):
         try:
-            texts = _strings(request, "QUERY")
-            if len(texts) != 1:
-                raise ValueError(f"text_input must hold one prompt per request, got {len(texts)}")
-            if any(_strings(request, "BAD_WORDS_DICT")):
-                raise ValueError("bad_words is not supported by dspark-trt yet; send an empty list")
-            ids = chat_prompt_ids(self.tokenizer, texts[0])
-            stop = encode_word_list(self.tokenizer, _strings(request, "STOP_WORDS_DICT"))
-            end_id = _int(request, "END_ID", -1)  # -1: the target's own end-of-sequence ids
-            pad_id = _int(request, "PAD_ID", end_id)
-        except ValueError as exc:
+            inputs = {}
+            for name, field in FIELDS.items():
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                inputs[field] = None if tensor is None else tensor.as_numpy()
+            parsed = parse_text_request(inputs)
+            ids = chat_prompt_ids(self.tokenizer, parsed.prompt)
+            stop = encode_word_list(self.tokenizer, list(parsed.stop_words))
+        except DSparkError as exc:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+        pad_id = parsed.pad_id if parsed.pad_id != -1 else parsed.end_id
         return pb_utils.InferenceResponse([
             pb_utils.Tensor("INPUT_ID", np.asarray([ids], np.int32)),
             pb_utils.Tensor("REQUEST_INPUT_LEN", np.array([[len(ids)]], np.int32)),
             pb_utils.Tensor("STOP_WORDS_IDS", stop[None]),
-            pb_utils.Tensor("OUT_END_ID", np.array([[end_id]], np.int32)),
+            pb_utils.Tensor("OUT_END_ID", np.array([[parsed.end_id]], np.int32)),
             pb_utils.Tensor("OUT_PAD_ID", np.array([[pad_id]], np.int32)),
         ])
