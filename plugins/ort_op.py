@@ -10,7 +10,8 @@ are the same as from float64 uniforms).
 A session runs a graph with the node only when its SessionOptions register the extensions library:
 use `session_options_with_dspark_ops()`, or `inference_session()` which does so and names the fix
 when a session was set up without it. Importing this module registers the op's Python compute (and
-its ONNX schema, so `onnx.checker` and shape inference know the node).
+its ONNX schema, so `onnx.checker` and shape inference know the node). Inputs the reference rejects
+give FAILED outputs (an exception would abort the process): pass the outputs to `check_outputs`.
 """
 from __future__ import annotations
 
@@ -49,13 +50,33 @@ def _fix(where: str) -> str:
             "(it registers the onnxruntime-extensions library)")
 
 
+FAILED = -1  # every output entry of a call the reference rejected; `check_outputs` raises the reason
+_last_error: str | None = None
+
+
 def verify_compute(target_logits, draft_tokens, draft_probs, row_offsets, temperature, top_k, top_p, uniforms):
-    """The op's kernel: numpy in, numpy out, through the torch reference."""
+    """The op's kernel: numpy in, numpy out, through the torch reference.
+
+    An exception escaping a Python op aborts the whole process (onnxruntime-extensions 0.15), so a
+    rejected call returns FAILED everywhere and keeps its message for `check_outputs`.
+    """
+    global _last_error
     t = torch.from_numpy
-    result = dspark_verify(t(np.ascontiguousarray(target_logits)), t(draft_tokens),
-                           t(np.ascontiguousarray(draft_probs)), t(row_offsets), t(temperature), t(top_k),
-                           t(top_p), t(uniforms))
+    try:
+        result = dspark_verify(t(np.ascontiguousarray(target_logits)), t(draft_tokens),
+                               t(np.ascontiguousarray(draft_probs)), t(row_offsets), t(temperature), t(top_k),
+                               t(top_p), t(uniforms))
+    except Exception as exc:  # noqa: BLE001 - reported through check_outputs
+        _last_error = f"{type(exc).__name__}: {exc}"
+        failed = np.full(len(temperature), FAILED, dtype=np.int64)
+        return failed, failed.copy()
     return result.accepted.numpy().astype(np.int64), result.next_token.numpy().astype(np.int64)
+
+
+def check_outputs(accepted: np.ndarray, next_token: np.ndarray) -> None:
+    """Raise the reason when the op rejected its inputs (outputs FAILED)."""
+    if (np.asarray(accepted) == FAILED).any():
+        raise DSparkError(f"{OP_TYPE} rejected its inputs: {_last_error}")
 
 
 if onnx_op is not None:

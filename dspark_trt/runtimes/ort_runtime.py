@@ -27,6 +27,7 @@ from dspark_trt.runtimes.base import DraftStep, Runtime, TargetStep
 from dspark_trt.runtimes.kv_cache import KVCache
 from dspark_trt.spec.sampling import sample_from_uniform, warp_probs
 from dspark_trt.spec.verify import VerifyResult, dspark_verify
+from dspark_trt_plugins import ort_op
 
 
 class OrtRuntime(Runtime):
@@ -102,6 +103,7 @@ class OrtRuntime(Runtime):
             step = self.target_forward(input_ids, slots, query_lens, "all")
             return step, dspark_verify(step.logits, *(torch.as_tensor(a) for a in args))
         step, outputs = self._target_pass(input_ids, slots, query_lens, "all", verify_feeds(*args))
+        ort_op.check_outputs(outputs["accepted"], outputs["next_token"])
         return step, VerifyResult(accepted=torch.from_numpy(outputs["accepted"]),
                                   next_token=torch.from_numpy(outputs["next_token"]))
 
