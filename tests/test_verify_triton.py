@@ -17,7 +17,7 @@ from dspark_trt.spec.verify import dspark_verify
 triton = pytest.importorskip("triton", reason="triton cannot be imported")
 from dspark_trt_plugins.triton_kernel import dspark_verify_triton  # noqa: E402
 
-EPS = 1e-5  # well above float32 cumsum rounding over V <= 300, rarely hit by chance
+EPS = 1e-5  # well above float32 cumsum rounding over V <= 1000, rarely hit by chance
 
 
 def _case(seed: int, vocab: int, counts: list[int], with_q: bool):
@@ -69,6 +69,18 @@ def test_matches_reference(seed, vocab, counts, with_q):
     assert torch.equal(got.next_token, expected.next_token)
 
 
+@pytest.mark.parametrize("seed,with_q", [(9, True), (10, False)])
+def test_vocabulary_tiles_match_reference(seed, with_q):
+    """V=1000 in 256-wide tiles: max/argmax, the top-k/top-p cuts, the sums and the CDF search all cross
+    tiles (the mixed requests cover greedy and T>0 with and without top-k/top-p)."""
+    inputs, g = _case(seed, 1000, [1, 2, 3, 4] * 5, with_q)
+    u, expected = _stable_uniforms(inputs, g)
+    got = dspark_verify_triton(**inputs, uniforms=u, block_v=256)
+    assert torch.equal(got.accepted, expected.accepted)
+    assert torch.equal(got.next_token, expected.next_token)
+    assert (expected.next_token >= 256).any()  # some draws land beyond the first tile
+
+
 def test_acceptance_runs_and_rejections_both_exercised():
     """Across a few uniform draws the cases above must include partial and full acceptance."""
     inputs, g = _case(5, 80, [4, 4, 4, 4], True)
@@ -90,5 +102,7 @@ def test_bad_shapes_are_named():
                              uniforms=torch.rand(n_rows))
     with pytest.raises(ValueError, match="uniforms"):
         dspark_verify_triton(**inputs, uniforms=torch.rand(n_rows - 1))
+    with pytest.raises(ValueError, match="power of two"):
+        dspark_verify_triton(**inputs, uniforms=torch.rand(n_rows), block_v=100)
     with pytest.raises(ValueError, match="anchor row"):
         dspark_verify_triton(**{**inputs, "row_offsets": torch.tensor([0, 0, 5])}, uniforms=torch.rand(n_rows))
