@@ -15,11 +15,11 @@ import onnx
 
 from dspark_trt.errors import DSparkError
 from dspark_trt.export.engines import export_engines, sha256, write_manifest
+from dspark_trt.export.tensorrt_build import TENSORRT_MISSING, build_plans, require_tensorrt  # noqa: F401
 from dspark_trt.export.validate import failures, validate_engines
 
 BACKENDS = ("onnxruntime", "tensorrt")
 DTYPES = ("float32",)
-TENSORRT_MISSING = "tensorrt is not installed; TensorRT plans can only be built on an NVIDIA GPU host"
 STEPS = ("load", "export", "check", "validate", "tokenizer", "manifest")
 
 
@@ -56,11 +56,7 @@ def check_options(options: BuildOptions) -> None:
     if options.backend not in BACKENDS:
         raise DSparkError(f"unknown backend '{options.backend}': choose from {', '.join(BACKENDS)}")
     if options.backend == "tensorrt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise DSparkError(TENSORRT_MISSING) from None
-        raise DSparkError("building TensorRT plans is not implemented yet (issue #7); use --backend onnxruntime")
+        require_tensorrt()
     if options.dtype not in DTYPES:
         raise DSparkError(f"dtype '{options.dtype}' is not supported: the exported graphs are {', '.join(DTYPES)}")
     if options.max_seq_len is not None and options.max_seq_len < 16:
@@ -114,5 +110,7 @@ def build_engines(options: BuildOptions, progress: Callable[[str], None] = _stde
             "tokenizer": {"files": [{"file": p.relative_to(out).as_posix(), "sha256": sha256(p)} for p in files]},
         })
         write_manifest(out, manifest)
+    if options.backend == "tensorrt":
+        manifest = build_plans(out, manifest, options.max_batch_tokens, progress=progress)
     progress(f"wrote {out / 'manifest.json'}")
     return manifest

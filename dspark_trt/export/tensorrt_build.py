@@ -1,0 +1,128 @@
+"""TensorRT plans from the exported ONNX graphs (`build-engines --backend tensorrt`, NVIDIA GPU hosts only).
+
+TensorRT 11 networks are strongly typed: precision comes from the ONNX tensor types, so there is no
+FP16/INT8 builder flag to set; float32 graphs additionally clear TF32 so the plans compute what ONNX
+Runtime was validated on. Every dynamic dimension of a graph input is named in the manifest
+("tokens", "requests", "past", ...); `dim_bounds` gives each name its (min, opt, max) from the build
+options and `profile_shapes` turns a graph's manifest I/O into one optimization profile. Both are pure
+and tested on CPU; only `build_plans` touches TensorRT, which is imported when it runs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from dspark_trt.errors import DSparkError
+from dspark_trt.export.engines import sha256, write_manifest
+
+TENSORRT_MISSING = ("TensorRT is not installed; --backend tensorrt needs the `tensorrt` package and an NVIDIA GPU "
+                    "with CUDA; the onnxruntime backend works on CPU")
+MAX_REQUESTS = 64  # requests per pass the plans accept (the engine's slots); bounds the padded attention
+PRECISION_FLAGS = {"float32": {"clear": ["TF32"]}}  # builder flags per exported dtype (strong typing: no others)
+
+Shape = tuple[int, ...]
+
+
+def require_tensorrt() -> None:
+    """Fail fast, before any export work, where TensorRT plans cannot be built."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        raise DSparkError(TENSORRT_MISSING) from None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise DSparkError("tensorrt is installed but no CUDA GPU is visible; TensorRT plans are built on the GPU "
+                          "they run on (the onnxruntime backend works on CPU)")
+
+
+def dim_bounds(max_batch_tokens: int, max_seq_len: int, max_requests: int, block_size: int) -> dict[str, Shape]:
+    """(min, opt, max) of every named dynamic dimension. opt is a decode step: every request verifying a
+    block (block_size drafts + the anchor) over a half-full context."""
+    requests = min(max_requests, max_batch_tokens)
+    step = min(block_size + 1, max_batch_tokens, max_seq_len)
+    tokens = (1, min(max_batch_tokens, requests * step), max_batch_tokens)
+    context = (1, max(1, max_seq_len // 2), max_seq_len)
+    return {"tokens": tokens, "rows": tokens, "requests": (1, requests, requests),
+            "query": (1, step, min(max_batch_tokens, max_seq_len)), "past": context, "context": context}
+
+
+def profile_shapes(inputs: list[dict], bounds: dict[str, Shape]) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """{input name: (min shape, opt shape, max shape)} for the inputs with dynamic dims (manifest I/O entries)."""
+    profile = {}
+    for entry in inputs:
+        if all(isinstance(d, int) for d in entry["shape"]):
+            continue
+        missing = [d for d in entry["shape"] if isinstance(d, str) and d not in bounds]
+        if missing:
+            raise DSparkError(f"input '{entry['name']}': no profile bound for dynamic dim(s) {missing}")
+        dims = [(d, d, d) if isinstance(d, int) else bounds[d] for d in entry["shape"]]
+        profile[entry["name"]] = tuple(tuple(dim[i] for dim in dims) for i in range(3))
+    return profile
+
+
+def build_plans(out: str | Path, manifest: dict, max_batch_tokens: int, max_requests: int = MAX_REQUESTS,
+                progress: Callable[[str], None] = lambda message: None) -> dict:
+    """Compile every graph of the engine directory into `<name>.plan` and record them in its manifest."""
+    import tensorrt as trt
+
+    from dspark_trt_plugins.trt_plugin import register_plugin
+
+    out = Path(out)
+    dtype = manifest["dtype"]
+    if dtype not in PRECISION_FLAGS:
+        raise DSparkError(f"no TensorRT precision settings for dtype '{dtype}'")
+    register_plugin()  # dspark::DSparkVerify, for graphs that end in the verification node
+    block_size = manifest["draft"]["block_size"] if manifest["draft"] else 0
+    bounds = dim_bounds(max_batch_tokens, manifest["max_seq_len"], max_requests, block_size)
+    logger = trt.Logger(trt.Logger.WARNING)
+    plans = {}
+    for name, graph in manifest["graphs"].items():
+        progress(f"[tensorrt] building {name}.plan")
+        where = f"step 'tensorrt', graph '{name}'"
+        profile = profile_shapes(graph["inputs"], bounds)
+        try:
+            plan = _build_plan(trt, logger, out / graph["file"], profile, PRECISION_FLAGS[dtype])
+        except DSparkError as exc:
+            raise DSparkError(f"{where}: {exc}") from exc
+        except Exception as exc:  # TensorRT raises plain RuntimeErrors/TypeErrors
+            raise DSparkError(f"{where}: {type(exc).__name__}: {exc}") from exc
+        path = out / f"{name}.plan"
+        path.write_bytes(plan)
+        plans[name] = {"file": path.name, "sha256": sha256(path),
+                       "profile": {k: [list(s) for s in v] for k, v in profile.items()}}
+    manifest.update({"backend": "tensorrt", "plans": plans,
+                     "tensorrt": {"version": trt.__version__, "max_requests": bounds["requests"][2],
+                                  "max_batch_tokens": max_batch_tokens, "precision": PRECISION_FLAGS[dtype]}})
+    manifest["versions"]["tensorrt"] = trt.__version__
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _build_plan(trt, logger, onnx_path: Path, profile: dict, precision: dict) -> bytes:
+    """ONNX file -> serialized strongly typed plan with one optimization profile."""
+    builder = trt.Builder(logger)
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # the only mode in 11.x
+    network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise DSparkError(f"the ONNX parser rejected {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    for flag in precision.get("clear", []):
+        if hasattr(trt.BuilderFlag, flag):
+            config.clear_flag(getattr(trt.BuilderFlag, flag))
+    opt_profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        if tensor.is_shape_tensor:
+            raise DSparkError(f"input '{tensor.name}' became a shape tensor; the runtime feeds data tensors only")
+        if tensor.name in profile:
+            opt_profile.set_shape(tensor.name, *profile[tensor.name])
+        elif any(d < 0 for d in tensor.shape):
+            raise DSparkError(f"input '{tensor.name}' has dynamic dims {tuple(tensor.shape)} the manifest does not name")
+    config.add_optimization_profile(opt_profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise DSparkError("TensorRT could not build the plan (its log above says why)")
+    return bytes(plan)
