@@ -52,7 +52,7 @@ def test_manifest_describes_every_graph(built, pair):  # noqa: F811
     assert {"name": "draft_probs", "shape": ["drafts", 12], "dtype": "float32"} in target["inputs"]
     assert manifest["verify"]["graph"] == "target" and manifest["verify"]["op"] == "ai.onnx.contrib::DSparkVerify"
     node = [n for n in onnx.load(str(out / target["file"])).graph.node if n.op_type == "DSparkVerify"]
-    assert [n.name for n in node] == [manifest["verify"]["node"]] and node[0].input[0] == "logits"
+    assert [n.name for n in node] == [manifest["verify"]["node"]] and node[0].input[0] == "verify_logits"
     assert manifest["taps"] == draft_cfg["target_layer_ids"]
     assert manifest["draft"]["block_size"] == draft_cfg["block_size"] == 4
     assert manifest["draft"]["mask_token_id"] == draft_cfg["mask_token_id"]

@@ -9,10 +9,10 @@ graph returns the new tokens' K/V [L, T, kv_heads, head_dim], which the runtime 
 at (slot, position) of each row: rollback stays a length change on the host.
 
 By default the graph ends in the DSparkVerify node (plugins/SCHEMA.md), appended to the exported
-graph: it verifies the returned logits rows, grouped into requests by `row_offsets`, against the
-draft tokens/probs with per-request sampling parameters and the given uniforms, and returns
-`accepted` and `next_token` besides the logits, K/V and taps. A pass that verifies nothing feeds
-`idle_verify_feeds` (every logits row its own greedy request without drafts).
+graph: it verifies the logits rows picked by `verify_rows`, grouped into requests by `row_offsets`,
+against the draft tokens/probs with per-request sampling parameters and the given uniforms, and
+returns `accepted` and `next_token` besides the logits, K/V and taps. A pass that verifies nothing
+feeds `no_verify_feeds` (zero rows: the node costs nothing).
 """
 from __future__ import annotations
 
@@ -43,9 +43,9 @@ DYNAMIC_AXES = {
 }
 # the verification tail: graph inputs (besides the logits it verifies) and outputs, with their dims;
 # "vocab" stands for the vocabulary size. Verify requests are logits-row groups, not query requests.
-VERIFY_INPUTS = {"draft_tokens": ["drafts"], "draft_probs": ["drafts", "vocab"], "row_offsets": ["verify_offsets"],
-                 "temperature": ["verify_requests"], "top_k": ["verify_requests"],
-                 "top_p": ["verify_requests"], "uniforms": ["rows"]}
+VERIFY_INPUTS = {"verify_rows": ["verify_rows"], "draft_tokens": ["drafts"], "draft_probs": ["drafts", "vocab"],
+                 "row_offsets": ["verify_offsets"], "temperature": ["verify_requests"],
+                 "top_k": ["verify_requests"], "top_p": ["verify_requests"], "uniforms": ["verify_rows"]}
 VERIFY_OUTPUTS = {"accepted": ["verify_requests"], "next_token": ["verify_requests"]}
 VERIFY_NODE = "dspark_verify"
 
@@ -170,33 +170,42 @@ def step_inputs(input_ids, slots, starts, query_lens, cache_k: np.ndarray, cache
     return TargetStepInputs(feeds, slots[request_of_row], feeds["positions"])
 
 
-def verify_feeds(draft_tokens, draft_probs, row_offsets, temperature, top_k, top_p, uniforms) -> dict[str, np.ndarray]:
-    """The verification tail's feeds (torch or numpy in; the dtypes the node takes out)."""
+def verify_feeds(verify_rows, draft_tokens, draft_probs, row_offsets, temperature, top_k, top_p,
+                 uniforms) -> dict[str, np.ndarray]:
+    """The verification tail's feeds (torch or numpy in; the dtypes the graph takes out).
+
+    verify_rows: the logits rows (indices into this pass's logits output) to verify, request-major;
+    the rest as DSparkVerify's inputs in plugins/SCHEMA.md.
+    """
     def arr(x, dtype):
         return np.ascontiguousarray(x.numpy() if isinstance(x, torch.Tensor) else x, dtype=dtype)
 
-    return {"draft_tokens": arr(draft_tokens, np.int64), "draft_probs": arr(draft_probs, np.float32),
-            "row_offsets": arr(row_offsets, np.int64), "temperature": arr(temperature, np.float32),
-            "top_k": arr(top_k, np.int64), "top_p": arr(top_p, np.float32), "uniforms": arr(uniforms, np.float32)}
+    return {"verify_rows": arr(verify_rows, np.int64), "draft_tokens": arr(draft_tokens, np.int64),
+            "draft_probs": arr(draft_probs, np.float32), "row_offsets": arr(row_offsets, np.int64),
+            "temperature": arr(temperature, np.float32), "top_k": arr(top_k, np.int64),
+            "top_p": arr(top_p, np.float32), "uniforms": arr(uniforms, np.float32)}
 
 
-def idle_verify_feeds(n_rows: int, vocab: int) -> dict[str, np.ndarray]:
-    """Feeds for a pass that verifies nothing: each logits row a greedy request with no drafts."""
-    return verify_feeds(np.zeros(0), np.zeros((0, vocab)), np.arange(n_rows + 1), np.zeros(n_rows),
-                        np.zeros(n_rows), np.ones(n_rows), np.zeros(n_rows))
+def no_verify_feeds(vocab: int) -> dict[str, np.ndarray]:
+    """Feeds for a pass that verifies nothing: zero rows, zero requests."""
+    return verify_feeds(np.zeros(0), np.zeros(0), np.zeros((0, vocab)), np.zeros(1), np.zeros(0), np.zeros(0),
+                        np.zeros(0), np.zeros(0))
 
 
 def add_verify_tail(model: onnx.ModelProto, vocab: int) -> onnx.ModelProto:
-    """Append the DSparkVerify node over the `logits` output, its inputs and its outputs (in place)."""
+    """Append Gather(logits, verify_rows) -> DSparkVerify, their inputs and outputs (in place)."""
     graph = model.graph
-    types = dict(ort_op.INPUTS) | dict(ort_op.OUTPUTS)
+    types = {"verify_rows": onnx.TensorProto.INT64} | dict(ort_op.INPUTS) | dict(ort_op.OUTPUTS)
 
     def value(name, dims):
         return helper.make_tensor_value_info(name, types[name], [vocab if d == "vocab" else d for d in dims])
 
     graph.input.extend(value(name, dims) for name, dims in VERIFY_INPUTS.items())
     graph.output.extend(value(name, dims) for name, dims in VERIFY_OUTPUTS.items())
-    graph.node.append(ort_op.make_verify_node(["logits", *VERIFY_INPUTS], list(VERIFY_OUTPUTS), VERIFY_NODE))
+    graph.node.append(helper.make_node("Gather", ["logits", "verify_rows"], ["verify_logits"], axis=0,
+                                       name="gather_verify_rows"))
+    graph.node.append(ort_op.make_verify_node(["verify_logits", *list(VERIFY_INPUTS)[1:]], list(VERIFY_OUTPUTS),
+                                              VERIFY_NODE))
     model.opset_import.append(ort_op.opset_import())
     return model
 

@@ -21,7 +21,7 @@ from dspark_trt.errors import DSparkError
 from dspark_trt.export.draft_graph import GRAPH_NAMES, block_inputs
 from dspark_trt.export.engines import read_manifest
 from dspark_trt.export.ort_session import make_session, run
-from dspark_trt.export.target_graph import VERIFY_OUTPUTS, idle_verify_feeds, step_inputs, verify_feeds
+from dspark_trt.export.target_graph import VERIFY_OUTPUTS, no_verify_feeds, step_inputs, verify_feeds
 from dspark_trt.models.target import TargetConfig
 from dspark_trt.runtimes.base import DraftStep, Runtime, TargetStep
 from dspark_trt.runtimes.kv_cache import KVCache
@@ -102,7 +102,8 @@ class OrtRuntime(Runtime):
         if not self.verify_in_graph:
             step = self.target_forward(input_ids, slots, query_lens, "all")
             return step, dspark_verify(step.logits, *(torch.as_tensor(a) for a in args))
-        step, outputs = self._target_pass(input_ids, slots, query_lens, "all", verify_feeds(*args))
+        rows = torch.arange(int(row_offsets[-1]))
+        step, outputs = self._target_pass(input_ids, slots, query_lens, "all", verify_feeds(rows, *args))
         ort_op.check_outputs(outputs["accepted"], outputs["next_token"])
         return step, VerifyResult(accepted=torch.from_numpy(outputs["accepted"]),
                                   next_token=torch.from_numpy(outputs["next_token"]))
@@ -114,7 +115,7 @@ class OrtRuntime(Runtime):
         inputs = step_inputs(np.asarray(input_ids), slots_np, starts, np.asarray(query_lens), self._k, self._v,
                              logits_rows)
         if self.verify_in_graph:
-            inputs.feeds.update(verify or idle_verify_feeds(inputs.feeds["logits_rows"].size, self.vocab_size))
+            inputs.feeds.update(verify or no_verify_feeds(self.vocab_size))
         outputs = dict(zip(self._target_outputs, run(self.sessions["target"], inputs.feeds)))
         for layer, (k, v) in enumerate(zip(outputs["new_k"], outputs["new_v"])):
             self._k[layer][inputs.row_slot_ids, :, inputs.row_positions] = k
