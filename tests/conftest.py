@@ -1,4 +1,5 @@
 """Shared fixtures: the real default model is loaded once per test session (it takes seconds)."""
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,15 @@ def chi_square_p_value(counts, expected_probs, min_expected: float = 5.0) -> flo
     dof = counts.numel() - 1
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
                                          torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+@contextlib.contextmanager
+def packaged_server(engines, root: Path, **package_options):
+    """A real tritonserver serving engine directory `engines` packaged under root (PackageOptions fields
+    as keywords); stopped on exit. For module-scoped server fixtures."""
+    from dspark_trt.serving.package import PackageOptions, package_repository
+    from dspark_trt.serving.tritonserver import TritonServer
+
+    repo = package_repository(PackageOptions(engines=str(engines), out=str(root / "repo"), **package_options))
+    with TritonServer(repo, workdir=root / "work") as running:
+        yield running

@@ -54,7 +54,7 @@ BAD_INPUTS = [
     ("top_p above one", {"top_p": one(1.5, np.float32)}, "top_p", True),
     ("top_k negative", {"top_k": one(-1, np.int32)}, "top_k", True),
     ("max_tokens as float", {"max_tokens": one(2.0, np.float32)}, "max_tokens", False),  # JSON 2.0 is INT32 2
-    ("max_tokens two values", {"max_tokens": np.array([[2, 3]], np.int32)}, "max_tokens", True),
+    ("max_tokens two values", {"max_tokens": np.array([[2, 3]], np.int32)}, "max_tokens", False),  # JSON: a batch
     ("text_input as ints", {"text_input": one(7, np.int32)}, "text_input", False),  # JSON 7 is a BYTES "7"
     ("text_input invalid UTF-8", {"text_input": text(b"w5 \xff\xfe")}, "text_input", False),  # JSON is UTF-8
     ("stop_words not strings", {"stop_words": np.array([[3, 4]], np.int32)}, "stop_words", False),
