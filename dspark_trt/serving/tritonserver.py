@@ -317,6 +317,11 @@ class TritonServer:
         text = self.log_path.read_bytes()[-chars:].decode("utf-8", errors="replace")
         return f"--- tritonserver log, last {len(text)} characters ---\n{text}"
 
+    @property
+    def pid(self) -> int | None:
+        """The tritonserver process id while it runs (its python model stubs are its children)."""
+        return self._process.pid if self.is_running() else None
+
     def __enter__(self) -> TritonServer:
         self.start()
         return self
