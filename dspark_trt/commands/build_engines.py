@@ -1,5 +1,6 @@
 """Export the target and drafter to ONNX, check and validate the graphs on ONNX Runtime against torch,
-and write an engine directory with manifest.json (TensorRT plans need an NVIDIA GPU host)."""
+and write an engine directory with manifest.json (--backend tensorrt also compiles TensorRT plans, on an
+NVIDIA GPU host)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="smollm2", help="target alias, .gguf file or HF directory")
     parser.add_argument("--draft", help="DeepSpec drafter directory (omit for a target-only engine)")
     parser.add_argument("--out", required=True, help="engine directory to write")
-    parser.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    parser.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
+                        help="onnxruntime: ONNX graphs for CPU (default); tensorrt: also compile TensorRT plans "
+                        "(needs the tensorrt package and an NVIDIA GPU)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--max-seq-len", type=int, help="context limit per request "
                         "(default: min(2048, the target's max positions))")

@@ -17,7 +17,7 @@ SCHEDULE_MODES = ("off", "fixed", "threshold", "dspark", "async")
 class EngineOptions:
     target: str = "smollm2"
     draft: str | None = None  # path to a DeepSpec checkpoint; None = no speculation
-    engines: str | None = None  # an engine directory from build-engines: run on ONNX Runtime instead
+    engines: str | None = None  # an engine directory from build-engines: ONNX Runtime, or TensorRT if it has plans
     schedule: str = "fixed"
     gamma: int | None = None  # fixed mode: drafts verified per round (default: block size)
     threshold: float = 0.5  # threshold mode
@@ -33,7 +33,7 @@ def build_engine(options: EngineOptions) -> tuple[Engine, object]:
     if options.schedule not in SCHEDULE_MODES:
         raise DSparkError(f"unknown schedule '{options.schedule}': choose from {', '.join(SCHEDULE_MODES)}")
     if options.engines is not None:
-        runtime, tokenizer = _ort_runtime(options)
+        runtime, tokenizer = _engine_dir_runtime(options)
     else:
         runtime, tokenizer = _torch_runtime(options)
     scheduler, temps = None, None
@@ -63,10 +63,18 @@ def _torch_runtime(options: EngineOptions):
     return TorchRuntime(target, drafter, num_slots=options.num_slots, max_seq_len=options.max_seq_len), tokenizer
 
 
-def _ort_runtime(options: EngineOptions):
-    from dspark_trt.export.engines import load_engine_tokenizer
-    from dspark_trt.runtimes.ort_runtime import OrtRuntime
+def _engine_dir_runtime(options: EngineOptions):
+    """TrtRuntime when the engine directory holds TensorRT plans (an error names what is missing where
+    they cannot run), else OrtRuntime."""
+    from dspark_trt.export.engines import load_engine_tokenizer, read_manifest
 
-    runtime = OrtRuntime(options.engines, num_slots=options.num_slots, max_seq_len=options.max_seq_len,
-                         use_drafter=options.schedule != "off")
+    kwargs = dict(num_slots=options.num_slots, max_seq_len=options.max_seq_len, use_drafter=options.schedule != "off")
+    if read_manifest(options.engines).get("plans"):
+        from dspark_trt.runtimes.trt_runtime import TrtRuntime
+
+        runtime = TrtRuntime(options.engines, **kwargs)
+    else:
+        from dspark_trt.runtimes.ort_runtime import OrtRuntime
+
+        runtime = OrtRuntime(options.engines, **kwargs)
     return runtime, load_engine_tokenizer(options.engines)

@@ -9,16 +9,23 @@ and tested on CPU; only `build_plans` touches TensorRT, which is imported when i
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Callable
 
+import onnx
+from onnx import helper
+
 from dspark_trt.errors import DSparkError
 from dspark_trt.export.engines import sha256, write_manifest
+from dspark_trt_plugins.trt_plugin import PLUGIN_ID
 
 TENSORRT_MISSING = ("TensorRT is not installed; --backend tensorrt needs the `tensorrt` package and an NVIDIA GPU "
                     "with CUDA; the onnxruntime backend works on CPU")
 MAX_REQUESTS = 64  # requests per pass the plans accept (the engine's slots); bounds the padded attention
 PRECISION_FLAGS = {"float32": {"clear": ["TF32"]}}  # builder flags per exported dtype (strong typing: no others)
+
+PLUGIN_NAMESPACE, VERIFY_OP = PLUGIN_ID.split("::")  # the ONNX op type and the plugin's namespace
 
 Shape = tuple[int, ...]
 
@@ -44,7 +51,26 @@ def dim_bounds(max_batch_tokens: int, max_seq_len: int, max_requests: int, block
     tokens = (1, min(max_batch_tokens, requests * step), max_batch_tokens)
     context = (1, max(1, max_seq_len // 2), max_seq_len)
     return {"tokens": tokens, "rows": tokens, "requests": (1, requests, requests),
-            "query": (1, step, min(max_batch_tokens, max_seq_len)), "past": context, "context": context}
+            "query": (1, step, min(max_batch_tokens, max_seq_len)), "past": context, "context": context,
+            # the verification tail: a pass that verifies nothing feeds zero rows and requests
+            "verify_rows": (0, tokens[1], max_batch_tokens), "verify_requests": (0, requests, requests),
+            "verify_offsets": (1, requests + 1, requests + 1),
+            "drafts": (0, min(max_batch_tokens, requests * (step - 1)), max_batch_tokens)}
+
+
+def tensorrt_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of an exported graph for TensorRT's ONNX parser: each DSparkVerify node (ONNX Runtime's
+    custom-op domain) becomes a node of the default domain that the parser's plugin fallback maps to
+    `dspark::DSparkVerify` (plugin_namespace/plugin_version attributes), with has_draft_probs=1: the
+    graph always feeds draft_probs (the one-hot q for greedy drafting, which gives the same result)."""
+    model = copy.deepcopy(model)
+    for node in model.graph.node:
+        if node.op_type == VERIFY_OP:
+            node.domain = ""
+            node.attribute.extend([helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE),
+                                   helper.make_attribute("plugin_version", "1"),
+                                   helper.make_attribute("has_draft_probs", 1)])
+    return model
 
 
 def profile_shapes(inputs: list[dict], bounds: dict[str, Shape]) -> dict[str, tuple[Shape, Shape, Shape]]:
@@ -105,7 +131,8 @@ def _build_plan(trt, logger, onnx_path: Path, profile: dict, precision: dict) ->
     strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # the only mode in 11.x
     network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    model = tensorrt_graph(onnx.load(str(onnx_path)))
+    if not parser.parse(model.SerializeToString(), str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise DSparkError(f"the ONNX parser rejected {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
