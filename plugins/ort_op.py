@@ -3,9 +3,10 @@
 The op's compute is the torch reference `dspark_trt.spec.verify.dspark_verify`, so ONNX Runtime runs the
 one semantics. onnxruntime-extensions places Python ops in its own domain, `ai.onnx.contrib` (fixed by
 the library), so in ONNX the node is `ai.onnx.contrib::DSparkVerify`. Two deviations from SCHEMA.md, the
-same ones the TensorRT plugin makes: `draft_probs` is always an input (greedy drafting passes the
-one-hot q) and `uniforms` is float32 (the reference compares and draws in float32 anyway, so the tokens
-are the same as from float64 uniforms).
+same ones the TensorRT plugin makes: `draft_probs` is always an input, with the int attribute
+`has_draft_probs` (0 = greedy drafting, the tensor is ignored), and `uniforms` is float32 (the reference
+compares and draws in float32 anyway, so the tokens are the same as from float64 uniforms). The node
+also carries `plugin_namespace = "dspark"`, which TensorRT's ONNX parser reads to find the plugin.
 
 A session runs a graph with the node only when its SessionOptions register the extensions library:
 use `session_options_with_dspark_ops()`, or `inference_session()` which does so and names the fix
@@ -41,6 +42,10 @@ INPUTS = (
     ("top_p", TensorProto.FLOAT), ("uniforms", TensorProto.FLOAT),
 )
 OUTPUTS = (("accepted", TensorProto.INT64), ("next_token", TensorProto.INT64))
+PLUGIN_NAMESPACE = "dspark"  # the TensorRT plugin's namespace (trt_plugin.py)
+# declared node attributes: an undeclared one would abort the process in onnxruntime-extensions
+ATTRIBUTES = {"has_draft_probs": onnx.defs.OpSchema.AttrType.INT,
+              "plugin_namespace": onnx.defs.OpSchema.AttrType.STRING}
 MISSING_EXTENSIONS = "onnxruntime-extensions is not installed: `pip install onnxruntime-extensions`"
 
 
@@ -54,7 +59,8 @@ FAILED = -1  # every output entry of a call the reference rejected; `check_outpu
 _last_error: str | None = None
 
 
-def verify_compute(target_logits, draft_tokens, draft_probs, row_offsets, temperature, top_k, top_p, uniforms):
+def verify_compute(target_logits, draft_tokens, draft_probs, row_offsets, temperature, top_k, top_p, uniforms,
+                   has_draft_probs: int = 1, plugin_namespace: str = PLUGIN_NAMESPACE):
     """The op's kernel: numpy in, numpy out, through the torch reference.
 
     An exception escaping a Python op aborts the whole process (onnxruntime-extensions 0.15), so a
@@ -64,7 +70,7 @@ def verify_compute(target_logits, draft_tokens, draft_probs, row_offsets, temper
     t = torch.from_numpy
     try:
         result = dspark_verify(t(np.ascontiguousarray(target_logits)), t(draft_tokens),
-                               t(np.ascontiguousarray(draft_probs)), t(row_offsets), t(temperature), t(top_k),
+                               t(np.ascontiguousarray(draft_probs)) if has_draft_probs else None, t(row_offsets), t(temperature), t(top_k),
                                t(top_p), t(uniforms))
     except Exception as exc:  # noqa: BLE001 - reported through check_outputs
         _last_error = f"{type(exc).__name__}: {exc}"
@@ -81,8 +87,9 @@ def check_outputs(accepted: np.ndarray, next_token: np.ndarray) -> None:
 
 if onnx_op is not None:
     _ORT_TYPES = {TensorProto.FLOAT: PyCustomOpDef.dt_float, TensorProto.INT64: PyCustomOpDef.dt_int64}
+    _ORT_ATTRS = {"has_draft_probs": PyCustomOpDef.dt_int64, "plugin_namespace": PyCustomOpDef.dt_string}
     onnx_op(op_type=OP_TYPE, inputs=[_ORT_TYPES[t] for _, t in INPUTS],
-            outputs=[_ORT_TYPES[t] for _, t in OUTPUTS])(verify_compute)
+            outputs=[_ORT_TYPES[t] for _, t in OUTPUTS], attrs=_ORT_ATTRS)(verify_compute)
 
 
 def _infer_outputs(ctx) -> None:
@@ -104,7 +111,9 @@ def register_onnx_schema() -> None:
     schema = onnx.defs.OpSchema(
         OP_TYPE, DOMAIN, DOMAIN_VERSION, "DSpark lossless verification; see plugins/SCHEMA.md",
         inputs=[param(name, type_str[t]) for name, t in INPUTS],
-        outputs=[param(name, type_str[t]) for name, t in OUTPUTS])
+        outputs=[param(name, type_str[t]) for name, t in OUTPUTS],
+        attributes=[onnx.defs.OpSchema.Attribute(name, kind, "see plugins/SCHEMA.md")
+                    for name, kind in ATTRIBUTES.items()])
     schema.set_type_and_shape_inference_function(_infer_outputs)
     onnx.defs.register_schema(schema)
 
@@ -116,12 +125,14 @@ def opset_import() -> onnx.OperatorSetIdProto:
     return helper.make_opsetid(DOMAIN, DOMAIN_VERSION)
 
 
-def make_verify_node(inputs: list[str], outputs: list[str], name: str = "dspark_verify") -> onnx.NodeProto:
+def make_verify_node(inputs: list[str], outputs: list[str], name: str = "dspark_verify",
+                     has_draft_probs: bool = True) -> onnx.NodeProto:
     """The DSparkVerify node over the named tensors (SCHEMA.md order)."""
     if len(inputs) != len(INPUTS) or len(outputs) != len(OUTPUTS):
         raise DSparkError(f"{OP_TYPE} takes {len(INPUTS)} inputs and gives {len(OUTPUTS)} outputs, "
                           f"got {len(inputs)} and {len(outputs)}")
-    return helper.make_node(OP_TYPE, inputs, outputs, name=name, domain=DOMAIN)
+    return helper.make_node(OP_TYPE, inputs, outputs, name=name, domain=DOMAIN, has_draft_probs=int(has_draft_probs),
+                            plugin_namespace=PLUGIN_NAMESPACE)
 
 
 def session_options_with_dspark_ops(options: ort.SessionOptions | None = None) -> ort.SessionOptions:

@@ -18,12 +18,12 @@ from dspark_trt_plugins import ort_op
 NAMES = [name for name, _ in ort_op.INPUTS]
 
 
-def _single_node_model(path, vocab: int):
+def _single_node_model(path, vocab: int, has_draft_probs: bool = True):
     dims = {"target_logits": ["rows", vocab], "draft_tokens": ["drafts"], "draft_probs": ["drafts", vocab],
             "row_offsets": ["offsets"], "uniforms": ["rows"]}
     inputs = [helper.make_tensor_value_info(n, t, dims.get(n, ["requests"])) for n, t in ort_op.INPUTS]
     # the node writes intermediates so that shape inference, not the declared outputs, gives their type
-    node = ort_op.make_verify_node(NAMES, ["accepted_", "next_token_"])
+    node = ort_op.make_verify_node(NAMES, ["accepted_", "next_token_"], has_draft_probs=has_draft_probs)
     copies = [helper.make_node("Identity", [f"{n}_"], [n]) for n, _ in ort_op.OUTPUTS]
     outputs = [helper.make_tensor_value_info(n, t, ["requests"]) for n, t in ort_op.OUTPUTS]
     model = helper.make_model(helper.make_graph([node, *copies], "verify", inputs, outputs),
@@ -32,11 +32,14 @@ def _single_node_model(path, vocab: int):
     return model
 
 
+def _session(path, vocab: int = 50, has_draft_probs: bool = True):
+    _single_node_model(path, vocab, has_draft_probs)
+    return ort_op.inference_session(path, ort_op.session_options_with_dspark_ops())
+
+
 @pytest.fixture(scope="module")
 def verify_session(tmp_path_factory):
-    path = tmp_path_factory.mktemp("op") / "verify.onnx"
-    _single_node_model(path, 50)
-    return ort_op.inference_session(path, ort_op.session_options_with_dspark_ops())
+    return _session(tmp_path_factory.mktemp("op") / "verify.onnx")
 
 
 def _case(seed: int, greedy: bool, vocab: int = 50):
@@ -62,14 +65,21 @@ def _case(seed: int, greedy: bool, vocab: int = 50):
     return (logits, tokens, q, row_offsets, temperature, top_k, top_p, uniforms), counts
 
 
-@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
-def test_single_node_equals_reference(verify_session, greedy):
+def _feeds(args):
+    return {n: a.numpy().astype(np.float32 if a.is_floating_point() else np.int64) for n, a in zip(NAMES, args)}
+
+
+@pytest.mark.parametrize("greedy, with_q", [(True, True), (False, True), (False, False)],
+                         ids=["greedy", "sampled", "sampled-without-q"])
+def test_single_node_equals_reference(verify_session, tmp_path, greedy, with_q):
+    """with_q=False: has_draft_probs=0, the draft_probs tensor is ignored (random here), q = one-hot."""
+    session = verify_session if with_q else _session(tmp_path / "no_q.onnx", has_draft_probs=False)
     accepted_total, rejected_total = 0, 0
     for seed in range(4):
         args, counts = _case(seed, greedy)
-        feeds = {n: a.numpy().astype(np.float32 if a.is_floating_point() else np.int64) for n, a in zip(NAMES, args)}
-        accepted, next_token = verify_session.run(None, feeds)
-        ref = dspark_verify(*args)
+        feeds = _feeds(args)
+        accepted, next_token = session.run(None, feeds)
+        ref = dspark_verify(*args[:2], args[2] if with_q else None, *args[3:])
         assert (accepted == ref.accepted.numpy()).all() and (next_token == ref.next_token.numpy()).all()
         accepted_total += int(ref.accepted.sum())
         rejected_total += int((ref.accepted < counts - 1).sum())
@@ -95,8 +105,7 @@ def test_session_without_the_library_names_the_fix(tmp_path):
 
 
 def test_bad_op_input_reports_the_reference_error(verify_session):
-    args, _ = _case(0, greedy=False)
-    feeds = {n: a.numpy().astype(np.float32 if a.is_floating_point() else np.int64) for n, a in zip(NAMES, args)}
+    feeds = _feeds(_case(0, greedy=False)[0])
     feeds["draft_tokens"] = feeds["draft_tokens"][1:]
     feeds["draft_probs"] = feeds["draft_probs"][1:]
     accepted, next_token = verify_session.run(None, feeds)  # an exception in the op would abort the process
