@@ -3,6 +3,7 @@
   ar       our AR decode vs transformers generate (same prompt, same machine)
   speedup  batch-1 greedy DSpark vs AR on the same runtime, outputs checked token-identical
   served   tokens/s through a real tritonserver vs the in-process engine on the same engines
+  load     closed-loop concurrency sweep per schedule mode (in-process, or --served through tritonserver)
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     speedup.add_argument("--limit", type=int, default=5, help="prompts per file")
     speedup.add_argument("--max-tokens", type=int, default=128)
     speedup.add_argument("--schedule", default="fixed")
+    speedup.add_argument("--no-peers", action="store_true", help="skip transformers generate / prompt lookup")
     served = sub.add_parser("served", help="tritonserver (HTTP generate) vs the in-process engine, concurrency 1")
     served.add_argument("--target", default="smollm2")
     served.add_argument("--draft", help="drafter directory (default: speculation off)")
@@ -40,6 +42,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for p in (ar, speedup, served):
         p.add_argument("--json", action="store_true")
         p.add_argument("--out", help="also write the result JSON here")
+    load = sub.add_parser("load", help="closed-loop concurrency sweep per schedule mode (Pareto frontier)")
+    load.add_argument("--target", default="smollm2")
+    load.add_argument("--draft", help="drafter directory (needed by every mode but off)")
+    load.add_argument("--engines", help="engine directory from build-engines: ONNX Runtime instead of torch "
+                      "(with --served: serve these engines)")
+    load.add_argument("--prompts-file", action="append", required=True)
+    load.add_argument("--limit", type=int, default=16, help="prompts per file")
+    load.add_argument("--modes", default="off,fixed1,fixed3,fixed7,threshold,dspark,async",
+                      help="comma separated: off, fixedN, threshold, dspark, async")
+    load.add_argument("--concurrency", default="1,2,4,8,16,32", help="concurrent client streams, comma separated")
+    load.add_argument("--requests", type=int, help="requests per (mode, concurrency) point (default 64)")
+    load.add_argument("--seconds", type=float, help="instead of --requests: seconds of submitting per point")
+    load.add_argument("--max-tokens", type=int, default=128)
+    load.add_argument("--threshold", type=float, default=0.5, help="threshold mode")
+    load.add_argument("--cost-table", help="SPS(B) table for dspark/async (default: profiled once at start)")
+    load.add_argument("--calibration", help="STS temperatures (default: the one stored next to the drafter)")
+    load.add_argument("--served", action="store_true", help="through a real tritonserver (tritonclient gRPC)")
+    load.add_argument("--cache-dir", help="--served: where engines are built (as for `serve`)")
+    load.add_argument("--out", required=True, help="directory for load.json and the PNGs")
+    load.add_argument("--json", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,13 +76,12 @@ def run(args: argparse.Namespace) -> int:
                    f"{result['transformers_tokens_per_second']:.1f} tok/s, ratio {result['ratio']:.2f}x, "
                    f"token-identical: {result['token_identical']}")
     elif args.benchmark == "speedup":
-        from dspark_trt.bench.speedup import bench_speedup
+        from dspark_trt.bench.speedup import bench_speedup, speedup_table
 
         prompts = [p for f in args.prompts_file for p in read_prompts_file(f, args.limit)]
-        result = bench_speedup(args.target, args.draft, prompts, args.max_tokens, args.schedule, progress)
-        summary = (f"AR {result['ar_tokens_per_second']:.1f} tok/s, DSpark {result['dspark_tokens_per_second']:.1f} "
-                   f"tok/s, speedup {result['speedup']:.2f}x, tau {result['mean_accepted_length']:.2f}, "
-                   f"token-identical: {result['all_token_identical']}")
+        result = bench_speedup(args.target, args.draft, prompts, args.max_tokens, args.schedule, progress,
+                               peers=not args.no_peers)
+        summary = speedup_table(result)
     elif args.benchmark == "served":
         from dspark_trt.bench.served import bench_served
 
@@ -69,10 +90,29 @@ def run(args: argparse.Namespace) -> int:
         summary = (f"in-process {result['in_process_tokens_per_second']:.1f} tok/s, served "
                    f"{result['served_tokens_per_second']:.1f} tok/s, served/in-process {result['ratio']:.2f}, "
                    f"same text: {result['same_text']}")
+    elif args.benchmark == "load":
+        return _run_load(args, progress)
     else:
-        raise DSparkError("choose a benchmark: ar, speedup or served (see `dspark-trt bench --help`)")
+        raise DSparkError("choose a benchmark: ar, speedup, served or load (see `dspark-trt bench --help`)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result) if args.json else summary)
+    return 0
+
+
+def _run_load(args: argparse.Namespace, progress) -> int:
+    from dspark_trt.bench.load import bench_load, parse_concurrency, parse_modes, summary_table
+    from dspark_trt.engine.factory import EngineOptions
+
+    modes, concurrency = parse_modes(args.modes), parse_concurrency(args.concurrency)
+    if args.requests is None and args.seconds is None:
+        args.requests = 64
+    options = EngineOptions(target=args.target, draft=args.draft, engines=args.engines, threshold=args.threshold,
+                            calibration=args.calibration)
+    prompts = [p for f in args.prompts_file for p in read_prompts_file(f, args.limit)]
+    result = bench_load(options, modes, concurrency, prompts, args.max_tokens, args.requests, args.seconds,
+                        args.cost_table, Path(args.out), served=args.served, cache_dir=args.cache_dir,
+                        progress=progress)
+    print(json.dumps(result) if args.json else summary_table(result))
     return 0

@@ -1,0 +1,426 @@
+"""Closed-loop load sweep: per schedule mode and concurrency C, C client slots each submit their next
+prompt as soon as the previous one finishes, for a fixed number of requests (or seconds).
+
+The paper's system claim (DSPARK_SPEC §8, Figure 8) is about this regime: confidence-scheduled
+verification should keep aggregate throughput up as concurrency grows while fixed long drafts fall
+off a cliff. Per (mode, C) we record aggregate tokens/s, per-user tokens/s (median, p10), time to
+first token (median, p90), the average verification length ℓ per request per round, and τ.
+
+Definitions (one place, used by every driver):
+  per-user tokens/s  output tokens / (finish − submit) of one request: what its user sees end to end
+  aggregate tokens/s all output tokens / (last finish − first submit) of the point
+  TTFT               first token − submit
+  ℓ per round        drafts sent for verification in one round of one request, averaged over every
+                     request's rounds (pooled)
+  τ                  tokens committed per round (accepted drafts + bonus), pooled over rounds
+Two drivers produce the same request records: the in-process engine and (--served) a real
+tritonserver over tritonclient gRPC streaming.
+"""
+from __future__ import annotations
+
+import hashlib
+import queue
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from dspark_trt.errors import DSparkError
+
+DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32)
+DEFAULT_MODES = ("off", "fixed1", "fixed3", "fixed7", "threshold", "dspark", "async")
+Progress = Callable[[str], None]
+
+
+# ---- modes ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Mode:
+    """One schedule mode of the sweep: a `make_scheduler` mode plus γ for fixed ones ("fixed3")."""
+
+    name: str
+    schedule: str
+    gamma: int | None = None
+
+    @property
+    def needs_cost_table(self) -> bool:
+        return self.schedule in ("dspark", "async")
+
+
+def parse_modes(text: str) -> list[Mode]:
+    """'off,fixed3,dspark' -> modes; DSparkError naming a bad entry."""
+    from dspark_trt.spec.scheduler import SCHEDULE_MODES
+
+    modes = []
+    for name in (n.strip() for n in text.split(",")):
+        if not name:
+            continue
+        if name.startswith("fixed") and name[5:].isdigit():
+            modes.append(Mode(name, "fixed", int(name[5:])))
+        elif name in SCHEDULE_MODES and name != "fixed":
+            modes.append(Mode(name, name))
+        else:
+            raise DSparkError(f"unknown mode '{name}' in --modes: use off, fixedN (N drafts verified per round, "
+                              "e.g. fixed3), threshold, dspark or async")
+    if not modes:
+        raise DSparkError("--modes is empty")
+    if len({m.name for m in modes}) != len(modes):
+        raise DSparkError(f"--modes lists a mode twice: {text}")
+    return modes
+
+
+def parse_concurrency(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise DSparkError(f"--concurrency must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise DSparkError(f"--concurrency values must be >= 1, got {text!r}")
+    return sorted(set(values))
+
+
+# ---- records and aggregation (pure) ---------------------------------------------------------------------
+@dataclass
+class RequestRecord:
+    """One finished request of the sweep (times in seconds on one perf_counter clock)."""
+
+    prompt: int
+    submit: float
+    first_token: float
+    finish: float
+    tokens: int
+    verified: list[int] = field(default_factory=list)  # ℓ per round
+    accepted: list[int] = field(default_factory=list)  # tokens committed per round (τ of the round)
+    output_digest: str = ""  # sha1 of the output token ids (or text, served): same output, same digest
+
+    @property
+    def per_user_tps(self) -> float:
+        return self.tokens / (self.finish - self.submit)
+
+    @property
+    def ttft(self) -> float:
+        return self.first_token - self.submit
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """q-th percentile with linear interpolation between order statistics (numpy's default); None if empty."""
+    values = list(values)
+    return float(np.percentile(values, q)) if values else None
+
+
+def summarize(records: list[RequestRecord]) -> dict:
+    """The point's numbers (see the module docstring for definitions)."""
+    if not records:
+        raise ValueError("no finished requests to summarize")
+    tokens = sum(r.tokens for r in records)
+    span = max(r.finish for r in records) - min(r.submit for r in records)
+    users = [r.per_user_tps for r in records]
+    ttfts = [r.ttft for r in records]
+    verified = [v for r in records for v in r.verified]
+    accepted = [a for r in records for a in r.accepted]
+    return {
+        "requests": len(records), "tokens": tokens, "seconds": span,
+        "aggregate_tokens_per_second": tokens / span,
+        "per_user_tokens_per_second_median": percentile(users, 50),
+        "per_user_tokens_per_second_p10": percentile(users, 10),
+        "ttft_seconds_median": percentile(ttfts, 50), "ttft_seconds_p90": percentile(ttfts, 90),
+        "mean_verify_length": float(np.mean(verified)) if verified else 0.0,
+        "tau": float(np.mean(accepted)) if accepted else None,
+    }
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(per-user TPS, aggregate TPS) points no other point beats on both axes, by per-user TPS ascending."""
+    front = [p for p in points
+             if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)]
+    return sorted(set(front))
+
+
+def digest(values) -> str:
+    return hashlib.sha1(repr(list(values)).encode()).hexdigest()[:16]
+
+
+# ---- the closed loop over the in-process engine ------------------------------------------------------
+def closed_loop_engine(engine, prompts: list[list[int]], params, concurrency: int, num_requests: int | None,
+                       duration_s: float | None) -> list[RequestRecord]:
+    """Drive `engine` with `concurrency` client slots until num_requests finished or duration_s passed
+    (in-flight requests then run to their end). Prompts are taken round robin."""
+    finished: list = []
+    prompt_of: dict[str, int] = {}  # request id -> prompt index
+    records: list[RequestRecord] = []
+    submitted = 0
+    start = time.perf_counter()
+
+    def more() -> bool:
+        if num_requests is not None:
+            return submitted < num_requests
+        return time.perf_counter() - start < duration_s
+
+    def submit() -> None:
+        nonlocal submitted
+        index = submitted % len(prompts)
+        request = engine.add_request(prompts[index], params,
+                                     on_tokens=lambda req, ids, done: done and finished.append(req))
+        prompt_of[request.request_id] = index
+        submitted += 1
+
+    for _ in range(concurrency):
+        if more():
+            submit()
+    while engine.has_work:
+        engine.step()
+        for request in finished:  # the client sees its answer, then sends its next prompt
+            if request.error:
+                raise DSparkError(f"request failed during the load sweep: {request.error}")
+            records.append(RequestRecord(
+                prompt=prompt_of[request.request_id], submit=request.arrival_time, first_token=request.stats.first_token_time,
+                finish=request.finish_time, tokens=len(request.output_ids), verified=list(request.stats.round_verified),
+                accepted=list(request.stats.accepted_lengths), output_digest=digest(request.output_ids)))
+            if more():
+                submit()
+        finished.clear()
+    return records
+
+
+def sweep_engine(options, modes: list[Mode], concurrency: list[int], prompts: list[str], max_tokens: int,
+                 num_requests: int | None, duration_s: float | None, cost_table: str | None, profile_out: Path,
+                 progress: Progress = lambda msg: None) -> tuple[list[dict], str | None]:
+    """(points, cost table path used) of the in-process sweep; one runtime shared by every mode.
+    Without a cost table the dspark/async modes get one profiled here, written to profile_out."""
+    from dataclasses import replace
+
+    from dspark_trt.engine.engine import Engine
+    from dspark_trt.engine.factory import build_engine
+    from dspark_trt.engine.prompts import chat_prompt_ids
+    from dspark_trt.engine.request import SamplingParams
+    from dspark_trt.spec.scheduler import make_scheduler
+
+    speculative = [m for m in modes if m.schedule != "off"]
+    if speculative and options.draft is None and options.engines is None:
+        raise DSparkError(f"modes {', '.join(m.name for m in speculative)} need a drafter (--draft)")
+    base, tokenizer = build_engine(replace(options, schedule="fixed" if speculative else "off",
+                                           num_slots=max(concurrency)))
+    runtime = base.runtime
+    ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    if any(m.needs_cost_table for m in modes):
+        cost_table = cost_table or _profile_once(runtime, max(concurrency), profile_out, progress)
+    params = SamplingParams(max_tokens=max_tokens, stop_ids=tuple(runtime.eos_token_ids))
+    points = []
+    for mode in modes:
+        for c in concurrency:
+            scheduler = None if mode.schedule == "off" else make_scheduler(
+                mode.schedule, block_size=runtime.block_size, gamma=mode.gamma, threshold=options.threshold,
+                cost_table=cost_table if mode.needs_cost_table else None, has_confidence=runtime.has_confidence_head)
+            engine = Engine(runtime, scheduler, sts_temperatures=base.sts_temperatures,
+                            max_batch_tokens=options.max_batch_tokens, detokenize=base.detokenize)
+            engine.generate([ids[0]], SamplingParams(max_tokens=4))  # warm-up outside the clock
+            records = closed_loop_engine(engine, ids, params, c, num_requests, duration_s)
+            points.append(_point(mode, c, records, progress))
+    return points, cost_table
+
+
+def _profile_once(runtime, max_concurrency: int, out: Path, progress: Progress) -> str:
+    """Measure SPS(B) on this runtime up to the largest verification batch the sweep can ask for."""
+    from dspark_trt.engine.profiler import profile_runtime
+
+    largest = max_concurrency * (runtime.block_size + 1)
+    sizes = sorted({b for b in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256) if b < largest} | {largest})
+    progress(f"no --cost-table: profiling SPS(B) for B in {sizes} once (dspark/async modes need it)")
+    table = profile_runtime(runtime, sizes, context_len=128, repeats=3,
+                            progress=lambda msg: progress(f"profile: {msg}"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_json(out)
+    return str(out)
+
+
+def _point(mode: Mode, concurrency: int, records: list[RequestRecord], progress: Progress) -> dict:
+    point = {"mode": mode.name, "concurrency": concurrency, **summarize(records),
+             "per_request": [asdict(r) for r in records]}
+    progress(f"{mode.name:>9} C={concurrency:<3} {point['aggregate_tokens_per_second']:7.1f} tok/s aggregate, "
+             f"{point['per_user_tokens_per_second_median']:6.1f} tok/s per user (median), "
+             f"ℓ {point['mean_verify_length']:.2f}, τ {point['tau'] if point['tau'] is None else round(point['tau'], 2)}")
+    return point
+
+
+# ---- the closed loop through a real tritonserver ---------------------------------------------------------
+def closed_loop_served(grpc_url: str, prompts: list[str], max_tokens: int, concurrency: int,
+                       num_requests: int | None, duration_s: float | None, count_tokens: Callable[[str], int],
+                       timeout_s: float = 600.0) -> list[RequestRecord]:
+    """Closed loop over one gRPC stream to the ensemble (streaming, greedy, perf metrics on).
+
+    The server streams text, not ids: tokens = count_tokens(text) (re-tokenised), rounds are inferred as
+    tokens − 1 − accepted drafts (every round commits its accepted drafts plus one; the first token comes
+    from prefill), and ℓ per round as verified drafts / rounds (TensorRT-LLM's perf outputs give totals).
+    """
+    import tritonclient.grpc as grpcclient
+
+    events: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(grpc_url)
+    client.start_stream(callback=lambda result, error: events.put((result, error, time.perf_counter())))
+    open_requests: dict[str, dict] = {}
+    records: list[RequestRecord] = []
+    submitted = 0
+    start = time.perf_counter()
+
+    def more() -> bool:
+        return submitted < num_requests if num_requests is not None else time.perf_counter() - start < duration_s
+
+    def submit() -> None:
+        nonlocal submitted
+        index = submitted % len(prompts)
+        request_id = str(submitted)
+        open_requests[request_id] = {"prompt": index, "submit": time.perf_counter(), "first": None, "text": [],
+                                     "perf": {}}
+        client.async_stream_infer("ensemble", _ensemble_inputs(grpcclient, prompts[index], max_tokens),
+                                  request_id=request_id, enable_empty_final_response=True)
+        submitted += 1
+
+    try:
+        for _ in range(concurrency):
+            if more():
+                submit()
+        while open_requests:
+            result, error, now = events.get(timeout=timeout_s)
+            if error is not None:
+                raise DSparkError(f"served request failed during the load sweep: {error.message()}")
+            response = result.get_response()
+            state = open_requests[response.id]
+            names = {o.name for o in response.outputs}
+            if "text_output" in names:
+                text = result.as_numpy("text_output").reshape(-1)[0].decode()
+                if text and state["first"] is None:
+                    state["first"] = now
+                state["text"].append(text)
+            for name in ("total_draft_tokens", "total_accepted_draft_tokens"):
+                if name in names:
+                    state["perf"][name] = int(result.as_numpy(name).item())
+            if response.parameters["triton_final_response"].bool_param:
+                del open_requests[response.id]
+                records.append(_served_record(state, now, count_tokens))
+                if more():
+                    submit()
+    finally:
+        client.stop_stream()
+        client.close()
+    return records
+
+
+def _served_record(state: dict, finish: float, count_tokens: Callable[[str], int]) -> RequestRecord:
+    text = "".join(state["text"])
+    tokens = count_tokens(text)
+    verified = state["perf"].get("total_draft_tokens", 0)
+    accepted = state["perf"].get("total_accepted_draft_tokens", 0)
+    rounds = max(1, tokens - 1 - accepted)
+    return RequestRecord(prompt=state["prompt"], submit=state["submit"], first_token=state["first"] or finish,
+                         finish=finish, tokens=tokens, verified=[verified / rounds] * rounds,
+                         accepted=[(tokens - 1) / rounds] * rounds, output_digest=digest(text))
+
+
+def _ensemble_inputs(module, text: str, max_tokens: int) -> list:
+    def tensor(name, value, dtype, np_type):
+        t = module.InferInput(name, [1, 1], dtype)
+        t.set_data_from_numpy(np.array([[value]], dtype=np_type))
+        return t
+
+    return [tensor("text_input", text.encode(), "BYTES", np.object_),
+            tensor("max_tokens", max_tokens, "INT32", np.int32), tensor("stream", True, "BOOL", np.bool_),
+            tensor("return_perf_metrics", True, "BOOL", np.bool_)]
+
+
+def sweep_served(options, modes: list[Mode], concurrency: list[int], prompts: list[str], max_tokens: int,
+                 num_requests: int | None, duration_s: float | None, cost_table: str | None, cache_dir: str | None,
+                 workdir: Path, profile_out: Path, progress: Progress = lambda msg: None) -> tuple[list[dict], str | None]:
+    """The sweep through tritonserver: per mode a repository is packaged from the same engines and served."""
+    from dspark_trt.commands.serve import default_engines
+    from dspark_trt.export.engines import load_engine_tokenizer
+    from dspark_trt.serving.package import PackageOptions, package_repository
+    from dspark_trt.serving.tritonserver import TritonServer
+
+    engines = Path(options.engines) if options.engines else default_engines(options.target, options.draft, cache_dir)
+    tokenizer = load_engine_tokenizer(engines)
+    if any(m.needs_cost_table for m in modes) and cost_table is None:
+        from dspark_trt.engine.factory import EngineOptions, build_engine
+
+        runtime = build_engine(EngineOptions(engines=str(engines), num_slots=max(concurrency)))[0].runtime
+        cost_table = _profile_once(runtime, max(concurrency), profile_out, progress)
+    count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    points = []
+    for mode in modes:
+        repo = package_repository(PackageOptions(
+            engines=str(engines), out=str(workdir / f"repo-{mode.name}"), schedule=mode.schedule,
+            block_size=mode.gamma, cost_table=cost_table if mode.needs_cost_table else None,
+            num_slots=max(concurrency)))
+        progress(f"{mode.name}: starting tritonserver on {repo}")
+        with TritonServer(repo, workdir=workdir / f"work-{mode.name}") as server:
+            closed_loop_served(server.grpc_url, prompts[:1], 4, 1, 1, None, count)  # warm-up
+            for c in concurrency:
+                records = closed_loop_served(server.grpc_url, prompts, max_tokens, c, num_requests, duration_s, count)
+                points.append(_point(mode, c, records, progress))
+    return points, cost_table
+
+
+# ---- consistency ----------------------------------------------------------------------------------------
+def greedy_mismatches(points: list[dict], reference_mode: str = "off") -> list[str]:
+    """Where a mode's output for a prompt differs from the reference mode's (greedy is lossless: none)."""
+    reference = {r["prompt"]: r["output_digest"] for p in points if p["mode"] == reference_mode
+                 for r in p["per_request"]}
+    return sorted({f"{p['mode']} C={p['concurrency']} prompt {r['prompt']}" for p in points
+                   for r in p["per_request"]
+                   if r["prompt"] in reference and r["output_digest"] != reference[r["prompt"]]})
+
+
+# ---- the benchmark ------------------------------------------------------------------------------------
+def bench_load(options, modes: list[Mode], concurrency: list[int], prompts: list[str], max_tokens: int,
+               num_requests: int | None, duration_s: float | None, cost_table: str | None, out: Path,
+               served: bool = False, cache_dir: str | None = None, progress: Progress = lambda msg: None) -> dict:
+    """Run the sweep, write <out>/load[_served].json and its two PNGs; returns the result dict."""
+    import json
+
+    from dspark_trt.bench.common import environment
+    from dspark_trt.bench.load_plots import budget_plot, frontier_plot
+
+    if (num_requests is None) == (duration_s is None):
+        raise DSparkError("give exactly one of --requests and --seconds")
+    if max_tokens < 1 or (num_requests is not None and num_requests < 1) or (duration_s is not None and duration_s <= 0):
+        raise DSparkError("--max-tokens, --requests and --seconds must be positive")
+    if not prompts:
+        raise DSparkError("no prompts to send")
+    given_table = cost_table
+    out.mkdir(parents=True, exist_ok=True)
+    name = "load_served" if served else "load"
+    profile_out = out / f"{name}_cost_table.json"
+    if served:
+        points, cost_table = sweep_served(options, modes, concurrency, prompts, max_tokens, num_requests,
+                                          duration_s, cost_table, cache_dir, out / f"{name}_work", profile_out, progress)
+    else:
+        points, cost_table = sweep_engine(options, modes, concurrency, prompts, max_tokens, num_requests,
+                                          duration_s, cost_table, profile_out, progress)
+    result = {
+        "benchmark": "load", "driver": "tritonserver (tritonclient gRPC streaming)" if served else "in-process engine",
+        "target": options.target, "draft": options.draft, "engines": options.engines,
+        "modes": [m.name for m in modes], "concurrency": concurrency, "prompts": len(prompts),
+        "max_tokens": max_tokens, "requests_per_point": num_requests, "seconds_per_point": duration_s,
+        "cost_table": cost_table,
+        "cost_table_source": None if cost_table is None else "given" if given_table else "profiled at start",
+        "greedy_mismatches_vs_off": greedy_mismatches(points) if any(m.name == "off" for m in modes) else None,
+        "points": points, "environment": environment(),
+    }
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    title = f"{options.target} + {options.draft or 'no drafter'} ({'served' if served else 'in-process'})"
+    frontier_plot(points, title, out / f"{name}_frontier.png")
+    budget_plot(points, title, out / f"{name}_budget.png")
+    return result
+
+
+def summary_table(result: dict) -> str:
+    """A plain-text table of the points, one row per (mode, concurrency)."""
+    rows = [f"{'mode':>9} {'C':>3} {'agg tok/s':>10} {'user med':>9} {'user p10':>9} {'TTFT med':>9} "
+            f"{'TTFT p90':>9} {'ℓ':>5} {'τ':>5}"]
+    for p in result["points"]:
+        tau = "-" if p["tau"] is None else f"{p['tau']:.2f}"
+        rows.append(f"{p['mode']:>9} {p['concurrency']:>3} {p['aggregate_tokens_per_second']:>10.1f} "
+                    f"{p['per_user_tokens_per_second_median']:>9.1f} {p['per_user_tokens_per_second_p10']:>9.1f} "
+                    f"{p['ttft_seconds_median']:>9.3f} {p['ttft_seconds_p90']:>9.3f} "
+                    f"{p['mean_verify_length']:>5.2f} {tau:>5}")
+    return "\n".join(rows)

@@ -1,0 +1,144 @@
+"""bench load: the aggregation on hand-built records, mode parsing, and a tiny in-process sweep end to end
+(JSON internally consistent, greedy outputs of every mode equal mode off, valid PNGs); peer rows of
+bench speedup are checked on the printed table."""
+import json
+
+import matplotlib.pyplot as plt
+import pytest
+from test_cli_spec import pair  # noqa: F401 - the tiny target + drafter fixture, shared
+
+from dspark_trt.bench.load import (RequestRecord, greedy_mismatches, pareto_front, parse_concurrency, parse_modes,
+                                   percentile, summarize)
+from dspark_trt.bench.speedup import speedup_table
+from dspark_trt.cli import main as cli_main
+from dspark_trt.errors import DSparkError
+
+
+def records():
+    return [
+        RequestRecord(prompt=0, submit=0.0, first_token=0.5, finish=2.0, tokens=10, verified=[2, 4], accepted=[3, 5]),
+        RequestRecord(prompt=1, submit=1.0, first_token=1.2, finish=5.0, tokens=8, verified=[0], accepted=[1]),
+        RequestRecord(prompt=2, submit=2.0, first_token=2.1, finish=3.0, tokens=3),
+    ]
+
+
+def test_summary_of_hand_built_records():
+    s = summarize(records())
+    # per-user tok/s: 10/2 = 5, 8/4 = 2, 3/1 = 3 -> sorted 2, 3, 5; p10 at rank 0.2 -> 2 + 0.2 * (3 - 2)
+    assert s["per_user_tokens_per_second_median"] == pytest.approx(3.0)
+    assert s["per_user_tokens_per_second_p10"] == pytest.approx(2.2)
+    # TTFT: 0.5, 0.2, 0.1 -> sorted 0.1, 0.2, 0.5; p90 at rank 1.8 -> 0.2 + 0.8 * 0.3
+    assert s["ttft_seconds_median"] == pytest.approx(0.2)
+    assert s["ttft_seconds_p90"] == pytest.approx(0.44)
+    assert s["tokens"] == 21 and s["seconds"] == pytest.approx(5.0)
+    assert s["aggregate_tokens_per_second"] == pytest.approx(21 / 5)
+    assert s["mean_verify_length"] == pytest.approx((2 + 4 + 0) / 3)  # pooled over rounds, not requests
+    assert s["tau"] == pytest.approx((3 + 5 + 1) / 3)
+    assert percentile([], 50) is None
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_pareto_front_keeps_points_nothing_beats_on_both_axes():
+    points = [(1.0, 10.0), (2.0, 8.0), (1.5, 7.0), (3.0, 2.0), (2.0, 8.0), (0.5, 10.0)]
+    # (1.5, 7) loses to (2, 8); (0.5, 10) loses to (1, 10); the duplicate (2, 8) appears once
+    assert pareto_front(points) == [(1.0, 10.0), (2.0, 8.0), (3.0, 2.0)]
+
+
+def test_modes_and_concurrency_parse_or_name_the_problem():
+    modes = parse_modes("off, fixed3,dspark,async,threshold")
+    assert [(m.name, m.schedule, m.gamma) for m in modes] == [
+        ("off", "off", None), ("fixed3", "fixed", 3), ("dspark", "dspark", None), ("async", "async", None),
+        ("threshold", "threshold", None)]
+    assert [m.needs_cost_table for m in modes] == [False, False, True, True, False]
+    for bad, match in (("fixed", "unknown mode 'fixed'"), ("fast", "unknown mode 'fast'"), ("off,off", "twice"),
+                       ("", "empty")):
+        with pytest.raises(DSparkError, match=match):
+            parse_modes(bad)
+    assert parse_concurrency("4,1,2,4") == [1, 2, 4]
+    for bad in ("0,1", "a", ""):
+        with pytest.raises(DSparkError, match="--concurrency"):
+            parse_concurrency(bad)
+
+
+def test_greedy_mismatches_compare_each_prompt_with_mode_off():
+    def point(mode, c, digests):
+        return {"mode": mode, "concurrency": c, "per_request": [{"prompt": p, "output_digest": d}
+                                                                 for p, d in digests.items()]}
+
+    points = [point("off", 1, {0: "a", 1: "b"}), point("fixed3", 1, {0: "a", 1: "b"}),
+              point("fixed3", 2, {0: "a", 1: "x"})]
+    assert greedy_mismatches(points) == ["fixed3 C=2 prompt 1"]
+
+
+def _valid_png(path):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = plt.imread(path)
+    assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_tiny_in_process_sweep_writes_a_consistent_json_and_pngs(pair, tmp_path, capsys):  # noqa: F811
+    modes = ["off", "fixed1", "fixed4", "threshold", "dspark", "async"]
+    assert cli_main(["bench", "load", "--target", str(pair / "target"), "--draft", str(pair / "draft"),
+                     "--prompts-file", str(pair / "prompts.jsonl"), "--limit", "3", "--modes", ",".join(modes),
+                     "--concurrency", "1,2", "--requests", "2", "--max-tokens", "8", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr()
+    result = json.loads((tmp_path / "load.json").read_text())
+    assert result["modes"] == modes and result["concurrency"] == [1, 2]
+    assert result["cost_table_source"] == "profiled at start"  # no --cost-table: measured once, written next to it
+    assert json.loads((tmp_path / "load_cost_table.json").read_text())["steps_per_second"]
+    assert result["environment"]["git_revision"] and result["environment"]["command"]
+    assert [(p["mode"], p["concurrency"]) for p in result["points"]] == [(m, c) for m in modes for c in (1, 2)]
+    for point in result["points"]:
+        per_request = point["per_request"]
+        assert len(per_request) == point["requests"] == 2
+        assert point["tokens"] == sum(r["tokens"] for r in per_request)
+        assert all(1 <= r["tokens"] <= 8 for r in per_request)
+        assert point["seconds"] == pytest.approx(max(r["finish"] for r in per_request)
+                                                 - min(r["submit"] for r in per_request))
+        assert point["aggregate_tokens_per_second"] == pytest.approx(point["tokens"] / point["seconds"])
+        assert all(r["submit"] <= r["first_token"] <= r["finish"] for r in per_request)
+        verified = [v for r in per_request for v in r["verified"]]
+        assert point["mean_verify_length"] == pytest.approx(sum(verified) / len(verified))
+        cap = {"off": 0, "fixed1": 1}.get(point["mode"], 4)  # the tiny drafter's block size is 4
+        assert max(verified) <= cap
+        if point["mode"] == "off":
+            assert point["tau"] == 1.0
+        if point["mode"] == "fixed4":  # fixed γ verifies all γ drafts unless the token budget is smaller
+            assert max(verified) == 4
+        # each round commits its accepted drafts + 1; the first token comes from prefill
+        for r in per_request:
+            assert sum(r["accepted"]) >= r["tokens"] - 1
+        # closed loop at concurrency 1: the second request is submitted after the first finished
+        if point["concurrency"] == 1:
+            first, second = sorted(per_request, key=lambda r: r["submit"])
+            assert second["submit"] >= first["finish"]
+    assert result["greedy_mismatches_vs_off"] == []
+    assert {p["prompt"] for p in result["points"][0]["per_request"]} == {0, 1}  # round-robin over the prompts
+    for name in ("load_frontier.png", "load_budget.png"):
+        _valid_png(tmp_path / name)
+    assert "fixed4" in printed.out and "agg tok/s" in printed.out
+
+
+def test_load_command_names_bad_options(pair, tmp_path, capsys):  # noqa: F811
+    base = ["bench", "load", "--target", str(pair / "target"), "--prompts-file", str(pair / "prompts.jsonl"),
+            "--out", str(tmp_path)]
+    assert cli_main([*base, "--modes", "off,fixed3"]) == 2
+    assert "need a drafter (--draft)" in capsys.readouterr().err
+    assert cli_main([*base, "--draft", str(pair / "draft"), "--modes", "fixed9", "--requests", "1",
+                     "--concurrency", "1"]) == 2
+    assert "gamma must be in 0..4" in capsys.readouterr().err
+    assert cli_main([*base, "--modes", "off", "--requests", "2", "--seconds", "1"]) == 2
+    assert "exactly one of --requests and --seconds" in capsys.readouterr().err
+
+
+def test_speedup_table_lists_every_peer_and_skipped_ones():
+    result = {"ar_tokens_per_second": 10.0, "dspark_tokens_per_second": 15.0, "speedup": 1.5, "schedule": "fixed",
+              "all_token_identical": True, "mean_accepted_length": 2.0,
+              "peers": [{"name": "transformers generate", "tokens_per_second": 8.0, "ratio_to_ar": 0.8,
+                         "token_identical_to_ar": True},
+                        {"name": "llama.cpp (llama-cpp-python)", "skipped": "llama-cpp-python is not installed"}]}
+    lines = speedup_table(result).splitlines()
+    assert len(lines) == 5
+    assert lines[3].split()[-3:] == ["8.0", "0.80", "True"]
+    assert lines[4].endswith("skipped: llama-cpp-python is not installed")
