@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import tiny_drafter, tiny_target
 from dspark_trt.cli import main
 from dspark_trt.engine.request import RequestStats
 from dspark_trt.spec.eval_stats import Rounds, eval_stats, json_safe, rounds_from_requests
@@ -98,10 +99,13 @@ def test_bad_dataset_paths_and_empty_datasets_exit_2(tmp_path, capsys):
 
 
 PROMPTS = ["What is 7 times 8?", "Name three colours."]
-MAX_NEW = 12
-TEMPS = [2.0] * 7
+MAX_NEW = 10
+BLOCK = 4
+TEMPS = [2.0] * BLOCK
 
 
+# End to end on the real target (loaded twice: by the fixture and by the command) and a random drafter:
+# about a minute on 2 idle cores, hence `slow`.
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, smollm2):
     """A random SmolLM2 drafter with a calibration next to it, evaluated by the CLI on a 2-prompt dataset."""
@@ -110,7 +114,7 @@ def evaluated(tmp_path_factory, smollm2):
 
     root = tmp_path_factory.mktemp("eval")
     target, _ = smollm2
-    drafter = random_drafter(drafter_config_for_target(target.config, block_size=7), seed=0, target=target)
+    drafter = random_drafter(drafter_config_for_target(target.config, block_size=BLOCK), seed=0, target=target)
     save_drafter(drafter, root / "draft", dtype=torch.bfloat16)
     save_calibration(Calibration(TEMPS), root / "draft" / "calibration.json")
     dataset = root / "tiny.jsonl"
@@ -134,13 +138,14 @@ def own_run(evaluated, smollm2):
     root, _ = evaluated
     target, tokenizer = smollm2
     runtime = TorchRuntime(target, load_drafter(root / "draft"), num_slots=8)
-    engine = Engine(runtime, make_scheduler("fixed", block_size=7, has_confidence=True), record_rounds=True)
+    engine = Engine(runtime, make_scheduler("fixed", block_size=BLOCK, has_confidence=True), record_rounds=True)
     params = SamplingParams(max_tokens=MAX_NEW, stop_ids=tuple(runtime.eos_token_ids))
     requests = engine.generate([chat_prompt_ids(tokenizer, p) for p in PROMPTS], params)
     assert not any(r.error for r in requests)
     return requests
 
 
+@pytest.mark.slow
 def test_tau_and_counts_match_an_independent_engine_run(evaluated, own_run):
     _, report = evaluated
     ds = report["datasets"]["tiny"]
@@ -156,11 +161,12 @@ def test_tau_and_counts_match_an_independent_engine_run(evaluated, own_run):
         assert report["all"][key] == ds[key], key  # one dataset: the aggregate is the same
 
 
+@pytest.mark.slow
 def test_conditional_acceptance_is_consistent_with_the_histogram(evaluated):
     ds = evaluated[1]["datasets"]["tiny"]
     hist, reached, passed = ds["accepted_histogram"], ds["position_reached"], ds["position_accepted"]
-    assert sum(hist) == ds["rounds"] and len(hist) == 8
-    for k in range(7):
+    assert sum(hist) == ds["rounds"] and len(hist) == BLOCK + 1
+    for k in range(BLOCK):
         # accepting draft k means reaching and passing it: #passed_k = #(acc > k); #reached_k ≤ #(acc ≥ k)
         assert passed[k] == sum(hist[k + 1:])
         assert passed[k] <= reached[k] <= sum(hist[k:])
@@ -169,6 +175,7 @@ def test_conditional_acceptance_is_consistent_with_the_histogram(evaluated):
     assert reached[0] > 0
 
 
+@pytest.mark.slow
 def test_calibration_before_and_after_from_the_recorded_confidences(evaluated, own_run):
     _, report = evaluated
     assert report["calibration"]["temperatures"] == TEMPS  # picked up next to the drafter by default
@@ -180,10 +187,11 @@ def test_calibration_before_and_after_from_the_recorded_confidences(evaluated, o
     assert before["count"] == after["count"] == int((proposed > 0).sum())
     assert before["pred_mean"] == pytest.approx(float(torch.sigmoid(first).mean()), rel=1e-4)
     assert after["pred_mean"] == pytest.approx(float(torch.sigmoid(first / 2).mean()), rel=1e-4)
-    assert [p["count"] for p in cal["before"]["positions"]] == [int((proposed > k).sum()) for k in range(7)]
+    assert [p["count"] for p in cal["before"]["positions"]] == [int((proposed > k).sum()) for k in range(BLOCK)]
     assert sum(b["count"] for b in cal["before"]["reliability"]) == int(proposed.sum())
 
 
+@pytest.mark.slow
 def test_results_record_command_revision_hashes_and_identity(evaluated):
     root, report = evaluated
     dataset = root / "tiny.jsonl"
@@ -192,10 +200,11 @@ def test_results_record_command_revision_hashes_and_identity(evaluated):
     rev = report["git_revision"]
     assert rev == "unknown" or len(rev.removesuffix("-dirty")) == 40
     assert report["draft"]["config_sha256"] == hashlib.sha256((root / "draft" / "config.json").read_bytes()).hexdigest()
-    assert report["draft"]["block_size"] == 7 and report["target"]["name"] == "smollm2"
+    assert report["draft"]["block_size"] == BLOCK and report["target"]["name"] == "smollm2"
     assert report["options"]["max_new_tokens"] == MAX_NEW and report["machine"]["cpu_count"] >= 1
 
 
+@pytest.mark.slow
 def test_plots_are_png_files(evaluated):
     import matplotlib.pyplot as plt
 
@@ -207,15 +216,19 @@ def test_plots_are_png_files(evaluated):
         assert height > 100 and width > 100
 
 
-def test_a_drafter_for_another_target_is_refused(evaluated, tmp_path, capsys):
+def test_a_drafter_for_another_target_is_refused(tmp_path, capsys):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    root, _ = evaluated
-    Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8)).save_pretrained(tmp_path)
+    from dspark_trt.models.drafter_checkpoint import save_drafter
     from dspark_trt.models.sources import load_tokenizer, resolve_model
 
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8)).save_pretrained(tmp_path)
     load_tokenizer(resolve_model("smollm2")).save_pretrained(tmp_path)
-    assert _eval(["--target", str(tmp_path), "--draft", str(root / "draft"), "--datasets",
-                  str(root / "tiny.jsonl"), "--max-new-tokens", "4"]) == 2
-    assert "drafter does not match the target: hidden_size 576 != target 32" in capsys.readouterr().err
+    save_drafter(tiny_drafter(tiny_target(), block_size=3), tmp_path / "draft")  # hidden 16, vocab 8
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text('{"turns": ["hi"]}\n')
+    assert _eval(["--target", str(tmp_path), "--draft", str(tmp_path / "draft"), "--datasets", str(dataset),
+                  "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "drafter does not match the target: hidden_size 16 != target 32; vocab_size 8 != target 64" in err
