@@ -188,7 +188,8 @@ def _word_list(inputs: Inputs, name: str, vocab_size: int) -> list[list[int]]:
     row = [int(o) for o in array[1]]
     offsets = row[: next((i for i, o in enumerate(row) if o < 0), len(row))]  # as decode_word_list reads it
     if offsets != sorted(set(offsets)) or (offsets and (offsets[0] < 1 or offsets[-1] > array.shape[1])):
-        raise InvalidRequestError(f"{_label(name)} offsets {offsets} are not increasing ends within its {array.shape[1]} ids")
+        raise InvalidRequestError(f"{_label(name)} offsets {offsets} are not increasing ends within its "
+                                  f"{array.shape[1]} ids")
     words = decode_word_list(array)
     if any(not 0 <= t < vocab_size for w in words for t in w):
         raise InvalidRequestError(f"{_label(name)} holds a token id outside [0, {vocab_size})")
