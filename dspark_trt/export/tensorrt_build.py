@@ -66,10 +66,11 @@ def tensorrt_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     model = copy.deepcopy(model)
     for node in model.graph.node:
         if node.op_type == VERIFY_OP:
+            fields = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": "1", "has_draft_probs": 1}
+            kept = [a for a in node.attribute if a.name not in fields]
             node.domain = ""
-            node.attribute.extend([helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE),
-                                   helper.make_attribute("plugin_version", "1"),
-                                   helper.make_attribute("has_draft_probs", 1)])
+            del node.attribute[:]
+            node.attribute.extend(kept + [helper.make_attribute(k, v) for k, v in fields.items()])
     return model
 
 
