@@ -68,10 +68,10 @@ def verify_compute(target_logits, draft_tokens, draft_probs, row_offsets, temper
     """
     global _last_error
     t = torch.from_numpy
+    q = t(np.ascontiguousarray(draft_probs)) if has_draft_probs else None
     try:
-        result = dspark_verify(t(np.ascontiguousarray(target_logits)), t(draft_tokens),
-                               t(np.ascontiguousarray(draft_probs)) if has_draft_probs else None, t(row_offsets), t(temperature), t(top_k),
-                               t(top_p), t(uniforms))
+        result = dspark_verify(t(np.ascontiguousarray(target_logits)), t(draft_tokens), q, t(row_offsets),
+                               t(temperature), t(top_k), t(top_p), t(uniforms))
     except Exception as exc:  # noqa: BLE001 - reported through check_outputs
         _last_error = f"{type(exc).__name__}: {exc}"
         failed = np.full(len(temperature), FAILED, dtype=np.int64)
@@ -131,8 +131,8 @@ def make_verify_node(inputs: list[str], outputs: list[str], name: str = "dspark_
     if len(inputs) != len(INPUTS) or len(outputs) != len(OUTPUTS):
         raise DSparkError(f"{OP_TYPE} takes {len(INPUTS)} inputs and gives {len(OUTPUTS)} outputs, "
                           f"got {len(inputs)} and {len(outputs)}")
-    return helper.make_node(OP_TYPE, inputs, outputs, name=name, domain=DOMAIN, has_draft_probs=int(has_draft_probs),
-                            plugin_namespace=PLUGIN_NAMESPACE)
+    return helper.make_node(OP_TYPE, inputs, outputs, name=name, domain=DOMAIN,
+                            has_draft_probs=int(has_draft_probs), plugin_namespace=PLUGIN_NAMESPACE)
 
 
 def session_options_with_dspark_ops(options: ort.SessionOptions | None = None) -> ort.SessionOptions:
