@@ -32,6 +32,7 @@ from dspark_trt.errors import DSparkError
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32)
 DEFAULT_MODES = ("off", "fixed1", "fixed3", "fixed7", "threshold", "dspark", "async")
 Progress = Callable[[str], None]
+SERVER_START_TIMEOUT_S = 600  # loading the models of a big target on a busy CPU machine takes minutes
 
 
 # ---- modes ---------------------------------------------------------------------------------------------
@@ -157,11 +158,14 @@ def closed_loop_engine(engine, prompts: list[list[int]], params, concurrency: in
             return submitted < num_requests
         return time.perf_counter() - start < duration_s
 
+    def on_tokens(request, new_ids: list[int], done: bool) -> None:
+        if done:
+            finished.append(request)
+
     def submit() -> None:
         nonlocal submitted
         index = submitted % len(prompts)
-        request = engine.add_request(prompts[index], params,
-                                     on_tokens=lambda req, ids, done: done and finished.append(req))
+        request = engine.add_request(prompts[index], params, on_tokens=on_tokens)
         prompt_of[request.request_id] = index
         submitted += 1
 
@@ -173,10 +177,11 @@ def closed_loop_engine(engine, prompts: list[list[int]], params, concurrency: in
         for request in finished:  # the client sees its answer, then sends its next prompt
             if request.error:
                 raise DSparkError(f"request failed during the load sweep: {request.error}")
+            stats = request.stats
             records.append(RequestRecord(
-                prompt=prompt_of[request.request_id], submit=request.arrival_time, first_token=request.stats.first_token_time,
-                finish=request.finish_time, tokens=len(request.output_ids), verified=list(request.stats.round_verified),
-                accepted=list(request.stats.accepted_lengths), output_digest=digest(request.output_ids)))
+                prompt=prompt_of[request.request_id], submit=request.arrival_time, first_token=stats.first_token_time,
+                finish=request.finish_time, tokens=len(request.output_ids), verified=list(stats.round_verified),
+                accepted=list(stats.accepted_lengths), output_digest=digest(request.output_ids)))
             if more():
                 submit()
         finished.clear()
@@ -239,7 +244,7 @@ def _point(mode: Mode, concurrency: int, records: list[RequestRecord], progress:
              "per_request": [asdict(r) for r in records]}
     progress(f"{mode.name:>9} C={concurrency:<3} {point['aggregate_tokens_per_second']:7.1f} tok/s aggregate, "
              f"{point['per_user_tokens_per_second_median']:6.1f} tok/s per user (median), "
-             f"ℓ {point['mean_verify_length']:.2f}, τ {point['tau'] if point['tau'] is None else round(point['tau'], 2)}")
+             f"ℓ {point['mean_verify_length']:.2f}, τ {point['tau'] or float('nan'):.2f}")
     return point
 
 
@@ -330,7 +335,8 @@ def _ensemble_inputs(module, text: str, max_tokens: int) -> list:
 
 def sweep_served(options, modes: list[Mode], concurrency: list[int], prompts: list[str], max_tokens: int,
                  num_requests: int | None, duration_s: float | None, cost_table: str | None, cache_dir: str | None,
-                 workdir: Path, profile_out: Path, progress: Progress = lambda msg: None) -> tuple[list[dict], str | None]:
+                 workdir: Path, profile_out: Path,
+                 progress: Progress = lambda msg: None) -> tuple[list[dict], str | None]:
     """The sweep through tritonserver: per mode a repository is packaged from the same engines and served."""
     from dspark_trt.commands.serve import default_engines
     from dspark_trt.export.engines import load_engine_tokenizer
@@ -352,11 +358,15 @@ def sweep_served(options, modes: list[Mode], concurrency: list[int], prompts: li
             block_size=mode.gamma, cost_table=cost_table if mode.needs_cost_table else None,
             num_slots=max(concurrency)))
         progress(f"{mode.name}: starting tritonserver on {repo}")
-        with TritonServer(repo, workdir=workdir / f"work-{mode.name}") as server:
+        server = TritonServer(repo, workdir=workdir / f"work-{mode.name}")
+        try:
+            server.start(timeout_s=SERVER_START_TIMEOUT_S)
             closed_loop_served(server.grpc_url, prompts[:1], 4, 1, 1, None, count)  # warm-up
             for c in concurrency:
                 records = closed_loop_served(server.grpc_url, prompts, max_tokens, c, num_requests, duration_s, count)
                 points.append(_point(mode, c, records, progress))
+        finally:
+            server.stop()
     return points, cost_table
 
 
@@ -382,7 +392,8 @@ def bench_load(options, modes: list[Mode], concurrency: list[int], prompts: list
 
     if (num_requests is None) == (duration_s is None):
         raise DSparkError("give exactly one of --requests and --seconds")
-    if max_tokens < 1 or (num_requests is not None and num_requests < 1) or (duration_s is not None and duration_s <= 0):
+    if max_tokens < 1 or (num_requests is not None and num_requests < 1) or \
+            (duration_s is not None and duration_s <= 0):
         raise DSparkError("--max-tokens, --requests and --seconds must be positive")
     if not prompts:
         raise DSparkError("no prompts to send")
@@ -392,7 +403,8 @@ def bench_load(options, modes: list[Mode], concurrency: list[int], prompts: list
     profile_out = out / f"{name}_cost_table.json"
     if served:
         points, cost_table = sweep_served(options, modes, concurrency, prompts, max_tokens, num_requests,
-                                          duration_s, cost_table, cache_dir, out / f"{name}_work", profile_out, progress)
+                                          duration_s, cost_table, cache_dir, out / f"{name}_work", profile_out,
+                                          progress)
     else:
         points, cost_table = sweep_engine(options, modes, concurrency, prompts, max_tokens, num_requests,
                                           duration_s, cost_table, profile_out, progress)

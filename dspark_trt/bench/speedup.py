@@ -88,8 +88,8 @@ def _transformers_peers(target: str, stop: tuple[int, ...], max_tokens: int) -> 
             return out[0, len(ids):].tolist()
         return run
 
-    return {"transformers generate": runner(),
-            f"transformers prompt lookup ({PROMPT_LOOKUP_TOKENS})": runner(prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS)}
+    lookup = f"transformers prompt lookup ({PROMPT_LOOKUP_TOKENS})"
+    return {"transformers generate": runner(), lookup: runner(prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS)}
 
 
 def _llama_cpp_skip_reason() -> str:
