@@ -142,3 +142,31 @@ def test_speedup_table_lists_every_peer_and_skipped_ones():
     assert len(lines) == 5
     assert lines[3].split()[-3:] == ["8.0", "0.80", "True"]
     assert lines[4].endswith("skipped: llama-cpp-python is not installed")
+
+
+@pytest.fixture(scope="module")
+def engines(pair, tmp_path_factory):  # noqa: F811
+    from dspark_trt.export.build import BuildOptions, build_engines
+
+    out = tmp_path_factory.mktemp("engines")
+    build_engines(BuildOptions(out=str(out), target=str(pair / "target"), draft=str(pair / "draft"),
+                               max_seq_len=128), progress=lambda message: None)
+    return out
+
+
+@pytest.mark.server
+def test_served_sweep_through_tritonserver_matches_mode_off(engines, pair, tmp_path, capsys):  # noqa: F811
+    assert cli_main(["bench", "load", "--served", "--engines", str(engines), "--prompts-file",
+                     str(pair / "prompts.jsonl"), "--limit", "2", "--modes", "off,fixed2", "--concurrency", "1,2",
+                     "--requests", "3", "--max-tokens", "8", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "load_served.json").read_text())
+    assert result["driver"].startswith("tritonserver") and result["cost_table"] is None
+    assert [(p["mode"], p["concurrency"]) for p in result["points"]] == [
+        ("off", 1), ("off", 2), ("fixed2", 1), ("fixed2", 2)]
+    for point in result["points"]:
+        assert point["requests"] == 3 and point["tokens"] == sum(r["tokens"] for r in point["per_request"])
+        assert all(r["submit"] <= r["first_token"] <= r["finish"] for r in point["per_request"])
+        assert point["mean_verify_length"] == (0 if point["mode"] == "off" else pytest.approx(2, abs=1))
+    assert result["greedy_mismatches_vs_off"] == []
+    for name in ("load_served_frontier.png", "load_served_budget.png"):
+        _valid_png(tmp_path / name)
