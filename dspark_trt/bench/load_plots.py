@@ -30,8 +30,8 @@ def frontier_plot(points: list[dict], title: str, path: Path) -> None:
         for p, x, y in zip(ps, xs, ys):
             ax.annotate(f"C{p['concurrency']}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
     front = pareto_front([(p["per_user_tokens_per_second_median"], p["aggregate_tokens_per_second"]) for p in points])
-    ax.plot([x for x, _ in front], [y for _, y in front], color="black", linestyle="--", linewidth=1,
-            label="Pareto frontier")
+    ax.plot([x for x, _ in front], [y for _, y in front], color="black", linestyle="--", linewidth=1, marker="o",
+            markersize=12, fillstyle="none", label="Pareto frontier")  # circled: visible even as one point
     ax.set(xlabel="per-user tokens/s (median)", ylabel="aggregate tokens/s", title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
