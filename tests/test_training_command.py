@@ -111,3 +111,16 @@ def test_dflash_recipe_trains_the_ablation_without_markov_and_confidence(tiny, t
     for line in (tmp_path / "dflash" / "train_log.jsonl").read_text().splitlines():
         record = json.loads(line)
         assert "conf" not in record and record["loss"] == pytest.approx(record["ce"], rel=1e-6)
+
+
+def test_responses_option_trains_on_an_earlier_runs_data_without_regenerating(tiny, tmp_path):
+    _, prompts = tiny
+    assert main(_args(prompts, tmp_path / "first", 3, "--recipe", "dflash")) == 0
+    args = _args(prompts, tmp_path / "again", 3, "--recipe", "dflash")
+    args[args.index("--prompts"): args.index("--prompts") + 2] = ["--responses", str(tmp_path / "first" / "responses.jsonl")]
+    assert main(args + ["--feature-cache", str(tmp_path / "first" / "feature_cache")]) == 0
+    assert not (tmp_path / "again" / "responses.jsonl").exists()
+    first, again = ((tmp_path / run / "train_log.jsonl").read_text().splitlines() for run in ("first", "again"))
+    assert len(again) == 3
+    for a, b in zip(first, again):  # same data, seed and anchors; features from the float16 cache
+        assert json.loads(b)["loss"] == pytest.approx(json.loads(a)["loss"], rel=1e-2)

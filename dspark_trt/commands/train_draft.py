@@ -48,7 +48,10 @@ RECIPES = {"dspark": LossWeights(), "dflash": LossWeights(ce=1.0, tv=0.0, conf=0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="smollm2", help="alias, .gguf file or HF directory (default smollm2)")
-    parser.add_argument("--prompts", nargs="+", required=True, help="JSONL files of {'turns': [...], 'domain': ...}")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", nargs="+", help="JSONL files of {'turns': [...], 'domain': ...}")
+    source.add_argument("--responses", help="train on this responses.jsonl of an earlier run as it is, without "
+                                            "regenerating (e.g. the same data for an ablation)")
     parser.add_argument("--out", required=True, help="output directory; rerun with the same options to resume "
                                                       "(the drafter's shape is then read from its checkpoint)")
     parser.add_argument("--limit", type=int, help="prompts per file")
@@ -135,12 +138,14 @@ def run(args: argparse.Namespace) -> int:
         extractor = CachedFeatureExtractor(extractor, args.feature_cache or out / "feature_cache",
                                            target_id=target_identity(target),
                                            max_bytes=int(args.feature_cache_gb * 2**30))
-    prompts = _prompts(args)
-    responses = out / RESPONSES_FILE
-    added = regenerate_responses(target, tokenizer, prompts, responses, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p, batch_size=args.gen_batch,
-                                 seed=args.seed)
-    print(f"train-draft: {added} new responses in {responses}", file=sys.stderr)
+    if args.responses:
+        responses = Path(args.responses)
+    else:
+        responses = out / RESPONSES_FILE
+        added = regenerate_responses(target, tokenizer, _prompts(args), responses, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, top_p=args.top_p, batch_size=args.gen_batch,
+                                     seed=args.seed)
+        print(f"train-draft: {added} new responses in {responses}", file=sys.stderr)
     samples = load_samples(responses, max_length=args.max_length, min_loss_tokens=args.min_loss_tokens)
     train_config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, num_anchors=args.num_anchors,
                                checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
