@@ -26,19 +26,19 @@ from pathlib import Path
 
 import torch
 
-from dspark_trt.commands.calibrate import CALIBRATION_FILE
+from dspark_trt.models.drafter_checkpoint import resolve_drafter
 from dspark_trt.engine.factory import SCHEDULE_MODES, EngineOptions, build_engine
 from dspark_trt.engine.prompts import chat_prompt_ids, read_prompts_file
 from dspark_trt.engine.request import SamplingParams
 from dspark_trt.engine.rollouts import run_rollouts
 from dspark_trt.errors import DSparkError
-from dspark_trt.spec.calibration import load_calibration
+from dspark_trt.spec.calibration import CALIBRATION_FILE, load_calibration, stored_calibration
 from dspark_trt.spec.eval_stats import Rounds, eval_stats, json_safe, rounds_from_requests
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="smollm2", help="alias, .gguf file or HF directory (default smollm2)")
-    parser.add_argument("--draft", required=True, help="drafter directory (DeepSpec format)")
+    parser.add_argument("--draft", required=True, help="drafter directory (DeepSpec format), or 'default' for the shipped one")
     parser.add_argument("--datasets", nargs="+", required=True, metavar="FILE",
                         help="JSONL files of {'turns': [...]} lines; each is reported under its file stem")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     for name, value in (("--max-new-tokens", args.max_new_tokens), ("--concurrency", args.concurrency)):
         if value < 1:
             raise DSparkError(f"{name} must be >= 1, got {value}")
-    if not Path(args.draft).is_dir():
+    if not resolve_drafter(args.draft).is_dir():
         raise DSparkError(f"drafter directory not found: {args.draft}")
     calibration_path = _calibration_path(args)
     temps = torch.tensor(load_calibration(calibration_path).temperatures) if calibration_path else None
@@ -141,8 +141,7 @@ def _calibration_path(args: argparse.Namespace) -> Path | None:
         return None
     if args.calibration:
         return Path(args.calibration)  # load_calibration names a missing or malformed file
-    default = Path(args.draft) / CALIBRATION_FILE
-    return default if default.is_file() else None
+    return stored_calibration(args.draft)
 
 
 def _throughput(counts: dict) -> dict:
@@ -161,7 +160,7 @@ def _provenance(args: argparse.Namespace, engine, calibration_path: Path | None,
     """Everything needed to rerun this evaluation and to know what was measured where."""
     from dspark_trt.models.sources import resolve_model
 
-    draft = Path(args.draft)
+    draft = resolve_drafter(args.draft)
     target_config = json.dumps(dataclasses.asdict(engine.runtime.target.config), sort_keys=True, default=str)
     options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
     return {
