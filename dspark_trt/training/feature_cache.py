@@ -20,7 +20,7 @@ from dspark_trt.training.data import FeatureExtractor, Sample, TargetFeatures
 def target_identity(target: torch.nn.Module) -> str:
     """A fingerprint of the target's config and weights (a few sums), so caches never mix targets."""
     params = list(target.parameters())
-    sums = [f"{float(p.double().sum()):.6e}" for p in params[:: max(1, len(params) // 8)]]
+    sums = [f"{float(p.detach().double().sum()):.6e}" for p in params[:: max(1, len(params) // 8)]]
     return hashlib.sha256((repr(target.config) + "|".join(sums)).encode()).hexdigest()[:16]
 
 
