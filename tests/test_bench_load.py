@@ -5,7 +5,7 @@ import json
 
 import matplotlib.pyplot as plt
 import pytest
-from test_cli_spec import pair  # noqa: F401 - the tiny target + drafter fixture, shared
+from test_triton_serving import engines, pair  # noqa: F401 - the tiny pair and its engines, shared
 
 from dspark_trt.bench.load import (RequestRecord, greedy_mismatches, pareto_front, parse_concurrency, parse_modes,
                                    percentile, summarize)
@@ -142,16 +142,6 @@ def test_speedup_table_lists_every_peer_and_skipped_ones():
     assert len(lines) == 5
     assert lines[3].split()[-3:] == ["8.0", "0.80", "True"]
     assert lines[4].endswith("skipped: llama-cpp-python is not installed")
-
-
-@pytest.fixture(scope="module")
-def engines(pair, tmp_path_factory):  # noqa: F811
-    from dspark_trt.export.build import BuildOptions, build_engines
-
-    out = tmp_path_factory.mktemp("engines")
-    build_engines(BuildOptions(out=str(out), target=str(pair / "target"), draft=str(pair / "draft"),
-                               max_seq_len=128), progress=lambda message: None)
-    return out
 
 
 @pytest.mark.server
