@@ -16,6 +16,7 @@ give FAILED outputs (an exception would abort the process): pass the outputs to 
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,9 @@ def _fix(where: str) -> str:
 
 
 FAILED = -1  # every output entry of a call the reference rejected; `check_outputs` raises the reason
-_last_error: str | None = None
+# the last rejection's message, per thread: ORT runs a sequential graph's kernels on the thread that
+# called run(), so concurrent sessions in other threads cannot overwrite it
+_rejection = threading.local()
 
 
 def verify_compute(target_logits, draft_tokens, draft_probs, row_offsets, temperature, top_k, top_p, uniforms,
@@ -66,14 +69,13 @@ def verify_compute(target_logits, draft_tokens, draft_probs, row_offsets, temper
     An exception escaping a Python op aborts the whole process (onnxruntime-extensions 0.15), so a
     rejected call returns FAILED everywhere and keeps its message for `check_outputs`.
     """
-    global _last_error
     t = torch.from_numpy
     q = t(np.ascontiguousarray(draft_probs)) if has_draft_probs else None
     try:
         result = dspark_verify(t(np.ascontiguousarray(target_logits)), t(draft_tokens), q, t(row_offsets),
                                t(temperature), t(top_k), t(top_p), t(uniforms))
     except Exception as exc:  # noqa: BLE001 - reported through check_outputs
-        _last_error = f"{type(exc).__name__}: {exc}"
+        _rejection.message = f"{type(exc).__name__}: {exc}"
         failed = np.full(len(temperature), FAILED, dtype=np.int64)
         return failed, failed.copy()
     return result.accepted.numpy().astype(np.int64), result.next_token.numpy().astype(np.int64)
@@ -82,7 +84,7 @@ def verify_compute(target_logits, draft_tokens, draft_probs, row_offsets, temper
 def check_outputs(accepted: np.ndarray, next_token: np.ndarray) -> None:
     """Raise the reason when the op rejected its inputs (outputs FAILED)."""
     if (np.asarray(accepted) == FAILED).any():
-        raise DSparkError(f"{OP_TYPE} rejected its inputs: {_last_error}")
+        raise DSparkError(f"{OP_TYPE} rejected its inputs: {getattr(_rejection, 'message', 'unknown reason')}")
 
 
 if onnx_op is not None:

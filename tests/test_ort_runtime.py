@@ -34,6 +34,28 @@ def test_tiny_pair_greedy_identical_with_speculation(tmp_path):
     assert [r.output_ids for r in ar] == [r.output_ids for r in ref]
 
 
+def test_sampled_decoding_verifies_in_graph_and_equals_torch(tmp_path, monkeypatch):
+    """At T>0 the engine's verification runs in the target graph's DSparkVerify node; with the same
+    seeds it draws the same tokens and accepts the same prefixes as the torch runtime."""
+    target = tiny_target(vocab_size=6, seed=2, scale=3.0)
+    drafter = tiny_drafter(target, block_size=4, seed=2)
+    export_engines(target, drafter, tmp_path)
+    params = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=11)
+    ref = _run(TorchRuntime(target, drafter, num_slots=4, max_seq_len=64), PROMPTS, params)
+    runtime = OrtRuntime(tmp_path, num_slots=4, max_seq_len=64)
+    assert runtime.verify_in_graph
+
+    def no_host_verification(*args, **kwargs):
+        raise AssertionError("verified on the host, not in the graph")
+
+    monkeypatch.setattr("dspark_trt.runtimes.base.dspark_verify", no_host_verification)
+    ort = _run(runtime, PROMPTS, params)
+    assert all(r.error is None for r in ort)
+    assert [r.output_ids for r in ort] == [r.output_ids for r in ref]
+    assert [r.stats.round_accepted for r in ort] == [r.stats.round_accepted for r in ref]
+    assert sum(r.stats.draft_tokens_accepted for r in ort) > 0
+
+
 def test_slots_are_recycled_and_rolled_back(tmp_path):
     """More requests than slots: a freed slot's stale K/V and context must never leak into the next."""
     target = tiny_target(vocab_size=4, seed=5, scale=3.0)

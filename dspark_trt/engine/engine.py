@@ -20,7 +20,6 @@ from dspark_trt.errors import DSparkError
 from dspark_trt.runtimes.base import Runtime
 from dspark_trt.spec.calibration import apply_sts
 from dspark_trt.spec.sampling import sample_from_uniform, uniforms, warp_probs
-from dspark_trt.spec.verify import dspark_verify
 
 # (calibrated conditional confidences [R, B] or None, max lengths [R]) -> verify lengths [R]
 Scheduler = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
@@ -197,7 +196,7 @@ class Engine:
         # one target pass over [anchor, d_0 .. d_{l-1}] of every request
         rows_per_request = lengths + 1
         row_offsets = torch.zeros(n + 1, dtype=torch.long)
-        row_offsets[1:] = rows_per_request.cumsum(0)
+        row_offsets[1:] = rows_per_request.cumsum(0)  # where each request's rows start in the pass
         pieces, draft_tokens, draft_probs = [], [], []
         for i, request in enumerate(requests):
             ell = int(lengths[i])
@@ -206,13 +205,12 @@ class Engine:
                 pieces.append(draft.tokens[i, :ell])
                 draft_tokens.append(draft.tokens[i, :ell])
                 draft_probs.append(draft.probs[i, :ell])
-        out = rt.target_forward(torch.cat(pieces), slots, rows_per_request, logits_rows="all")
-        vocab = out.logits.shape[-1]
-        result = dspark_verify(
-            out.logits,
+        vocab = rt.vocab_size
+        out, result = rt.target_verify(
+            torch.cat(pieces), slots, rows_per_request,
             torch.cat(draft_tokens) if draft_tokens else torch.zeros(0, dtype=torch.long),
             torch.cat(draft_probs) if draft_probs else torch.zeros(0, vocab),
-            row_offsets, temperature, top_k, top_p,
+            temperature, top_k, top_p,
             torch.cat([uniforms(r.generator, int(rows_per_request[i])) for i, r in enumerate(requests)]),
         )
         for i, request in enumerate(requests):

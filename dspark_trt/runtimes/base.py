@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dspark_trt.spec.verify import VerifyResult, dspark_verify
+
 
 @dataclass
 class TargetStep:
@@ -67,6 +69,19 @@ class Runtime(ABC):
         logits_rows: "last" (one row per request) or "all" (every row). Taps are returned for all rows
         when the runtime has a drafter.
         """
+
+    def target_verify(self, input_ids: torch.Tensor, slots: torch.Tensor, query_lens: torch.Tensor,
+                      draft_tokens: torch.Tensor, draft_probs: torch.Tensor, temperature: torch.Tensor,
+                      top_k: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor
+                      ) -> tuple[TargetStep, VerifyResult]:
+        """A decode pass: request r appends [anchor, d_0 .. d_{l-1}] (query_lens[r] = l + 1 rows), and the
+        DSparkVerify op (plugins/SCHEMA.md) accepts a prefix of each draft. Logits of every row are
+        returned. This default verifies with the torch reference on the returned logits; a runtime
+        whose target graph ends in the DSparkVerify node does it there instead."""
+        step = self.target_forward(input_ids, slots, query_lens, "all")
+        row_offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.as_tensor(query_lens).long().cumsum(0)])
+        return step, dspark_verify(step.logits, draft_tokens, draft_probs, row_offsets, temperature, top_k,
+                                   top_p, uniforms)
 
     @abstractmethod
     def draft(self, slots: torch.Tensor, new_features: list[torch.Tensor], anchors: torch.Tensor,

@@ -26,7 +26,7 @@ from dspark_trt.models.target import TargetConfig
 from dspark_trt.runtimes.base import DraftStep, Runtime, TargetStep
 from dspark_trt.runtimes.kv_cache import KVCache
 from dspark_trt.spec.sampling import sample_from_uniform, warp_probs
-from dspark_trt.spec.verify import VerifyResult, dspark_verify
+from dspark_trt.spec.verify import VerifyResult
 from dspark_trt_plugins import ort_op
 
 
@@ -50,7 +50,7 @@ class OrtRuntime(Runtime):
         self.cache = KVCache(self.config, num_slots=num_slots, max_seq_len=self.max_seq_len)
         self._k = [k.numpy() for k in self.cache.k]
         self._v = [v.numpy() for v in self.cache.v]
-        self.sessions = {"target": make_session(engine_dir / graphs["target"]["file"], threads)}
+        self.sessions = {"target": self._make_session(engine_dir, "target", threads)}
         self._target_outputs = [o.name for o in self.sessions["target"].get_outputs()]
         self.verify_in_graph = set(VERIFY_OUTPUTS) <= set(self._target_outputs)
         self.draft_config = None
@@ -59,7 +59,7 @@ class OrtRuntime(Runtime):
             cfg = self.draft_config = config_from_dict(manifest["draft"]["config"], where=f"{engine_dir} manifest")
             self.block_size, self.has_confidence_head = cfg.block_size, cfg.enable_confidence_head
             self.tap_layers = tuple(manifest["taps"])
-            self.sessions.update({name: make_session(engine_dir / graphs[name]["file"], threads)
+            self.sessions.update({name: self._make_session(engine_dir, name, threads)
                                   for name in GRAPH_NAMES if name in graphs})
             layout = SimpleNamespace(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
                                      head_dim=cfg.head_dim)
@@ -67,6 +67,10 @@ class OrtRuntime(Runtime):
             self.context = KVCache(layout, num_slots=num_slots, max_seq_len=self.max_seq_len)
             self._ctx_k = [k.numpy() for k in self.context.k]
             self._ctx_v = [v.numpy() for v in self.context.v]
+
+    def _make_session(self, engine_dir: Path, graph: str, threads: int | None):
+        """The session that runs one graph of the manifest (TrtRuntime swaps in a TensorRT plan)."""
+        return make_session(engine_dir / self.manifest["graphs"][graph]["file"], threads)
 
     # ---- slots -------------------------------------------------------------------------------
     def allocate_slot(self) -> int:
@@ -94,14 +98,13 @@ class OrtRuntime(Runtime):
 
     def target_verify(self, input_ids, slots, query_lens, draft_tokens, draft_probs, temperature, top_k, top_p,
                       uniforms) -> tuple[TargetStep, VerifyResult]:
-        """A decode pass: request r appends [anchor, d_0 .. d_{l-1}] (query_lens[r] = l + 1 rows) and
-        has them verified (DSparkVerify inputs as in plugins/SCHEMA.md; logits of every row returned)."""
+        """Verification inside the target graph's DSparkVerify node (Runtime.target_verify's contract)."""
+        if not self.verify_in_graph:
+            return super().target_verify(input_ids, slots, query_lens, draft_tokens, draft_probs, temperature,
+                                         top_k, top_p, uniforms)
         lens = torch.as_tensor(query_lens, dtype=torch.long)
         row_offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
         args = (draft_tokens, draft_probs, row_offsets, temperature, top_k, top_p, uniforms)
-        if not self.verify_in_graph:
-            step = self.target_forward(input_ids, slots, query_lens, "all")
-            return step, dspark_verify(step.logits, *(torch.as_tensor(a) for a in args))
         rows = torch.arange(int(row_offsets[-1]))
         step, outputs = self._target_pass(input_ids, slots, query_lens, "all", verify_feeds(rows, *args))
         ort_op.check_outputs(outputs["accepted"], outputs["next_token"])

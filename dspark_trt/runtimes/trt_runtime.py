@@ -1,6 +1,6 @@
 """TensorRT runtime: the engine directory's plans (built by `build-engines --backend tensorrt`) on a GPU.
 
-It is OrtRuntime with each ONNX Runtime session swapped for a `TrtSession`, which offers the part of
+It is OrtRuntime with a `TrtSession` in place of each ONNX Runtime session, which offers the part of
 the session interface OrtRuntime uses (get_inputs, get_outputs, run). So slots, host-side caches,
 rollback, the drafter's left-to-right loop and in-graph verification are the ONNX Runtime path's own
 code; only graph execution moves to TensorRT: per call the feeds are copied into CUDA tensors,
@@ -102,11 +102,13 @@ class TrtRuntime(OrtRuntime):
             path = engine_dir / plan["file"]
             if not path.is_file() or sha256(path) != plan["sha256"]:
                 raise DSparkError(f"{engine_dir}: plan '{name}' ({plan['file']}) is missing or was modified")
-        super().__init__(engine_dir, num_slots=num_slots, max_seq_len=max_seq_len, threads=1,
-                         use_drafter=use_drafter)  # ONNX Runtime sessions, replaced just below
         from dspark_trt_plugins.trt_plugin import register_plugin
 
         register_plugin()  # a JIT plugin must be registered wherever its plan is deserialized
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.sessions = {name: TrtSession(trt, runtime, engine_dir / plans[name]["file"], manifest["graphs"][name])
-                         for name in self.sessions}
+        self._trt, self._trt_runtime = trt, trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        super().__init__(engine_dir, num_slots=num_slots, max_seq_len=max_seq_len, threads=1,
+                         use_drafter=use_drafter)
+
+    def _make_session(self, engine_dir: Path, graph: str, threads: int | None) -> TrtSession:
+        plan = self.manifest["plans"][graph]["file"]
+        return TrtSession(self._trt, self._trt_runtime, engine_dir / plan, self.manifest["graphs"][graph])
