@@ -1,5 +1,5 @@
-"""Our autoregressive decode (engine, schedule off, torch runtime) vs transformers `generate`,
-same prompt, same process, interleaved repeats."""
+"""Our autoregressive decode (engine, schedule off) on torch and, optionally, on ONNX Runtime engines,
+vs transformers `generate`: same prompt, same process, interleaved repeats."""
 from __future__ import annotations
 
 import statistics
@@ -15,7 +15,10 @@ from dspark_trt.models.weights import load_target
 from dspark_trt.runtimes.torch_runtime import TorchRuntime
 
 
-def bench_ar(target: str, prompt: str, max_tokens: int, repeats: int, progress=lambda msg: None) -> dict:
+def bench_ar(target: str, prompt: str, max_tokens: int, repeats: int, progress=lambda msg: None,
+             engines: str | None = None) -> dict:
+    """Tokens/s of each contender, timed interleaved: our engine on torch, on ONNX Runtime when
+    `engines` (a build-engines directory of this target) is given, and transformers generate."""
     from transformers import AutoModelForCausalLM
 
     model, tokenizer = load_target(target)
@@ -25,32 +28,46 @@ def bench_ar(target: str, prompt: str, max_tokens: int, repeats: int, progress=l
     prompt_ids = chat_prompt_ids(tokenizer, prompt)
     # fixed length on both sides: no stop token, exactly max_tokens new tokens
     params = SamplingParams(max_tokens=max_tokens)
-    engine = Engine(TorchRuntime(model, num_slots=1, max_seq_len=len(prompt_ids) + max_tokens + 8))
+    seq_len = len(prompt_ids) + max_tokens + 8
 
-    def ours():
-        return engine.generate([prompt_ids], params)[0].output_ids
+    def engine_run(runtime):
+        engine = Engine(runtime)
+        return lambda: engine.generate([prompt_ids], params)[0].output_ids
 
-    def theirs():
+    def transformers_run():
         with torch.inference_mode():
             out = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                               do_sample=False, pad_token_id=tokenizer.eos_token_id)
         return out[0, len(prompt_ids):].tolist()
 
-    ours()  # warm-up both
-    theirs()
-    ours_s, theirs_s, same = [], [], True
+    contenders = {"ours": engine_run(TorchRuntime(model, num_slots=1, max_seq_len=seq_len))}
+    if engines is not None:
+        from dspark_trt.runtimes.ort_runtime import OrtRuntime
+
+        contenders["onnxruntime"] = engine_run(OrtRuntime(engines, num_slots=1, max_seq_len=seq_len,
+                                                          use_drafter=False))
+    contenders["transformers"] = transformers_run
+    for run in contenders.values():  # warm-up
+        run()
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
+    same = True
     for i in range(repeats):
-        ids_ours, s_ours = timed(ours)
-        ids_theirs, s_theirs = timed(theirs)
-        ours_s.append(s_ours)
-        theirs_s.append(s_theirs)
+        outputs = {}
+        for name, run in contenders.items():
+            outputs[name], elapsed = timed(run)
+            seconds[name].append(elapsed)
         # transformers' min_new_tokens masks EOS while ours runs through it: compare up to our first EOS
-        cut = next((k for k, t in enumerate(ids_ours) if t in model.config.eos_token_ids), len(ids_ours))
-        same &= ids_ours[:cut] == ids_theirs[:cut]
-        progress(f"repeat {i + 1}/{repeats}: ours {max_tokens / s_ours:.1f} tok/s, "
-                 f"transformers {max_tokens / s_theirs:.1f} tok/s")
-    ours_tps = max_tokens / statistics.median(ours_s)
-    theirs_tps = max_tokens / statistics.median(theirs_s)
-    return {"benchmark": "ar", "target": target, "prompt_tokens": len(prompt_ids), "new_tokens": max_tokens,
-            "repeats": repeats, "ours_tokens_per_second": ours_tps, "transformers_tokens_per_second": theirs_tps,
-            "ratio": ours_tps / theirs_tps, "token_identical": same, "environment": environment()}
+        ours = outputs["ours"]
+        cut = next((k for k, t in enumerate(ours) if t in model.config.eos_token_ids), len(ours))
+        same &= all(ids[:cut] == ours[:cut] for ids in outputs.values())
+        progress(f"repeat {i + 1}/{repeats}: " + ", ".join(
+            f"{name} {max_tokens / s[-1]:.1f} tok/s" for name, s in seconds.items()))
+    tps = {name: max_tokens / statistics.median(s) for name, s in seconds.items()}
+    result = {"benchmark": "ar", "target": target, "prompt_tokens": len(prompt_ids), "new_tokens": max_tokens,
+              "repeats": repeats, "ours_tokens_per_second": tps["ours"],
+              "transformers_tokens_per_second": tps["transformers"], "ratio": tps["ours"] / tps["transformers"],
+              "token_identical": same, "environment": environment()}
+    if engines is not None:
+        result.update(engines=str(engines), onnxruntime_tokens_per_second=tps["onnxruntime"],
+                      onnxruntime_vs_torch=tps["onnxruntime"] / tps["ours"])
+    return result

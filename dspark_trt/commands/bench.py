@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ar.add_argument("--prompt", default=DEFAULT_PROMPT)
     ar.add_argument("--max-tokens", type=int, default=128)
     ar.add_argument("--repeats", type=int, default=3)
+    ar.add_argument("--engines", help="also time ONNX Runtime on this build-engines directory of the target")
     speedup = sub.add_parser("speedup", help="batch-1 greedy DSpark vs AR on the same runtime")
     speedup.add_argument("--target", default="smollm2")
     speedup.add_argument("--draft", required=True)
@@ -71,8 +72,10 @@ def run(args: argparse.Namespace) -> int:
 
         if args.max_tokens < 1 or args.repeats < 1:
             raise DSparkError("--max-tokens and --repeats must be >= 1")
-        result = bench_ar(args.target, args.prompt, args.max_tokens, args.repeats, progress)
-        summary = (f"ours {result['ours_tokens_per_second']:.1f} tok/s, transformers "
+        result = bench_ar(args.target, args.prompt, args.max_tokens, args.repeats, progress, args.engines)
+        ort = (f", onnxruntime {result['onnxruntime_tokens_per_second']:.1f} tok/s "
+               f"({result['onnxruntime_vs_torch']:.2f}x torch)" if args.engines else "")
+        summary = (f"ours {result['ours_tokens_per_second']:.1f} tok/s{ort}, transformers "
                    f"{result['transformers_tokens_per_second']:.1f} tok/s, ratio {result['ratio']:.2f}x, "
                    f"token-identical: {result['token_identical']}")
     elif args.benchmark == "speedup":
