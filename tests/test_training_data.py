@@ -2,6 +2,8 @@
 prompt hash, the loss mask covers exactly the response, target features equal a plain per-sequence
 target forward, anchors and block targets follow spec 6.2/6.3."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -162,6 +164,16 @@ def test_code_prompts_from_the_standard_library_and_other_languages():
     assert any("`dedent(text)`" in t and t.startswith("Write a Python function") for t in texts)
     assert any(t.startswith("Explain what the Python standard library function `textwrap.dedent(text)`") for t in texts)
     assert stdlib_prompts(("bisect", "textwrap")) == prompts
+
+
+def test_code_prompts_are_the_same_in_every_process():
+    """Defaults such as shutil.copytree's `copy_function=copy2` must not print a memory address,
+    or every training run would see new prompts (and regenerate their responses)."""
+    code = "from dspark_trt.training.code_prompts import stdlib_prompts as s; print([p.text for p in s(('shutil',))])"
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert "copy_function=copy2" in runs[0] and "0x" not in runs[0]
     translated = other_language_prompts([Prompt("Write f.", "code")] * 6)
     assert [t.text.rsplit(" ", 4)[-4] for t in translated][:2] == ["C++", "Java"]
     assert translated[5].text.endswith("in C++ instead of Python.")

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 
 from dspark_trt.training.data import Prompt
 
 LANGUAGES = ("C++", "Java", "JavaScript", "Go", "Rust")
+
+# a default like `<function copy2 at 0x7f4e...>` carries a memory address that changes per process
+_OBJECT_REPR = re.compile(r"<(?:built-in )?(?:function|class|method) ([\w.]+)(?: at 0x[0-9a-fA-F]+)?>")
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 # Pure-Python modules with small, well-documented functions (no platform-specific ones).
 STDLIB_MODULES = ("bisect", "heapq", "textwrap", "string", "statistics", "fractions", "itertools", "functools",
@@ -38,7 +43,7 @@ def stdlib_prompts(modules: tuple[str, ...] = STDLIB_MODULES) -> list[Prompt]:
                 continue
             summary = (inspect.getdoc(obj) or "").strip().split("\n\n")[0].replace("\n", " ")
             try:
-                signature = f"{name}{inspect.signature(obj)}"
+                signature = _ADDRESS.sub("", _OBJECT_REPR.sub(r"\1", f"{name}{inspect.signature(obj)}"))
             except (TypeError, ValueError):
                 continue
             if len(summary) < 20:
