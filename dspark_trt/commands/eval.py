@@ -79,20 +79,21 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                             stop_ids=tuple(engine.runtime.eos_token_ids))
 
-    results, all_rounds, totals = {}, [], {"prompts": 0, "generated_tokens": 0, "seconds": 0.0}
+    # every dataset's prompts in one run, so the engine batches up to --concurrency of them at once
+    labelled = [(name, chat_prompt_ids(tokenizer, p)) for name, (_, prompts, _) in datasets.items() for p in prompts]
+    start = time.perf_counter()
+    requests = run_rollouts(engine, [ids for _, ids in labelled], params, "eval")
+    seconds = time.perf_counter() - start
+    results, all_rounds = {}, []
     for name, (path, prompts, digest) in datasets.items():
-        ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
-        start = time.perf_counter()
-        requests = run_rollouts(engine, ids, params, f"eval {name}")
-        seconds = time.perf_counter() - start
-        rounds = rounds_from_requests(requests, gamma)
+        mine = [r for (label, _), r in zip(labelled, requests) if label == name]
+        rounds = rounds_from_requests(mine, gamma)
         all_rounds.append(rounds)
-        counts = {"prompts": len(prompts), "generated_tokens": sum(len(r.output_ids) for r in requests),
-                  "seconds": seconds}
-        for key in totals:
-            totals[key] += counts[key]
-        results[name] = {"path": str(path), "sha256": digest, **_throughput(counts), **eval_stats(rounds, gamma, temps)}
+        results[name] = {"path": str(path), "sha256": digest, "prompts": len(prompts),
+                         "generated_tokens": sum(len(r.output_ids) for r in mine), **eval_stats(rounds, gamma, temps)}
         print(f"eval {name}: τ {results[name]['tau']:.3f} over {len(rounds)} rounds", file=sys.stderr, flush=True)
+    totals = {"prompts": len(requests), "generated_tokens": sum(len(r.output_ids) for r in requests),
+              "seconds": seconds}
     overall = Rounds.cat(all_rounds)
     if len(overall) == 0:
         raise DSparkError("no verification round happened: every prompt ended at its first token; "
@@ -145,6 +146,7 @@ def _calibration_path(args: argparse.Namespace) -> Path | None:
 
 
 def _throughput(counts: dict) -> dict:
+    """Throughput of the whole run (datasets are decoded together, so only the total has a time)."""
     seconds = counts["seconds"]
     return {**counts, "tokens_per_second": counts["generated_tokens"] / seconds if seconds > 0 else None}
 
@@ -216,7 +218,7 @@ def _print_table(report: dict) -> None:
         cal = s["calibration"] or {}
         before, after = cal.get("before") or {}, cal.get("after") or {}
         print(f"{name:<16} {s['prompts']:>7}  {s['rounds']:>6}  {_fmt(s['tau'], '.2f'):<5}  "
-              f"{_fmt(s['acceptance_rate']):<6}  {_fmt(s['tokens_per_second'], '.1f'):<6}  "
+              f"{_fmt(s['acceptance_rate']):<6}  {_fmt(s.get('tokens_per_second'), '.1f'):<6}  "
               f"{_fmt(before.get('ece_mean')):<7}  {_fmt(after.get('ece_mean')):<7}  {_fmt(before.get('auc_mean'))}")
         print(f"{'':<16} conditional acceptance by position: "
               + " ".join(_fmt(v, '.2f') for v in s["conditional_acceptance"]))
