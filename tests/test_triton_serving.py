@@ -146,12 +146,13 @@ def test_orchestrator_cancels_and_refuses_bad_requests_without_stopping(orchestr
 
 
 def test_split_runtime_gives_the_in_process_tokens(engines):
-    """dspark_bls's BlsRuntime over the dspark_target/dspark_draft services = OrtRuntime in one process."""
+    """dspark_bls's BlsRuntime over the dspark_target/dspark_draft services = OrtRuntime in one process,
+    greedy and sampled."""
     services = {"dspark_target": TargetService(engines, num_slots=2), "dspark_draft": DraftService(engines, 2)}
     calls = []
 
     def call(model, inputs, outputs):
-        calls.append(model)
+        calls.append((model, set(inputs)))
         return services[model]({k: v.copy() for k, v in inputs.items()})
 
     options = ServingOptions(engine_dir=str(engines), num_slots=2)
@@ -162,7 +163,9 @@ def test_split_runtime_gives_the_in_process_tokens(engines):
                    SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=4, stop_ids=(NEVER,))):
         expected = [r.output_ids for r in local.generate(prompts, params)]
         assert [r.output_ids for r in split.generate(prompts, params)] == expected
-    assert {"dspark_target", "dspark_draft"} <= set(calls) and split.runtime.free_slots == 2
+    assert {"dspark_target", "dspark_draft"} <= {model for model, _ in calls} and split.runtime.free_slots == 2
+    # decode passes were verified inside dspark_target (its graph's DSparkVerify node)
+    assert any(model == "dspark_target" and "draft_tokens" in names for model, names in calls)
 
 
 # ---- package -------------------------------------------------------------------------------------------

@@ -18,10 +18,12 @@ import torch
 
 from dspark_trt.errors import DSparkError
 from dspark_trt.runtimes.base import DraftStep, Runtime, TargetStep
+from dspark_trt.spec.verify import VerifyResult
 
 TARGET_MODEL = "dspark_target"
 DRAFT_MODEL = "dspark_draft"
 TARGET_OUTPUTS = ["logits", "taps"]
+VERIFY_OUTPUTS = ["accepted", "next_token", "taps"]
 DRAFT_OUTPUTS = ["tokens", "probs", "confidence_logits"]
 # call(model name, input arrays, wanted output names) -> output arrays
 Call = Callable[[str, dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
@@ -83,6 +85,26 @@ class BlsRuntime(Runtime):
         taps = torch.from_numpy(out["taps"]) if self.block_size and out["taps"].size else None
         return TargetStep(logits=torch.from_numpy(out["logits"]), taps=taps)
 
+    def target_verify(self, input_ids, slots, query_lens, draft_tokens, draft_probs, temperature, top_k, top_p,
+                      uniforms) -> tuple[TargetStep, VerifyResult]:
+        """Verified in `dspark_target`'s graph: only the verdicts and taps come back, no logits. Greedy
+        rounds send no draft probabilities (the op ignores them at temperature 0)."""
+        slots_np, lens = np.asarray(slots, np.int64), np.asarray(query_lens, np.int64)
+        temperature = np.asarray(temperature, np.float32)
+        probs = np.asarray(draft_probs, np.float32)
+        out = self.call(TARGET_MODEL, {
+            "input_ids": np.asarray(input_ids, np.int64), "slots": slots_np, "starts": self._lengths[slots_np],
+            "query_lens": lens, "all_logits": np.array([True]),
+            "draft_tokens": np.asarray(draft_tokens, np.int64),
+            "draft_probs": probs if (temperature > 0).any() else probs[:0],
+            "temperature": temperature, "top_k": np.asarray(top_k, np.int64),
+            "top_p": np.asarray(top_p, np.float32), "uniforms": np.asarray(uniforms, np.float32),
+        }, VERIFY_OUTPUTS)
+        self._lengths[slots_np] += lens
+        taps = torch.from_numpy(out["taps"]) if self.block_size and out["taps"].size else None
+        verdict = VerifyResult(accepted=torch.from_numpy(out["accepted"]), next_token=torch.from_numpy(out["next_token"]))
+        return TargetStep(logits=torch.zeros(0, self.vocab_size), taps=taps), verdict
+
     def draft(self, slots, new_features, anchors, temperature, top_k, top_p, uniforms) -> DraftStep:
         slots_np = np.asarray(slots, np.int64)
         counts = np.array([0 if f is None else f.shape[0] for f in new_features], np.int64)
@@ -115,10 +137,24 @@ class TargetService:
         rt = self.runtime
         slots = torch.as_tensor(inputs["slots"])
         rt.cache.lengths[slots] = torch.as_tensor(inputs["starts"])
-        step = rt.target_forward(torch.as_tensor(inputs["input_ids"]), slots, torch.as_tensor(inputs["query_lens"]),
+        ids, lens = torch.as_tensor(inputs["input_ids"]), torch.as_tensor(inputs["query_lens"])
+        if "draft_tokens" in inputs:  # a decode pass, verified in the graph's DSparkVerify node
+            tokens, probs = torch.as_tensor(inputs["draft_tokens"]), torch.as_tensor(inputs["draft_probs"])
+            if probs.shape[0] == 0:  # greedy: the op does not read them, but takes one row per draft
+                probs = torch.zeros(len(tokens), rt.vocab_size)
+            step, verdict = rt.target_verify(ids, slots, lens, tokens, probs,
+                                             *(torch.as_tensor(inputs[k]) for k in ("temperature", "top_k", "top_p",
+                                                                                   "uniforms")))
+            return {"accepted": verdict.accepted.numpy(), "next_token": verdict.next_token.numpy(),
+                    "taps": _taps(step)}
+        step = rt.target_forward(ids, slots, lens,
                                  logits_rows="all" if bool(inputs["all_logits"].reshape(-1)[0]) else "last")
-        taps = step.taps.numpy() if step.taps is not None else np.zeros((0, 0), np.float32)
-        return {"logits": step.logits.numpy(), "taps": np.ascontiguousarray(taps, np.float32)}
+        return {"logits": step.logits.numpy(), "taps": _taps(step)}
+
+
+def _taps(step: TargetStep) -> np.ndarray:
+    taps = step.taps.numpy() if step.taps is not None else np.zeros((0, 0), np.float32)
+    return np.ascontiguousarray(taps, np.float32)
 
 
 class DraftService:
