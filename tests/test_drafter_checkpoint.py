@@ -123,3 +123,20 @@ def test_default_names_the_packaged_drafter():
 
     assert resolve_drafter("default").parts[-2:] == ("drafters", "smollm2")
     assert resolve_drafter("some/dir") == __import__("pathlib").Path("some/dir")
+
+
+def test_the_shipped_drafter_fits_its_target_and_carries_its_calibration(smollm2):
+    """What `--draft default` finds after pip install: a bfloat16 DeepSpec checkpoint under 30 MiB that
+    loads against SmolLM2 (shared embeddings), drafts in its vocabulary, and an STS calibration with one
+    positive temperature per block position."""
+    from dspark_trt.models.drafter_checkpoint import resolve_drafter
+    from dspark_trt.spec.calibration import load_calibration, stored_calibration
+
+    target, _ = smollm2
+    directory = resolve_drafter("default")
+    assert (directory / "model.safetensors").stat().st_size <= 30 * 2**20
+    drafter = load_drafter(directory, target=target)
+    assert drafter.config.vocab_size == target.config.vocab_size
+    assert torch.equal(drafter.lm_head.weight, target.lm_head.weight)
+    temps = load_calibration(stored_calibration("default")).temperatures
+    assert len(temps) == drafter.config.block_size and all(t > 0 for t in temps)
