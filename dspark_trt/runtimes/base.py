@@ -75,9 +75,10 @@ class Runtime(ABC):
                       top_k: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor
                       ) -> tuple[TargetStep, VerifyResult]:
         """A decode pass: request r appends [anchor, d_0 .. d_{l-1}] (query_lens[r] = l + 1 rows), and the
-        DSparkVerify op (plugins/SCHEMA.md) accepts a prefix of each draft. Logits of every row are
-        returned. This default verifies with the torch reference on the returned logits; a runtime
-        whose target graph ends in the DSparkVerify node does it there instead."""
+        DSparkVerify op (plugins/SCHEMA.md) accepts a prefix of each draft. The engine reads only the
+        verdicts and the taps, so a runtime may return the logits empty (the served one does, to spare
+        the transfer). This default verifies with the torch reference on the logits; a runtime whose
+        target graph ends in the DSparkVerify node does it there instead."""
         step = self.target_forward(input_ids, slots, query_lens, "all")
         row_offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.as_tensor(query_lens).long().cumsum(0)])
         return step, dspark_verify(step.logits, draft_tokens, draft_probs, row_offsets, temperature, top_k,
