@@ -12,10 +12,12 @@ import pytest
 from test_cli_spec import pair  # noqa: F401 - the tiny target + drafter fixture, shared
 
 from dspark_trt.cli import main as cli_main
-from dspark_trt.engine.request import SamplingParams
+from dspark_trt.engine.request import InvalidRequestError, SamplingParams, Status
 from dspark_trt.errors import DSparkError
 from dspark_trt.serving.orchestrator import Job, Orchestrator, ServingOptions, build_served_engine
 from dspark_trt.serving.bls_runtime import DraftService, TargetService
+from dspark_trt.serving.cancellation import StopForwarder, new_request_key
+from dspark_trt.serving.request_parsing import parse_stop_request
 from dspark_trt.serving.package import MODELS, PackageOptions, package_repository
 from dspark_trt.serving.text import REPLACEMENT, decode_word_list, encode_word_list, new_text, stream_window
 
@@ -143,6 +145,40 @@ def test_orchestrator_cancels_and_refuses_bad_requests_without_stopping(orchestr
     orchestrator.submit(after)
     assert after.sender.done.wait(TIMEOUT_S) and len(after.request.output_ids) == 3
     assert orchestrator.engine.runtime.free_slots == 2  # the cancelled request's slot came back
+
+
+def test_a_stop_request_cancels_only_the_job_whose_responses_carry_its_key(orchestrator):
+    victim, other = job([5, 6, 7], max_tokens=100), job([8, 9], max_tokens=40)
+    orchestrator.submit(victim)
+    orchestrator.submit(other)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (victim.sender.responses and other.sender.responses) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    key = int(victim.sender.responses[0][0]["request_key"][0, 0])
+    assert key == victim.key != int(other.sender.responses[0][0]["request_key"][0, 0])
+    orchestrator.stop_request(key + 1)  # no such request (or one that has ended): nothing happens
+    orchestrator.stop_request(key)
+    assert victim.sender.done.wait(TIMEOUT_S) and other.sender.done.wait(TIMEOUT_S)
+    assert victim.request.status is Status.CANCELLED and len(victim.request.output_ids) < 100
+    assert other.request.status is Status.FINISHED and len(other.request.output_ids) == 40
+    assert orchestrator.engine.runtime.free_slots == 2
+
+
+def test_stop_requests_are_parsed_and_forwarded_once_per_key():
+    assert parse_stop_request({"request_key": np.array([[7]], np.uint64)}) is None  # a generation request
+    assert parse_stop_request({"stop": np.array([[False]])}) is None
+    assert parse_stop_request({"stop": np.array([[True]]), "request_key": np.array([[2**63 - 1]], np.uint64)}) \
+        == 2**63 - 1
+    with pytest.raises(InvalidRequestError, match="^request_key is missing"):
+        parse_stop_request({"stop": np.array([[True]])})
+    with pytest.raises(InvalidRequestError, match="^request_key must be int-typed"):
+        parse_stop_request({"stop": np.array([[True]]), "request_key": np.array([[1.5]], np.float32)})
+    sent = []
+    forwarder = StopForwarder(sent.append, remember=2)
+    for key in (1, 1, 2, 1, 3, 1):  # 1 is forgotten once 2 and 3 came after it
+        forwarder.cancelled(key)
+    assert sent == [1, 2, 3, 1]
+    assert len({new_request_key() for _ in range(1000)}) == 1000
 
 
 def test_split_runtime_gives_the_in_process_tokens(engines):
@@ -307,6 +343,13 @@ def cancel_first_response(server, prompt_ids: list[int], max_tokens: int) -> Non
     client.close()
 
 
+def wait_for_cancelled(server, count: int) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while metrics(server).get('dspark_requests{outcome="cancelled"}', 0) < count:
+        assert time.monotonic() < deadline, "the cancelled stream was never dropped by the engine"
+        time.sleep(0.05)
+
+
 @pytest.mark.server
 def test_greedy_served_text_equals_generate_over_grpc_and_http(server, pair, capsys):  # noqa: F811
     prompts = [json.loads(line)["turns"][0] for line in (pair / "prompts.jsonl").read_text().splitlines()][:4]
@@ -370,14 +413,57 @@ def test_bad_requests_name_the_field_cancelled_streams_free_their_slot_and_servi
     status, body = http_post(server.http_url, "generate", {"text_input": "w5", "max_tokens": 0})
     assert status >= 400 and "max_tokens" in body
 
-    # Triton 2.51's ensemble checks cancellation only between steps (core PR #263), so a running
-    # dspark_bls step never hears of it: cancel a stream on dspark_bls itself.
-    cancel_first_response(server, [5, 6, 7], max_tokens=100)
-    deadline = time.monotonic() + TIMEOUT_S
-    while metrics(server).get('dspark_requests{outcome="cancelled"}', 0) < 1:
-        assert time.monotonic() < deadline, "the cancelled stream was never dropped by the engine"
-        time.sleep(0.2)
+    cancelled = metrics(server).get('dspark_requests{outcome="cancelled"}', 0)
+    finished = metrics(server).get('dspark_requests{outcome="finished"}', 0)
+    cancel_first_response(server, [5, 6, 7], max_tokens=100)  # on dspark_bls directly
+    wait_for_cancelled(server, cancelled + 1)
     assert metrics(server)["dspark_num_requests_running"] == 0  # its slot is free again
+    assert metrics(server).get('dspark_requests{outcome="finished"}', 0) == finished
+    ok = grpc_stream(server, {"ok": dict(text="w5 w6", max_tokens=5, stream=True, end_id=NEVER)})["ok"]
+    assert ok[-1] == ("final",) and 0 < len(text_of(ok).split()) <= 5
+
+
+def cancel_ensemble_streams(server, max_tokens: int) -> None:
+    """Through the ensemble: cancel a gRPC stream after its first text, and leave an HTTP generate_stream
+    after its first chunk (the client closes the connection)."""
+    import http.client
+
+    import tritonclient.grpc as grpcclient
+
+    events: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: events.put(error))
+    client.async_stream_infer("ensemble", ensemble_inputs(grpcclient, "w5 w6", max_tokens, stream=True, end_id=NEVER))
+    assert events.get(timeout=TIMEOUT_S) is None
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    host, port = server.http_url.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT_S)
+    body = {"text_input": "w6 w5", "max_tokens": max_tokens, "stream": True, "end_id": NEVER}
+    connection.request("POST", "/v2/models/ensemble/generate_stream", json.dumps(body))
+    response = connection.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    connection.close()
+
+
+@pytest.mark.server
+def test_clients_that_cancel_or_leave_an_ensemble_stream_free_their_slots(server):
+    """Triton 2.51's ensemble never cancels its running dspark_bls step; postprocessing sees the later
+    windows cancelled and stops the request by key (serving/cancellation.py). Without that both
+    requests would run to their end and count as finished."""
+    before = metrics(server)
+    start = time.monotonic()
+    full = grpc_stream(server, {"full": dict(text="w5 w6", max_tokens=100, stream=True, end_id=NEVER)})["full"]
+    seconds = time.monotonic() - start
+    assert full[-1] == ("final",)
+    assert metrics(server)["dspark_generation_tokens"] - before.get("dspark_generation_tokens", 0) == 100
+    start = time.monotonic()
+    cancel_ensemble_streams(server, max_tokens=100)
+    wait_for_cancelled(server, before.get('dspark_requests{outcome="cancelled"}', 0) + 2)
+    print(f"full run {seconds:.2f}s; both cancelled after {time.monotonic() - start:.2f}s")
+    after = metrics(server)
+    assert after['dspark_requests{outcome="finished"}'] == before.get('dspark_requests{outcome="finished"}', 0) + 1
+    assert after["dspark_num_requests_running"] == 0
     ok = grpc_stream(server, {"ok": dict(text="w5 w6", max_tokens=5, stream=True, end_id=NEVER)})["ok"]
     assert ok[-1] == ("final",) and 0 < len(text_of(ok).split()) <= 5
 

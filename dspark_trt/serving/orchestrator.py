@@ -13,7 +13,7 @@ import json
 import queue
 import threading
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +24,7 @@ from dspark_trt.engine.engine import Engine, EngineOverloadedError
 from dspark_trt.engine.request import Request, SamplingParams, Status
 from dspark_trt.errors import DSparkError
 from dspark_trt.serving.bls_runtime import BlsRuntime, Call
+from dspark_trt.serving.cancellation import new_request_key
 from dspark_trt.serving.request_parsing import Limits
 from dspark_trt.serving.text import stream_window
 
@@ -40,6 +41,7 @@ class Job:
     perf_metrics: bool
     sender: object  # opaque to the loop; `respond` and `is_cancelled` know what it is
     request: Request | None = None
+    key: int = field(default_factory=new_request_key)  # tags its responses; a stop request names it
     shown: int = 0  # output ids already sent
     closed: bool = False  # the final response went out
 
@@ -58,6 +60,7 @@ class Orchestrator:
         self._is_cancelled = is_cancelled
         self._observe = observe or (lambda event, job: None)  # "finished" hooks for metrics
         self._inbox: queue.Queue[Job] = queue.Queue()
+        self._stop_keys: queue.Queue[int] = queue.Queue()
         self._live: list[Job] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dspark-engine", daemon=True)
@@ -80,6 +83,11 @@ class Orchestrator:
             raise EngineOverloadedError(f"overloaded: {depth} requests already waiting (max_queue_size {limit}); "
                                         "retry later")
         self._inbox.put(job)
+
+    def stop_request(self, key: int) -> None:
+        """Cancel the job whose responses carry `key` (safe from any thread); a key no live job has is
+        ignored: that job has already ended."""
+        self._stop_keys.put(key)
 
     @property
     def queue_depth(self) -> int:
@@ -123,8 +131,10 @@ class Orchestrator:
             self._live.append(job)
 
     def _poll_cancelled(self) -> None:
+        stopped = set(_drain(self._stop_keys))
         for job in self._live:
-            if not job.closed and not job.request.cancel_requested and self._asks_to_cancel(job):
+            if not job.closed and not job.request.cancel_requested and (job.key in stopped
+                                                                        or self._asks_to_cancel(job)):
                 self.engine.cancel(job.request)
 
     def _asks_to_cancel(self, job: Job) -> bool:
@@ -153,6 +163,7 @@ class Orchestrator:
             "output_ids": np.asarray(window, np.int32).reshape(1, -1),
             "prefix_length": np.array([[prefix]], np.int32),
             "is_final": np.array([[final]], np.bool_),
+            "request_key": np.array([[job.key]], np.uint64),
         }
         if job.perf_metrics:
             outputs.update(perf_metrics(job.request))
@@ -191,13 +202,13 @@ def perf_metrics(request: Request) -> dict[str, np.ndarray]:
     }
 
 
-def _drain(inbox: queue.Queue) -> list[Job]:
-    jobs = []
+def _drain(inbox: queue.Queue) -> list:
+    items = []
     while True:
         try:
-            jobs.append(inbox.get_nowait())
+            items.append(inbox.get_nowait())
         except queue.Empty:
-            return jobs
+            return items
 
 
 # ---- building the served engine ------------------------------------------------------------------

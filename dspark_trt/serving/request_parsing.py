@@ -108,6 +108,17 @@ def parse_generation_request(inputs: Inputs, limits: Limits,
                              perf_metrics=_scalar(inputs, "return_perf_metrics", bool, False))
 
 
+def parse_stop_request(inputs: Inputs) -> int | None:
+    """The key of the request to stop when `stop` is true (TensorRT-LLM's stop input, addressed by the
+    key dspark_bls tags its responses with); None for a generation request."""
+    if not _scalar(inputs, "stop", bool, False):
+        return None
+    key = _scalar(inputs, "request_key", int, None)
+    if key is None:
+        raise InvalidRequestError("request_key is missing: a stop request names the request to stop")
+    return key
+
+
 # ---- tensors -> values -----------------------------------------------------------------------------------
 def _label(name: str) -> str:
     return f"{CLIENT_NAMES[name]} ({name})" if name in CLIENT_NAMES else name

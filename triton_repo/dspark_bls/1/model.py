@@ -10,7 +10,7 @@ from dspark_trt.errors import DSparkError
 from dspark_trt.serving.bls_runtime import bls_call
 from dspark_trt.serving.orchestrator import (Job, Orchestrator, ServingOptions, build_served_engine, describe,
                                              served_limits)
-from dspark_trt.serving.request_parsing import parse_generation_request
+from dspark_trt.serving.request_parsing import parse_generation_request, parse_stop_request
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 PREFIX = "dspark_"
@@ -91,8 +91,13 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                parsed = parse_generation_request({t.name(): t.as_numpy() for t in request.inputs()}, self.limits,
-                                                  decode=self.tokenizer.decode)
+                inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+                key = parse_stop_request(inputs)
+                if key is not None:  # postprocessing saw this key's client cancel (serving/cancellation.py)
+                    self.orchestrator.stop_request(key)
+                    sender.send(flags=FINAL)
+                    continue
+                parsed = parse_generation_request(inputs, self.limits, decode=self.tokenizer.decode)
                 self.orchestrator.submit(Job(prompt_ids=parsed.prompt_ids, params=parsed.params, stream=parsed.stream,
                                              perf_metrics=parsed.perf_metrics, sender=sender))
             except DSparkError as exc:  # InvalidRequestError names the field; EngineOverloadedError: queue full
