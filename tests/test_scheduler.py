@@ -80,16 +80,6 @@ def test_min_predicted_gain_switches_speculation_off_when_the_gain_is_small():
     assert schedule_dspark(torch.tensor([[0.05, 1.0, 1.0]]), flat, ml, 0.04).tolist() == [3]
 
 
-def test_min_predicted_gain_counts_the_draft_step():
-    # SPS 10 (0.1 s per target pass); position 0 predicts E = 1.9 tokens
-    conf, ml = torch.tensor([[0.9, 0.9]]), torch.tensor([2])
-    free = table({1: 10.0, 4: 10.0})
-    assert schedule_dspark(conf, free, ml).tolist() == [2]
-    # with a 0.1 s draft step: 1.9 / 0.2 s = 9.5 tok/s < 1.04·10 -> plain decoding
-    costly = table({1: 10.0, 4: 10.0}, draft_requests=[1, 8], draft_seconds=[0.1, 0.1])
-    assert schedule_dspark(conf, costly, ml).tolist() == [0]
-
-
 def test_async_uses_capacity_from_two_steps_earlier_and_fresh_ranking():
     sched = AsyncTopKScheduler(TWO_TABLE, min_predicted_gain=0)
     # steps 1 and 2: no history yet -> K = 0; step 1's confidences give K = 3 (Θ peaks at 39.06 above)

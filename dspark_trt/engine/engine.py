@@ -19,6 +19,7 @@ from dspark_trt.engine.request import Request, SamplingParams, Status, StreamCal
 from dspark_trt.errors import DSparkError
 from dspark_trt.runtimes.base import Runtime
 from dspark_trt.spec.calibration import apply_sts
+from dspark_trt.spec.draft_gate import GatedScheduler
 from dspark_trt.spec.sampling import sample_from_uniform, uniforms, warp_probs
 
 # (calibrated conditional confidences [R, B] or None, max lengths [R]) -> verify lengths [R]
@@ -49,6 +50,7 @@ class Engine:
         self.runtime = runtime
         self.scheduler = scheduler or _no_speculation
         self.speculate = scheduler is not None and runtime.block_size > 0
+        self.draft_gate = scheduler.gate if isinstance(scheduler, GatedScheduler) else None
         self.sts_temperatures = sts_temperatures
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_size = max_queue_size
@@ -164,6 +166,7 @@ class Engine:
             self._commit(request, [token])
 
     def _decode(self, requests: list[Request]) -> None:
+        started = time.perf_counter()
         rt = self.runtime
         n = len(requests)
         temperature = torch.tensor([r.params.temperature for r in requests], dtype=torch.float32)
@@ -178,20 +181,22 @@ class Engine:
             for r in requests
         ], dtype=torch.long)
 
-        draft = None
+        draft, conf = None, None
         lengths = torch.zeros(n, dtype=torch.long)
-        if self.speculate:
+        gate = self.draft_gate
+        if self.speculate and (gate is None or gate.should_draft(max_lengths)):
             draft = rt.draft(
                 slots, [self._take_features(r) for r in requests], anchors, temperature, top_k, top_p,
                 torch.stack([uniforms(r.generator, rt.block_size) for r in requests]),
             )
             for request in requests:
                 request.stats.draft_tokens_proposed += rt.block_size
-            lengths = self.scheduler(self._calibrated(draft.confidence_logits), max_lengths)
-            lengths = torch.minimum(lengths.long(), max_lengths)
-        else:
+            conf = self._calibrated(draft.confidence_logits)
+            lengths = torch.minimum(self.scheduler(conf, max_lengths).long(), max_lengths)
+        elif not self.speculate:
             for request in requests:
                 request.pending_features = None
+        # else the gate skipped this step's draft: the features stay pending for the next one
 
         # one target pass over [anchor, d_0 .. d_{l-1}] of every request
         rows_per_request = lengths + 1
@@ -221,6 +226,12 @@ class Engine:
                                    draft, i, out.taps, int(row_offsets[i]))
             except Exception as exc:  # noqa: BLE001 - one request's failure stays its own
                 self._finish(request, Status.FAILED, "error", error=f"{type(exc).__name__}: {exc}")
+        if gate is not None:
+            seconds = time.perf_counter() - started
+            if draft is None:
+                gate.observe_plain(n, seconds)
+            else:
+                gate.observe_draft(conf, int(lengths.sum()), seconds)
 
     def _commit_round(self, request: Request, ell: int, accepted: int, next_token: int, draft, index: int,
                       taps: torch.Tensor | None, row0: int) -> None:

@@ -59,12 +59,12 @@ def _throughput_path(values: torch.Tensor, n_requests: int, cost_table: CostTabl
 
 def _worth_speculating(best_expected: float, best_batch: int, n_requests: int, cost_table: CostTable,
                        min_predicted_gain: float) -> bool:
-    """Does the predicted rate, paying the draft step too, beat plain decoding by min_predicted_gain?"""
+    """Does the predicted rate of verifying beat plain decoding by min_predicted_gain? The drafts exist
+    by now, so their cost is sunk; whether drafting pays at all is the DraftGate's question."""
     if min_predicted_gain <= 0:
         return True
     plain = n_requests * cost_table.sps(n_requests)
-    step_seconds = 1.0 / cost_table.sps(best_batch) + cost_table.draft_step_seconds(n_requests)
-    return best_expected / step_seconds >= (1.0 + min_predicted_gain) * plain
+    return best_expected * cost_table.sps(best_batch) >= (1.0 + min_predicted_gain) * plain
 
 
 def schedule_dspark(conf: torch.Tensor, cost_table: CostTable, max_lengths: torch.Tensor,
@@ -85,12 +85,12 @@ def schedule_dspark(conf: torch.Tensor, cost_table: CostTable, max_lengths: torc
     a = survival(conf, max_lengths)
     if n == 0:
         return torch.zeros(0, dtype=torch.long)
-    if not _worth_speculating(*_early_break(a[:, :1], cost_table)[1:], n, cost_table, min_predicted_gain):
+    if not _worth_speculating(*early_break(a[:, :1], cost_table)[1:], n, cost_table, min_predicted_gain):
         return torch.zeros(n, dtype=torch.long)
-    return _early_break(a, cost_table)[0]
+    return early_break(a, cost_table)[0]
 
 
-def _early_break(a: torch.Tensor, cost_table: CostTable) -> tuple[torch.Tensor, float, int]:
+def early_break(a: torch.Tensor, cost_table: CostTable) -> tuple[torch.Tensor, float, int]:
     """(lengths, expected tokens, batch size) of Algorithm 1 on survival a [R, γ]."""
     n = a.shape[0]
     requests, values = _ranked_candidates(a)
@@ -171,8 +171,12 @@ def make_scheduler(
     cost_table: CostTable | str | Path | None = None,
     has_confidence: bool = True,
     min_predicted_gain: float = MIN_PREDICTED_GAIN,
+    draft_gate: bool = True,
 ) -> Scheduler:
-    """A scheduler (conf [R, γ] | None, max_lengths [R]) -> ℓ [R] for `mode`; DSparkError on bad options."""
+    """A scheduler (conf [R, γ] | None, max_lengths [R]) -> ℓ [R] for `mode`; DSparkError on bad options.
+
+    The cost-aware modes (dspark, async) come with a DraftGate (spec/draft_gate.py) that skips the
+    draft pass of a step that cannot pay; draft_gate=False drafts every step (the paper's setting)."""
     if mode not in SCHEDULE_MODES:
         raise DSparkError(f"unknown schedule '{mode}': choose from {', '.join(SCHEDULE_MODES)}")
     if mode in ("threshold", "dspark", "async") and not has_confidence:
@@ -192,7 +196,12 @@ def make_scheduler(
         raise DSparkError(f"min_predicted_gain must be >= 0, got {min_predicted_gain}")
     if cost_table is None:
         raise DSparkError(f"schedule '{mode}' needs a cost table (--cost-table PATH); {PROFILE_HINT}")
+    from dspark_trt.spec.draft_gate import DraftGate, GatedScheduler
+
     table = cost_table if isinstance(cost_table, CostTable) else CostTable.from_json(cost_table)
-    if mode == "dspark":
-        return lambda conf, max_lengths: schedule_dspark(conf, table, max_lengths, min_predicted_gain)
-    return AsyncTopKScheduler(table, min_predicted_gain)
+    if mode == "async":
+        rule: Scheduler = AsyncTopKScheduler(table, min_predicted_gain)
+    else:
+        def rule(conf: torch.Tensor, max_lengths: torch.Tensor) -> torch.Tensor:
+            return schedule_dspark(conf, table, max_lengths, min_predicted_gain)
+    return GatedScheduler(rule, DraftGate(table, min_predicted_gain)) if draft_gate else rule

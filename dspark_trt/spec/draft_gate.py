@@ -1,0 +1,103 @@
+"""Whether the next decode step should run the draft pass at all (cost-aware schedules: dspark, async).
+
+Algorithm 1 decides how many drafts to verify once they exist, when their cost is already paid. Where a
+draft pass costs about as much as a target step (a CPU, or any machine near saturation) the better
+move is often not to draft: at high concurrency Algorithm 1 verifies nothing, and a step that drafted
+for nothing is slower than plain decoding. So before each decode step the gate compares the
+throughput it predicts for drafting (expected tokens from recent rounds' calibrated survival, the
+batch Algorithm 1 would verify, the profiled SPS(B) and draft seconds) with plain decoding (R·SPS(R)),
+and drafts only when the gain clears `min_predicted_gain`. Both predicted step times are corrected by
+how long such steps really took here (an EWMA of measured / predicted seconds), so a cost table
+profiled under other conditions, or engine overhead it does not see, cannot keep the gate wrong. While
+it declines, it probes again after skipping 1, 2, 4, ... `max_backoff` steps, so new requests or a change in
+their confidences are noticed.
+
+Lossless: the decision rests on earlier steps only, and a step that does not draft is plain decoding
+from the target. The engine keeps a skipped step's target features pending, so the drafter's context
+stays complete for the next draft.
+"""
+from __future__ import annotations
+
+import torch
+
+from dspark_trt.spec.cost_table import CostTable
+from dspark_trt.spec.scheduler import MIN_PREDICTED_GAIN, Scheduler, early_break, survival
+
+SMOOTHING = 0.2  # EWMA weight of the newest observation
+MAX_BACKOFF = 32  # the longest run of steps without drafting before the gate looks again
+
+
+class DraftGate:
+    """Predicts before a step whether drafting pays; `observe_*` feed it what each step did and cost."""
+
+    def __init__(self, cost_table: CostTable, min_predicted_gain: float = MIN_PREDICTED_GAIN,
+                 max_backoff: int = MAX_BACKOFF, smoothing: float = SMOOTHING):
+        if max_backoff < 1:
+            raise ValueError(f"max_backoff must be >= 1, got {max_backoff}")
+        self.cost_table = cost_table
+        self.min_predicted_gain = min_predicted_gain
+        self.max_backoff = max_backoff
+        self.smoothing = smoothing
+        self.survival: torch.Tensor | None = None  # [γ] EWMA of the mean prefix survival per position
+        self.time_scale = {"draft": 1.0, "plain": 1.0}  # EWMA of measured / predicted step seconds
+        self._backoff = 1
+        self._declined = 0
+        self.decisions = {"draft": 0, "skip": 0}
+
+    def should_draft(self, max_lengths: torch.Tensor) -> bool:
+        """Draft this step? max_lengths [R]: the most drafts each decoding request may verify."""
+        if self.survival is None or self.predicted_gain(max_lengths) >= self.min_predicted_gain:
+            self._backoff, self._declined = 1, 0
+            return self._decide(True)
+        self._declined += 1
+        if self._declined > self._backoff:  # probe, so the prediction rests on fresh confidences
+            self._declined, self._backoff = 0, min(2 * self._backoff, self.max_backoff)
+            return self._decide(True)
+        return self._decide(False)
+
+    def predicted_gain(self, max_lengths: torch.Tensor) -> float:
+        """Predicted throughput of drafting over plain decoding, minus 1, for these requests."""
+        n = max_lengths.shape[0]
+        a = self.survival.unsqueeze(0).expand(n, -1)
+        a = torch.where(torch.arange(a.shape[1]) < max_lengths.unsqueeze(1), a, torch.zeros_like(a))
+        _, expected, batch = early_break(a, self.cost_table)
+        plain_rate = n / self._plain_seconds(n)
+        return expected / self._draft_seconds(n, batch) / plain_rate - 1.0
+
+    def observe_draft(self, calibrated_conf: torch.Tensor, verified: int, seconds: float) -> None:
+        """A drafted step: its requests' calibrated confidences [R, γ], the drafts it verified, its seconds."""
+        n, gamma = calibrated_conf.shape
+        mean = survival(calibrated_conf, torch.full((n,), gamma)).mean(dim=0)
+        self.survival = mean if self.survival is None else self._blend(self.survival, mean)
+        self._rescale("draft", seconds / self._draft_seconds(n, n + verified, scaled=False))
+
+    def observe_plain(self, n_requests: int, seconds: float) -> None:
+        self._rescale("plain", seconds / self._plain_seconds(n_requests, scaled=False))
+
+    def _draft_seconds(self, n_requests: int, batch: int, scaled: bool = True) -> float:
+        seconds = 1.0 / self.cost_table.sps(batch) + self.cost_table.draft_step_seconds(n_requests)
+        return seconds * (self.time_scale["draft"] if scaled else 1.0)
+
+    def _plain_seconds(self, n_requests: int, scaled: bool = True) -> float:
+        return (self.time_scale["plain"] if scaled else 1.0) / self.cost_table.sps(n_requests)
+
+    def _rescale(self, kind: str, ratio: float) -> None:
+        self.time_scale[kind] = self._blend(self.time_scale[kind], ratio)
+
+    def _blend(self, old, new):
+        return (1 - self.smoothing) * old + self.smoothing * new
+
+    def _decide(self, draft: bool) -> bool:
+        self.decisions["draft" if draft else "skip"] += 1
+        return draft
+
+
+class GatedScheduler:
+    """A cost-aware verification rule (dspark, async) with the gate that decides whether to draft."""
+
+    def __init__(self, rule: Scheduler, gate: DraftGate):
+        self.rule = rule
+        self.gate = gate
+
+    def __call__(self, conf: torch.Tensor | None, max_lengths: torch.Tensor) -> torch.Tensor:
+        return self.rule(conf, max_lengths)

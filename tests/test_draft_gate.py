@@ -1,0 +1,93 @@
+"""The draft gate: verification ignores the (sunk) draft cost, the gate counts it before drafting, backs
+off while drafting cannot pay, learns real step times, and the engine stays exact when it skips."""
+import torch
+
+from dspark_trt.engine.engine import Engine
+from dspark_trt.engine.request import SamplingParams
+from dspark_trt.runtimes.torch_runtime import TorchRuntime
+from dspark_trt.spec.cost_table import CostTable
+from dspark_trt.spec.draft_gate import DraftGate, GatedScheduler
+from dspark_trt.spec.scheduler import make_scheduler, schedule_dspark
+
+from conftest import tiny_drafter, tiny_target
+
+HIGH, LOW = torch.tensor([[0.9, 0.9]]), torch.tensor([[0.2, 0.2]])  # E = 2.71 and 1.24 tokens per step
+ML = torch.tensor([2])
+
+
+def flat_table(draft_seconds: float) -> CostTable:
+    """SPS 10 at any batch (0.1 s per target pass) and a fixed draft cost."""
+    return CostTable([1, 4], [10.0, 10.0], draft_requests=[1, 8], draft_seconds=[draft_seconds] * 2)
+
+
+def test_verification_ignores_the_sunk_draft_cost_and_the_gate_counts_it():
+    costly = flat_table(0.2)  # drafting + verifying: 2.71 tokens / 0.3 s = 9.0 tok/s < plain 10
+    assert schedule_dspark(HIGH, costly, ML).tolist() == [2]  # drafts exist: verifying them is free here
+    gate = DraftGate(costly)
+    assert gate.should_draft(ML)  # nothing known yet: draft and learn
+    gate.observe_draft(HIGH, verified=2, seconds=0.3)  # took as long as the table says
+    assert gate.predicted_gain(ML) < 0 and not gate.should_draft(torch.tensor([2]))
+    cheap = DraftGate(flat_table(0.05))  # 2.71 / 0.15 s = 18 tok/s
+    cheap.observe_draft(HIGH, verified=2, seconds=0.15)
+    assert cheap.predicted_gain(ML) > 0.5 and all(cheap.should_draft(ML) for _ in range(20))
+    # a request with no room to verify anything makes drafting pointless
+    assert cheap.predicted_gain(torch.tensor([0])) < 0
+
+
+def test_the_gate_probes_with_exponential_backoff_and_resumes_when_confidence_returns():
+    gate = DraftGate(flat_table(0.1), max_backoff=8)  # HIGH: 2.71 / 0.2 s = 13.6 tok/s; LOW: 6.2
+    gate.observe_draft(LOW, verified=0, seconds=0.2)
+    drafted = []
+    for step in range(60):
+        if gate.should_draft(ML):
+            drafted.append(step)
+            gate.observe_draft(LOW, verified=0, seconds=0.2)
+    gaps = [b - a for a, b in zip(drafted, drafted[1:])]
+    assert drafted[0] == 1 and gaps[:4] == [3, 5, 9, 9] and set(gaps[2:]) == {9}  # 1, 2, 4, 8, 8 skips
+    for _ in range(8):  # probes find confident drafts again
+        gate.observe_draft(HIGH, verified=2, seconds=0.2)
+    assert all(gate.should_draft(ML) for _ in range(10))
+
+
+def test_measured_step_times_correct_a_cost_table_that_is_too_optimistic():
+    gate = DraftGate(flat_table(0.0))  # the table thinks drafting is free: 27 tok/s vs 10
+    gate.observe_draft(HIGH, verified=2, seconds=0.1)
+    assert gate.should_draft(ML)
+    for _ in range(20):  # drafted steps really take 0.4 s, plain ones 0.1 s as profiled
+        gate.observe_draft(HIGH, verified=2, seconds=0.4)
+        gate.observe_plain(1, seconds=0.1)
+    assert gate.time_scale["draft"] > 3.5 and abs(gate.time_scale["plain"] - 1.0) < 1e-6
+    assert gate.predicted_gain(ML) < 0  # 2.71 / 0.4 s = 6.8 tok/s < 10
+
+
+def test_an_engine_whose_gate_skips_drafts_keeps_the_drafter_context_whole_and_greedy_exact():
+    target = tiny_target(vocab_size=4, seed=3, scale=3.0)
+    drafter = tiny_drafter(target, 4, seed=3)
+    prompts = [[3, 1, 2, 1, 0, 2, 3], [2, 1], [1, 3, 2, 0, 2, 3, 3, 1, 0, 0, 2]]
+    params = SamplingParams(max_tokens=40)
+    ar = [r.output_ids for r in Engine(TorchRuntime(target, num_slots=4, max_seq_len=128)).generate(prompts, params)]
+    for draft_seconds in (10.0, 0.0):  # drafting can never pay / always pays
+        runtime = TorchRuntime(target, drafter, num_slots=4, max_seq_len=128)
+        scheduler = make_scheduler("dspark", 4, cost_table=flat_table(draft_seconds), min_predicted_gain=0.0)
+        assert isinstance(scheduler, GatedScheduler)
+        engine = Engine(runtime, scheduler)
+        draft, calls = runtime.draft, []
+
+        def checked_draft(slots, new_features, *args):
+            for slot, features in zip(slots.tolist(), new_features):
+                # the drafter sees every cached target position, skipped steps' included
+                rows = 0 if features is None else features.shape[0]
+                assert runtime._draft_states[slot].length + rows == runtime.cache_length(slot)
+            calls.append(len(slots))
+            return draft(slots, new_features, *args)
+
+        runtime.draft = checked_draft
+        requests = engine.generate(prompts, params)
+        assert [r.output_ids for r in requests] == ar
+        rounds = sum(len(r.stats.round_verified) for r in requests)
+        decisions = scheduler.gate.decisions
+        assert decisions["draft"] == len(calls) > 0
+        if draft_seconds:
+            assert decisions["skip"] > 2 * decisions["draft"] and sum(calls) < rounds / 2
+        else:
+            assert decisions["skip"] == 0 and sum(calls) == rounds  # every round of every request drafted
