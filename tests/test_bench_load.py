@@ -51,7 +51,11 @@ def test_modes_and_concurrency_parse_or_name_the_problem():
         ("off", "off", None), ("fixed3", "fixed", 3), ("dspark", "dspark", None), ("async", "async", None),
         ("threshold", "threshold", None)]
     assert [m.needs_cost_table for m in modes] == [False, False, True, True, False]
-    for bad, match in (("fixed", "unknown mode 'fixed'"), ("fast", "unknown mode 'fast'"), ("off,off", "twice"),
+    assert all(m.draft_gate for m in modes)
+    ungated = parse_modes("dspark-ungated,async-ungated")
+    assert [(m.schedule, m.draft_gate, m.needs_cost_table) for m in ungated] == [("dspark", False, True),
+                                                                                ("async", False, True)]
+    for bad, match in (("fixed", "unknown mode 'fixed'"), ("fast", "unknown mode 'fast'"), ("off,off", "twice"), ("fixed3-ungated", "unknown mode"),
                        ("", "empty")):
         with pytest.raises(DSparkError, match=match):
             parse_modes(bad)

@@ -38,11 +38,13 @@ SERVER_START_TIMEOUT_S = 600  # loading the models of a big target on a busy CPU
 # ---- modes ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Mode:
-    """One schedule mode of the sweep: a `make_scheduler` mode plus γ for fixed ones ("fixed3")."""
+    """One schedule mode of the sweep: a `make_scheduler` mode plus γ for fixed ones ("fixed3"); the
+    cost-aware modes also come ungated ("dspark-ungated": draft every step, as in the paper)."""
 
     name: str
     schedule: str
     gamma: int | None = None
+    draft_gate: bool = True
 
     @property
     def needs_cost_table(self) -> bool:
@@ -61,9 +63,11 @@ def parse_modes(text: str) -> list[Mode]:
             modes.append(Mode(name, "fixed", int(name[5:])))
         elif name in SCHEDULE_MODES and name != "fixed":
             modes.append(Mode(name, name))
+        elif name in ("dspark-ungated", "async-ungated"):
+            modes.append(Mode(name, name.split("-")[0], draft_gate=False))
         else:
             raise DSparkError(f"unknown mode '{name}' in --modes: use off, fixedN (N drafts verified per round, "
-                              "e.g. fixed3), threshold, dspark or async")
+                              "e.g. fixed3), threshold, dspark, async, dspark-ungated or async-ungated")
     if not modes:
         raise DSparkError("--modes is empty")
     if len({m.name for m in modes}) != len(modes):
@@ -216,7 +220,8 @@ def sweep_engine(options, modes: list[Mode], concurrency: list[int], prompts: li
         for c in concurrency:
             scheduler = None if mode.schedule == "off" else make_scheduler(
                 mode.schedule, block_size=runtime.block_size, gamma=mode.gamma, threshold=options.threshold,
-                cost_table=cost_table if mode.needs_cost_table else None, has_confidence=runtime.has_confidence_head)
+                cost_table=cost_table if mode.needs_cost_table else None, has_confidence=runtime.has_confidence_head,
+                draft_gate=mode.draft_gate)
             engine = Engine(runtime, scheduler, sts_temperatures=base.sts_temperatures,
                             max_batch_tokens=options.max_batch_tokens, detokenize=base.detokenize)
             engine.generate([ids[0]], SamplingParams(max_tokens=4))  # warm-up outside the clock
@@ -343,6 +348,9 @@ def sweep_served(options, modes: list[Mode], concurrency: list[int], prompts: li
     from dspark_trt.serving.package import PackageOptions, package_repository
     from dspark_trt.serving.tritonserver import TritonServer
 
+    ungated = [m.name for m in modes if not m.draft_gate]
+    if ungated:
+        raise DSparkError(f"modes {', '.join(ungated)} run in-process only: the served orchestrator always gates")
     engines = Path(options.engines) if options.engines else default_engines(options.target, options.draft, cache_dir)
     tokenizer = load_engine_tokenizer(engines)
     if any(m.needs_cost_table for m in modes) and cost_table is None:

@@ -13,12 +13,20 @@ import onnxruntime as ort
 from dspark_trt_plugins.ort_op import inference_session, session_options_with_dspark_ops
 
 
-def make_session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU session with intra-op threads = the cores we may use (graph optimisations on)."""
+def make_session(path: str | Path, threads: int | None = None, spin: bool = True) -> ort.InferenceSession:
+    """A CPU session with intra-op threads = the cores we may use (graph optimisations on).
+
+    ONNX Runtime's worker threads spin by default after every run, waiting for more work; in a decode
+    step the next work is ours (sampling, the drafter's Python loop, the next graph), and on a few
+    cores those spinning threads take the cores from it: the drafter's pass ran 2-4x slower. So no
+    session spins after its run (`force_spinning_stop`), and `spin=False` (the drafter's small graphs,
+    called in a loop) does not spin within its runs either. Measured in docs/benchmarks.md."""
     options = session_options_with_dspark_ops()
     options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     return inference_session(path, options)
 
 

@@ -69,8 +69,9 @@ class OrtRuntime(Runtime):
             self._ctx_v = [v.numpy() for v in self.context.v]
 
     def _make_session(self, engine_dir: Path, graph: str, threads: int | None):
-        """The session that runs one graph of the manifest (TrtRuntime swaps in a TensorRT plan)."""
-        return make_session(engine_dir / self.manifest["graphs"][graph]["file"], threads)
+        """The session that runs one graph of the manifest (TrtRuntime swaps in a TensorRT plan). Only the
+        target's big graph spins within a run (see make_session)."""
+        return make_session(engine_dir / self.manifest["graphs"][graph]["file"], threads, spin=graph == "target")
 
     # ---- slots -------------------------------------------------------------------------------
     def allocate_slot(self) -> int:
