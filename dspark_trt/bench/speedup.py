@@ -7,29 +7,25 @@ equal our AR's. llama.cpp (llama-cpp-python) is listed as skipped: it is not ins
 from __future__ import annotations
 
 from dspark_trt.bench.common import environment, timed
-from dspark_trt.engine.engine import Engine
+from dspark_trt.engine.factory import EngineOptions, build_engine
 from dspark_trt.engine.prompts import chat_prompt_ids
 from dspark_trt.engine.request import SamplingParams
-from dspark_trt.models.drafter_checkpoint import load_drafter
 from dspark_trt.models.sources import resolve_model
-from dspark_trt.models.weights import load_target
-from dspark_trt.runtimes.torch_runtime import TorchRuntime
-from dspark_trt.spec.scheduler import make_scheduler
 
 
 PROMPT_LOOKUP_TOKENS = 10  # transformers' usual prompt_lookup_num_tokens
 
 
 def bench_speedup(target: str, draft: str, prompts: list[str], max_tokens: int, schedule: str = "fixed",
-                  progress=lambda msg: None, peers: bool = True) -> dict:
-    model, tokenizer = load_target(target)
-    drafter = load_drafter(draft, target=model)
-    stop = tuple(model.config.eos_token_ids)
+                  progress=lambda msg: None, peers: bool = True, engines: str | None = None,
+                  cost_table: str | None = None) -> dict:
+    """engines: a build-engines directory, so both decoders run on ONNX Runtime (else the torch runtime)."""
+    options = EngineOptions(target=target, draft=draft, engines=engines, schedule=schedule, cost_table=cost_table,
+                            num_slots=1)
+    ar, tokenizer = build_engine(EngineOptions(target=target, engines=engines, schedule="off", num_slots=1))
+    spec, _ = build_engine(options)
+    stop = tuple(ar.runtime.eos_token_ids)
     params = SamplingParams(max_tokens=max_tokens, stop_ids=stop)
-    ar = Engine(TorchRuntime(model, num_slots=1))
-    spec_runtime = TorchRuntime(model, drafter, num_slots=1)
-    spec = Engine(spec_runtime, make_scheduler(schedule, spec_runtime.block_size,
-                                               has_confidence=spec_runtime.has_confidence_head))
     peer_runs = _transformers_peers(target, stop, max_tokens) if peers else {}
     warm = chat_prompt_ids(tokenizer, "Hello")
     ar.generate([warm], SamplingParams(max_tokens=4))
@@ -64,6 +60,7 @@ def bench_speedup(target: str, draft: str, prompts: list[str], max_tokens: int, 
     if peers:
         peer_rows.append({"name": "llama.cpp (llama-cpp-python)", "skipped": _llama_cpp_skip_reason()})
     return {"benchmark": "speedup", "target": target, "draft": str(draft), "schedule": schedule,
+            "runtime": spec.runtime.name, "engines": engines, "cost_table": cost_table,
             "prompts": len(prompts), "max_tokens": max_tokens, "ar_tokens_per_second": ar_tps,
             "dspark_tokens_per_second": spec_tps, "speedup": spec_tps / ar_tps,
             "mean_accepted_length": sum(taus) / len(taus) if taus else None,

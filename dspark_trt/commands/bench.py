@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     speedup.add_argument("--limit", type=int, default=5, help="prompts per file")
     speedup.add_argument("--max-tokens", type=int, default=128)
     speedup.add_argument("--schedule", default="fixed")
+    speedup.add_argument("--engines", help="build-engines directory of the pair: both decoders on ONNX Runtime")
+    speedup.add_argument("--cost-table", help="SPS(B) table for --schedule dspark/async (`dspark-trt profile`)")
     speedup.add_argument("--no-peers", action="store_true", help="skip transformers generate / prompt lookup")
     served = sub.add_parser("served", help="tritonserver (HTTP generate) vs the in-process engine, concurrency 1")
     served.add_argument("--target", default="smollm2")
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
         prompts = [p for f in args.prompts_file for p in read_prompts_file(f, args.limit)]
         result = bench_speedup(args.target, args.draft, prompts, args.max_tokens, args.schedule, progress,
-                               peers=not args.no_peers)
+                               peers=not args.no_peers, engines=args.engines, cost_table=args.cost_table)
         summary = speedup_table(result)
     elif args.benchmark == "served":
         from dspark_trt.bench.served import bench_served

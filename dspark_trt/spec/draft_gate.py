@@ -24,7 +24,7 @@ from dspark_trt.spec.cost_table import CostTable
 from dspark_trt.spec.scheduler import MIN_PREDICTED_GAIN, Scheduler, early_break, survival
 
 SMOOTHING = 0.2  # EWMA weight of the newest observation
-MAX_BACKOFF = 32  # the longest run of steps without drafting before the gate looks again
+MAX_BACKOFF = 64  # the longest run of steps without drafting before the gate looks again
 
 
 class DraftGate:
