@@ -1,7 +1,9 @@
 """Soak test: C concurrent clients against a running dspark-trt tritonserver for N minutes.
 
 Each client sends ensemble requests over its own gRPC stream, one after another (streamed and unary,
-greedy and sampled, alternating), and counts every error or timeout as a failed request. Every
+greedy and sampled, alternating), and counts every error or timeout as a failed request. With
+--cancel-every N, every Nth request is a stream its client cancels after the first tokens (a client that
+goes away); at the end the server's own metrics must show every slot free again. Every
 --sample-s seconds the RSS of the tritonserver process and of it plus its python-backend stubs (where
 the engines live) is recorded. Writes a JSON report (samples + failures + summary) and prints the summary.
 
@@ -57,8 +59,9 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def one_request(grpc_url: str, index: int, max_tokens: int, timeout_s: float) -> str | None:
-    """Send request number `index` on a fresh stream; None on success, else the error."""
+def one_request(grpc_url: str, index: int, max_tokens: int, timeout_s: float, cancel: bool = False) -> str | None:
+    """Send request number `index` on a fresh stream; None on success, else the error. cancel: stream it
+    and cancel the stream at its first response."""
     import tritonclient.grpc as grpcclient
 
     def tensor(name, value, dtype, np_dtype):
@@ -68,7 +71,7 @@ def one_request(grpc_url: str, index: int, max_tokens: int, timeout_s: float) ->
 
     inputs = [tensor("text_input", PROMPTS[index % len(PROMPTS)].encode(), "BYTES", np.object_),
               tensor("max_tokens", max_tokens, "INT32", np.int32),
-              tensor("stream", index % 2 == 0, "BOOL", np.bool_)]
+              tensor("stream", cancel or index % 2 == 0, "BOOL", np.bool_)]
     if index % 4 >= 2:  # sampled
         inputs += [tensor("temperature", 0.8, "FP32", np.float32), tensor("seed", index, "UINT64", np.uint64)]
     events: queue.Queue = queue.Queue()
@@ -83,6 +86,9 @@ def one_request(grpc_url: str, index: int, max_tokens: int, timeout_s: float) ->
                 return error.message()
             if result.get_response().parameters["triton_final_response"].bool_param:
                 return None
+            if cancel:
+                client.stop_stream(cancel_requests=True)
+                return None
     except queue.Empty:
         return f"no final response within {timeout_s} s"
     except Exception as exc:  # noqa: BLE001 - any client-side failure is a failed request
@@ -93,12 +99,35 @@ def one_request(grpc_url: str, index: int, max_tokens: int, timeout_s: float) ->
             client.close()
 
 
+def server_metrics(metrics_url: str) -> dict[str, float]:
+    """The dspark_* series of the server's Prometheus endpoint."""
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    text = opener.open(metrics_url, timeout=10).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("dspark_")}
+
+
+def drained(metrics_url: str, timeout_s: float = 30) -> dict:
+    """After the run: the server's request outcomes, once its engine holds no request (or timeout_s)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        metrics = server_metrics(metrics_url)
+        if metrics.get("dspark_num_requests_running", 0) == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    return {"running_after_drain": metrics.get("dspark_num_requests_running"),
+            "waiting_after_drain": metrics.get("dspark_num_requests_waiting"),
+            **{key.split('"')[1]: value for key, value in metrics.items() if key.startswith("dspark_requests{")}}
+
+
 def soak(grpc_url: str, pid: int | None, minutes: float, concurrency: int, max_tokens: int, sample_s: float,
-         timeout_s: float, warmup_s: float) -> dict:
+         timeout_s: float, warmup_s: float, cancel_every: int = 0) -> dict:
     stop_at = time.monotonic() + minutes * 60
     began = time.monotonic()
     lock = threading.Lock()
-    counts = {"completed": 0, "failed": 0}
+    counts = {"completed": 0, "cancelled": 0, "failed": 0}
     failures: list[dict] = []
     next_index = iter(range(10**12))
 
@@ -106,9 +135,10 @@ def soak(grpc_url: str, pid: int | None, minutes: float, concurrency: int, max_t
         while time.monotonic() < stop_at:
             with lock:
                 index = next(next_index)
-            error = one_request(grpc_url, index, max_tokens, timeout_s)
+            cancel = cancel_every > 0 and index % cancel_every == cancel_every - 1
+            error = one_request(grpc_url, index, max_tokens, timeout_s, cancel)
             with lock:
-                counts["completed" if error is None else "failed"] += 1
+                counts["failed" if error is not None else "cancelled" if cancel else "completed"] += 1
                 if error is not None and len(failures) < 100:
                     failures.append({"t_s": round(time.monotonic() - began, 1), "request": index, "error": error})
 
@@ -128,8 +158,8 @@ def soak(grpc_url: str, pid: int | None, minutes: float, concurrency: int, max_t
     for thread in threads:
         thread.join()
     elapsed = time.monotonic() - began
-    summary = {"minutes": minutes, "concurrency": concurrency, "max_tokens": max_tokens, **counts,
-               "requests_per_s": round((counts["completed"] + counts["failed"]) / elapsed, 2)}
+    summary = {"minutes": minutes, "concurrency": concurrency, "max_tokens": max_tokens, "cancel_every": cancel_every,
+               **counts, "requests_per_s": round(sum(counts.values()) / elapsed, 2)}
     steady = [s for s in samples if s["t_s"] >= warmup_s and "rss_total_mb" in s]
     if len(steady) >= 2:
         t = np.array([s["t_s"] for s in steady]) / 60
@@ -152,14 +182,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-s", type=float, default=5, help="seconds between RSS samples")
     parser.add_argument("--warmup-s", type=float, default=60, help="samples before this are warm-up")
     parser.add_argument("--timeout-s", type=float, default=120, help="a request slower than this failed")
+    parser.add_argument("--cancel-every", type=int, default=0,
+                        help="every Nth request is cancelled by its client after the first tokens (0: none)")
+    parser.add_argument("--metrics-url", help="a running server's metrics endpoint (for the slot check at the end)")
     parser.add_argument("--out", default="soak.json", help="the JSON report")
     args = parser.parse_args(argv)
     if (args.grpc_url is None) == (args.engines is None):
         parser.error("give --grpc-url (a running server) or --engines (start one), not both")
-    if args.minutes <= 0 or args.concurrency < 1 or args.max_tokens < 1:
-        parser.error("--minutes, --concurrency and --max-tokens must be positive")
+    if args.minutes <= 0 or args.concurrency < 1 or args.max_tokens < 1 or args.cancel_every < 0:
+        parser.error("--minutes, --concurrency and --max-tokens must be positive, --cancel-every >= 0")
     with contextlib.ExitStack() as stack:
-        grpc_url, pid = args.grpc_url, args.pid
+        grpc_url, pid, metrics_url = args.grpc_url, args.pid, args.metrics_url
         if args.engines:
             from dspark_trt.serving.package import PackageOptions, package_repository
             from dspark_trt.serving.tritonserver import TritonServer
@@ -168,15 +201,18 @@ def main(argv: list[str] | None = None) -> int:
             repo = package_repository(PackageOptions(engines=args.engines, out=str(root / "repo"),
                                                      num_slots=max(8, args.concurrency)))
             server = stack.enter_context(TritonServer(repo, workdir=root / "work"))
-            grpc_url, pid = server.grpc_url, server.pid
+            grpc_url, pid, metrics_url = server.grpc_url, server.pid, server.metrics_url
         report = soak(grpc_url, pid, args.minutes, args.concurrency, args.max_tokens, args.sample_s,
-                      args.timeout_s, args.warmup_s)
+                      args.timeout_s, args.warmup_s, args.cancel_every)
+        if metrics_url:
+            report["summary"]["server"] = drained(metrics_url)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report["summary"], indent=1))
     for failure in report["failures"][:5]:
         print(f"failed at {failure['t_s']} s: {failure['error']}")
     print(f"report: {args.out}")
-    return 0 if report["summary"]["failed"] == 0 else 1
+    leaked = report["summary"].get("server", {}).get("running_after_drain", 0)
+    return 0 if report["summary"]["failed"] == 0 and not leaked else 1
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ class Engine:
         row = 0
         for i, (request, chunk) in enumerate(batch):
             if out.taps is not None:
-                request.pending_features = _append(request.pending_features, out.taps[row: row + len(chunk)])
+                request.pending_features.append(out.taps[row: row + len(chunk)])
             row += len(chunk)
             request.prefilled += len(chunk)
             if request.prefilled < len(request.prompt_ids):
@@ -195,7 +195,7 @@ class Engine:
             lengths = torch.minimum(self.scheduler(conf, max_lengths).long(), max_lengths)
         elif not self.speculate:
             for request in requests:
-                request.pending_features = None
+                request.pending_features.clear()
         # else the gate skipped this step's draft: the features stay pending for the next one
 
         # one target pass over [anchor, d_0 .. d_{l-1}] of every request
@@ -247,7 +247,7 @@ class Engine:
         # the target cache keeps the anchor and the accepted drafts; the new anchor is not cached yet
         self.runtime.rollback(request.slot, start + accepted + 1)
         if taps is not None:
-            request.pending_features = _append(request.pending_features, taps[row0: row0 + accepted + 1])
+            request.pending_features.append(taps[row0: row0 + accepted + 1])
         self._commit(request, new_ids)
 
     def _commit(self, request: Request, new_ids: list[int]) -> None:
@@ -278,7 +278,7 @@ class Engine:
                 error: str | None = None) -> None:
         request.status, request.finish_reason, request.error = status, reason, error
         request.finish_time = time.perf_counter()
-        request.pending_features = None
+        request.pending_features.clear()
         if request.slot is not None:
             self.runtime.free_slot(request.slot)
             request.slot = None
@@ -288,8 +288,11 @@ class Engine:
         if request.on_tokens is not None:
             request.on_tokens(request, new_ids, finished)
 
-    def _take_features(self, request: Request) -> torch.Tensor:
-        features, request.pending_features = request.pending_features, None
+    def _take_features(self, request: Request) -> torch.Tensor | None:
+        """The target taps the drafter has not seen yet, as one tensor (None if there are none)."""
+        chunks = request.pending_features
+        features = None if not chunks else chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        chunks.clear()
         return features
 
     def _calibrated(self, confidence_logits: torch.Tensor | None) -> torch.Tensor | None:
@@ -306,7 +309,3 @@ def _cut_at_stop(ids: list[int], stop_ids: tuple[int, ...]) -> tuple[list[int], 
         if token in stop_ids:
             return ids[: k + 1], True
     return ids, False
-
-
-def _append(existing: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-    return rows if existing is None else torch.cat([existing, rows])

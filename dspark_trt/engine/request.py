@@ -91,7 +91,8 @@ class Request:
     slot: int | None = None
     prefilled: int = 0  # prompt tokens already in the target cache
     anchor: int | None = None  # last committed token, whose target K/V is not cached yet
-    pending_features: torch.Tensor | None = None  # target taps not yet given to the drafter
+    # target taps not yet given to the drafter, as chunks (joined once, when it drafts: no quadratic copying)
+    pending_features: list[torch.Tensor] = field(default_factory=list)
     generator: torch.Generator | None = None
     cancel_requested: bool = False
 

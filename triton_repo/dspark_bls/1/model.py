@@ -35,6 +35,7 @@ class Metrics:
             "accepted": family("spec_decode_num_accepted_tokens", counter, "draft tokens accepted"),
             "per_pos": family("spec_decode_num_accepted_tokens_per_pos", counter, "accepted drafts by block position"),
             "length": family("request_mean_accepted_length", hist, "mean accepted length per request (bonus included)"),
+            "gate": family("draft_gate_steps", counter, "decode steps the draft gate let draft or made skip"),
             "active": family("num_requests_running", gauge, "requests in the engine's slots"),
             "queue": family("num_requests_waiting", gauge, "requests waiting for a slot"),
         }
@@ -44,6 +45,8 @@ class Metrics:
                                                            "active", "queue")}
         self.per_pos = [f["per_pos"].Metric(labels={"position": str(k)}) for k in range(block_size)]
         self.length = f["length"].Metric(labels={}, buckets=ACCEPTED_LENGTH_BUCKETS)
+        self.gate = {d: f["gate"].Metric(labels={"decision": d}) for d in ("draft", "skip")}
+        self._gate_seen = {d: 0 for d in self.gate}
 
     def finished(self, job: Job) -> None:
         request = job.request
@@ -68,9 +71,15 @@ class Metrics:
         self.plain["active"].set(active)
         self.plain["queue"].set(waiting)
 
+    def gate_decisions(self, decisions: dict[str, int]) -> None:
+        """Bring the gate counters up to the engine's DraftGate.decisions (engine thread only)."""
+        for decision, count in decisions.items():
+            self.gate[decision].increment(count - self._gate_seen[decision])
+            self._gate_seen[decision] = count
+
     def close(self) -> None:
         """Metrics go before their families (the python backend's rule)."""
-        self.outcomes = self.plain = self.per_pos = self.length = None
+        self.outcomes = self.plain = self.per_pos = self.length = self.gate = None
         self.families = None
 
 
@@ -122,6 +131,8 @@ class TritonPythonModel:
     def _observe(self, event, job):
         self.metrics.finished(job)
         self.metrics.load(self.orchestrator.active, self.orchestrator.queue_depth)
+        if self.engine.draft_gate is not None:
+            self.metrics.gate_decisions(self.engine.draft_gate.decisions)
 
     def finalize(self):
         self.orchestrator.stop()
