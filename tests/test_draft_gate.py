@@ -24,37 +24,39 @@ def test_verification_ignores_the_sunk_draft_cost_and_the_gate_counts_it():
     costly = flat_table(0.2)  # drafting + verifying: 2.71 tokens / 0.3 s = 9.0 tok/s < plain 10
     assert schedule_dspark(HIGH, costly, ML).tolist() == [2]  # drafts exist: verifying them is free here
     gate = DraftGate(costly)
-    assert gate.should_draft(ML)  # nothing known yet: draft and learn
-    gate.observe_draft(HIGH, verified=2, seconds=0.3)  # took as long as the table says
-    assert gate.predicted_gain(ML) < 0 and not gate.should_draft(torch.tensor([2]))
+    assert gate.plan(ML) == "draft"  # nothing known yet: draft and learn
+    gate.observe_draft(HIGH, 1, verified=2, seconds=0.3)  # took as long as the table says
+    assert gate.predicted_gain(ML) < 0 and gate.plan(ML) == "skip"
     cheap = DraftGate(flat_table(0.05))  # 2.71 / 0.15 s = 18 tok/s
-    cheap.observe_draft(HIGH, verified=2, seconds=0.15)
-    assert cheap.predicted_gain(ML) > 0.5 and all(cheap.should_draft(ML) for _ in range(20))
+    cheap.observe_draft(HIGH, 1, verified=2, seconds=0.15)
+    assert cheap.predicted_gain(ML) > 0.5 and all(cheap.plan(ML) == "draft" for _ in range(20))
     # a request with no room to verify anything makes drafting pointless
     assert cheap.predicted_gain(torch.tensor([0])) < 0
 
 
 def test_the_gate_probes_with_exponential_backoff_and_resumes_when_confidence_returns():
     gate = DraftGate(flat_table(0.1), max_backoff=8)  # HIGH: 2.71 / 0.2 s = 13.6 tok/s; LOW: 6.2
-    gate.observe_draft(LOW, verified=0, seconds=0.2)
+    gate.observe_draft(LOW, 1, verified=0, seconds=0.2)
     drafted = []
     for step in range(60):
-        if gate.should_draft(ML):
+        plan = gate.plan(ML)
+        if plan != "skip":
+            assert plan == "probe"
             drafted.append(step)
-            gate.observe_draft(LOW, verified=0, seconds=0.2)
+            gate.observe_draft(LOW, 1, verified=0, seconds=0.2)
     gaps = [b - a for a, b in zip(drafted, drafted[1:])]
     assert drafted[0] == 1 and gaps[:4] == [3, 5, 9, 9] and set(gaps[2:]) == {9}  # 1, 2, 4, 8, 8 skips
     for _ in range(8):  # probes find confident drafts again
-        gate.observe_draft(HIGH, verified=2, seconds=0.2)
-    assert all(gate.should_draft(ML) for _ in range(10))
+        gate.observe_draft(HIGH, 1, verified=2, seconds=0.2)
+    assert all(gate.plan(ML) == "draft" for _ in range(10))
 
 
 def test_measured_step_times_correct_a_cost_table_that_is_too_optimistic():
     gate = DraftGate(flat_table(0.0))  # the table thinks drafting is free: 27 tok/s vs 10
-    gate.observe_draft(HIGH, verified=2, seconds=0.1)
-    assert gate.should_draft(ML)
+    gate.observe_draft(HIGH, 1, verified=2, seconds=0.1)
+    assert gate.plan(ML) == "draft"
     for _ in range(20):  # drafted steps really take 0.4 s, plain ones 0.1 s as profiled
-        gate.observe_draft(HIGH, verified=2, seconds=0.4)
+        gate.observe_draft(HIGH, 1, verified=2, seconds=0.4)
         gate.observe_plain(1, seconds=0.1)
     assert gate.time_scale["draft"] > 3.5 and abs(gate.time_scale["plain"] - 1.0) < 1e-6
     assert gate.predicted_gain(ML) < 0  # 2.71 / 0.4 s = 6.8 tok/s < 10
@@ -78,16 +80,20 @@ def test_an_engine_whose_gate_skips_drafts_keeps_the_drafter_context_whole_and_g
                 # the drafter sees every cached target position, skipped steps' included
                 rows = 0 if features is None else features.shape[0]
                 assert runtime._draft_states[slot].length + rows == runtime.cache_length(slot)
-            calls.append(len(slots))
+            calls.append(slots.tolist())
             return draft(slots, new_features, *args)
 
         runtime.draft = checked_draft
         requests = engine.generate(prompts, params)
         assert [r.output_ids for r in requests] == ar
         rounds = sum(len(r.stats.round_verified) for r in requests)
+        drafted_rows = sum(len(c) for c in calls)
         decisions = scheduler.gate.decisions
-        assert decisions["draft"] == len(calls) > 0
+        assert decisions["draft"] + decisions["probe"] == len(calls) > 0
         if draft_seconds:
-            assert decisions["skip"] > 2 * decisions["draft"] and sum(calls) < rounds / 2
+            assert decisions["skip"] > 2 * len(calls) and drafted_rows < rounds / 4
+            probed = [c[0] for c in calls if len(c) == 1]  # a probe drafts for one request...
+            assert len(probed) == decisions["probe"] and len(set(probed)) == 3  # ...each in turn
         else:
-            assert decisions["skip"] == 0 and sum(calls) == rounds  # every round of every request drafted
+            assert decisions["skip"] == decisions["probe"] == 0
+            assert drafted_rows == rounds  # every round of every request drafted

@@ -85,8 +85,8 @@ def _exact_distribution(target, prompt, n_tokens, params):
     return probs
 
 
-def _sample_outputs(target, drafter, prompt, params, n_samples, n_tokens):
-    engine = _engine(target, drafter, slots=64)
+def _sample_outputs(target, drafter, prompt, params, n_samples, n_tokens, engine=None):
+    engine = engine or _engine(target, drafter, slots=64)
     engine.max_queue_size = n_samples
     requests = [engine.add_request(prompt, SamplingParams(**{**params.__dict__, "seed": seed}))
                 for seed in range(n_samples)]
@@ -98,14 +98,16 @@ SAMPLING_CASES = [SamplingParams(max_tokens=4, temperature=1.0),
                   SamplingParams(max_tokens=4, temperature=0.7, top_k=4, top_p=0.9)]
 
 
-def _first_tokens_p_value(params):
+def _first_tokens_p_value(params, make_engine=None):
     """Chi-square p-value of the first 3 sampled tokens (3000 seeded requests) against the exact target
-    distribution, and the requests (for their acceptance counters)."""
+    distribution, and the requests (for their acceptance counters). make_engine(target, drafter):
+    another engine than the default fixed-schedule one."""
     target = tiny_target(vocab_size=5, seed=11, scale=1.5)
     drafter = tiny_drafter(target, block_size=3, seed=12)
     prompt = [1, 3, 2]
     exact = _exact_distribution(target, prompt, 3, params)
-    outputs, requests = _sample_outputs(target, drafter, prompt, params, n_samples=3000, n_tokens=3)
+    engine = make_engine(target, drafter) if make_engine else None
+    outputs, requests = _sample_outputs(target, drafter, prompt, params, n_samples=3000, n_tokens=3, engine=engine)
     keys = sorted(exact)
     return chi_square_p_value([outputs.count(k) for k in keys], [exact[k] for k in keys]), requests
 
@@ -118,6 +120,28 @@ def test_sampling_follows_target_distribution(params):
     accepted = sum(r.stats.draft_tokens_accepted for r in requests)
     verified = sum(r.stats.draft_tokens_verified for r in requests)
     assert 0.1 * verified < accepted < 0.95 * verified
+
+
+def test_sampling_stays_exact_when_the_draft_gate_skips_and_probes():
+    """Two slots and a gate that probes every other step (one of the two requests drafts) while skipping
+    the rest: rounds that verify a subset's drafts, rounds that verify none, and rounds of both mixed."""
+    from dspark_trt.spec.cost_table import CostTable
+    from dspark_trt.spec.draft_gate import DraftGate, GatedScheduler
+    from dspark_trt.spec.scheduler import schedule_fixed
+
+    table = CostTable([1, 8], [10.0, 10.0], draft_requests=[1, 2], draft_seconds=[10.0, 10.0])  # never pays
+    gates = []
+
+    def make_engine(target, drafter):
+        gates.append(DraftGate(table, max_backoff=1))
+        scheduler = GatedScheduler(lambda conf, max_lengths: schedule_fixed(3, max_lengths), gates[-1])
+        return Engine(TorchRuntime(target, drafter, num_slots=2, max_seq_len=128), scheduler)
+
+    p_value, requests = _first_tokens_p_value(SAMPLING_CASES[0], make_engine)
+    assert p_value > 1e-3
+    decisions = gates[0].decisions
+    assert decisions["probe"] > 500 and decisions["skip"] > 500
+    assert sum(r.stats.draft_tokens_accepted for r in requests) > 100  # probed drafts were accepted too
 
 
 def test_biased_verifier_fails_the_same_test(monkeypatch):

@@ -181,18 +181,21 @@ class Engine:
             for r in requests
         ], dtype=torch.long)
 
-        draft, conf = None, None
+        draft, conf, row_of = None, None, {}
         lengths = torch.zeros(n, dtype=torch.long)
-        gate = self.draft_gate
-        if self.speculate and (gate is None or gate.should_draft(max_lengths)):
+        drafting = self._drafting(requests, max_lengths)
+        if drafting:
+            rows = torch.tensor(drafting)
+            row_of = {i: row for row, i in enumerate(drafting)}  # request index -> its row in the draft
             draft = rt.draft(
-                slots, [self._take_features(r) for r in requests], anchors, temperature, top_k, top_p,
-                torch.stack([uniforms(r.generator, rt.block_size) for r in requests]),
+                slots[rows], [self._take_features(requests[i]) for i in drafting], anchors[rows], temperature[rows],
+                top_k[rows], top_p[rows], torch.stack([uniforms(requests[i].generator, rt.block_size) for i in drafting]),
             )
-            for request in requests:
-                request.stats.draft_tokens_proposed += rt.block_size
+            for i in drafting:
+                requests[i].stats.draft_tokens_proposed += rt.block_size
+                requests[i].last_draft_step = self.steps
             conf = self._calibrated(draft.confidence_logits)
-            lengths = torch.minimum(self.scheduler(conf, max_lengths).long(), max_lengths)
+            lengths = self._schedule(conf, rows, max_lengths)
         elif not self.speculate:
             for request in requests:
                 request.pending_features.clear()
@@ -207,9 +210,9 @@ class Engine:
             ell = int(lengths[i])
             pieces.append(anchors[i: i + 1])
             if ell:
-                pieces.append(draft.tokens[i, :ell])
-                draft_tokens.append(draft.tokens[i, :ell])
-                draft_probs.append(draft.probs[i, :ell])
+                pieces.append(draft.tokens[row_of[i], :ell])
+                draft_tokens.append(draft.tokens[row_of[i], :ell])
+                draft_probs.append(draft.probs[row_of[i], :ell])
         vocab = rt.vocab_size
         out, result = rt.target_verify(
             torch.cat(pieces), slots, rows_per_request,
@@ -220,23 +223,51 @@ class Engine:
         )
         for i, request in enumerate(requests):
             try:
-                if self.record_rounds and draft is not None and draft.confidence_logits is not None:
-                    request.stats.round_confidence_logits.append(draft.confidence_logits[i].tolist())
+                if self.record_rounds and i in row_of and draft.confidence_logits is not None:
+                    request.stats.round_confidence_logits.append(draft.confidence_logits[row_of[i]].tolist())
                 self._commit_round(request, int(lengths[i]), int(result.accepted[i]), int(result.next_token[i]),
-                                   draft, i, out.taps, int(row_offsets[i]))
+                                   draft, row_of.get(i), out.taps, int(row_offsets[i]))
             except Exception as exc:  # noqa: BLE001 - one request's failure stays its own
                 self._finish(request, Status.FAILED, "error", error=f"{type(exc).__name__}: {exc}")
+        gate = self.draft_gate
         if gate is not None:
             seconds = time.perf_counter() - started
             if draft is None:
                 gate.observe_plain(n, seconds)
             else:
-                gate.observe_draft(conf, int(lengths.sum()), seconds)
+                gate.observe_draft(conf, n, int(lengths.sum()), seconds)
 
-    def _commit_round(self, request: Request, ell: int, accepted: int, next_token: int, draft, index: int,
+    def _drafting(self, requests: list[Request], max_lengths: torch.Tensor) -> list[int]:
+        """Indices of the requests that draft this step: all of them, none (the gate skips the pass), or
+        the gate's probe, one request (the one longest without a draft), so that a probe costs a draft
+        for one request rather than for all and sees every request in turn."""
+        everyone = list(range(len(requests)))
+        if not self.speculate:
+            return []
+        plan = "draft" if self.draft_gate is None else self.draft_gate.plan(max_lengths)
+        if plan == "draft":
+            return everyone
+        if plan == "skip":
+            return []
+        candidates = [i for i in everyone if max_lengths[i] > 0] or everyone
+        return [min(candidates, key=lambda i: requests[i].last_draft_step)]
+
+    def _schedule(self, conf: torch.Tensor | None, rows: torch.Tensor, max_lengths: torch.Tensor) -> torch.Tensor:
+        """ℓ of every request: the scheduler sees all of them (each one's anchor is in the target pass);
+        the ones that did not draft have nothing to verify."""
+        allowed = torch.zeros_like(max_lengths)
+        allowed[rows] = max_lengths[rows]
+        full = None
+        if conf is not None:
+            full = conf.new_zeros(len(max_lengths), conf.shape[1])
+            full[rows] = conf
+        return torch.minimum(self.scheduler(full, allowed).long(), allowed)
+
+    def _commit_round(self, request: Request, ell: int, accepted: int, next_token: int, draft, row: int | None,
                       taps: torch.Tensor | None, row0: int) -> None:
+        """row: the request's row in this step's draft (None if it did not draft, so accepted is 0)."""
         start = request.context_length
-        new_ids = (draft.tokens[index, :accepted].tolist() if accepted else []) + [next_token]
+        new_ids = (draft.tokens[row, :accepted].tolist() if accepted else []) + [next_token]
         stats = request.stats
         stats.draft_tokens_verified += ell
         stats.draft_tokens_accepted += accepted

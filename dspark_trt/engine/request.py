@@ -91,6 +91,7 @@ class Request:
     slot: int | None = None
     prefilled: int = 0  # prompt tokens already in the target cache
     anchor: int | None = None  # last committed token, whose target K/V is not cached yet
+    last_draft_step: int = -1  # the engine step of its last draft (the gate's probe takes the stalest)
     # target taps not yet given to the drafter, as chunks (joined once, when it drafts: no quadratic copying)
     pending_features: list[torch.Tensor] = field(default_factory=list)
     generator: torch.Generator | None = None

@@ -9,8 +9,9 @@ batch Algorithm 1 would verify, the profiled SPS(B) and draft seconds) with plai
 and drafts only when the gain clears `min_predicted_gain`. Both predicted step times are corrected by
 how long such steps really took here (an EWMA of measured / predicted seconds), so a cost table
 profiled under other conditions, or engine overhead it does not see, cannot keep the gate wrong. While
-it declines, it probes again after skipping 1, 2, 4, ... `max_backoff` steps, so new requests or a change in
-their confidences are noticed.
+it declines, it probes after skipping 1, 2, 4, ... `max_backoff` steps: the engine drafts for one request
+(the one longest without a draft), which refreshes the survival estimate for the cost of a one-request
+draft, so new requests or a change in their confidences are noticed cheaply at any concurrency.
 
 Lossless: the decision rests on earlier steps only, and a step that does not draft is plain decoding
 from the target. The engine keeps a skipped step's target features pending, so the drafter's context
@@ -42,18 +43,19 @@ class DraftGate:
         self.time_scale = {"draft": 1.0, "plain": 1.0}  # EWMA of measured / predicted step seconds
         self._backoff = 1
         self._declined = 0
-        self.decisions = {"draft": 0, "skip": 0}
+        self.decisions = {"draft": 0, "probe": 0, "skip": 0}
 
-    def should_draft(self, max_lengths: torch.Tensor) -> bool:
-        """Draft this step? max_lengths [R]: the most drafts each decoding request may verify."""
+    def plan(self, max_lengths: torch.Tensor) -> str:
+        """This step: "draft" (every request drafts), "probe" (one does) or "skip" (none does).
+        max_lengths [R]: the most drafts each decoding request may verify."""
         if self.survival is None or self.predicted_gain(max_lengths) >= self.min_predicted_gain:
             self._backoff, self._declined = 1, 0
-            return self._decide(True)
+            return self._decide("draft")
         self._declined += 1
         if self._declined > self._backoff:  # probe, so the prediction rests on fresh confidences
             self._declined, self._backoff = 0, min(2 * self._backoff, self.max_backoff)
-            return self._decide(True)
-        return self._decide(False)
+            return self._decide("probe")
+        return self._decide("skip")
 
     def predicted_gain(self, max_lengths: torch.Tensor) -> float:
         """Predicted throughput of drafting over plain decoding, minus 1, for these requests."""
@@ -64,22 +66,25 @@ class DraftGate:
         plain_rate = n / self._plain_seconds(n)
         return expected / self._draft_seconds(n, batch) / plain_rate - 1.0
 
-    def observe_draft(self, calibrated_conf: torch.Tensor, verified: int, seconds: float) -> None:
-        """A drafted step: its requests' calibrated confidences [R, γ], the drafts it verified, its seconds."""
-        n, gamma = calibrated_conf.shape
-        mean = survival(calibrated_conf, torch.full((n,), gamma)).mean(dim=0)
+    def observe_draft(self, calibrated_conf: torch.Tensor, n_requests: int, verified: int, seconds: float) -> None:
+        """A drafted step: the calibrated confidences [k, γ] of the k requests that drafted, the requests
+        in its target pass, the drafts it verified, its seconds."""
+        k, gamma = calibrated_conf.shape
+        mean = survival(calibrated_conf, torch.full((k,), gamma)).mean(dim=0)
         self.survival = mean if self.survival is None else self._blend(self.survival, mean)
-        self._rescale("draft", seconds / self._draft_seconds(n, n + verified, scaled=False))
+        predicted = 1.0 / self.cost_table.sps(n_requests + verified) + self.cost_table.draft_step_seconds(k)
+        self._rescale("draft", seconds / predicted)
 
     def observe_plain(self, n_requests: int, seconds: float) -> None:
-        self._rescale("plain", seconds / self._plain_seconds(n_requests, scaled=False))
+        self._rescale("plain", seconds * self.cost_table.sps(n_requests))
 
-    def _draft_seconds(self, n_requests: int, batch: int, scaled: bool = True) -> float:
-        seconds = 1.0 / self.cost_table.sps(batch) + self.cost_table.draft_step_seconds(n_requests)
-        return seconds * (self.time_scale["draft"] if scaled else 1.0)
+    def _draft_seconds(self, n_requests: int, batch: int) -> float:
+        """Predicted seconds of a step where every request drafts and `batch` tokens are verified."""
+        profiled = 1.0 / self.cost_table.sps(batch) + self.cost_table.draft_step_seconds(n_requests)
+        return self.time_scale["draft"] * profiled
 
-    def _plain_seconds(self, n_requests: int, scaled: bool = True) -> float:
-        return (self.time_scale["plain"] if scaled else 1.0) / self.cost_table.sps(n_requests)
+    def _plain_seconds(self, n_requests: int) -> float:
+        return self.time_scale["plain"] / self.cost_table.sps(n_requests)
 
     def _rescale(self, kind: str, ratio: float) -> None:
         self.time_scale[kind] = self._blend(self.time_scale[kind], ratio)
@@ -87,9 +92,9 @@ class DraftGate:
     def _blend(self, old, new):
         return (1 - self.smoothing) * old + self.smoothing * new
 
-    def _decide(self, draft: bool) -> bool:
-        self.decisions["draft" if draft else "skip"] += 1
-        return draft
+    def _decide(self, plan: str) -> str:
+        self.decisions[plan] += 1
+        return plan
 
 
 class GatedScheduler:

@@ -35,7 +35,7 @@ class Metrics:
             "accepted": family("spec_decode_num_accepted_tokens", counter, "draft tokens accepted"),
             "per_pos": family("spec_decode_num_accepted_tokens_per_pos", counter, "accepted drafts by block position"),
             "length": family("request_mean_accepted_length", hist, "mean accepted length per request (bonus included)"),
-            "gate": family("draft_gate_steps", counter, "decode steps the draft gate let draft or made skip"),
+            "gate": family("draft_gate_steps", counter, "decode steps by draft gate decision (draft: all requests, probe: one)"),
             "active": family("num_requests_running", gauge, "requests in the engine's slots"),
             "queue": family("num_requests_waiting", gauge, "requests waiting for a slot"),
         }
@@ -45,7 +45,7 @@ class Metrics:
                                                            "active", "queue")}
         self.per_pos = [f["per_pos"].Metric(labels={"position": str(k)}) for k in range(block_size)]
         self.length = f["length"].Metric(labels={}, buckets=ACCEPTED_LENGTH_BUCKETS)
-        self.gate = {d: f["gate"].Metric(labels={"decision": d}) for d in ("draft", "skip")}
+        self.gate = {d: f["gate"].Metric(labels={"decision": d}) for d in ("draft", "probe", "skip")}
         self._gate_seen = {d: 0 for d in self.gate}
 
     def finished(self, job: Job) -> None:
