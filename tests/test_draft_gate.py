@@ -24,7 +24,7 @@ def test_verification_ignores_the_sunk_draft_cost_and_the_gate_counts_it():
     costly = flat_table(0.2)  # drafting + verifying: 2.71 tokens / 0.3 s = 9.0 tok/s < plain 10
     assert schedule_dspark(HIGH, costly, ML).tolist() == [2]  # drafts exist: verifying them is free here
     gate = DraftGate(costly)
-    assert gate.plan(ML) == "draft"  # nothing known yet: draft and learn
+    assert gate.plan(ML) == "probe"  # nothing known yet: one request drafts, to learn
     gate.observe_draft(HIGH, 1, verified=2, seconds=0.3)  # took as long as the table says
     assert gate.predicted_gain(ML) < 0 and gate.plan(ML) == "skip"
     cheap = DraftGate(flat_table(0.05))  # 2.71 / 0.15 s = 18 tok/s
@@ -53,6 +53,7 @@ def test_the_gate_probes_with_exponential_backoff_and_resumes_when_confidence_re
 
 def test_measured_step_times_correct_a_cost_table_that_is_too_optimistic():
     gate = DraftGate(flat_table(0.0))  # the table thinks drafting is free: 27 tok/s vs 10
+    assert gate.plan(ML) == "probe"
     gate.observe_draft(HIGH, 1, verified=2, seconds=0.1)
     assert gate.plan(ML) == "draft"
     for _ in range(20):  # drafted steps really take 0.4 s, plain ones 0.1 s as profiled
@@ -94,6 +95,6 @@ def test_an_engine_whose_gate_skips_drafts_keeps_the_drafter_context_whole_and_g
             assert decisions["skip"] > 2 * len(calls) and drafted_rows < rounds / 4
             probed = [c[0] for c in calls if len(c) == 1]  # a probe drafts for one request...
             assert len(probed) == decisions["probe"] and len(set(probed)) == 3  # ...each in turn
-        else:
-            assert decisions["skip"] == decisions["probe"] == 0
-            assert drafted_rows == rounds  # every round of every request drafted
+        else:  # after the first step's probe, every round of every request drafted
+            assert decisions["skip"] == 0 and decisions["probe"] == 1 and calls[0] == [calls[1][0]]
+            assert drafted_rows == rounds - 2

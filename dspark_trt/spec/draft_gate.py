@@ -48,7 +48,9 @@ class DraftGate:
     def plan(self, max_lengths: torch.Tensor) -> str:
         """This step: "draft" (every request drafts), "probe" (one does) or "skip" (none does).
         max_lengths [R]: the most drafts each decoding request may verify."""
-        if self.survival is None or self.predicted_gain(max_lengths) >= self.min_predicted_gain:
+        if self.survival is None:  # nothing known yet: learn from one request's draft
+            return self._decide("probe")
+        if self.predicted_gain(max_lengths) >= self.min_predicted_gain:
             self._backoff, self._declined = 1, 0
             return self._decide("draft")
         self._declined += 1
