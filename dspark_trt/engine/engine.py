@@ -241,9 +241,9 @@ class Engine:
         """Indices of the requests that draft this step: all of them, none (the gate skips the pass), or
         the gate's probe, one request (the one longest without a draft), so that a probe costs a draft
         for one request rather than for all and sees every request in turn."""
-        everyone = list(range(len(requests)))
         if not self.speculate:
             return []
+        everyone = list(range(len(requests)))
         plan = "draft" if self.draft_gate is None else self.draft_gate.plan(max_lengths)
         if plan == "draft":
             return everyone
