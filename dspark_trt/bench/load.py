@@ -216,8 +216,10 @@ def sweep_engine(options, modes: list[Mode], concurrency: list[int], prompts: li
         cost_table = cost_table or _profile_once(runtime, max(concurrency), profile_out, progress)
     params = SamplingParams(max_tokens=max_tokens, stop_ids=tuple(runtime.eos_token_ids))
     points = []
-    for mode in modes:
-        for c in concurrency:
+    # concurrency-major, so every mode of a concurrency is measured minutes apart, not half an hour:
+    # drift in what else the machine runs then shifts all modes alike
+    for c in concurrency:
+        for mode in modes:
             scheduler = None if mode.schedule == "off" else make_scheduler(
                 mode.schedule, block_size=runtime.block_size, gamma=mode.gamma, threshold=options.threshold,
                 cost_table=cost_table if mode.needs_cost_table else None, has_confidence=runtime.has_confidence_head,
@@ -227,7 +229,8 @@ def sweep_engine(options, modes: list[Mode], concurrency: list[int], prompts: li
             engine.generate([ids[0]], SamplingParams(max_tokens=4))  # warm-up outside the clock
             records = closed_loop_engine(engine, ids, params, c, num_requests, duration_s)
             points.append(_point(mode, c, records, progress))
-    return points, cost_table
+    order = {mode.name: k for k, mode in enumerate(modes)}
+    return sorted(points, key=lambda p: (order[p["mode"]], p["concurrency"])), cost_table
 
 
 def _profile_once(runtime, max_concurrency: int, out: Path, progress: Progress) -> str:
