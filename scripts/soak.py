@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-url", help="host:port of a running server's gRPC endpoint")
     parser.add_argument("--pid", type=int, help="the tritonserver process id (for RSS)")
     parser.add_argument("--engines", help="instead: package this engine directory and serve it for the run")
+    parser.add_argument("--schedule", default="fixed", help="with --engines: the served schedule")
+    parser.add_argument("--cost-table", help="with --engines and --schedule dspark/async: the SPS(B) table")
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -199,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dspark-soak-")))
             repo = package_repository(PackageOptions(engines=args.engines, out=str(root / "repo"),
+                                                     schedule=args.schedule, cost_table=args.cost_table,
                                                      num_slots=max(8, args.concurrency)))
             server = stack.enter_context(TritonServer(repo, workdir=root / "work"))
             grpc_url, pid, metrics_url = server.grpc_url, server.pid, server.metrics_url

@@ -187,10 +187,9 @@ class Engine:
         if drafting:
             rows = torch.tensor(drafting)
             row_of = {i: row for row, i in enumerate(drafting)}  # request index -> its row in the draft
-            draft = rt.draft(
-                slots[rows], [self._take_features(requests[i]) for i in drafting], anchors[rows], temperature[rows],
-                top_k[rows], top_p[rows], torch.stack([uniforms(requests[i].generator, rt.block_size) for i in drafting]),
-            )
+            draft_uniforms = torch.stack([uniforms(requests[i].generator, rt.block_size) for i in drafting])
+            draft = rt.draft(slots[rows], [self._take_features(requests[i]) for i in drafting], anchors[rows],
+                             temperature[rows], top_k[rows], top_p[rows], draft_uniforms)
             for i in drafting:
                 requests[i].stats.draft_tokens_proposed += rt.block_size
                 requests[i].last_draft_step = self.steps
