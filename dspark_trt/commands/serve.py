@@ -1,8 +1,9 @@
 """Serve a packaged model repository with a real tritonserver until Ctrl-C or SIGTERM.
 
 Without --repo (what `make serve` runs) the default pair is built into a cache directory the first
-time (build-engines), packaged afresh, and served. No trained default drafter ships yet, so the
-default serves the target with speculation off unless --draft names one.
+time (build-engines), packaged afresh, and served. The shipped drafter (`--draft default`) is lossless
+but does not pay on a few CPU cores (docs/benchmarks.md), so the default serves the target with
+speculation off unless --draft names one.
 """
 from __future__ import annotations
 
