@@ -55,8 +55,8 @@ def test_modes_and_concurrency_parse_or_name_the_problem():
     ungated = parse_modes("dspark-ungated,async-ungated")
     assert [(m.schedule, m.draft_gate, m.needs_cost_table) for m in ungated] == [("dspark", False, True),
                                                                                 ("async", False, True)]
-    for bad, match in (("fixed", "unknown mode 'fixed'"), ("fast", "unknown mode 'fast'"), ("off,off", "twice"), ("fixed3-ungated", "unknown mode"),
-                       ("", "empty")):
+    for bad, match in (("fixed", "unknown mode 'fixed'"), ("fast", "unknown mode 'fast'"), ("off,off", "twice"),
+                       ("fixed3-ungated", "unknown mode"), ("", "empty")):
         with pytest.raises(DSparkError, match=match):
             parse_modes(bad)
     assert parse_concurrency("4,1,2,4") == [1, 2, 4]

@@ -62,7 +62,8 @@ def test_dspark_respects_max_lengths():
 
 def test_dspark_early_break_stops_at_a_local_cliff_that_global_search_passes():
     # one request, c = [0.6, 0.9, 0.9]: a = [0.6, 0.54, 0.486]; SPS = 1, then 0.6 flat
-    # Θ0 = 1; Θ1 = 1.6·0.6 = 0.96 -> break, ℓ = 0.  Global: Θ2 = 2.14·0.6 = 1.284, Θ3 = 2.626·0.6 = 1.5756 -> K = 3
+    # Θ0 = 1; Θ1 = 1.6·0.6 = 0.96 -> break, ℓ = 0.
+    # Global: Θ2 = 2.14·0.6 = 1.284, Θ3 = 2.626·0.6 = 1.5756 -> K = 3
     cliff = table({1: 1.0, 2: 0.6, 4: 0.6})
     conf, ml = torch.tensor([[0.6, 0.9, 0.9]]), torch.tensor([3])
     assert schedule_dspark(conf, cliff, ml, min_predicted_gain=0).tolist() == [0]

@@ -49,7 +49,8 @@ def bench_speedup(target: str, draft: str, prompts: list[str], max_tokens: int, 
         spec_seconds += s_s
         taus += s.stats.accepted_lengths
         rows.append({"prompt": i, "tokens": len(a.output_ids), "identical": a.output_ids == s.output_ids,
-                     "ar_tokens_per_second": len(a.output_ids) / a_s, "dspark_tokens_per_second": len(s.output_ids) / s_s,
+                     "ar_tokens_per_second": len(a.output_ids) / a_s,
+                     "dspark_tokens_per_second": len(s.output_ids) / s_s,
                      "mean_accepted_length": s.stats.mean_accepted_length})
         progress(f"prompt {i + 1}/{len(prompts)}: AR {rows[-1]['ar_tokens_per_second']:.1f} tok/s, DSpark "
                  f"{rows[-1]['dspark_tokens_per_second']:.1f} tok/s, tau {s.stats.mean_accepted_length:.2f}")

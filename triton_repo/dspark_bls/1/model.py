@@ -35,7 +35,8 @@ class Metrics:
             "accepted": family("spec_decode_num_accepted_tokens", counter, "draft tokens accepted"),
             "per_pos": family("spec_decode_num_accepted_tokens_per_pos", counter, "accepted drafts by block position"),
             "length": family("request_mean_accepted_length", hist, "mean accepted length per request (bonus included)"),
-            "gate": family("draft_gate_steps", counter, "decode steps by draft gate decision (draft: all requests, probe: one)"),
+            "gate": family("draft_gate_steps", counter,
+                           "decode steps by draft gate decision (draft: all requests, probe: one)"),
             "active": family("num_requests_running", gauge, "requests in the engine's slots"),
             "queue": family("num_requests_waiting", gauge, "requests waiting for a slot"),
         }
