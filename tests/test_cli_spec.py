@@ -63,6 +63,9 @@ def test_every_schedule_gives_the_autoregressive_greedy_output(pair):
          "--batch-sizes", "1,2,4,8", "--repeats", "2", "--context-len", "16")
     table = json.loads(cost.read_text())
     assert table["batch_sizes"] == [1, 2, 4, 8] and len(table["draft_seconds"]) > 0
+    # a row per request count of the diagonal, each from R tokens up to R·(block + 1), capped at 8
+    rows = {row["requests"]: row["batch_sizes"] for row in table["by_requests"]}
+    assert rows == {1: [1, 2, 3, 4, 5], 2: [2, 4, 6, 8], 4: [4, 8], 8: [8]}
     assert table["metadata"]["runtime"] == "torch"
     calib = pair / "calib.json"
     report = json.loads(_cli("calibrate", "--target", str(pair / "target"), "--draft", str(pair / "draft"),

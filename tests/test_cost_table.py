@@ -73,3 +73,40 @@ def test_missing_or_malformed_file_names_the_path_and_the_fix(tmp_path):
         bad.write_text(text)
         with pytest.raises(DSparkError, match=r"bad\.json is malformed.*dspark-trt profile"):
             CostTable.from_json(bad)
+
+
+def test_rows_per_request_count_are_read_for_the_pass_and_interpolated_between_counts():
+    # the diagonal says 8 tokens cost 4x one token; one request verifying 8 tokens costs only 1.25x
+    t = CostTable([1, 2, 8], [40.0, 30.0, 10.0],
+                  by_requests={1: ([1, 8], [40.0, 32.0]), 4: ([4, 8, 16], [20.0, 16.0, 12.0])})
+    assert t.sps(8) == 10.0  # no request count: the diagonal
+    assert t.sps(8, 1) == 32.0 and t.sps(4, 1) == pytest.approx(36.571, abs=1e-3)
+    assert t.sps(16, 4) == 12.0 and t.sps(64, 4) == 12.0  # clamped beyond the row
+    # R = 2 lies a third of the way from R = 1 to R = 4: at B = 8, 32 + (16 - 32) / 3
+    assert t.sps(8, 2) == pytest.approx(32 - 16 / 3)
+    assert t.sps(8, 9) == 16.0 and t.sps(8, 0) == 32.0  # clamped to the profiled counts
+    assert np.allclose(t.sps(np.array([1, 8]), 1), [40.0, 32.0])
+    # a noisy row is forced non-increasing like the diagonal
+    assert CostTable([1], [1.0], by_requests={2: ([2, 4], [5.0, 6.0])}).by_requests[2] == ([2, 4], [5.0, 5.0])
+
+
+@pytest.mark.parametrize("rows, match", [
+    ({0: ([1], [1.0])}, "request counts >= 1"),
+    ({2: ([1, 4], [1.0, 1.0])}, "at least 2 tokens"),
+    ({2: ([2, 4], [1.0])}, r"by_requests\[2\].batch_sizes and .* equal length"),
+    ({2: ([2, 4], [1.0, 0.0])}, r"by_requests\[2\].steps_per_second must be finite and > 0"),
+])
+def test_bad_rows_are_refused_naming_the_row(rows, match):
+    with pytest.raises(ValueError, match=match):
+        CostTable([1], [1.0], by_requests=rows)
+
+
+def test_json_round_trip_keeps_the_rows_and_reads_tables_without_them(tmp_path):
+    path = tmp_path / "cost.json"
+    CostTable([1, 8], [50.0, 25.0], by_requests={1: ([1, 8], [50.0, 45.0]), 8: ([8], [25.0])}).to_json(path)
+    loaded = CostTable.from_json(path)
+    assert loaded.by_requests == {1: ([1, 8], [50.0, 45.0]), 8: ([8], [25.0])}
+    assert loaded.sps(8, 1) == 45.0
+    old = tmp_path / "old.json"  # a profile from before the rows existed
+    old.write_text(json.dumps({"batch_sizes": [1, 8], "steps_per_second": [50.0, 25.0]}))
+    assert CostTable.from_json(old).sps(8, 1) == 25.0

@@ -34,6 +34,18 @@ def test_verification_ignores_the_sunk_draft_cost_and_the_gate_counts_it():
     assert cheap.predicted_gain(torch.tensor([0])) < 0
 
 
+def test_the_gate_prices_a_step_from_the_cost_row_of_its_request_count():
+    # diagonal: 3 tokens cost 3x one (plain 10 tok/s, drafting 2.71 / (0.3 + 0.05) = 7.7 tok/s): skip.
+    # one request's row: 3 tokens cost 1.2x one, 2.71 / (0.12 + 0.05) = 16 tok/s: draft.
+    diagonal = dict(draft_requests=[1, 8], draft_seconds=[0.05] * 2)
+    steep = CostTable([1, 2, 3], [10.0, 5.0, 10.0 / 3], **diagonal)
+    rows = CostTable([1, 2, 3], [10.0, 5.0, 10.0 / 3], **diagonal, by_requests={1: ([1, 3], [10.0, 10.0 / 1.2])})
+    for table, plan in ((steep, "skip"), (rows, "draft")):
+        gate = DraftGate(table, max_backoff=64)
+        gate.observe_draft(HIGH, 1, verified=2, seconds=1.0 / table.sps(3, 1) + 0.05)  # as profiled
+        assert gate.plan(ML) == plan
+
+
 def test_the_gate_probes_with_exponential_backoff_and_resumes_when_confidence_returns():
     gate = DraftGate(flat_table(0.1), max_backoff=8)  # HIGH: 2.71 / 0.2 s = 13.6 tok/s; LOW: 6.2
     gate.observe_draft(LOW, 1, verified=0, seconds=0.2)

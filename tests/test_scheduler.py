@@ -138,3 +138,16 @@ def test_make_scheduler_errors_name_the_problem(tmp_path):
 
 def test_fixed_defaults_to_the_block_size():
     assert make_scheduler("fixed", block_size=7)(None, torch.tensor([9, 4])).tolist() == [7, 4]
+
+
+def test_algorithm_1_reads_the_cost_row_of_the_pass_request_count():
+    # the diagonal: SPS(B) = 40 / B, so with E < B tokens expected no admission ever gains (Θ = 40·E/B < 40)
+    diagonal = {b: 40.0 / b for b in range(1, 9)}
+    conf, ml = torch.full((1, 7), 0.9), torch.tensor([7])
+    assert schedule_dspark(conf, table(diagonal), ml, min_predicted_gain=0).tolist() == [0]
+    # measured for one request: 8 tokens at 0.8x one token's rate. Θ_k = (1 + Σ 0.9^j)·SPS_1(1 + k):
+    # Θ7 = 5.70·32 = 182 is the best and each step raises Θ, so all 7 drafts are verified
+    rows = table(diagonal, by_requests={1: ([1, 8], [40.0, 32.0])})
+    assert schedule_dspark(conf, rows, ml, min_predicted_gain=0).tolist() == [7]
+    assert AsyncTopKScheduler(rows, min_predicted_gain=0).capacity(conf, ml) == 7
+    assert AsyncTopKScheduler(table(diagonal), min_predicted_gain=0).capacity(conf, ml) == 0

@@ -6,6 +6,13 @@ so it needs the real shape of the runtime's cost curve, measured on the machine 
 never faster, so the table is forced non-increasing (running minimum) whenever it is built.
 Optionally it also records the drafter's seconds per step for a number of requests, which the
 scheduler uses to judge whether speculating pays at all (`min_predicted_gain`).
+
+SPS(B) alone assumes a pass costs the same for B tokens however they are split over requests, which holds
+where compute scales with tokens (a GPU). On a CPU each request in the pass costs on its own (its cache,
+its attention): one request verifying 8 tokens took about half the time of 8 requests with one token each
+on our ONNX Runtime engines. So a profile also records one SPS(B) row per number of requests R in the pass
+(`by_requests`), and the schedulers, which always know R, read SPS_R(B); between profiled R the rows are
+interpolated. A table without rows (older profiles, synthetic tables) is read as SPS(B) for every R.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ class CostTable:
     draft_requests: list[int] = field(default_factory=list)
     draft_seconds: list[float] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
+    by_requests: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # R -> (B, SPS_R(B))
 
     def __post_init__(self) -> None:
         self.batch_sizes, self.steps_per_second = _checked_curve(
@@ -41,14 +49,41 @@ class CostTable:
             self.draft_requests, self.draft_seconds = _checked_curve(
                 self.draft_requests, self.draft_seconds, "draft_requests", "draft_seconds", allow_zero=True)
             self.draft_seconds = np.maximum.accumulate(np.asarray(self.draft_seconds)).tolist()
+        rows = {}
+        for r, (sizes, sps) in self.by_requests.items():
+            if not isinstance(r, (int, np.integer)) or r < 1:
+                raise ValueError(f"by_requests keys must be request counts >= 1, got {r!r}")
+            sizes, sps = _checked_curve(sizes, sps, f"by_requests[{r}].batch_sizes",
+                                        f"by_requests[{r}].steps_per_second")
+            if sizes[0] < r:
+                raise ValueError(f"by_requests[{r}]: a pass of {r} requests carries at least {r} tokens, "
+                                 f"got batch size {sizes[0]}")
+            rows[int(r)] = (sizes, np.minimum.accumulate(np.asarray(sps)).tolist())
+        self.by_requests = dict(sorted(rows.items()))
 
-    def sps(self, batch: int | float | np.ndarray) -> float | np.ndarray:
-        """SPS at batch size(s) B >= 1: linear between measured points, clamped beyond them."""
+    def sps(self, batch: int | float | np.ndarray, n_requests: int | None = None) -> float | np.ndarray:
+        """SPS at batch size(s) B >= 1 for a pass of n_requests requests (None: any), linear between
+        measured points, clamped beyond them."""
         b = np.asarray(batch, dtype=np.float64)
         if np.any(b < 1):
             raise ValueError(f"verification batch size must be >= 1, got {batch}")
-        out = np.interp(b, self.batch_sizes, self.steps_per_second)
+        if n_requests is None or not self.by_requests:
+            out = np.interp(b, self.batch_sizes, self.steps_per_second)
+        else:
+            out = self._row_sps(b, n_requests)
         return float(out) if out.ndim == 0 else out
+
+    def _row_sps(self, b: np.ndarray, n_requests: int) -> np.ndarray:
+        """SPS_R(B) between the two profiled request counts around R (clamped to the profiled range)."""
+        counts = list(self.by_requests)
+        r = min(max(n_requests, counts[0]), counts[-1])
+        upper = next(c for c in counts if c >= r)
+        lower = max(c for c in counts if c <= r)
+        at = {c: np.interp(b, *self.by_requests[c]) for c in {lower, upper}}
+        if lower == upper:
+            return at[lower]
+        w = (r - lower) / (upper - lower)
+        return (1 - w) * at[lower] + w * at[upper]
 
     def draft_step_seconds(self, n_requests: int) -> float:
         """Seconds of one draft step for n_requests (0 when the table has no draft costs)."""
@@ -72,7 +107,10 @@ class CostTable:
             **self.metadata,
         }
         data = {"batch_sizes": self.batch_sizes, "steps_per_second": self.steps_per_second,
-                "draft_requests": self.draft_requests, "draft_seconds": self.draft_seconds, "metadata": meta}
+                "draft_requests": self.draft_requests, "draft_seconds": self.draft_seconds,
+                "by_requests": [{"requests": r, "batch_sizes": sizes, "steps_per_second": sps}
+                                for r, (sizes, sps) in self.by_requests.items()],
+                "metadata": meta}
         Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
     @classmethod
@@ -82,8 +120,10 @@ class CostTable:
             raise DSparkError(f"cost table {path} does not exist; {PROFILE_HINT}")
         try:
             data = json.loads(path.read_text())
+            rows = {row["requests"]: (row["batch_sizes"], row["steps_per_second"])
+                    for row in data.get("by_requests", [])}
             return cls(data["batch_sizes"], data["steps_per_second"], data.get("draft_requests", []),
-                       data.get("draft_seconds", []), data.get("metadata", {}))
+                       data.get("draft_seconds", []), data.get("metadata", {}), rows)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise DSparkError(f"cost table {path} is malformed ({type(exc).__name__}: {exc}); {PROFILE_HINT}") from exc
 

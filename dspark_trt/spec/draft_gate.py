@@ -74,19 +74,19 @@ class DraftGate:
         k, gamma = calibrated_conf.shape
         mean = survival(calibrated_conf, torch.full((k,), gamma)).mean(dim=0)
         self.survival = mean if self.survival is None else self._blend(self.survival, mean)
-        predicted = 1.0 / self.cost_table.sps(n_requests + verified) + self.cost_table.draft_step_seconds(k)
+        predicted = 1.0 / self.cost_table.sps(n_requests + verified, n_requests) + self.cost_table.draft_step_seconds(k)
         self._rescale("draft", seconds / predicted)
 
     def observe_plain(self, n_requests: int, seconds: float) -> None:
-        self._rescale("plain", seconds * self.cost_table.sps(n_requests))
+        self._rescale("plain", seconds * self.cost_table.sps(n_requests, n_requests))
 
     def _draft_seconds(self, n_requests: int, batch: int) -> float:
         """Predicted seconds of a step where every request drafts and `batch` tokens are verified."""
-        profiled = 1.0 / self.cost_table.sps(batch) + self.cost_table.draft_step_seconds(n_requests)
+        profiled = 1.0 / self.cost_table.sps(batch, n_requests) + self.cost_table.draft_step_seconds(n_requests)
         return self.time_scale["draft"] * profiled
 
     def _plain_seconds(self, n_requests: int) -> float:
-        return self.time_scale["plain"] / self.cost_table.sps(n_requests)
+        return self.time_scale["plain"] / self.cost_table.sps(n_requests, n_requests)
 
     def _rescale(self, kind: str, ratio: float) -> None:
         self.time_scale[kind] = self._blend(self.time_scale[kind], ratio)

@@ -51,10 +51,10 @@ def _lengths_from_admitted(requests: torch.Tensor, n_requests: int) -> torch.Ten
 
 
 def _throughput_path(values: torch.Tensor, n_requests: int, cost_table: CostTable) -> torch.Tensor:
-    """Θ_i = E_i · SPS(B_i) after admitting the first i ranked candidates, i = 0..N (float64 [N + 1])."""
+    """Θ_i = E_i · SPS_R(B_i) after admitting the first i ranked candidates, i = 0..N (float64 [N + 1])."""
     expected = n_requests + torch.cat([torch.zeros(1, dtype=torch.float64), values.cumsum(0)])
     batch = n_requests + torch.arange(values.numel() + 1)
-    return expected * torch.from_numpy(cost_table.sps(batch.numpy().astype(float)))
+    return expected * torch.from_numpy(cost_table.sps(batch.numpy().astype(float), n_requests))
 
 
 def _worth_speculating(best_expected: float, best_batch: int, n_requests: int, cost_table: CostTable,
@@ -63,8 +63,8 @@ def _worth_speculating(best_expected: float, best_batch: int, n_requests: int, c
     by now, so their cost is sunk; whether drafting pays at all is the DraftGate's question."""
     if min_predicted_gain <= 0:
         return True
-    plain = n_requests * cost_table.sps(n_requests)
-    return best_expected * cost_table.sps(best_batch) >= (1.0 + min_predicted_gain) * plain
+    plain = n_requests * cost_table.sps(n_requests, n_requests)
+    return best_expected * cost_table.sps(best_batch, n_requests) >= (1.0 + min_predicted_gain) * plain
 
 
 def schedule_dspark(conf: torch.Tensor, cost_table: CostTable, max_lengths: torch.Tensor,
