@@ -92,3 +92,21 @@ def test_smollm2_default_pair_greedy_identical(smollm2, tmp_path):
     ref = _run(TorchRuntime(model, drafter, num_slots=2, max_seq_len=256), prompts, params)
     ort = _run(OrtRuntime(tmp_path, num_slots=2, max_seq_len=256), prompts, params)
     assert [r.output_ids for r in ort] == [r.output_ids for r in ref]
+
+
+def test_profile_measures_the_onnx_runtime_engines_with_a_row_per_request_count(smollm2, tmp_path, capsys):
+    from dspark_trt.cli import main
+
+    target = tiny_target(vocab_size=6, seed=2)
+    export_engines(target, tiny_drafter(target, block_size=2, seed=2), tmp_path / "engines")
+    smollm2[1].save_pretrained(tmp_path / "engines" / "tokenizer")  # profile builds the engine like serving does
+    out = tmp_path / "cost.json"
+    assert main(["profile", "--engines", str(tmp_path / "engines"), "--out", str(out), "--batch-sizes", "1,2,6",
+                 "--repeats", "1", "--context-len", "8", "--json"]) == 0
+    table = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == table
+    assert table["metadata"]["runtime"] == OrtRuntime.name and table["batch_sizes"] == [1, 2, 6]
+    # rows for R = 1, 2, 6 requests carrying 1..3 tokens each (block 2), capped at the largest B
+    assert {row["requests"]: row["batch_sizes"] for row in table["by_requests"]} == {
+        1: [1, 2, 3], 2: [2, 4, 6], 6: [6]}
+    assert len(table["draft_seconds"]) == 3
