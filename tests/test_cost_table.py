@@ -18,16 +18,25 @@ def test_interpolates_linearly_and_clamps_beyond_measured_points():
         t.sps(0)
 
 
-def test_noise_is_removed_by_running_minimum_and_points_are_sorted():
-    # measured out of order with a noisy bump at B = 4 (faster than B = 2): forced down to 90
+def test_noise_is_removed_by_isotonic_regression_and_points_are_sorted():
+    # measured out of order with a noisy bump at B = 4 (faster than B = 2): the two are pooled at 92.5
     t = CostTable([4, 1, 2, 8], [95.0, 100.0, 90.0, 50.0])
     assert t.batch_sizes == [1, 2, 4, 8]
-    assert t.steps_per_second == [100.0, 90.0, 90.0, 50.0]
-    # draft cost is forced non-decreasing in the number of requests
+    assert t.steps_per_second == [100.0, 92.5, 92.5, 50.0]
+    # draft cost is made non-decreasing in the number of requests the same way
     t = CostTable([1], [10.0], draft_requests=[1, 2, 4], draft_seconds=[0.02, 0.01, 0.03])
-    assert t.draft_seconds == [0.02, 0.02, 0.03]
-    assert t.draft_step_seconds(3) == pytest.approx(0.025)
+    assert t.draft_seconds == pytest.approx([0.015, 0.015, 0.03])
+    assert t.draft_step_seconds(3) == pytest.approx(0.0225)
     assert CostTable([1], [10.0]).draft_step_seconds(5) == 0.0
+
+
+def test_one_slow_measurement_at_a_small_batch_does_not_flatten_the_whole_curve():
+    # B = 1 measured at 20 SPS (a hiccup) where B = 2..8 run at 30, 29, 28: a running minimum would read
+    # 20 everywhere; the fit pools the hiccup with the points after it until the curve falls
+    t = CostTable([1, 2, 4, 8], [20.0, 30.0, 29.0, 28.0])
+    assert t.steps_per_second == pytest.approx([26.75] * 4)
+    assert CostTable([1, 2, 4, 8], [20.0, 30.0, 29.0, 10.0]).steps_per_second == pytest.approx(
+        [79 / 3] * 3 + [10.0])
 
 
 @pytest.mark.parametrize("sizes, sps, match", [
@@ -87,7 +96,7 @@ def test_rows_per_request_count_are_read_for_the_pass_and_interpolated_between_c
     assert t.sps(8, 9) == 16.0 and t.sps(8, 0) == 32.0  # clamped to the profiled counts
     assert np.allclose(t.sps(np.array([1, 8]), 1), [40.0, 32.0])
     # a noisy row is forced non-increasing like the diagonal
-    assert CostTable([1], [1.0], by_requests={2: ([2, 4], [5.0, 6.0])}).by_requests[2] == ([2, 4], [5.0, 5.0])
+    assert CostTable([1], [1.0], by_requests={2: ([2, 4], [5.0, 6.0])}).by_requests[2] == ([2, 4], [5.5, 5.5])
 
 
 @pytest.mark.parametrize("rows, match", [

@@ -3,7 +3,8 @@
 The prefix scheduler trades expected accepted tokens against the slowdown of a bigger target pass,
 so it needs the real shape of the runtime's cost curve, measured on the machine that serves
 (`dspark-trt profile`). A measured curve is noisy; the scheduler assumes more tokens per pass are
-never faster, so the table is forced non-increasing (running minimum) whenever it is built.
+never faster, so the table is made non-increasing whenever it is built, by isotonic regression (a running
+minimum would carry one slow measurement at a small batch into every larger one).
 Optionally it also records the drafter's seconds per step for a number of requests, which the
 scheduler uses to judge whether speculating pays at all (`min_predicted_gain`).
 
@@ -43,12 +44,12 @@ class CostTable:
     def __post_init__(self) -> None:
         self.batch_sizes, self.steps_per_second = _checked_curve(
             self.batch_sizes, self.steps_per_second, "batch_sizes", "steps_per_second")
-        # more tokens per target pass is never faster: running minimum removes measurement noise
-        self.steps_per_second = np.minimum.accumulate(np.asarray(self.steps_per_second)).tolist()
+        # more tokens per target pass is never faster, more drafting requests never cheaper
+        self.steps_per_second = non_increasing(self.steps_per_second)
         if self.draft_requests or self.draft_seconds:
             self.draft_requests, self.draft_seconds = _checked_curve(
                 self.draft_requests, self.draft_seconds, "draft_requests", "draft_seconds", allow_zero=True)
-            self.draft_seconds = np.maximum.accumulate(np.asarray(self.draft_seconds)).tolist()
+            self.draft_seconds = [-x for x in non_increasing([-x for x in self.draft_seconds])]
         rows = {}
         for r, (sizes, sps) in self.by_requests.items():
             if not isinstance(r, (int, np.integer)) or r < 1:
@@ -58,7 +59,7 @@ class CostTable:
             if sizes[0] < r:
                 raise ValueError(f"by_requests[{r}]: a pass of {r} requests carries at least {r} tokens, "
                                  f"got batch size {sizes[0]}")
-            rows[int(r)] = (sizes, np.minimum.accumulate(np.asarray(sps)).tolist())
+            rows[int(r)] = (sizes, non_increasing(sps))
         self.by_requests = dict(sorted(rows.items()))
 
     def sps(self, batch: int | float | np.ndarray, n_requests: int | None = None) -> float | np.ndarray:
@@ -126,6 +127,18 @@ class CostTable:
                        data.get("draft_seconds", []), data.get("metadata", {}), rows)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise DSparkError(f"cost table {path} is malformed ({type(exc).__name__}: {exc}); {PROFILE_HINT}") from exc
+
+
+def non_increasing(values) -> list[float]:
+    """The least-squares non-increasing fit of a measured curve (pool adjacent violators): a run of points
+    that goes up is replaced by its mean."""
+    blocks: list[list[float]] = []  # [mean, count] of pooled runs
+    for v in values:
+        blocks.append([float(v), 1])
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            (m1, n1), (m2, n2) = blocks[-2], blocks.pop()
+            blocks[-1] = [(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2]
+    return [m for m, n in blocks for _ in range(n)]
 
 
 def _checked_curve(xs, ys, x_name: str, y_name: str, allow_zero: bool = False) -> tuple[list[int], list[float]]:
