@@ -1,5 +1,6 @@
 """The draft gate: verification ignores the (sunk) draft cost, the gate counts it before drafting, backs
 off while drafting cannot pay, learns real step times, and the engine stays exact when it skips."""
+import pytest
 import torch
 
 from dspark_trt.engine.engine import Engine
@@ -7,12 +8,21 @@ from dspark_trt.engine.request import SamplingParams
 from dspark_trt.runtimes.torch_runtime import TorchRuntime
 from dspark_trt.spec.cost_table import CostTable
 from dspark_trt.spec.draft_gate import DraftGate, GatedScheduler
-from dspark_trt.spec.scheduler import make_scheduler, schedule_dspark
+from dspark_trt.spec.scheduler import make_scheduler, schedule_dspark, survival
 
 from conftest import tiny_drafter, tiny_target
 
 HIGH, LOW = torch.tensor([[0.9, 0.9]]), torch.tensor([[0.2, 0.2]])  # E = 2.71 and 1.24 tokens per step
 ML = torch.tensor([2])
+
+
+def observe(gate: DraftGate, conf: torch.Tensor, verified: int, seconds: float, accepted: float | None = None,
+            n_requests: int = 1) -> None:
+    """A drafted step of one drafter; accepted defaults to what its calibrated survival predicts."""
+    lengths = torch.tensor([verified])
+    if accepted is None:
+        accepted = float(survival(conf, lengths).sum())
+    gate.observe_draft(conf, n_requests, lengths, torch.tensor([accepted]), seconds)
 
 
 def flat_table(draft_seconds: float) -> CostTable:
@@ -25,10 +35,10 @@ def test_verification_ignores_the_sunk_draft_cost_and_the_gate_counts_it():
     assert schedule_dspark(HIGH, costly, ML).tolist() == [2]  # drafts exist: verifying them is free here
     gate = DraftGate(costly)
     assert gate.plan(ML) == "probe"  # nothing known yet: one request drafts, to learn
-    gate.observe_draft(HIGH, 1, verified=2, seconds=0.3)  # took as long as the table says
+    observe(gate, HIGH, 2, seconds=0.3)  # took as long as the table says
     assert gate.predicted_gain(ML) < 0 and gate.plan(ML) == "skip"
     cheap = DraftGate(flat_table(0.05))  # 2.71 / 0.15 s = 18 tok/s
-    cheap.observe_draft(HIGH, 1, verified=2, seconds=0.15)
+    observe(cheap, HIGH, 2, seconds=0.15)
     assert cheap.predicted_gain(ML) > 0.5 and all(cheap.plan(ML) == "draft" for _ in range(20))
     # a request with no room to verify anything makes drafting pointless
     assert cheap.predicted_gain(torch.tensor([0])) < 0
@@ -42,34 +52,46 @@ def test_the_gate_prices_a_step_from_the_cost_row_of_its_request_count():
     rows = CostTable([1, 2, 3], [10.0, 5.0, 10.0 / 3], **diagonal, by_requests={1: ([1, 3], [10.0, 10.0 / 1.2])})
     for table, plan in ((steep, "skip"), (rows, "draft")):
         gate = DraftGate(table, max_backoff=64)
-        gate.observe_draft(HIGH, 1, verified=2, seconds=1.0 / table.sps(3, 1) + 0.05)  # as profiled
+        observe(gate, HIGH, 2, seconds=1.0 / table.sps(3, 1) + 0.05)  # as profiled
         assert gate.plan(ML) == plan
+
+
+def test_accepted_drafts_correct_confidences_that_run_high():
+    # HIGH predicts 1.71 accepted drafts per step: 2.71 tokens / 0.15 s = 18 tok/s against plain 10
+    honest, optimistic = DraftGate(flat_table(0.05)), DraftGate(flat_table(0.05))
+    observe(honest, HIGH, 2, seconds=0.15)
+    observe(optimistic, HIGH, 2, seconds=0.15, accepted=0.0)  # the target rejected the first draft
+    assert honest.token_scale == pytest.approx(1.0) and honest.plan(ML) == "draft"
+    assert optimistic.token_scale == 0.0 and optimistic.predicted_gain(ML) < 0 and optimistic.plan(ML) == "skip"
+    # a step that verified nothing says nothing about acceptance
+    observe(optimistic, HIGH, 0, seconds=0.15)
+    assert optimistic.token_scale == 0.0
 
 
 def test_the_gate_probes_with_exponential_backoff_and_resumes_when_confidence_returns():
     gate = DraftGate(flat_table(0.1), max_backoff=8)  # HIGH: 2.71 / 0.2 s = 13.6 tok/s; LOW: 6.2
-    gate.observe_draft(LOW, 1, verified=0, seconds=0.2)
+    observe(gate, LOW, 0, seconds=0.2)
     drafted = []
     for step in range(60):
         plan = gate.plan(ML)
         if plan != "skip":
             assert plan == "probe"
             drafted.append(step)
-            gate.observe_draft(LOW, 1, verified=0, seconds=0.2)
+            observe(gate, LOW, 0, seconds=0.2)
     gaps = [b - a for a, b in zip(drafted, drafted[1:])]
     assert drafted[0] == 1 and gaps[:4] == [3, 5, 9, 9] and set(gaps[2:]) == {9}  # 1, 2, 4, 8, 8 skips
     for _ in range(8):  # probes find confident drafts again
-        gate.observe_draft(HIGH, 1, verified=2, seconds=0.2)
+        observe(gate, HIGH, 2, seconds=0.2)
     assert all(gate.plan(ML) == "draft" for _ in range(10))
 
 
 def test_measured_step_times_correct_a_cost_table_that_is_too_optimistic():
     gate = DraftGate(flat_table(0.0))  # the table thinks drafting is free: 27 tok/s vs 10
     assert gate.plan(ML) == "probe"
-    gate.observe_draft(HIGH, 1, verified=2, seconds=0.1)
+    observe(gate, HIGH, 2, seconds=0.1)
     assert gate.plan(ML) == "draft"
     for _ in range(20):  # drafted steps really take 0.4 s, plain ones 0.1 s as profiled
-        gate.observe_draft(HIGH, 1, verified=2, seconds=0.4)
+        observe(gate, HIGH, 2, seconds=0.4)
         gate.observe_plain(1, seconds=0.1)
     assert gate.time_scale["draft"] > 3.5 and abs(gate.time_scale["plain"] - 1.0) < 1e-6
     assert gate.predicted_gain(ML) < 0  # 2.71 / 0.4 s = 6.8 tok/s < 10

@@ -234,7 +234,7 @@ class Engine:
             if draft is None:
                 gate.observe_plain(n, seconds)
             else:
-                gate.observe_draft(conf, n, int(lengths.sum()), seconds)
+                gate.observe_draft(conf, n, lengths[rows], torch.as_tensor(result.accepted)[rows], seconds)
 
     def _drafting(self, requests: list[Request], max_lengths: torch.Tensor) -> list[int]:
         """Indices of the requests that draft this step: all of them, none (the gate skips the pass), or

@@ -1,17 +1,20 @@
 """Whether the next decode step should run the draft pass at all (cost-aware schedules: dspark, async).
 
 Algorithm 1 decides how many drafts to verify once they exist, when their cost is already paid. Where a
-draft pass costs about as much as a target step (a CPU, or any machine near saturation) the better
-move is often not to draft: at high concurrency Algorithm 1 verifies nothing, and a step that drafted
-for nothing is slower than plain decoding. So before each decode step the gate compares the
-throughput it predicts for drafting (expected tokens from recent rounds' calibrated survival, the
-batch Algorithm 1 would verify, the profiled SPS(B) and draft seconds) with plain decoding (R·SPS(R)),
-and drafts only when the gain clears `min_predicted_gain`. Both predicted step times are corrected by
-how long such steps really took here (an EWMA of measured / predicted seconds), so a cost table
-profiled under other conditions, or engine overhead it does not see, cannot keep the gate wrong. While
-it declines, it probes after skipping 1, 2, 4, ... `max_backoff` steps: the engine drafts for one request
-(the one longest without a draft), which refreshes the survival estimate for the cost of a one-request
-draft, so new requests or a change in their confidences are noticed cheaply at any concurrency.
+draft pass costs about as much as a target step (a CPU, or any machine near saturation) the better move
+is often not to draft: at high concurrency Algorithm 1 verifies nothing, and a step that drafted for
+nothing is slower than plain decoding. So before each decode step the gate compares the throughput it
+predicts for drafting (expected tokens from recent rounds' calibrated survival, the batch Algorithm 1
+would verify, the profiled SPS(B) and draft seconds) with plain decoding (R·SPS(R)), and drafts only
+when the gain clears `min_predicted_gain`. Both predicted step times are corrected by how long such
+steps really took here (an EWMA of measured / predicted seconds), so a cost table profiled under other
+conditions, or engine overhead it does not see, cannot keep the gate wrong; the expected tokens are
+corrected the same way, by the drafts really accepted over those the calibrated survival predicted for
+what was verified, so confidences that run high (calibrated on other prompts) cannot keep it drafting.
+While it declines, it probes after skipping 1, 2, 4, ... `max_backoff` steps: the engine drafts for one
+request (the one longest without a draft), which refreshes the survival estimate for the cost of a
+one-request draft, so new requests or a change in their confidences are noticed cheaply at any
+concurrency.
 
 Lossless: the decision rests on earlier steps only, and a step that does not draft is plain decoding
 from the target. The engine keeps a skipped step's target features pending, so the drafter's context
@@ -41,6 +44,8 @@ class DraftGate:
         self.smoothing = smoothing
         self.survival: torch.Tensor | None = None  # [γ] EWMA of the mean prefix survival per position
         self.time_scale = {"draft": 1.0, "plain": 1.0}  # EWMA of measured / predicted step seconds
+        self._accepted: float | None = None  # EWMA of the drafts accepted per drafted step that verified
+        self._predicted: float | None = None  # EWMA of the accepted drafts survival predicted for those steps
         self._backoff = 1
         self._declined = 0
         self.decisions = {"draft": 0, "probe": 0, "skip": 0}
@@ -65,16 +70,31 @@ class DraftGate:
         a = self.survival.unsqueeze(0).expand(n, -1)
         a = torch.where(torch.arange(a.shape[1]) < max_lengths.unsqueeze(1), a, torch.zeros_like(a))
         _, expected, batch = early_break(a, self.cost_table)
+        expected = n + self.token_scale * (expected - n)
         plain_rate = n / self._plain_seconds(n)
         return expected / self._draft_seconds(n, batch) / plain_rate - 1.0
 
-    def observe_draft(self, calibrated_conf: torch.Tensor, n_requests: int, verified: int, seconds: float) -> None:
+    @property
+    def token_scale(self) -> float:
+        """Drafts really accepted / drafts the calibrated survival predicted (1 until something was verified)."""
+        return self._accepted / self._predicted if self._predicted else 1.0
+
+    def observe_draft(self, calibrated_conf: torch.Tensor, n_requests: int, lengths: torch.Tensor,
+                      accepted: torch.Tensor, seconds: float) -> None:
         """A drafted step: the calibrated confidences [k, γ] of the k requests that drafted, the requests
-        in its target pass, the drafts it verified, its seconds."""
+        in its target pass, the drafts verified [k] and accepted [k] for each drafter, its seconds."""
         k, gamma = calibrated_conf.shape
         mean = survival(calibrated_conf, torch.full((k,), gamma)).mean(dim=0)
         self.survival = mean if self.survival is None else self._blend(self.survival, mean)
-        predicted = 1.0 / self.cost_table.sps(n_requests + verified, n_requests) + self.cost_table.draft_step_seconds(k)
+        predicted_accepted = float(survival(calibrated_conf, lengths).sum())
+        if predicted_accepted > 0:
+            got = float(accepted.sum())
+            first = self._predicted is None
+            self._accepted = got if first else self._blend(self._accepted, got)
+            self._predicted = predicted_accepted if first else self._blend(self._predicted, predicted_accepted)
+        verified = int(lengths.sum())
+        predicted = (1.0 / self.cost_table.sps(n_requests + verified, n_requests)
+                     + self.cost_table.draft_step_seconds(k))
         self._rescale("draft", seconds / predicted)
 
     def observe_plain(self, n_requests: int, seconds: float) -> None:
