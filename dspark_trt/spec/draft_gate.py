@@ -92,21 +92,25 @@ class DraftGate:
             first = self._predicted is None
             self._accepted = got if first else self._blend(self._accepted, got)
             self._predicted = predicted_accepted if first else self._blend(self._predicted, predicted_accepted)
-        verified = int(lengths.sum())
-        predicted = (1.0 / self.cost_table.sps(n_requests + verified, n_requests)
-                     + self.cost_table.draft_step_seconds(k))
-        self._rescale("draft", seconds / predicted)
+        batch = n_requests + int(lengths.sum())
+        self._rescale("draft", seconds / self._profiled_draft_seconds(n_requests, batch, drafting=k))
 
     def observe_plain(self, n_requests: int, seconds: float) -> None:
-        self._rescale("plain", seconds * self.cost_table.sps(n_requests, n_requests))
+        self._rescale("plain", seconds / self._profiled_plain_seconds(n_requests))
 
     def _draft_seconds(self, n_requests: int, batch: int) -> float:
         """Predicted seconds of a step where every request drafts and `batch` tokens are verified."""
-        profiled = 1.0 / self.cost_table.sps(batch, n_requests) + self.cost_table.draft_step_seconds(n_requests)
-        return self.time_scale["draft"] * profiled
+        return self.time_scale["draft"] * self._profiled_draft_seconds(n_requests, batch, drafting=n_requests)
 
     def _plain_seconds(self, n_requests: int) -> float:
-        return self.time_scale["plain"] / self.cost_table.sps(n_requests, n_requests)
+        return self.time_scale["plain"] * self._profiled_plain_seconds(n_requests)
+
+    def _profiled_draft_seconds(self, n_requests: int, batch: int, drafting: int) -> float:
+        """The cost table's seconds for a pass of `batch` tokens over n_requests after `drafting` drafted."""
+        return 1.0 / self.cost_table.sps(batch, n_requests) + self.cost_table.draft_step_seconds(drafting)
+
+    def _profiled_plain_seconds(self, n_requests: int) -> float:
+        return 1.0 / self.cost_table.sps(n_requests, n_requests)
 
     def _rescale(self, kind: str, ratio: float) -> None:
         self.time_scale[kind] = self._blend(self.time_scale[kind], ratio)
