@@ -87,7 +87,7 @@ def _validate_draft(report, drafter, ort_rt: OrtRuntime, slots, states, features
     r, b = len(slots), drafter.config.block_size
     greedy = (torch.zeros(r), torch.zeros(r, dtype=torch.long), torch.ones(r))
     ref = drafter.draft_batch(states, features, anchors, *greedy, None)
-    hidden, base = ort_rt.backbone(slots, features, anchors)
+    hidden, base = ort_rt.drafter.backbone(slots, features, anchors)
     _compare(report, "draft_block:base_logits", base, ref.base_logits, greedy=True)
     _compare(report, "draft_block:hidden", hidden, ref.block_hidden)
     prevs = torch.cat([anchors[:, None], ref.tokens[:, :-1]], dim=1)
@@ -99,13 +99,13 @@ def _validate_draft(report, drafter, ort_rt: OrtRuntime, slots, states, features
             feeds = {"prev": prevs[:, k].numpy(), "hidden": ref.block_hidden[:, k].numpy()}
             if state is not None:
                 feeds["state"] = state.numpy()
-            ours = run(ort_rt.sessions["draft_markov_step"], feeds)
+            ours = run(ort_rt.drafter.sessions["draft_markov_step"], feeds)
             _compare(report, "draft_markov_step:bias", ours[0], bias)
             if state is not None:
                 _compare(report, "draft_markov_step:new_state", ours[1], new_state)
             state = new_state
     if drafter.confidence_head is not None:
-        (conf,) = run(ort_rt.sessions["draft_confidence"],
+        (conf,) = run(ort_rt.drafter.sessions["draft_confidence"],
                       {"hidden": ref.block_hidden.numpy(), "prev_tokens": prevs.numpy()})
         _compare(report, "draft_confidence:confidence_logits", conf, ref.confidence_logits)
     ours = ort_rt.draft(slots, [None] * r, anchors, *greedy, None)  # the whole draft path, context as is

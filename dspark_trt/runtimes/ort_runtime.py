@@ -1,10 +1,9 @@
 """ONNX Runtime (CPU) runtime over an engine directory: the exported target and drafter graphs.
 
-The runtime keeps both caches on the host as numpy views of torch tensors: the target K/V slot pool
-(the same KVCache as the torch runtime: allocation, lengths, rollback) and the drafter's per-slot
-context K/V. Each pass gathers the batch's past window into the graph and writes the returned new
-rows back at (slot, position). The drafter's left-to-right loop runs here with `spec.sampling`, one
-`draft_markov_step` call per block position.
+The runtime keeps the target K/V slot pool on the host as numpy views of torch tensors (the same
+KVCache as the torch runtime: allocation, lengths, rollback). Each pass gathers the batch's past window
+into the graph and writes the returned new rows back at (slot, position). The drafter and its
+per-slot context cache are an `OrtDrafter` (runtimes/ort_drafter.py).
 
 Verification runs in the target graph's DSparkVerify node (`target_verify`); a graph built without it
 is verified by the torch reference on the returned logits, the same semantics.
@@ -12,20 +11,18 @@ is verified by the torch reference on the returned logits, the same semantics.
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from dspark_trt.errors import DSparkError
-from dspark_trt.export.draft_graph import GRAPH_NAMES, block_inputs
 from dspark_trt.export.engines import read_manifest
 from dspark_trt.export.ort_session import make_session, run
 from dspark_trt.export.target_graph import VERIFY_OUTPUTS, no_verify_feeds, step_inputs, verify_feeds
 from dspark_trt.models.target import TargetConfig
 from dspark_trt.runtimes.base import DraftStep, Runtime, TargetStep
 from dspark_trt.runtimes.kv_cache import KVCache
-from dspark_trt.spec.sampling import sample_from_uniform, warp_probs
+from dspark_trt.runtimes.ort_drafter import OrtDrafter
 from dspark_trt.spec.verify import VerifyResult
 from dspark_trt_plugins import ort_op
 
@@ -35,8 +32,6 @@ class OrtRuntime(Runtime):
 
     def __init__(self, engine_dir: str | Path, num_slots: int = 8, max_seq_len: int = 2048,
                  threads: int | None = None, use_drafter: bool = True):
-        from dspark_trt.models.drafter_checkpoint import config_from_dict
-
         engine_dir = Path(engine_dir)
         self.manifest = manifest = read_manifest(engine_dir)
         graphs = manifest["graphs"]
@@ -53,20 +48,15 @@ class OrtRuntime(Runtime):
         self.sessions = {"target": self._make_session(engine_dir, "target", threads)}
         self._target_outputs = [o.name for o in self.sessions["target"].get_outputs()]
         self.verify_in_graph = set(VERIFY_OUTPUTS) <= set(self._target_outputs)
+        self.drafter: OrtDrafter | None = None
         self.draft_config = None
         self.block_size, self.has_confidence_head = 0, False
         if manifest["draft"] is not None and use_drafter:
-            cfg = self.draft_config = config_from_dict(manifest["draft"]["config"], where=f"{engine_dir} manifest")
-            self.block_size, self.has_confidence_head = cfg.block_size, cfg.enable_confidence_head
+            self.drafter = OrtDrafter(engine_dir, manifest, num_slots, self.max_seq_len,
+                                      make_graph_session=lambda name: self._make_session(engine_dir, name, threads))
+            self.draft_config = self.drafter.config
+            self.block_size, self.has_confidence_head = self.drafter.block_size, self.drafter.has_confidence_head
             self.tap_layers = tuple(manifest["taps"])
-            self.sessions.update({name: self._make_session(engine_dir, name, threads)
-                                  for name in GRAPH_NAMES if name in graphs})
-            layout = SimpleNamespace(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
-                                     head_dim=cfg.head_dim)
-            # only its arrays and lengths are used: slots are allocated on the target cache
-            self.context = KVCache(layout, num_slots=num_slots, max_seq_len=self.max_seq_len)
-            self._ctx_k = [k.numpy() for k in self.context.k]
-            self._ctx_v = [v.numpy() for v in self.context.v]
 
     def _make_session(self, engine_dir: Path, graph: str, threads: int | None):
         """The session that runs one graph of the manifest (TrtRuntime swaps in a TensorRT plan). Only the
@@ -76,8 +66,8 @@ class OrtRuntime(Runtime):
     # ---- slots -------------------------------------------------------------------------------
     def allocate_slot(self) -> int:
         slot = self.cache.allocate()
-        if self.draft_config is not None:
-            self.context.lengths[slot] = 0
+        if self.drafter is not None:
+            self.drafter.reset(slot)
         return slot
 
     def free_slot(self, slot: int) -> None:
@@ -129,65 +119,6 @@ class OrtRuntime(Runtime):
         return TargetStep(logits=torch.from_numpy(outputs["logits"]), taps=taps), outputs
 
     def draft(self, slots, new_features, anchors, temperature, top_k, top_p, uniforms) -> DraftStep:
-        hidden, base = self.backbone(slots, new_features, anchors)
-        if uniforms is None:
-            uniforms = torch.zeros(len(slots), self.block_size, dtype=torch.float64)
-        return self._sample_block(torch.as_tensor(anchors), hidden, base, temperature, top_k, top_p, uniforms)
-
-    def backbone(self, slots, new_features, anchors) -> tuple[np.ndarray, torch.Tensor]:
-        """Append the new context features, then the parallel stage: block hidden [R, B, H], U [R, B, V]."""
-        if self.draft_config is None:
+        if self.drafter is None:
             raise DSparkError("this runtime has no drafter")
-        slots_np = np.asarray(slots, dtype=np.int64)
-        self._extend_context(slots_np, new_features)
-        ctx_lens = self.context.lengths.numpy()[slots_np]
-        if (ctx_lens + self.block_size > self.max_seq_len).any():
-            raise DSparkError(f"draft block beyond the context limit {self.max_seq_len}")
-        hidden, base = run(self.sessions["draft_block"],
-                           block_inputs(np.asarray(anchors), ctx_lens, self._ctx_k, self._ctx_v, slots_np))
-        return hidden, torch.from_numpy(base)
-
-    def _extend_context(self, slots: np.ndarray, new_features) -> None:
-        """One draft_context pass over every slot's new features; rows written at each slot's next positions."""
-        rows = [(int(s), f) for s, f in zip(slots, new_features) if f is not None and f.shape[0] > 0]
-        if not rows:
-            return
-        lengths = self.context.lengths.numpy()
-        for s, f in rows:
-            if lengths[s] + f.shape[0] > self.max_seq_len:
-                raise DSparkError(f"slot {s}: draft context exceeds the limit {self.max_seq_len}")
-        row_slots = np.concatenate([np.full(f.shape[0], s) for s, f in rows])
-        positions = np.concatenate([np.arange(lengths[s], lengths[s] + f.shape[0]) for s, f in rows])
-        features = torch.cat([f for _, f in rows]).to(torch.float32).numpy()
-        ctx_k, ctx_v = run(self.sessions["draft_context"], {"features": features, "positions": positions})
-        for layer, (k, v) in enumerate(zip(ctx_k, ctx_v)):
-            self._ctx_k[layer][row_slots, :, positions] = k
-            self._ctx_v[layer][row_slots, :, positions] = v
-        for s, f in rows:
-            lengths[s] += f.shape[0]
-
-    def _sample_block(self, anchors, hidden, base_logits, temperature, top_k, top_p, uniforms) -> DraftStep:
-        """As DSparkDrafter._sample_block: ℓ_k = U_k + B_k(x_{k-1}); x_k ~ warp(ℓ_k), left to right."""
-        step = self.sessions.get("draft_markov_step")
-        state = np.zeros((len(anchors), self.draft_config.markov_rank), np.float32)
-        prev = anchors
-        prevs, tokens, probs = [], [], []
-        for k in range(self.block_size):
-            logit_k = base_logits[:, k]
-            if step is not None:
-                bias, *rest = run(step, {"prev": prev.numpy().astype(np.int64), "hidden": hidden[:, k],
-                                         "state": state})
-                state = rest[0] if rest else state
-                logit_k = logit_k + torch.from_numpy(bias)
-            q = warp_probs(logit_k, temperature, top_k, top_p)
-            token = sample_from_uniform(q, uniforms[:, k])
-            prevs.append(prev)
-            tokens.append(token)
-            probs.append(q)
-            prev = token
-        conf = None
-        if "draft_confidence" in self.sessions:
-            (c,) = run(self.sessions["draft_confidence"],
-                       {"hidden": hidden, "prev_tokens": torch.stack(prevs, 1).numpy().astype(np.int64)})
-            conf = torch.from_numpy(c)
-        return DraftStep(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1), confidence_logits=conf)
+        return self.drafter.draft(slots, new_features, anchors, temperature, top_k, top_p, uniforms)

@@ -173,7 +173,7 @@ class DraftService:
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rt = self.runtime
         slots = torch.as_tensor(inputs["slots"])
-        rt.context.lengths[slots] = torch.as_tensor(inputs["context_starts"])
+        rt.drafter.context.lengths[slots] = torch.as_tensor(inputs["context_starts"])
         features = torch.from_numpy(inputs["features"])
         ends = np.cumsum(inputs["feature_counts"])
         per_slot = [features[end - count: end] if count else None
