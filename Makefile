@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-done
 # CPU build of torch; on these machines pip takes it from local disk. A GPU host may override it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test serve clean
+.PHONY: setup test serve clean peers
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml setup.py Makefile
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# optional: the onnxruntime-genai peer of `dspark-trt bench ar`
+peers: setup
+	$(PIP) install -e ".[peers]"
 
 serve: setup
 	$(VENV)/bin/dspark-trt serve

@@ -4,6 +4,7 @@
   speedup  batch-1 greedy DSpark vs AR on the same runtime, outputs checked token-identical
   served   tokens/s through a real tritonserver vs the in-process engine on the same engines
   load     closed-loop concurrency sweep per schedule mode (in-process, or --served through tritonserver)
+  precision  an engine's target vs the float32 torch reference on real prompts (KL, greedy divergence)
 """
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ar.add_argument("--max-tokens", type=int, default=128)
     ar.add_argument("--repeats", type=int, default=3)
     ar.add_argument("--engines", help="also time ONNX Runtime on this build-engines directory of the target")
+    ar.add_argument("--no-genai", action="store_true",
+                    help="skip the onnxruntime-genai peer (by default it runs where installed: pip install -e "
+                    "'.[peers]'; its int4 model of the target is built once and cached)")
+    ar.add_argument("--genai-model", help="onnxruntime-genai model directory to use instead of the cached build")
+    ar.add_argument("--genai-accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
+                    help="MatMulNBits accuracy level of the built int4 peer model (default: the builder's, 4 on CPU)")
     speedup = sub.add_parser("speedup", help="batch-1 greedy DSpark vs AR on the same runtime")
     speedup.add_argument("--target", default="smollm2")
     speedup.add_argument("--draft", required=True)
@@ -42,7 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     served.add_argument("--prompt", action="append", help="prompt text (repeatable; default: three built-in ones)")
     served.add_argument("--max-tokens", type=int, default=64)
     served.add_argument("--cache-dir", help="where engines and the repository are built (as for `serve`)")
-    for p in (ar, speedup, served):
+    precision = sub.add_parser("precision", help="an engine's target vs the float32 torch reference (KL, greedy)")
+    precision.add_argument("--target", default="smollm2")
+    precision.add_argument("--engines", required=True, help="build-engines directory of the target")
+    precision.add_argument("--prompts-file", action="append", required=True)
+    precision.add_argument("--limit", type=int, default=4, help="prompts per file")
+    precision.add_argument("--max-tokens", type=int, default=128)
+    for p in (ar, speedup, served, precision):
         p.add_argument("--json", action="store_true")
         p.add_argument("--out", help="also write the result JSON here")
     load = sub.add_parser("load", help="closed-loop concurrency sweep per schedule mode (Pareto frontier)")
@@ -70,16 +83,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     progress = lambda msg: print(f"bench {args.benchmark}: {msg}", file=sys.stderr)  # noqa: E731
     if args.benchmark == "ar":
-        from dspark_trt.bench.ar import bench_ar
+        from dspark_trt.bench.ar import ar_decode_table, bench_ar
 
         if args.max_tokens < 1 or args.repeats < 1:
             raise DSparkError("--max-tokens and --repeats must be >= 1")
-        result = bench_ar(args.target, args.prompt, args.max_tokens, args.repeats, progress, args.engines)
+        if args.genai_model and args.genai_accuracy_level is not None:
+            raise DSparkError("--genai-accuracy-level applies to the built peer model, not to --genai-model")
+        result = bench_ar(args.target, args.prompt, args.max_tokens, args.repeats, progress, args.engines,
+                          genai=not args.no_genai, genai_model=args.genai_model,
+                          genai_accuracy_level=args.genai_accuracy_level)
         ort = (f", onnxruntime {result['onnxruntime_tokens_per_second']:.1f} tok/s "
                f"({result['onnxruntime_vs_torch']:.2f}x torch)" if args.engines else "")
         summary = (f"ours {result['ours_tokens_per_second']:.1f} tok/s{ort}, transformers "
                    f"{result['transformers_tokens_per_second']:.1f} tok/s, ratio {result['ratio']:.2f}x, "
-                   f"token-identical: {result['token_identical']}")
+                   f"token-identical: {result['token_identical']}\n" + ar_decode_table(result))
     elif args.benchmark == "speedup":
         from dspark_trt.bench.speedup import bench_speedup, speedup_table
 
@@ -95,10 +112,19 @@ def run(args: argparse.Namespace) -> int:
         summary = (f"in-process {result['in_process_tokens_per_second']:.1f} tok/s, served "
                    f"{result['served_tokens_per_second']:.1f} tok/s, served/in-process {result['ratio']:.2f}, "
                    f"same text: {result['same_text']}")
+    elif args.benchmark == "precision":
+        from dspark_trt.bench.precision import measure_precision, precision_table
+        from dspark_trt.engine.prompts import chat_prompt_ids
+        from dspark_trt.export.engines import load_engine_tokenizer
+
+        tokenizer = load_engine_tokenizer(args.engines)
+        prompts = [chat_prompt_ids(tokenizer, p) for f in args.prompts_file for p in read_prompts_file(f, args.limit)]
+        result = measure_precision(args.engines, args.target, prompts, args.max_tokens, progress)
+        summary = precision_table(result)
     elif args.benchmark == "load":
         return _run_load(args, progress)
     else:
-        raise DSparkError("choose a benchmark: ar, speedup, served or load (see `dspark-trt bench --help`)")
+        raise DSparkError("choose a benchmark: ar, speedup, served, precision or load (see `dspark-trt bench --help`)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
