@@ -36,8 +36,7 @@ def test_manifest_describes_every_graph(built, pair):  # noqa: F811
     out, stderr = built
     manifest = json.loads((out / "manifest.json").read_text())
     draft_cfg = json.loads((pair / "draft" / "config.json").read_text())
-    assert set(manifest["graphs"]) == {"target", "draft_context", "draft_block", "draft_markov_step",
-                                       "draft_confidence"}
+    assert set(manifest["graphs"]) == {"target", "draft"}
     for name, graph in manifest["graphs"].items():
         path = out / graph["file"]
         assert graph["sha256"] == sha256(path)
@@ -111,21 +110,21 @@ def test_validation_failure_names_the_graph(pair, tmp_path, monkeypatch):  # noq
     import dspark_trt.export.build as build_module
 
     bad = {"target:logits": {"max_abs_error": 1e-6, "scale": 3.0, "greedy_identical": True},
-           "draft_block:base_logits": {"max_abs_error": 0.5, "scale": 2.0, "greedy_identical": True}}
+           "draft:probs": {"max_abs_error": 0.5, "scale": 2.0}}
     monkeypatch.setattr(build_module, "validate_engines", lambda *a, **k: bad)
-    with pytest.raises(DSparkError, match="step 'validate'.*graph 'draft_block', output 'base_logits': max abs error 0.5"):
+    with pytest.raises(DSparkError, match="step 'validate'.*graph 'draft', output 'probs': max abs error 0.5"):
         build_engines(BuildOptions(out=str(tmp_path), target=str(pair / "target")), progress=lambda m: None)
 
 
 def test_failures_apply_the_relative_tolerance():
     report = {"target:logits": {"max_abs_error": 2e-3, "scale": 10.0, "greedy_identical": True},
-              "draft_confidence:confidence_logits": {"max_abs_error": 2e-3, "scale": 0.5},
-              "draft_block:base_logits": {"max_abs_error": 0.0, "scale": 1.0, "greedy_identical": False},
+              "draft:confidence_logits": {"max_abs_error": 2e-3, "scale": 0.5},
+              "target:taps": {"max_abs_error": 0.0, "scale": 1.0, "greedy_identical": False},
               "draft_tokens_identical": False, "verify_identical": False}
     problems = failures(report, tolerance=1e-3)
     assert len(problems) == 4
-    assert "draft_confidence" in problems[0] and "greedy tokens differ" in problems[1]
-    assert "drafted greedy tokens" in problems[2] and "node 'dspark_verify'" in problems[3]
+    assert "graph 'draft', output 'confidence_logits'" in problems[0] and "greedy tokens differ" in problems[1]
+    assert "drafted tokens differ" in problems[2] and "node 'dspark_verify'" in problems[3]
 
 
 def test_bad_options_are_rejected(tmp_path):

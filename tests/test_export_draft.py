@@ -1,4 +1,4 @@
-"""The exported drafter graphs on ONNX Runtime against DeepSpec's reference outputs and the torch drafter."""
+"""The drafter's one-call ONNX graph through OrtDrafter against DeepSpec's reference outputs and the torch drafter."""
 import numpy as np
 import onnx
 import pytest
@@ -7,100 +7,183 @@ from safetensors.torch import load_file
 
 from conftest import SHARED, tiny_drafter, tiny_target
 from dspark_trt import load_drafter
-from dspark_trt.models.drafter_checkpoint import drafter_config_for_target, random_drafter
-from dspark_trt.export.draft_graph import block_inputs, export_drafter
-from dspark_trt.export.ort_session import make_session, run
+from dspark_trt.export.draft_graph import GRAPH_NAMES, export_drafter
+from dspark_trt.export.weight_quant import dequantize_weight, quantize_weight
+from dspark_trt.models.drafter_checkpoint import config_to_dict, drafter_config_for_target, random_drafter
+from dspark_trt.runtimes.ort_drafter import OrtDrafter
 
 FIXTURE = SHARED / "fixtures" / "deepspec" / "qwen3_vanilla_b7"
 TOL = 1e-4
+PROBS_TOL = 1e-5
 
 
-def _sessions(drafter, tmp_path):
-    paths = export_drafter(drafter, tmp_path)
-    for path in paths.values():
-        onnx.checker.check_model(str(path), full_check=True)
-    return {name: make_session(p) for name, p in paths.items()}
+def _runtime(drafter, tmp_path, weights="fp32", num_slots=4, max_seq_len=64) -> OrtDrafter:
+    paths = export_drafter(drafter, tmp_path, weights=weights)
+    assert set(paths) == set(GRAPH_NAMES) == {"draft"}
+    onnx.checker.check_model(str(paths["draft"]), full_check=True)
+    manifest = {"draft": {"config": config_to_dict(drafter.config)},
+                "graphs": {name: {"file": path.name} for name, path in paths.items()}}
+    return OrtDrafter(tmp_path, manifest, num_slots=num_slots, max_seq_len=max_seq_len)
 
 
-class Contexts:
-    """The runtime's view: per-slot context K/V in numpy, filled by the draft_context graph."""
-
-    def __init__(self, drafter, slots=2, max_len=64):
-        cfg = drafter.config
-        shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k, self.v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-        self.lens = np.zeros(slots, np.int64)
-
-    def extend(self, session, slot, features):
-        n, start = len(features), self.lens[slot]
-        positions = np.arange(start, start + n)
-        k, v = session.run(None, {"features": features.numpy(), "positions": positions})
-        self.k[:, slot, :, positions], self.v[:, slot, :, positions] = k.transpose(1, 0, 2, 3), v.transpose(1, 0, 2, 3)
-        self.lens[slot] += n
+def _assert_cache_equals(rt: OrtDrafter, slots, states):
+    for slot, state in zip(slots, states):
+        assert int(rt.context.lengths[slot]) == state.length
+        for layer in range(len(state.keys) if state.length else 0):
+            assert np.abs(rt._ctx_k[layer][slot, :, :state.length] - state.keys[layer].numpy()).max() < TOL
+            assert np.abs(rt._ctx_v[layer][slot, :, :state.length] - state.values[layer].numpy()).max() < TOL
 
 
 def test_deepspec_fixture_two_rounds(tmp_path):
     drafter = load_drafter(FIXTURE)
     ref = load_file(FIXTURE / "reference_io.safetensors")
-    s = _sessions(drafter, tmp_path)
-    assert set(s) == {"draft_context", "draft_block", "draft_markov_step", "draft_confidence"}
-    ctx, state = Contexts(drafter), drafter.new_state()
+    rt = _runtime(drafter, tmp_path)
+    state = drafter.new_state()
+    greedy = (torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.ones(1))
     for i in range(2):
-        features, anchor = ref[f"round{i}.ctx"], int(ref[f"round{i}.anchor"])
-        ctx.extend(s["draft_context"], 0, features)
+        features, anchor = ref[f"round{i}.ctx"], ref[f"round{i}.anchor"]
+        out = rt.draft(torch.tensor([1]), [features], anchor, *greedy, None)
         with torch.no_grad():
             drafter.extend_context(state, features)
-        for layer in range(drafter.config.num_hidden_layers):  # the cache equals the torch drafter's
-            assert np.abs(ctx.k[layer, 0, :, :state.length] - state.keys[layer].numpy()).max() < TOL
-            assert np.abs(ctx.v[layer, 0, :, :state.length] - state.values[layer].numpy()).max() < TOL
-        assert ctx.lens[0] == int(ref[f"round{i}.anchor_position"])
-        hidden, base = s["draft_block"].run(None, block_inputs([anchor], ctx.lens[:1], ctx.k, ctx.v, [0]))
-        assert np.abs(hidden[0] - ref[f"round{i}.block_hidden"].numpy()).max() < TOL
-        assert np.abs(base[0] - ref[f"round{i}.base_logits"].numpy()).max() < TOL
-        tokens = ref[f"round{i}.greedy_tokens"].numpy()
-        prevs = np.concatenate([[anchor], tokens[:-1]])
-        for k in range(drafter.config.block_size):  # the greedy loop, fed the reference prefix
-            (bias,) = run(s["draft_markov_step"], {"prev": prevs[k:k + 1], "hidden": hidden[:, k]})
-            logits = base[0, k] + bias[0]
-            assert np.abs(logits - ref[f"round{i}.greedy_logits"][k].numpy()).max() < TOL
-            assert logits.argmax() == tokens[k]
-        (conf,) = run(s["draft_confidence"], {"hidden": hidden, "prev_tokens": prevs[None]})
-        assert np.abs(conf[0] - ref[f"round{i}.confidence_logits"].numpy()).max() < TOL
+        _assert_cache_equals(rt, [1], [state])  # the context K/V the graph returned, cached
+        assert int(rt.context.lengths[1]) == int(ref[f"round{i}.anchor_position"])
+        assert out.tokens[0].tolist() == ref[f"round{i}.greedy_tokens"].tolist()
+        assert torch.equal(out.probs[0], torch.nn.functional.one_hot(out.tokens[0], drafter.config.vocab_size).float())
+        assert (out.confidence_logits[0] - ref[f"round{i}.confidence_logits"]).abs().max() < TOL
 
 
-@pytest.mark.parametrize("head", ["gated", "rnn"])
-def test_batch_of_two_matches_torch(head, tmp_path):
+SAMPLING = {  # (temperature, top_k, top_p) per request: each pass takes one of the graph's three branches
+    "greedy": ([0.0, 0.0, 0.0], [0, 0, 0], [1.0, 1.0, 1.0]),
+    "temperature": ([1.0, 0.7, 1.3], [0, 0, 0], [1.0, 1.0, 1.0]),
+    "mixed": ([0.0, 0.9, 1.2], [0, 3, 0], [1.0, 1.0, 0.6]),  # greedy, top-k, top-p rows in one pass
+    "top_k_top_p": ([1.0, 0.9, 1.2], [3, 5, 30], [0.7, 0.95, 0.8]),
+}
+VARIANTS = {  # markov head, confidence head, confidence head with the Markov features
+    "vanilla": dict(markov_head_type="vanilla"),
+    "gated": dict(markov_head_type="gated", confidence_head_with_markov=False),
+    "rnn": dict(markov_head_type="rnn"),
+    "no_markov": dict(markov_rank=0),
+    "no_confidence": dict(markov_head_type="vanilla", enable_confidence_head=False),
+}
+
+
+def _variant_drafter(target, **overrides):
+    cfg = dict(block_size=4, num_draft_layers=1, target_layer_ids=[0, 1], markov_rank=4,
+               mask_token_id=target.config.vocab_size - 1) | overrides
+    drafter = random_drafter(drafter_config_for_target(target.config, **cfg), seed=2)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # spread the draft distribution so it is neither uniform nor one-hot
+        drafter.lm_head.weight.copy_(torch.randn(drafter.lm_head.weight.shape, generator=g) * 2)
+    return drafter
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_one_call_equals_torch(variant, tmp_path):
+    """Two rounds of new context (the second over a non-empty cache, one request without new rows), each drafted
+    greedy, at temperature only and with top-k/top-p, fed the same uniforms: the same tokens, the same q."""
     target = tiny_target(vocab_size=24, num_layers=2)
-    drafter = tiny_drafter(target, block_size=4, seed=2, markov_head_type=head)
-    s = _sessions(drafter, tmp_path)
-    ctx, states = Contexts(drafter), [drafter.new_state(), drafter.new_state()]
+    drafter = _variant_drafter(target, **VARIANTS[variant])
+    rt = _runtime(drafter, tmp_path)
+    slots = [2, 0, 3]
+    states = [drafter.new_state() for _ in slots]
     g = torch.Generator().manual_seed(0)
-    for n_new in ([5, 2], [1, 3]):  # two rounds: the second over a non-empty context cache
-        features = [torch.randn(n, 2 * 16, generator=g) for n in n_new]
-        for slot, f in enumerate(features):
-            ctx.extend(s["draft_context"], slot, f)
-        anchors = torch.tensor([3, 7])
-        ref = drafter.draft_batch(states, features, anchors, torch.zeros(2), torch.zeros(2, dtype=torch.long),
-                                  torch.ones(2), None)
-        hidden, base = s["draft_block"].run(None, block_inputs(anchors, ctx.lens, ctx.k, ctx.v, [0, 1]))
-        assert np.abs(hidden - ref.block_hidden.numpy()).max() < TOL
-        assert np.abs(base - ref.base_logits.numpy()).max() < TOL
-        prevs = torch.cat([anchors[:, None], ref.tokens[:, :-1]], dim=1)
-        state = np.zeros((2, drafter.config.markov_rank), np.float32)
-        for k in range(drafter.config.block_size):
-            feeds = {"prev": prevs[:, k].numpy(), "hidden": hidden[:, k]}
-            if head == "rnn":
-                feeds["state"] = state
-            bias, *rest = run(s["draft_markov_step"], feeds)
-            state = rest[0] if rest else state
-            assert np.abs(base[:, k] + bias - ref.logits[:, k].numpy()).max() < TOL
-        (conf,) = run(s["draft_confidence"], {"hidden": hidden, "prev_tokens": prevs.numpy()})
-        assert np.abs(conf - ref.confidence_logits.numpy()).max() < TOL
+    filtered = 0
+    for n_new in ([5, 2, 0], [1, 3, 2]):
+        new = [torch.randn(n, 2 * 16, generator=g) for n in n_new]
+        for name, (t, k, p) in SAMPLING.items():
+            t, k, p = torch.tensor(t), torch.tensor(k), torch.tensor(p)
+            uniforms = torch.rand(3, 4, generator=g, dtype=torch.float64)
+            anchors = torch.randint(0, 24, (3,), generator=g)
+            ref = drafter.draft_batch(states, new, anchors, t, k, p, uniforms)
+            ours = rt.draft(torch.tensor(slots), [f if f.shape[0] else None for f in new], anchors, t, k, p, uniforms)
+            new = [f[:0] for f in new]  # the context grows once per round
+            assert torch.equal(ours.tokens, ref.tokens), name
+            assert ours.probs.shape == ref.probs.shape == (3, 4, 24)
+            assert (ours.probs - ref.probs).abs().max() < PROBS_TOL, name
+            assert (ours.probs.gather(2, ours.tokens[..., None]) > 0).all()  # never a zero-probability token
+            if ref.confidence_logits is None:
+                assert ours.confidence_logits is None
+            else:
+                assert (ours.confidence_logits - ref.confidence_logits).abs().max() < TOL, name
+            if name == "top_k_top_p":
+                support = (ours.probs > 0).sum(-1)
+                assert (support[0] <= 3).all() and (support[1] <= 5).all()
+                filtered += int((support < 24).sum())
+        _assert_cache_equals(rt, slots, states)
+    assert filtered > 0  # the filter did cut tokens
 
 
-def test_heads_absent_means_graphs_absent(tmp_path):
+def test_heads_absent_means_outputs_absent(tmp_path):
     target = tiny_target(vocab_size=16)
     cfg = drafter_config_for_target(target.config, block_size=3, target_layer_ids=[0], markov_rank=0,
                                     enable_confidence_head=False, mask_token_id=15)
-    drafter = random_drafter(cfg)
-    assert set(export_drafter(drafter, tmp_path)) == {"draft_context", "draft_block"}
+    rt = _runtime(random_drafter(cfg), tmp_path)
+    assert [o.name for o in rt.sessions["draft"].get_outputs()] == ["tokens", "probs", "new_k", "new_v"]
+    out = rt.draft(torch.tensor([0]), [torch.randn(2, 16)], torch.tensor([4]), torch.zeros(1),
+                   torch.zeros(1, dtype=torch.long), torch.ones(1), None)
+    assert out.confidence_logits is None and out.tokens.shape == (1, 3)
+
+
+def test_context_limit_is_checked(tmp_path):
+    target = tiny_target(vocab_size=24)
+    rt = _runtime(tiny_drafter(target, block_size=4), tmp_path, max_seq_len=16)
+    greedy = (torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.ones(1))
+    rt.draft(torch.tensor([0]), [torch.randn(12, 32)], torch.tensor([1]), *greedy, None)
+    with pytest.raises(Exception, match="slot 0: 12 context rows \\+ 1 new"):
+        rt.draft(torch.tensor([0]), [torch.randn(1, 32)], torch.tensor([1]), *greedy, None)
+    assert int(rt.context.lengths[0]) == 12
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_blocks_round_trip(bits):
+    w = torch.randn(64, 40, generator=torch.Generator().manual_seed(0)).numpy() * 0.1
+    q, scales = quantize_weight(w, bits, block_size=32)
+    assert q.shape == (40, 2, 32 * bits // 8) and scales.shape == (40, 2)
+    back = dequantize_weight(q, scales, bits, 64)
+    step = np.repeat(scales.T, 32, axis=0)  # [K, N]: each weight's quantization step
+    assert np.all(np.abs(back - w) <= step / 2 + 1e-7)
+
+
+def _wide_target():
+    """A target with hidden 64 (a multiple of the quantization block) and a 2048-token vocabulary."""
+    from dspark_trt.models.target import TargetConfig, TargetModel
+
+    config = TargetConfig(arch="llama", vocab_size=2048, hidden_size=64, intermediate_size=96, num_layers=2,
+                          num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
+                          max_position_embeddings=128, tie_word_embeddings=False, eos_token_ids=[])
+    torch.manual_seed(0)
+    return TargetModel(config).eval()
+
+
+@pytest.mark.parametrize("weights, min_agreement", [("int8", 0.9), ("int4", 0.6)])
+def test_quantized_weights_draft_like_fp32(weights, min_agreement, tmp_path):
+    """The vocabulary-sized MatMuls become 8-/4-bit MatMulNBits (no zero points, accuracy level 4); greedy
+    tokens mostly agree with the fp32 graph's, and at T>0 every token is drawn from a proper q."""
+    drafter = _variant_drafter(_wide_target(), block_size=5, markov_rank=32)
+    fp32 = _runtime(drafter, tmp_path / "fp32", num_slots=8)
+    quant = _runtime(drafter, tmp_path / weights, weights=weights, num_slots=8)
+    assert quant.weights == weights and fp32.weights == "fp32"
+    model = onnx.load(str(tmp_path / weights / "draft.onnx"))
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nbits]
+    assert any(a["N"] == 2048 and a["K"] == 64 for a in attrs)  # the LM head
+    assert all(a["bits"] == int(weights[-1]) and a["accuracy_level"] == 4 and a["block_size"] == 32 for a in attrs)
+    assert all(len(n.input) == 3 for n in nbits)  # no zero points: the fast kernels
+    sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and sizes.get(n.input[1], 0) >= 1 << 16]
+    assert not matmuls  # every big weight went
+    g = torch.Generator().manual_seed(0)
+    slots = torch.arange(8)
+    new = [torch.randn(6, 2 * 64, generator=g) for _ in slots]
+    anchors = torch.randint(0, 2048, (8,), generator=g)
+    greedy = (torch.zeros(8), torch.zeros(8, dtype=torch.long), torch.ones(8))
+    a, b = fp32.draft(slots, new, anchors, *greedy, None), quant.draft(slots, new, anchors, *greedy, None)
+    assert (a.tokens[:, 0] == b.tokens[:, 0]).float().mean() >= min_agreement
+    assert (a.tokens == b.tokens).float().mean() >= min_agreement - 0.1
+    assert (a.confidence_logits - b.confidence_logits).abs().max() < 0.5
+    t, k, p = torch.full((8,), 0.9), torch.tensor([0, 20] * 4), torch.tensor([0.9, 1.0] * 4)
+    u = torch.rand(8, 5, generator=g, dtype=torch.float64)
+    s = quant.draft(slots, [None] * 8, anchors, t, k, p, u)
+    assert torch.allclose(s.probs.sum(-1), torch.ones(8, 5), atol=1e-5)
+    assert (s.probs.gather(2, s.tokens[..., None]) > 0).all()
+    assert ((s.probs > 0).sum(-1)[1::2] <= 20).all()

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 from dspark_trt.engine.factory import EngineOptions, build_engine
 from dspark_trt.errors import DSparkError
 from dspark_trt.export.build import BuildOptions, build_engines
-from dspark_trt.export.draft_graph import block_inputs
+from dspark_trt.export.draft_graph import draft_feeds
 from dspark_trt.export.engines import export_engines, read_manifest, write_manifest
 from dspark_trt.export.target_graph import step_inputs
 from dspark_trt.export.tensorrt_build import (TENSORRT_MISSING, dim_bounds, profile_shapes, require_tensorrt,
@@ -79,12 +79,15 @@ def test_profiles_admit_the_runtimes_feeds(exported):
         for name, array in feeds.items():
             assert _fits(array.shape, target_profile[name]), (name, array.shape, target_profile[name])
     d = drafter.config
-    ctx = np.zeros((d.num_hidden_layers, MAX_REQUESTS, d.num_key_value_heads, MAX_SEQ_LEN, d.head_dim), np.float32)
-    block_profile = profile_shapes(manifest["graphs"]["draft_block"]["inputs"], _bounds(manifest))
-    feeds = block_inputs(np.zeros(MAX_REQUESTS, np.int64), [MAX_SEQ_LEN - block] * MAX_REQUESTS, ctx, ctx,
-                         np.arange(MAX_REQUESTS))
-    for name, array in feeds.items():
-        assert _fits(array.shape, block_profile[name]), name
+    ctx = [np.zeros((MAX_REQUESTS, d.num_key_value_heads, MAX_SEQ_LEN, d.head_dim), np.float32)] * d.num_hidden_layers
+    draft_profile = profile_shapes(manifest["graphs"]["draft"]["inputs"], _bounds(manifest))
+    width, requests = d.num_taps * d.hidden_size, np.arange(MAX_REQUESTS)
+    for ctx_len, new in ((MAX_SEQ_LEN - 2 * block - 1, block + 1), (0, 0)):  # a decode step; no new rows at all
+        feeds, _, _ = draft_feeds(requests, np.zeros(MAX_REQUESTS), [ctx_len] * MAX_REQUESTS, ctx, ctx,
+                                  [np.zeros((new, width))] * MAX_REQUESTS, width, np.ones(MAX_REQUESTS),
+                                  np.zeros(MAX_REQUESTS), np.ones(MAX_REQUESTS), np.zeros((MAX_REQUESTS, block)))
+        for name, array in feeds.items():
+            assert _fits(array.shape, draft_profile[name]), name
 
 
 def test_unbounded_dynamic_dim_is_named():

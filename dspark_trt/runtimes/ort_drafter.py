@@ -1,10 +1,10 @@
-"""The DSpark drafter's graphs on ONNX Runtime, with the drafter's per-slot context cache.
+"""The DSpark drafter's graph on ONNX Runtime, with the drafter's per-slot context cache.
 
 The cache holds, per draft layer, each slot's context K/V (projected target features); a slot is
 addressed by the target runtime's slot number and its length says how many context rows are valid.
-Each draft pass first appends the new target features (`draft_context`), then runs the block
-backbone (`draft_block`) and the left-to-right Markov loop with `spec.sampling`, one
-`draft_markov_step` call per block position, and the confidence head.
+A draft pass is one call of the `draft` graph (export/draft_graph.py): it takes the slots' cached
+context windows, their new target features and the engine's uniforms, and returns the drafted block
+(tokens, q, confidence logits) with the new rows' context K/V, which are written into the cache here.
 """
 from __future__ import annotations
 
@@ -15,15 +15,14 @@ import numpy as np
 import torch
 
 from dspark_trt.errors import DSparkError
-from dspark_trt.export.draft_graph import GRAPH_NAMES, block_inputs
+from dspark_trt.export.draft_graph import GRAPH_NAMES, METADATA_WEIGHTS, draft_feeds
 from dspark_trt.export.ort_session import make_session, run
 from dspark_trt.runtimes.base import DraftStep
 from dspark_trt.runtimes.kv_cache import KVCache
-from dspark_trt.spec.sampling import sample_from_uniform, warp_probs
 
 
 class OrtDrafter:
-    """Drafter graphs of an engine directory plus the context cache of `num_slots` slots."""
+    """The drafter graph of an engine directory plus the context cache of `num_slots` slots."""
 
     def __init__(self, engine_dir: str | Path, manifest: dict, num_slots: int, max_seq_len: int,
                  threads: int | None = None, make_graph_session=None):
@@ -34,9 +33,18 @@ class OrtDrafter:
         self.block_size = cfg.block_size
         self.has_confidence_head = cfg.enable_confidence_head
         self.max_seq_len = max_seq_len
+        self.feature_width = cfg.num_taps * cfg.hidden_size
+        missing = [name for name in GRAPH_NAMES if name not in manifest["graphs"]]
+        if missing:
+            raise DSparkError(f"{engine_dir}: the manifest has no drafter graph {missing} (engines built by an older "
+                              "dspark-trt: rebuild them with `dspark-trt build-engines`)")
         make_graph_session = make_graph_session or (
             lambda name: make_session(engine_dir / manifest["graphs"][name]["file"], threads, spin=False))
-        self.sessions = {name: make_graph_session(name) for name in GRAPH_NAMES if name in manifest["graphs"]}
+        self.sessions = {name: make_graph_session(name) for name in GRAPH_NAMES}
+        session = self.sessions["draft"]
+        self._outputs = [o.name for o in session.get_outputs()]
+        meta = getattr(session, "get_modelmeta", None)
+        self.weights = meta().custom_metadata_map.get(METADATA_WEIGHTS, "fp32") if meta else "fp32"
         layout = SimpleNamespace(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
                                  head_dim=cfg.head_dim)
         # only its arrays and lengths are used: slots are allocated by the target runtime
@@ -49,63 +57,38 @@ class OrtDrafter:
         self.context.lengths[slot] = 0
 
     def draft(self, slots, new_features, anchors, temperature, top_k, top_p, uniforms) -> DraftStep:
-        hidden, base = self.backbone(slots, new_features, anchors)
-        if uniforms is None:
-            uniforms = torch.zeros(len(slots), self.block_size, dtype=torch.float64)
-        return self._sample_block(torch.as_tensor(anchors), hidden, base, temperature, top_k, top_p, uniforms)
-
-    def backbone(self, slots, new_features, anchors) -> tuple[np.ndarray, torch.Tensor]:
-        """Append the new context features, then the parallel stage: block hidden [R, B, H], U [R, B, V]."""
+        """Append each slot's new context features, then draft one block per slot: one graph call."""
         slots_np = np.asarray(slots, dtype=np.int64)
-        self._extend_context(slots_np, new_features)
-        ctx_lens = self.context.lengths.numpy()[slots_np]
-        if (ctx_lens + self.block_size > self.max_seq_len).any():
-            raise DSparkError(f"draft block beyond the context limit {self.max_seq_len}")
-        hidden, base = run(self.sessions["draft_block"],
-                           block_inputs(np.asarray(anchors), ctx_lens, self._ctx_k, self._ctx_v, slots_np))
-        return hidden, torch.from_numpy(base)
-
-    def _extend_context(self, slots: np.ndarray, new_features) -> None:
-        """One draft_context pass over every slot's new features; rows written at each slot's next positions."""
-        rows = [(int(s), f) for s, f in zip(slots, new_features) if f is not None and f.shape[0] > 0]
-        if not rows:
-            return
+        r = len(slots_np)
         lengths = self.context.lengths.numpy()
-        for s, f in rows:
-            if lengths[s] + f.shape[0] > self.max_seq_len:
-                raise DSparkError(f"slot {s}: draft context exceeds the limit {self.max_seq_len}")
-        row_slots = np.concatenate([np.full(f.shape[0], s) for s, f in rows])
-        positions = np.concatenate([np.arange(lengths[s], lengths[s] + f.shape[0]) for s, f in rows])
-        features = torch.cat([f for _, f in rows]).to(torch.float32).numpy()
-        ctx_k, ctx_v = run(self.sessions["draft_context"], {"features": features, "positions": positions})
-        for layer, (k, v) in enumerate(zip(ctx_k, ctx_v)):
-            self._ctx_k[layer][row_slots, :, positions] = k
-            self._ctx_v[layer][row_slots, :, positions] = v
-        for s, f in rows:
-            lengths[s] += f.shape[0]
+        ctx_lens = lengths[slots_np].copy()
+        new_lens = np.array([0 if f is None else f.shape[0] for f in new_features], dtype=np.int64)
+        too_long = ctx_lens + new_lens + self.block_size > self.max_seq_len
+        if too_long.any():
+            i = int(np.flatnonzero(too_long)[0])
+            raise DSparkError(f"slot {int(slots_np[i])}: {ctx_lens[i]} context rows + {new_lens[i]} new + a block of "
+                              f"{self.block_size} exceed the draft context limit {self.max_seq_len}")
+        if uniforms is None:
+            uniforms = np.zeros((r, self.block_size), np.float32)
+        features = [None if f is None else _numpy(f, np.float32) for f in new_features]
+        feeds, row_slots, positions = draft_feeds(
+            slots_np, _numpy(anchors, np.int64), ctx_lens, self._ctx_k, self._ctx_v, features, self.feature_width,
+            _numpy(temperature, np.float32), _numpy(top_k, np.int64), _numpy(top_p, np.float32),
+            _numpy(uniforms, np.float32))
+        out = dict(zip(self._outputs, run(self.sessions["draft"], feeds)))
+        if new_lens.any():
+            for layer, (k, v) in enumerate(zip(out["new_k"], out["new_v"])):
+                self._ctx_k[layer][row_slots, :, positions] = k
+                self._ctx_v[layer][row_slots, :, positions] = v
+            lengths[slots_np] += new_lens
+        tokens, probs = out["tokens"], out["probs"]
+        if probs.shape[-1] == 0:  # every request greedy: q is the one-hot of each token
+            probs = np.zeros((*tokens.shape, self.config.vocab_size), np.float32)  # calloc: pages stay untouched
+            np.put_along_axis(probs, tokens[..., None], 1.0, axis=-1)
+        conf = out.get("confidence_logits")
+        return DraftStep(tokens=torch.from_numpy(tokens), probs=torch.from_numpy(probs),
+                         confidence_logits=None if conf is None else torch.from_numpy(conf))
 
-    def _sample_block(self, anchors, hidden, base_logits, temperature, top_k, top_p, uniforms) -> DraftStep:
-        """As DSparkDrafter._sample_block: ℓ_k = U_k + B_k(x_{k-1}); x_k ~ warp(ℓ_k), left to right."""
-        step = self.sessions.get("draft_markov_step")
-        state = np.zeros((len(anchors), self.config.markov_rank), np.float32)
-        prev = anchors
-        prevs, tokens, probs = [], [], []
-        for k in range(self.block_size):
-            logit_k = base_logits[:, k]
-            if step is not None:
-                bias, *rest = run(step, {"prev": prev.numpy().astype(np.int64), "hidden": hidden[:, k],
-                                         "state": state})
-                state = rest[0] if rest else state
-                logit_k = logit_k + torch.from_numpy(bias)
-            q = warp_probs(logit_k, temperature, top_k, top_p)
-            token = sample_from_uniform(q, uniforms[:, k])
-            prevs.append(prev)
-            tokens.append(token)
-            probs.append(q)
-            prev = token
-        conf = None
-        if "draft_confidence" in self.sessions:
-            (c,) = run(self.sessions["draft_confidence"],
-                       {"hidden": hidden, "prev_tokens": torch.stack(prevs, 1).numpy().astype(np.int64)})
-            conf = torch.from_numpy(c)
-        return DraftStep(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1), confidence_logits=conf)
+
+def _numpy(x, dtype) -> np.ndarray:
+    return np.asarray(x.numpy() if isinstance(x, torch.Tensor) else x, dtype=dtype)
