@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from conftest import SHARED, tiny_drafter, tiny_target
 from dspark_trt import load_drafter
 from dspark_trt.export.draft_graph import GRAPH_NAMES, export_drafter
-from dspark_trt.export.weight_quant import dequantize_weight, quantize_weight
+from dspark_trt.export.weight_quant import all_graphs, dequantize_weight, quantize_weight
 from dspark_trt.models.drafter_checkpoint import config_to_dict, drafter_config_for_target, random_drafter
 from dspark_trt.runtimes.ort_drafter import OrtDrafter
 
@@ -164,13 +164,15 @@ def test_quantized_weights_draft_like_fp32(weights, min_agreement, tmp_path):
     quant = _runtime(drafter, tmp_path / weights, weights=weights, num_slots=8)
     assert quant.weights == weights and fp32.weights == "fp32"
     model = onnx.load(str(tmp_path / weights / "draft.onnx"))
-    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    nodes = [n for graph in all_graphs(model.graph) for n in graph.node]  # If branches included
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
     attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nbits]
     assert any(a["N"] == 2048 and a["K"] == 64 for a in attrs)  # the LM head
+    assert sum(a["N"] == 2048 and a["K"] == 32 for a in attrs) == 3 * 5  # the Markov head's W2: 3 variants x B
     assert all(a["bits"] == int(weights[-1]) and a["accuracy_level"] == 4 and a["block_size"] == 32 for a in attrs)
     assert all(len(n.input) == 3 for n in nbits)  # no zero points: the fast kernels
     sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
-    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and sizes.get(n.input[1], 0) >= 1 << 16]
+    matmuls = [n for n in nodes if n.op_type == "MatMul" and sizes.get(n.input[1], 0) >= 1 << 16]
     assert not matmuls  # every big weight went
     g = torch.Generator().manual_seed(0)
     slots = torch.arange(8)

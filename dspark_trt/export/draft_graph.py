@@ -40,7 +40,8 @@ import torch
 from onnx import helper
 from torch import nn
 
-from dspark_trt.export.weight_quant import ACCURACY_LEVEL, BLOCK_SIZE, WEIGHT_FORMATS, quantize_matmuls
+from dspark_trt.export.weight_quant import (ACCURACY_LEVEL, BLOCK_SIZE, WEIGHT_FORMATS, inline_initializer_identities,
+                                            quantize_matmuls)
 from dspark_trt.models.drafter import DSparkDrafter
 from dspark_trt.models.layers import apply_rotary
 from dspark_trt.spec.sampling import GREEDY_TEMPERATURE
@@ -232,6 +233,7 @@ def export_drafter(drafter: DSparkDrafter, out_dir: str | Path, weights: str = "
                               {name: requests for name in loop_in + loop_out})
              for variant in VARIANTS}
     model = _compose(backbone, loops, loop_out)
+    inline_initializer_identities(model)
     props = {METADATA_WEIGHTS: weights}
     if weights != "fp32":
         quantize_matmuls(model, weights)

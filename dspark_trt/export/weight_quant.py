@@ -41,14 +41,37 @@ def dequantize_weight(q: np.ndarray, scales: np.ndarray, bits: int, k: int) -> n
     return w.reshape(w.shape[0], k).T
 
 
-def _graphs(graph: onnx.GraphProto):
+def all_graphs(graph: onnx.GraphProto):
+    """A graph and, depth first, every subgraph of its nodes (If branches, Loop bodies)."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
+                yield from all_graphs(attr.g)
             for sub in attr.graphs:
-                yield from _graphs(sub)
+                yield from all_graphs(sub)
+
+
+def inline_initializer_identities(model: onnx.ModelProto) -> None:
+    """Read top-level initializers directly where the exporter put an Identity in between (it does so for a
+    weight used more than once); in place, subgraphs included. Such a MatMul then has its weight as an
+    initializer, which the quantizer (and ONNX Runtime's weight prepacking) needs."""
+    top = model.graph
+    inits = {i.name for i in top.initializer}
+    outputs = {o.name for graph in all_graphs(top) for o in graph.output}
+    alias: dict[str, str] = {}
+    for graph in all_graphs(top):
+        for node in graph.node:
+            source = alias.get(node.input[0], node.input[0]) if node.input else None
+            if node.op_type == "Identity" and source in inits and node.output[0] not in outputs:
+                alias[node.output[0]] = source
+    for graph in all_graphs(top):
+        kept = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+        for node in kept:
+            for i, name in enumerate(node.input):
+                node.input[i] = alias.get(name, name)
+        del graph.node[:]
+        graph.node.extend(kept)
 
 
 def quantize_matmuls(model: onnx.ModelProto, weights: str, block_size: int = BLOCK_SIZE,
@@ -57,10 +80,11 @@ def quantize_matmuls(model: onnx.ModelProto, weights: str, block_size: int = BLO
     at least min_elements) into MatMulNBits, in the main graph and its subgraphs; in place. Returns the
     names of the weights replaced."""
     bits = BITS[weights]
+    inline_initializer_identities(model)
     top = model.graph
     inits = {i.name: i for i in top.initializer}
     done: dict[str, tuple[str, str, int, int]] = {}
-    for graph in _graphs(top):
+    for graph in all_graphs(top):
         for node in graph.node:
             if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.input[1] not in inits:
                 continue
@@ -80,7 +104,7 @@ def quantize_matmuls(model: onnx.ModelProto, weights: str, block_size: int = BLO
                                            name=f"{node.name}_nbits", domain=MS_DOMAIN, K=k, N=n, bits=bits,
                                            block_size=block_size, accuracy_level=accuracy_level)
             node.CopyFrom(replacement)
-    used = {name for graph in _graphs(top) for node in graph.node for name in node.input}
+    used = {name for graph in all_graphs(top) for node in graph.node for name in node.input}
     kept = [i for i in top.initializer if i.name in used or i.name not in done]
     del top.initializer[:]
     top.initializer.extend(kept)
