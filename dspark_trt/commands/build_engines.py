@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from dspark_trt.export.build import BACKENDS, DTYPES, BuildOptions, build_engines
+from dspark_trt.export.build import BACKENDS, DTYPES, WEIGHTS, BuildOptions, build_engines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +16,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
                         help="onnxruntime: ONNX graphs for CPU (default); tensorrt: also compile TensorRT plans "
                         "(needs the tensorrt package and an NVIDIA GPU)")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="activations")
+    parser.add_argument("--weights", choices=WEIGHTS,
+                        help="int4: the target's projections and LM head as MatMulNBits carrying the GGUF's own "
+                        "blocks (default on onnxruntime for a .gguf target); fp32: float32 weights (default otherwise)")
+    parser.add_argument("--accuracy-level", type=int, default=4, choices=(1, 4),
+                        help="int4 weights: MatMulNBits compute, 4 = int8 activations as llama.cpp (default; a "
+                        "row's result does not depend on the rows sharing its pass), 1 = float32")
     parser.add_argument("--max-seq-len", type=int, help="context limit per request "
                         "(default: min(2048, the target's max positions))")
     parser.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per target pass")
@@ -27,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     manifest = build_engines(BuildOptions(out=args.out, target=args.target, draft=args.draft, backend=args.backend,
-                                          dtype=args.dtype, max_seq_len=args.max_seq_len,
+                                          dtype=args.dtype, weights=args.weights, accuracy_level=args.accuracy_level, max_seq_len=args.max_seq_len,
                                           max_batch_tokens=args.max_batch_tokens, tolerance=args.tolerance))
     if args.json:
         print(json.dumps(manifest))

@@ -15,11 +15,13 @@ import onnx
 
 from dspark_trt.errors import DSparkError
 from dspark_trt.export.engines import export_engines, sha256, write_manifest
+from dspark_trt.export.fused_target import fused_supported
 from dspark_trt.export.tensorrt_build import TENSORRT_MISSING, build_plans, require_tensorrt  # noqa: F401
 from dspark_trt.export.validate import failures, validate_engines
 
 BACKENDS = ("onnxruntime", "tensorrt")
 DTYPES = ("float32",)
+WEIGHTS = ("int4", "fp32")
 STEPS = ("load", "export", "check", "validate", "tokenizer", "manifest")
 
 
@@ -29,10 +31,20 @@ class BuildOptions:
     target: str = "smollm2"
     draft: str | None = None
     backend: str = "onnxruntime"
-    dtype: str = "float32"
+    dtype: str = "float32"  # activations
+    weights: str | None = None  # None: default_weights()
+    accuracy_level: int = 4  # int4 MatMulNBits compute: 4 = int8 activations (batch-invariant), 1 = float32
     max_seq_len: int | None = None  # None: min(2048, the target's max positions)
     max_batch_tokens: int = 512
     tolerance: float = 1e-3  # max abs error allowed, relative to max(1, the reference's magnitude)
+
+
+def default_weights(fused: bool, target: str) -> str:
+    """int4 for the fused ONNX Runtime graph of a GGUF target (its own blocks), else fp32 (an HF directory's
+    float weights; the portable graph, which TensorRT compiles)."""
+    from dspark_trt.models.sources import resolve_model
+
+    return "int4" if fused and resolve_model(target).kind == "gguf" else "fp32"
 
 
 def _stderr(message: str) -> None:
@@ -57,6 +69,13 @@ def check_options(options: BuildOptions) -> None:
         raise DSparkError(f"unknown backend '{options.backend}': choose from {', '.join(BACKENDS)}")
     if options.backend == "tensorrt":
         require_tensorrt()
+    if options.weights is not None and options.weights not in WEIGHTS:
+        raise DSparkError(f"unknown weights '{options.weights}': choose from {', '.join(WEIGHTS)}")
+    if options.backend == "tensorrt" and options.weights == "int4":
+        raise DSparkError("--weights int4 is built for ONNX Runtime only so far; use --weights fp32 with TensorRT")
+    if options.accuracy_level not in (1, 4):
+        raise DSparkError(f"--accuracy-level must be 1 (float32 compute) or 4 (int8 activations), "
+                          f"got {options.accuracy_level}")
     if options.dtype not in DTYPES:
         raise DSparkError(f"dtype '{options.dtype}' is not supported: the exported graphs are {', '.join(DTYPES)}")
     if options.max_seq_len is not None and options.max_seq_len < 16:
@@ -86,7 +105,16 @@ def build_engines(options: BuildOptions, progress: Callable[[str], None] = _stde
             drafter = load_drafter(options.draft, target=target)
             TorchRuntime(target, drafter, num_slots=1, max_seq_len=1)  # checks the pair fits
     with _step("export", progress):
-        manifest = export_engines(target, drafter, out, progress=lambda m: progress(f"      {m}"))
+        fused = options.backend == "onnxruntime" and fused_supported(target.config)
+        weights = options.weights or default_weights(fused, options.target)
+        if weights == "int4" and not fused:
+            raise DSparkError("--weights int4 needs the fused ONNX Runtime graph, which this target cannot use "
+                              f"(GroupQueryAttention needs a head size divisible by 16, got {target.config.head_dim})")
+        if not fused and options.backend == "onnxruntime":
+            progress(f"      head size {target.config.head_dim} is not a multiple of 16: the portable graph")
+        manifest = export_engines(target, drafter, out, progress=lambda m: progress(f"      {m}"),
+                                  graph="fused" if fused else "portable", weights=weights, source=options.target,
+                                  max_seq_len=max_seq_len, accuracy_level=options.accuracy_level)
     for name, graph in manifest["graphs"].items():
         with _step("check", progress, name):
             onnx.checker.check_model(str(out / graph["file"]), full_check=True)  # full: strict shape inference
@@ -94,7 +122,9 @@ def build_engines(options: BuildOptions, progress: Callable[[str], None] = _stde
         report = validate_engines(out, target, drafter)
         for key, entry in report.items():
             if isinstance(entry, dict):
-                progress(f"      {key}: max abs error {entry['max_abs_error']:.3g} (scale {entry['scale']:.3g})")
+                kl = (f", mean KL {entry['mean_kl']:.3g}, argmax agreement {entry['top1_agreement']:.3f}"
+                      if "mean_kl" in entry else "")
+                progress(f"      {key}: max abs error {entry['max_abs_error']:.3g} (scale {entry['scale']:.3g}){kl}")
         problems = failures(report, options.tolerance)
         if problems:
             raise DSparkError("ONNX Runtime disagrees with torch: " + "; ".join(problems))

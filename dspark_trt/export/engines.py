@@ -17,6 +17,7 @@ import onnx
 from dspark_trt import __version__
 from dspark_trt.errors import DSparkError
 from dspark_trt.export.draft_graph import export_drafter
+from dspark_trt.export.fused_target import export_fused_target
 from dspark_trt.export.target_graph import OPSET, VERIFY_NODE, export_target
 from dspark_trt_plugins import ort_op
 
@@ -56,19 +57,39 @@ def versions() -> dict[str, str]:
 
 
 def graph_entry(path: Path, out_dir: Path) -> dict:
-    return {"file": path.relative_to(out_dir).as_posix(), **graph_io(path), "sha256": sha256(path)}
+    """A graph's file, I/O and hash; a graph with external weights (`<file>.data`) lists and hashes them."""
+    entry = {"file": path.relative_to(out_dir).as_posix(), **graph_io(path), "sha256": sha256(path)}
+    data = path.with_suffix(".onnx.data")
+    if data.is_file():
+        entry["data"] = {"file": data.relative_to(out_dir).as_posix(), "sha256": sha256(data),
+                         "bytes": data.stat().st_size}
+    return entry
 
 
-def export_engines(target, drafter, out_dir: str | Path, progress=lambda message: None, verify: bool = True) -> dict:
+def export_engines(target, drafter, out_dir: str | Path, progress=lambda message: None, verify: bool = True,
+                   graph: str = "portable", weights: str = "fp32", source: str | None = None,
+                   max_seq_len: int = 2048, accuracy_level: int = 4) -> dict:
     """Export target (with the drafter's taps; verify: ending in DSparkVerify) and drafter graphs into
-    out_dir and write the manifest."""
+    out_dir and write the manifest.
+
+    graph: "fused" (ONNX Runtime's fused LLM operators, weights "int4" from the GGUF `source`'s blocks
+    or "fp32") or "portable" (standard ONNX, float32: what TensorRT compiles).
+    """
     from dspark_trt.models.drafter_checkpoint import config_to_dict
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     taps = list(drafter.config.target_layer_ids) if drafter is not None else []
-    progress("exporting target graph")
-    paths = {"target": export_target(target, out_dir / "target.onnx", tap_layers=taps, verify=verify)}
+    progress(f"exporting target graph ({graph}, {weights} weights)")
+    if graph == "fused":
+        path, target_report = export_fused_target(source, target, out_dir / "target.onnx", max_seq_len, taps,
+                                                  weights=weights, accuracy_level=accuracy_level, verify=verify)
+    elif graph == "portable" and weights == "fp32":
+        path = export_target(target, out_dir / "target.onnx", tap_layers=taps, verify=verify)
+        target_report = {"weights": "fp32"}
+    else:
+        raise DSparkError(f"the {graph} target graph takes fp32 weights, not {weights}")
+    paths = {"target": path}
     if drafter is not None:
         progress("exporting drafter graphs")
         paths.update(export_drafter(drafter, out_dir))
@@ -76,7 +97,7 @@ def export_engines(target, drafter, out_dir: str | Path, progress=lambda message
         "format": FORMAT,
         "backend": "onnxruntime",
         "dtype": "float32",
-        "target": {"config": dataclasses.asdict(target.config)},
+        "target": {"config": dataclasses.asdict(target.config), "graph": graph, **target_report},
         "draft": None if drafter is None else {
             "config": config_to_dict(drafter.config), "block_size": drafter.config.block_size,
             "mask_token_id": drafter.config.mask_token_id,

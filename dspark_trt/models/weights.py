@@ -99,28 +99,65 @@ def _gguf_config(reader, path: Path) -> TargetConfig:
     )
 
 
+def gguf_param_name(gguf_name: str, path: Path) -> str | None:
+    """Our parameter name for a GGUF tensor name (None for tensors recomputed from the config)."""
+    stem, _, kind = gguf_name.rpartition(".")  # e.g. "blk.3.attn_q", "weight"
+    parts = stem.split(".")
+    if parts[0] == "blk":
+        if parts[2] not in _GGUF_BLOCK_NAMES:
+            raise UnsupportedModelError(f"{path.name}: unexpected tensor {gguf_name}")
+        return f"layers.{parts[1]}.{_GGUF_BLOCK_NAMES[parts[2]]}.{kind}"
+    if stem in _GGUF_TOP_NAMES:
+        return f"{_GGUF_TOP_NAMES[stem]}.{kind}"
+    return None  # e.g. rope_freqs: recomputed from the config
+
+
+def _permuted_heads(name: str, config: TargetConfig) -> int | None:
+    """Heads of a Llama Q/K projection, whose rows llama.cpp's converter permuted (None otherwise)."""
+    if config.arch != "llama":
+        return None
+    if name.endswith("self_attn.q_proj.weight"):
+        return config.num_heads
+    if name.endswith("self_attn.k_proj.weight"):
+        return config.num_kv_heads
+    return None
+
+
 def _read_gguf(reader, path: Path, config: TargetConfig) -> dict[str, torch.Tensor]:
     """Dequantise every tensor to float32 and undo llama.cpp's Q/K row permutation for Llama."""
     import gguf
 
     state = {}
     for tensor in reader.tensors:
-        stem, _, kind = tensor.name.rpartition(".")  # e.g. "blk.3.attn_q", "weight"
-        parts = stem.split(".")
-        if parts[0] == "blk":
-            if parts[2] not in _GGUF_BLOCK_NAMES:
-                raise UnsupportedModelError(f"{path.name}: unexpected tensor {tensor.name}")
-            name = f"layers.{parts[1]}.{_GGUF_BLOCK_NAMES[parts[2]]}.{kind}"
-        elif stem in _GGUF_TOP_NAMES:
-            name = f"{_GGUF_TOP_NAMES[stem]}.{kind}"
-        else:
-            continue  # e.g. rope_freqs: recomputed from the config
+        name = gguf_param_name(tensor.name, path)
+        if name is None:
+            continue
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
-        if config.arch == "llama" and parts[0] == "blk" and parts[2] in ("attn_q", "attn_k"):
-            heads = config.num_heads if parts[2] == "attn_q" else config.num_kv_heads
+        heads = _permuted_heads(name, config)
+        if heads is not None:
             array = _unpermute_qk(array, heads)
         state[name] = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
     return state
+
+
+def load_block_weights(name_or_path: str) -> tuple[TargetConfig, dict]:
+    """(config, {parameter name: BlockWeight}) of a GGUF target: its quantized weights as stored, with
+    Llama's Q/K rows put back in our order. An HF directory has none (empty dict)."""
+    from dspark_trt.models.gguf_blocks import read_block_weights
+
+    source = resolve_model(name_or_path)
+    if source.kind != "gguf":
+        return TargetConfig.from_hf(load_config(source)), {}
+    import gguf
+
+    config = _gguf_config(gguf.GGUFReader(source.path), source.path)
+    blocks = read_block_weights(source.path, lambda name: gguf_param_name(name, source.path))
+    for name, weight in blocks.items():
+        heads = _permuted_heads(name, config)
+        if heads is not None:
+            order = _unpermute_qk(np.arange(weight.shape[0])[:, None], heads)[:, 0]
+            blocks[name] = weight.rows(order)
+    return config, blocks
 
 
 def _unpermute_qk(weight: np.ndarray, heads: int) -> np.ndarray:

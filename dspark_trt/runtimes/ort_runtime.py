@@ -1,9 +1,9 @@
 """ONNX Runtime (CPU) runtime over an engine directory: the exported target and drafter graphs.
 
-The runtime keeps the target K/V slot pool on the host as numpy views of torch tensors (the same
-KVCache as the torch runtime: allocation, lengths, rollback). Each pass gathers the batch's past window
-into the graph and writes the returned new rows back at (slot, position). The drafter and its
-per-slot context cache are an `OrtDrafter` (runtimes/ort_drafter.py).
+The runtime keeps the target K/V slot pool (the same KVCache as the torch runtime: allocation,
+lengths, rollback) and runs the target graph over it: a fused graph appends new rows in place in the
+pool's buffers, a portable one gets the past window and returns the new rows (runtimes/target_graphs.py).
+The drafter and its per-slot context cache are an `OrtDrafter` (runtimes/ort_drafter.py).
 
 Verification runs in the target graph's DSparkVerify node (`target_verify`); a graph built without it
 is verified by the torch reference on the returned logits, the same semantics.
@@ -17,12 +17,13 @@ import torch
 
 from dspark_trt.errors import DSparkError
 from dspark_trt.export.engines import read_manifest
-from dspark_trt.export.ort_session import make_session, run
-from dspark_trt.export.target_graph import VERIFY_OUTPUTS, no_verify_feeds, step_inputs, verify_feeds
+from dspark_trt.export.ort_session import make_session
+from dspark_trt.export.target_graph import VERIFY_OUTPUTS, no_verify_feeds, verify_feeds
 from dspark_trt.models.target import TargetConfig
 from dspark_trt.runtimes.base import DraftStep, Runtime, TargetStep
 from dspark_trt.runtimes.kv_cache import KVCache
 from dspark_trt.runtimes.ort_drafter import OrtDrafter
+from dspark_trt.runtimes.target_graphs import FusedTargetGraph, PortableTargetGraph
 from dspark_trt.spec.verify import VerifyResult
 from dspark_trt_plugins import ort_op
 
@@ -43,11 +44,10 @@ class OrtRuntime(Runtime):
         self.num_slots = num_slots
         self.tap_layers: tuple[int, ...] = ()
         self.cache = KVCache(self.config, num_slots=num_slots, max_seq_len=self.max_seq_len)
-        self._k = [k.numpy() for k in self.cache.k]
-        self._v = [v.numpy() for v in self.cache.v]
         self.sessions = {"target": self._make_session(engine_dir, "target", threads)}
-        self._target_outputs = [o.name for o in self.sessions["target"].get_outputs()]
-        self.verify_in_graph = set(VERIFY_OUTPUTS) <= set(self._target_outputs)
+        graph = FusedTargetGraph if manifest["target"].get("graph") == "fused" else PortableTargetGraph
+        self._target = graph(self.sessions["target"], self.cache)
+        self.verify_in_graph = set(VERIFY_OUTPUTS) <= set(self._target.outputs)
         self.drafter: OrtDrafter | None = None
         self.draft_config = None
         self.block_size, self.has_confidence_head = 0, False
@@ -103,18 +103,12 @@ class OrtRuntime(Runtime):
                                   next_token=torch.from_numpy(outputs["next_token"]))
 
     def _target_pass(self, input_ids, slots, query_lens, logits_rows: str, verify: dict | None):
-        """Run the target graph, write the new K/V rows into the cache; (step, all outputs by name)."""
+        """Run the target graph (which appends the new K/V rows to the cache); (step, outputs by name)."""
         slots_np = np.asarray(slots, dtype=np.int64)
-        starts = self.cache.lengths.numpy()[slots_np]
-        inputs = step_inputs(np.asarray(input_ids), slots_np, starts, np.asarray(query_lens), self._k, self._v,
-                             logits_rows)
-        if self.verify_in_graph:
-            inputs.feeds.update(verify or no_verify_feeds(self.vocab_size))
-        outputs = dict(zip(self._target_outputs, run(self.sessions["target"], inputs.feeds)))
-        for layer, (k, v) in enumerate(zip(outputs["new_k"], outputs["new_v"])):
-            self._k[layer][inputs.row_slot_ids, :, inputs.row_positions] = k
-            self._v[layer][inputs.row_slot_ids, :, inputs.row_positions] = v
-        self.cache.lengths[torch.as_tensor(slots_np)] += torch.as_tensor(np.asarray(query_lens, dtype=np.int64))
+        lens = np.asarray(query_lens, dtype=np.int64)
+        extra = (verify or no_verify_feeds(self.vocab_size)) if self.verify_in_graph else {}
+        outputs = self._target(np.asarray(input_ids), slots_np, lens, logits_rows, extra)
+        self.cache.lengths[torch.as_tensor(slots_np)] += torch.as_tensor(lens)
         taps = torch.from_numpy(outputs["taps"]) if "taps" in outputs and self.draft_config is not None else None
         return TargetStep(logits=torch.from_numpy(outputs["logits"]), taps=taps), outputs
 

@@ -25,6 +25,8 @@ def check_engine_files(engine_dir: str | Path, graphs: Iterable[str] | None = No
     manifest = read_manifest(engine_dir)
     entries = [(f"graph '{name}'", entry) for name, entry in manifest["graphs"].items()
                if graphs is None or name in graphs]
+    entries += [(f"graph '{name}' weights", entry["data"]) for name, entry in manifest["graphs"].items()
+                if "data" in entry and (graphs is None or name in graphs)]
     entries += [("tokenizer file", entry) for entry in manifest.get("tokenizer", {}).get("files", [])]
     for what, entry in entries:
         path = engine_dir / entry["file"]

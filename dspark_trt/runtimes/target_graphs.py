@@ -1,0 +1,105 @@
+"""Running a target step graph over the runtime's KV slot pool, one class per graph flavour.
+
+- `FusedTargetGraph` (ONNX Runtime's fused operators, graphs/fused_target.py): the pool's per-layer
+  buffers are bound (IO binding) as both past and present K/V, so GroupQueryAttention appends the new
+  rows in place; nothing of the cache crosses the Python boundary. A request appending one token also
+  feeds its previous token again (same position, same K/V rewritten): GroupQueryAttention's CPU kernel
+  computes a one-row query with another matrix kernel (MLAS's M = 1 path) than a longer one, so without
+  this a token's logits would depend on whether it came alone (plain decoding) or with drafts
+  (verification), and greedy speculation would not equal greedy decoding.
+- `PortableTargetGraph` (standard ONNX, export/target_graph.py, what TensorRT compiles): the batch's
+  past window is gathered into the feeds and the returned new rows are written back on the host.
+
+Both take the same call and return the graph's other outputs by name; the runtime keeps the lengths.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from dspark_trt.export.ort_session import run
+from dspark_trt.export.target_graph import step_inputs
+from dspark_trt.graphs.fused_target import cache_names, fused_feeds
+from dspark_trt.runtimes.kv_cache import KVCache
+
+
+class FusedTargetGraph:
+    """A fused target session whose K/V live in `cache`'s buffers, bound in place."""
+
+    def __init__(self, session: ort.InferenceSession, cache: KVCache):
+        self.session = session
+        self.cache = cache
+        self._k = [k.numpy() for k in cache.k]
+        self._v = [v.numpy() for v in cache.v]
+        self.outputs = [o.name for o in session.get_outputs() if not o.name.startswith("present_")]
+        self._bindings: dict[int, ort.IOBinding] = {}
+        self._tokens = np.zeros((cache.num_slots, cache.max_seq_len), dtype=np.int64)  # ids by position
+
+    def _binding(self, batch: int) -> ort.IOBinding:
+        """The binding of slots [0, batch): small outputs first (so their results come first), then the
+        cache buffers, each bound as past and present."""
+        binding = self._bindings.get(batch)
+        if binding is None:
+            binding = self.session.io_binding()
+            for name in self.outputs:
+                binding.bind_output(name, "cpu")
+            for layer, (k, v) in enumerate(zip(self._k, self._v)):
+                past_k, past_v, present_k, present_v = cache_names(layer)
+                for past, present, buffer in ((past_k, present_k, k), (past_v, present_v, v)):
+                    value = ort.OrtValue.ortvalue_from_numpy(buffer[:batch])  # a view: no copy
+                    binding.bind_ortvalue_input(past, value)
+                    binding.bind_ortvalue_output(present, value)
+            self._bindings[batch] = binding
+        return binding
+
+    def __call__(self, input_ids, slots: np.ndarray, query_lens, logits_rows: str, extra: dict) -> dict:
+        ids, starts, lens = np.asarray(input_ids, dtype=np.int64), self.cache.lengths.numpy()[slots], query_lens
+        for slot, start, ids_of_slot in zip(slots, starts, np.split(ids, np.cumsum(lens)[:-1])):
+            self._tokens[slot, start:start + len(ids_of_slot)] = ids_of_slot
+        ids, starts, lens, fed = self._refeed(ids, slots, starts, np.asarray(lens))
+        rows = np.flatnonzero(fed) if logits_rows == "all" else logits_rows
+        inputs = fused_feeds(ids, slots, starts, lens, self.cache.max_seq_len, rows)
+        binding = self._binding(inputs.batch)
+        for name in self.outputs:  # rebound every run: a bound result would fix the next run's shape
+            binding.bind_output(name, "cpu")
+        feeds = inputs.feeds | extra
+        for name in (i.name for i in self.session.get_inputs()):
+            if name in feeds:
+                binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        outputs = {name: values[i].numpy() for i, name in enumerate(self.outputs)}
+        if "taps" in outputs:
+            outputs["taps"] = outputs["taps"][fed]
+        return outputs
+
+    def _refeed(self, ids, slots, starts, lens):
+        """Prepend each one-token request's previous token: (ids, starts, lens, mask of the rows asked for)."""
+        again = (lens == 1) & (starts > 0)
+        if not again.any():
+            return ids, starts, lens, np.ones(ids.size, dtype=bool)
+        first = np.cumsum(lens) - lens
+        previous = self._tokens[slots[again], starts[again] - 1]
+        ids = np.insert(ids, first[again], previous)
+        fed = np.insert(np.ones(lens.sum(), dtype=bool), first[again], False)
+        return ids, starts - again, lens + again, fed
+
+
+class PortableTargetGraph:
+    """A portable target graph (or a TensorRT plan behind the same session interface) over a host cache."""
+
+    def __init__(self, session, cache: KVCache):
+        self.session = session
+        self.cache = cache
+        self._k = [k.numpy() for k in cache.k]
+        self._v = [v.numpy() for v in cache.v]
+        self.outputs = [o.name for o in session.get_outputs()]
+
+    def __call__(self, input_ids, slots: np.ndarray, query_lens, logits_rows: str, extra: dict) -> dict:
+        starts = self.cache.lengths.numpy()[slots]
+        inputs = step_inputs(input_ids, slots, starts, query_lens, self._k, self._v, logits_rows)
+        outputs = dict(zip(self.outputs, run(self.session, inputs.feeds | extra)))
+        for layer, (k, v) in enumerate(zip(outputs.pop("new_k"), outputs.pop("new_v"))):
+            self._k[layer][inputs.row_slot_ids, :, inputs.row_positions] = k
+            self._v[layer][inputs.row_slot_ids, :, inputs.row_positions] = v
+        return outputs

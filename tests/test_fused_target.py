@@ -1,0 +1,149 @@
+"""The fused target graph (ONNX Runtime's LLM operators, K/V appended in place) against the torch
+reference, the GGUF block formats it carries, and the batch invariance that greedy identity needs."""
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_drafter
+from dspark_trt.engine.engine import Engine
+from dspark_trt.engine.request import SamplingParams
+from dspark_trt.export.engines import export_engines
+from dspark_trt.models.gguf_blocks import decode_blocks
+from dspark_trt.models.target import TargetConfig, TargetModel
+from dspark_trt.runtimes.ort_runtime import OrtRuntime
+from dspark_trt.runtimes.torch_runtime import TorchRuntime
+from dspark_trt.spec.scheduler import make_scheduler
+
+PASSES = ([5, 2, 7], [1, 3, 2], [4, 1, 1])  # ragged passes over a growing cache
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0"])
+def test_blocks_dequantize_exactly_as_gguf(fmt):
+    x = np.random.default_rng(0).standard_normal((6, 96)).astype(np.float32)
+    raw = gguf.quants.quantize(x, gguf.GGMLQuantizationType[fmt])
+    weight = decode_blocks(fmt, raw, 6, 96)
+    assert np.array_equal(weight.dequantize(), gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[fmt]))
+    order = np.array([3, 0, 5, 1, 2, 4])
+    assert np.array_equal(weight.rows(order).dequantize(), weight.dequantize()[order])
+
+
+def quantized_target(fmt: str = "Q4_1", seed: int = 0, qk_norm: bool = False):
+    """A small random target whose 2-D weights are GGUF blocks of `fmt` (the torch model holds their exact
+    dequantization, as load_target does for a GGUF): (model, {name: BlockWeight})."""
+    config = TargetConfig(arch="qwen3" if qk_norm else "llama", vocab_size=40, hidden_size=64,
+                          intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                          rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=256,
+                          tie_word_embeddings=False, eos_token_ids=[])
+    torch.manual_seed(seed)
+    model = TargetModel(config).eval()
+    blocks = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2:
+                n, k = param.shape
+                raw = gguf.quants.quantize(param.numpy() * 3, gguf.GGMLQuantizationType[fmt])
+                blocks[name] = decode_blocks(fmt, raw, n, k)
+                param.copy_(torch.from_numpy(blocks[name].dequantize()))
+            else:
+                param.copy_(1 + 0.1 * torch.randn(param.shape))
+    return model, blocks
+
+
+def export_quantized(tmp_path, model, blocks, accuracy_level: int, drafter=None):
+    import dspark_trt.export.fused_target as fused
+
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    original = fused.fused_weights
+    fused.fused_weights = lambda target, m, weights: state | blocks
+    try:
+        return export_engines(model, drafter, tmp_path, graph="fused", weights="int4", source="(test blocks)",
+                              max_seq_len=256, accuracy_level=accuracy_level)
+    finally:
+        fused.fused_weights = original
+
+
+def _passes(runtime_a, runtime_b, vocab: int, compare) -> None:
+    """Run the same ragged passes through both runtimes (slots 0..2) and compare each step."""
+    slots = torch.tensor([runtime_a.allocate_slot() for _ in range(3)])
+    assert [runtime_b.allocate_slot() for _ in range(3)] == slots.tolist()
+    g = torch.Generator().manual_seed(0)
+    for lens in PASSES:
+        ids = torch.randint(0, vocab, (sum(lens),), generator=g)
+        compare(runtime_a.target_forward(ids, slots, torch.tensor(lens), "all"),
+                runtime_b.target_forward(ids, slots, torch.tensor(lens), "all"))
+    runtime_a.rollback(int(slots[1]), 3)  # rejected rows are overwritten by the next pass
+    runtime_b.rollback(int(slots[1]), 3)
+    ids = torch.randint(0, vocab, (6,), generator=g)
+    compare(runtime_a.target_forward(ids, slots, torch.tensor([1, 4, 1]), "all"),
+            runtime_b.target_forward(ids, slots, torch.tensor([1, 4, 1]), "all"))
+
+
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3"])
+def test_fused_fp32_graph_equals_torch_with_taps_and_rollback(tmp_path, qk_norm):
+    model, _ = quantized_target(qk_norm=qk_norm)
+    drafter = tiny_drafter(model, block_size=3)
+    manifest = export_engines(model, drafter, tmp_path, graph="fused", weights="fp32", max_seq_len=256)
+    assert manifest["target"]["graph"] == "fused" and "past_key_0" in {
+        i["name"] for i in manifest["graphs"]["target"]["inputs"]}
+
+    def close(ours, ref):
+        torch.testing.assert_close(ours.logits, ref.logits, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(ours.taps, ref.taps, atol=2e-4, rtol=1e-4)
+
+    _passes(OrtRuntime(tmp_path, num_slots=3, max_seq_len=64), TorchRuntime(model, drafter, num_slots=3,
+                                                                            max_seq_len=64), 40, close)
+
+
+def test_int4_blocks_at_accuracy_level_1_equal_their_dequantized_reference(tmp_path):
+    """Q4_1 carried as MatMulNBits (zero point 0) + minimums x block sums: with float32 compute the graph
+    computes exactly what the GGUF's blocks say, up to float32 rounding."""
+    model, blocks = quantized_target("Q4_1")
+    manifest = export_quantized(tmp_path, model, blocks, accuracy_level=1)
+    assert manifest["target"]["matmul_formats"] == {"Q4_1": 9}  # qkv, o, gate_up, down x 2 layers + head
+
+    def close(ours, ref):
+        torch.testing.assert_close(ours.logits, ref.logits, atol=2e-4, rtol=1e-4)
+
+    _passes(OrtRuntime(tmp_path, num_slots=3, max_seq_len=64), TorchRuntime(model, num_slots=3, max_seq_len=64),
+            40, close)
+
+
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
+def test_accuracy_level_4_is_batch_invariant(tmp_path, fmt):
+    """A row's logits do not depend on which rows share its pass: request A's tokens fed one per pass
+    (alone) equal, bit for bit, the same tokens fed four at a time beside other requests' rows."""
+    model, blocks = quantized_target(fmt)
+    export_quantized(tmp_path, model, blocks, accuracy_level=4)
+    tokens = torch.randint(0, 40, (13,), generator=torch.Generator().manual_seed(1))
+    alone = OrtRuntime(tmp_path, num_slots=4, max_seq_len=64)
+    slot = alone.allocate_slot()
+    step = alone.target_forward(tokens[:5], torch.tensor([slot]), torch.tensor([5]), "all")
+    single = [step.logits]
+    for t in tokens[5:]:
+        single.append(alone.target_forward(t.reshape(1), torch.tensor([slot]), torch.tensor([1]), "all").logits)
+    single = torch.cat(single)
+
+    shared = OrtRuntime(tmp_path, num_slots=4, max_seq_len=64)
+    slots = [shared.allocate_slot() for _ in range(3)]  # A gets slot 0, others sit beside it
+    g = torch.Generator().manual_seed(2)
+    rows, fed = [], 0
+    for lens in ([5, 9, 2], [4, 1, 7], [4, 3, 8]):  # A: 5 then 4 + 4 tokens, beside 1..9-row requests
+        ids = torch.cat([tokens[fed:fed + lens[0]], torch.randint(0, 40, (sum(lens[1:]),), generator=g)])
+        step = shared.target_forward(ids, torch.tensor(slots), torch.tensor(lens), "all")
+        rows.append(step.logits[:lens[0]])
+        fed += lens[0]
+    assert torch.equal(torch.cat(rows), single)
+
+
+def test_greedy_speculation_equals_ar_on_an_int4_engine(tmp_path):
+    model, blocks = quantized_target("Q4_1", seed=3)
+    drafter = tiny_drafter(model, block_size=4, seed=3)
+    export_quantized(tmp_path, model, blocks, accuracy_level=4, drafter=drafter)
+    prompts = [[3, 1, 2, 1, 0, 2, 3], [2, 1], [1, 3, 2, 0, 2, 3, 3, 1, 0, 0, 2]]
+    params = SamplingParams(max_tokens=24)
+    runtime = OrtRuntime(tmp_path, num_slots=4, max_seq_len=64)
+    spec = Engine(runtime, make_scheduler("fixed", runtime.block_size)).generate(prompts, params)
+    ar = Engine(OrtRuntime(tmp_path, num_slots=4, max_seq_len=64, use_drafter=False)).generate(prompts, params)
+    assert [r.output_ids for r in spec] == [r.output_ids for r in ar]
+    assert sum(r.stats.draft_tokens_verified for r in spec) > 0
