@@ -69,6 +69,8 @@ def verify_compute(target_logits, draft_tokens, draft_probs, row_offsets, temper
     An exception escaping a Python op aborts the whole process (onnxruntime-extensions 0.15), so a
     rejected call returns FAILED everywhere and keeps its message for `check_outputs`.
     """
+    if len(temperature) == 0:  # a pass that verifies nothing (every plain decoding step)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     t = torch.from_numpy
     q = t(np.ascontiguousarray(draft_probs)) if has_draft_probs else None
     try:

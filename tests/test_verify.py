@@ -57,6 +57,24 @@ def test_greedy_accepts_while_draft_is_target_argmax_then_takes_target_argmax():
             assert res.next_token.tolist() == [int(top[2]), int(top[5]), int(top[6])]
 
 
+def test_greedy_shortcut_equals_the_general_rule_on_random_batches():
+    """All-greedy passes without draft probabilities take a shortcut (no [N, V] one-hots); it must give
+    what the general rule gives with one-hot drafts, including ties between equal logits."""
+    g = torch.Generator().manual_seed(1)
+    for trial in range(50):
+        counts = torch.randint(1, 6, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        n_rows, n_req = int(offsets[-1]), counts.numel()
+        logits = torch.randint(0, 3, (n_rows, 4), generator=g).float()  # many ties
+        drafts = torch.where(torch.rand(n_rows - n_req, generator=g) < 0.7, logits.argmax(-1)[:n_rows - n_req],
+                             torch.randint(0, 4, (n_rows - n_req,), generator=g))
+        u = torch.rand(n_rows, generator=g, dtype=torch.float64)
+        fast = dspark_verify(logits, drafts, None, offsets, *params(n_req, 0.0, 0, 1.0), u)
+        general = dspark_verify(logits, drafts, torch.nn.functional.one_hot(drafts, 4).float(), offsets,
+                                *params(n_req, 0.0, 0, 1.0), u)
+        assert torch.equal(fast.accepted, general.accepted) and torch.equal(fast.next_token, general.next_token)
+
+
 def test_mixed_greedy_and_sampled_batch_equals_each_request_alone():
     g = torch.Generator().manual_seed(1)
     lengths = [3, 0, 2, 1]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark_trt.spec.sampling import sample_from_uniform, warp_probs
+from dspark_trt.spec.sampling import GREEDY_TEMPERATURE, sample_from_uniform, warp_probs
 
 RESIDUAL_FLOOR = 1e-8
 
@@ -53,6 +53,8 @@ def dspark_verify(
     if draft_tokens.numel() != n_rows - n_req:
         raise ValueError(f"{draft_tokens.numel()} draft tokens for {n_rows} rows of {n_req} requests")
     request_of_row = torch.repeat_interleave(torch.arange(n_req), counts)
+    if draft_probs is None and bool((temperature < GREEDY_TEMPERATURE).all()):
+        return _verify_greedy(target_logits, draft_tokens, row_offsets, request_of_row)
     p = warp_probs(target_logits, temperature[request_of_row], top_k[request_of_row], top_p[request_of_row])
 
     # rows that verify a draft token: all but the last row of each request
@@ -87,3 +89,19 @@ def dspark_verify(
     last_rows = row_offsets[1:] - 1
     next_token = sample_from_uniform(dist, uniforms[last_rows])
     return VerifyResult(accepted=accepted, next_token=next_token)
+
+
+def _verify_greedy(target_logits, draft_tokens, row_offsets, request_of_row) -> VerifyResult:
+    """The rule above when every request is greedy with one-hot drafts, without building [N, V] one-hots:
+    accept while the draft equals the row's argmax, then emit the argmax of the stopping row."""
+    n_rows = target_logits.shape[0]
+    argmax = target_logits.argmax(dim=-1)
+    is_last = torch.zeros(n_rows, dtype=torch.bool)
+    is_last[row_offsets[1:] - 1] = True
+    accept_row = torch.zeros(n_rows, dtype=torch.bool)
+    accept_row[~is_last] = argmax[~is_last] == draft_tokens
+    row_index = torch.arange(n_rows)
+    stop_at = torch.where(accept_row, torch.full_like(row_index, n_rows), row_index)
+    stop_row = torch.full((row_offsets.numel() - 1,), n_rows, dtype=torch.long).scatter_reduce(
+        0, request_of_row, stop_at, "amin")
+    return VerifyResult(accepted=stop_row - row_offsets[:-1], next_token=argmax[stop_row])

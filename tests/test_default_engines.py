@@ -1,0 +1,95 @@
+"""Losslessness on the engines that ship by default: `build-engines --draft default` for SmolLM2 (the fused
+ONNX Runtime graph, int4 weights from the GGUF's blocks, the shipped drafter). Greedy speculation equals
+greedy plain decoding on them, token for token, alone and in a batch; at T > 0 speculative samples follow
+the engine's own next-token distribution (chi-square against its exact enumeration)."""
+import pytest
+import torch
+
+from conftest import chi_square_p_value
+from dspark_trt.engine.engine import Engine
+from dspark_trt.engine.prompts import chat_prompt_ids
+from dspark_trt.engine.request import SamplingParams
+from dspark_trt.runtimes.ort_runtime import OrtRuntime
+from dspark_trt.spec.sampling import warp_probs
+from dspark_trt.spec.scheduler import make_scheduler
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ("Name three colors and one thing of each color.", "What is 12 times 13? Show the steps.",
+           "Write a Python function that reverses a string.", "Give me two tips for sleeping better.")
+
+
+@pytest.fixture(scope="module")
+def default_engines(tmp_path_factory):
+    from dspark_trt.export.build import BuildOptions, build_engines
+
+    out = tmp_path_factory.mktemp("default_engines")
+    manifest = build_engines(BuildOptions(out=str(out), draft="default"), progress=lambda message: None)
+    assert manifest["target"]["graph"] == "fused" and manifest["target"]["weights"] == "int4"
+    assert manifest["target"]["accuracy_level"] == 4
+    return out
+
+
+def _generate(engines, prompts, params, speculate: bool, slots: int = 4):
+    runtime = OrtRuntime(engines, num_slots=slots, max_seq_len=512, use_drafter=speculate)
+    scheduler = make_scheduler("fixed", runtime.block_size) if speculate else None
+    return Engine(runtime, scheduler).generate(prompts, params)
+
+
+def test_greedy_speculation_equals_plain_decoding_on_the_default_engines(default_engines):
+    from dspark_trt.export.engines import load_engine_tokenizer
+
+    tokenizer = load_engine_tokenizer(default_engines)
+    prompts = [chat_prompt_ids(tokenizer, text) for text in PROMPTS]
+    params = SamplingParams(max_tokens=48)
+    plain = [r.output_ids for r in _generate(default_engines, prompts, params, speculate=False)]
+    together = _generate(default_engines, prompts, params, speculate=True)  # four requests share each pass
+    assert [r.output_ids for r in together] == plain
+    assert sum(r.stats.draft_tokens_accepted for r in together) > 0
+    alone = [_generate(default_engines, [p], params, speculate=True, slots=1)[0].output_ids for p in prompts[:2]]
+    assert alone == plain[:2]
+
+
+def _exact_distribution(engines, prompt, n_tokens, params):
+    """P(x_1..x_n | prompt) of the engine's target for every continuation with non-zero probability."""
+    runtime = OrtRuntime(engines, num_slots=1, max_seq_len=512, use_drafter=False)
+
+    def next_probs(seq):
+        slot = runtime.allocate_slot()
+        try:
+            step = runtime.target_forward(torch.tensor(seq), torch.tensor([slot]), torch.tensor([len(seq)]), "last")
+        finally:
+            runtime.free_slot(slot)
+        return warp_probs(step.logits, params.temperature, params.top_k, params.top_p)[0]
+
+    probs = {(): 1.0}
+    for _ in range(n_tokens):
+        grown = {}
+        for tokens, p in probs.items():
+            q = next_probs(prompt + list(tokens))
+            for token in torch.nonzero(q).flatten().tolist():
+                grown[tokens + (token,)] = p * float(q[token])
+        probs = grown
+    return probs
+
+
+def test_sampling_follows_the_default_engine_distribution(default_engines):
+    from dspark_trt.export.engines import load_engine_tokenizer
+
+    tokenizer = load_engine_tokenizer(default_engines)
+    prompt = chat_prompt_ids(tokenizer, "Tell me a one-line story about a cat.")
+    params = SamplingParams(max_tokens=4, temperature=1.0, top_k=3)
+    exact = _exact_distribution(default_engines, prompt, 4, params)
+    runtime = OrtRuntime(default_engines, num_slots=16, max_seq_len=512)
+    engine = Engine(runtime, make_scheduler("fixed", runtime.block_size))
+    engine.max_queue_size = 1500
+    requests = [engine.add_request(prompt, SamplingParams(**{**params.__dict__, "seed": seed})) for seed in range(1500)]
+    engine.run()
+    outputs = [tuple(r.output_ids[:4]) for r in requests]
+    keys = sorted(exact)
+    assert len(keys) > 10  # a real distribution, not a near-certain continuation
+    assert set(outputs) <= set(keys)  # nothing outside the engine's own top-3 support
+    assert chi_square_p_value([outputs.count(k) for k in keys], [exact[k] for k in keys]) > 1e-3
+    accepted = sum(r.stats.draft_tokens_accepted for r in requests)
+    verified = sum(r.stats.draft_tokens_verified for r in requests)
+    assert 0.05 * verified < accepted < 0.95 * verified  # drafts were both accepted and rejected
