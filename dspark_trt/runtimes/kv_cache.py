@@ -1,26 +1,28 @@
-"""Slot pool for the target's K/V: preallocated, addressed by slot, rolled back by length."""
+"""Slots: the one table of which requests hold which slot and how many positions each slot holds, and
+the target's K/V pool addressed by it (preallocated, rolled back by length).
+
+Every runtime keeps its slots in a SlotTable (the torch and ONNX Runtime runtimes through their KVCache,
+the Triton BLS runtime, whose buffers live in other processes, directly). Free slots are handed out
+lowest first, so the slots in use stay packed at the front: a fused ONNX Runtime pass binds the range
+[0, highest slot in the pass].
+"""
 from __future__ import annotations
+
+import heapq
 
 import torch
 
 from dspark_trt.errors import DSparkError
 
 
-class KVCache:
-    """Per layer K and V of shape [num_slots, num_kv_heads, max_seq_len, head_dim].
+class SlotTable:
+    """num_slots slots of up to max_seq_len positions; `lengths[slot]` positions are valid."""
 
-    A request holds one slot from admission to finish. Its cache length says how many positions are
-    valid; rolling back rejected draft tokens only sets the length back (later writes overwrite).
-    """
-
-    def __init__(self, config, num_slots: int, max_seq_len: int, dtype: torch.dtype = torch.float32):
-        shape = (num_slots, config.num_kv_heads, max_seq_len, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
-        self.max_seq_len = max_seq_len
+    def __init__(self, num_slots: int, max_seq_len: int):
         self.num_slots = num_slots
+        self.max_seq_len = max_seq_len
         self.lengths = torch.zeros(num_slots, dtype=torch.long)
-        self._free = list(range(num_slots - 1, -1, -1))
+        self._free = list(range(num_slots))  # a heap: the lowest free slot first
         self._used: set[int] = set()
 
     @property
@@ -30,7 +32,7 @@ class KVCache:
     def allocate(self) -> int:
         if not self._free:
             raise DSparkError(f"KV cache full: all {self.num_slots} slots are in use")
-        slot = self._free.pop()
+        slot = heapq.heappop(self._free)
         self._used.add(slot)
         self.lengths[slot] = 0
         return slot
@@ -40,10 +42,24 @@ class KVCache:
             raise DSparkError(f"KV slot {slot} is not allocated")
         self._used.remove(slot)
         self.lengths[slot] = 0
-        self._free.append(slot)
+        heapq.heappush(self._free, slot)
 
     def set_length(self, slot: int, length: int) -> None:
         """Roll back to `length` positions (never forward: unwritten positions hold stale data)."""
         if not 0 <= length <= int(self.lengths[slot]):
             raise DSparkError(f"slot {slot}: cannot set length {length} (current {int(self.lengths[slot])})")
         self.lengths[slot] = length
+
+
+class KVCache(SlotTable):
+    """A SlotTable with per layer K and V of shape [num_slots, num_kv_heads, max_seq_len, head_dim].
+
+    A request holds one slot from admission to finish. Its cache length says how many positions are
+    valid; rolling back rejected draft tokens only sets the length back (later writes overwrite).
+    """
+
+    def __init__(self, config, num_slots: int, max_seq_len: int, dtype: torch.dtype = torch.float32):
+        super().__init__(num_slots, max_seq_len)
+        shape = (num_slots, config.num_kv_heads, max_seq_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]

@@ -18,6 +18,7 @@ import torch
 
 from dspark_trt.errors import DSparkError
 from dspark_trt.runtimes.base import DraftStep, Runtime, TargetStep
+from dspark_trt.runtimes.kv_cache import SlotTable
 from dspark_trt.spec.verify import VerifyResult
 
 TARGET_MODEL = "dspark_target"
@@ -47,33 +48,27 @@ class BlsRuntime(Runtime):
         draft = manifest["draft"] if use_drafter else None
         self.block_size = draft["block_size"] if draft else 0
         self.has_confidence_head = bool(draft and draft["confidence_head"])
-        self._free = list(range(num_slots))
-        self._lengths = np.zeros(num_slots, np.int64)  # target K/V rows per slot
+        self.slots = SlotTable(num_slots, self.max_seq_len)
+        self._lengths = self.slots.lengths.numpy()  # target K/V rows per slot (a view)
         self._context = np.zeros(num_slots, np.int64)  # draft context rows per slot
 
     def allocate_slot(self) -> int:
-        if not self._free:
-            raise DSparkError("no free KV slot")
-        slot = self._free.pop(0)
-        self._lengths[slot] = self._context[slot] = 0
+        slot = self.slots.allocate()
+        self._context[slot] = 0
         return slot
 
     def free_slot(self, slot: int) -> None:
-        if slot not in self._free:
-            self._free.append(slot)
-            self._free.sort()
+        self.slots.free(slot)
 
     @property
     def free_slots(self) -> int:
-        return len(self._free)
+        return self.slots.num_free
 
     def cache_length(self, slot: int) -> int:
         return int(self._lengths[slot])
 
     def rollback(self, slot: int, length: int) -> None:
-        if not 0 <= length <= self._lengths[slot]:
-            raise DSparkError(f"slot {slot}: cannot roll back to {length} (holds {self._lengths[slot]})")
-        self._lengths[slot] = length
+        self.slots.set_length(slot, length)
 
     def target_forward(self, input_ids, slots, query_lens, logits_rows: str) -> TargetStep:
         slots_np, lens = np.asarray(slots, np.int64), np.asarray(query_lens, np.int64)
