@@ -4,6 +4,7 @@
   speedup  batch-1 greedy DSpark vs AR on the same runtime, outputs checked token-identical
   served   tokens/s through a real tritonserver vs the in-process engine on the same engines
   load     closed-loop concurrency sweep per schedule mode (in-process, or --served through tritonserver)
+  precision  an engine's target vs the float32 torch reference on real prompts (KL, greedy divergence)
 """
 from __future__ import annotations
 
@@ -48,7 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     served.add_argument("--prompt", action="append", help="prompt text (repeatable; default: three built-in ones)")
     served.add_argument("--max-tokens", type=int, default=64)
     served.add_argument("--cache-dir", help="where engines and the repository are built (as for `serve`)")
-    for p in (ar, speedup, served):
+    precision = sub.add_parser("precision", help="an engine's target vs the float32 torch reference (KL, greedy)")
+    precision.add_argument("--target", default="smollm2")
+    precision.add_argument("--engines", required=True, help="build-engines directory of the target")
+    precision.add_argument("--prompts-file", action="append", required=True)
+    precision.add_argument("--limit", type=int, default=4, help="prompts per file")
+    precision.add_argument("--max-tokens", type=int, default=128)
+    for p in (ar, speedup, served, precision):
         p.add_argument("--json", action="store_true")
         p.add_argument("--out", help="also write the result JSON here")
     load = sub.add_parser("load", help="closed-loop concurrency sweep per schedule mode (Pareto frontier)")
@@ -105,10 +112,19 @@ def run(args: argparse.Namespace) -> int:
         summary = (f"in-process {result['in_process_tokens_per_second']:.1f} tok/s, served "
                    f"{result['served_tokens_per_second']:.1f} tok/s, served/in-process {result['ratio']:.2f}, "
                    f"same text: {result['same_text']}")
+    elif args.benchmark == "precision":
+        from dspark_trt.bench.precision import measure_precision, precision_table
+        from dspark_trt.engine.prompts import chat_prompt_ids
+        from dspark_trt.export.engines import load_engine_tokenizer
+
+        tokenizer = load_engine_tokenizer(args.engines)
+        prompts = [chat_prompt_ids(tokenizer, p) for f in args.prompts_file for p in read_prompts_file(f, args.limit)]
+        result = measure_precision(args.engines, args.target, prompts, args.max_tokens, progress)
+        summary = precision_table(result)
     elif args.benchmark == "load":
         return _run_load(args, progress)
     else:
-        raise DSparkError("choose a benchmark: ar, speedup, served or load (see `dspark-trt bench --help`)")
+        raise DSparkError("choose a benchmark: ar, speedup, served, precision or load (see `dspark-trt bench --help`)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
