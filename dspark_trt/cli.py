@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str | None, int]] = {
     "package": ("turn built engines into a Triton model repository", "package", 8),
     "serve": ("start tritonserver on a packaged model repository", "serve", 8),
     "eval": ("measure acceptance and confidence calibration of a drafter", "eval", 6),
+    "gen-data": ("regenerate the drafter's training data with the target on the fast engines", "gen_data", 17),
     "train-draft": ("train a DSpark drafter for a target by self-distillation", "train_draft", 6),
     "calibrate": ("fit Sequential Temperature Scaling of the confidence head", "calibrate", 5),
     "profile": ("measure the runtime's cost table SPS(B) for the scheduler", "profile", 5),

@@ -10,6 +10,7 @@ import torch
 
 from dspark_trt.errors import DSparkError
 from dspark_trt.runtimes.kv_cache import KVCache
+from dspark_trt.runtimes.torch_runtime import TorchRuntime
 from dspark_trt.training.blocks import build_blocks, sample_anchors
 from dspark_trt.training.code_prompts import other_language_prompts, stdlib_prompts
 from dspark_trt.training.data import (FeatureExtractor, Prompt, Sample, finished_keys, load_samples, make_sample,
@@ -50,14 +51,20 @@ PROMPTS = [Prompt("abc", "math"), Prompt("hello world", "chat"), Prompt("x", "co
            Prompt("zz top", "chat")]
 
 
+def _regen(target, tok, prompts, out, batch_size=8, **kw):
+    """regenerate_responses on the torch runtime with batch_size slots; the number of responses added."""
+    runtime = TorchRuntime(target, None, num_slots=batch_size, max_seq_len=64)
+    return regenerate_responses(runtime, tok, prompts, out, **kw)["added"]
+
+
 def test_greedy_regeneration_is_the_targets_argmax_and_resumes(tmp_path):
     target = tiny_target(vocab_size=16, seed=3, scale=3.0)
     target.config.eos_token_ids = [5]
     tok = CharTokenizer(16)
     out = tmp_path / "responses.jsonl"
-    assert regenerate_responses(target, tok, PROMPTS[:3], out, max_new_tokens=12, batch_size=2, progress=False) == 3
+    assert _regen(target, tok, PROMPTS[:3], out, max_new_tokens=12, batch_size=2, progress=False) == 3
     out.write_text(out.read_text() + '{"key": "torn')  # a crash mid-write leaves a torn last line
-    assert regenerate_responses(target, tok, PROMPTS, out, max_new_tokens=12, batch_size=2, progress=False) == 2
+    assert _regen(target, tok, PROMPTS, out, max_new_tokens=12, batch_size=2, progress=False) == 2
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.endswith("}")]
     assert sorted(r["key"] for r in rows) == sorted(p.key for p in PROMPTS)
     assert finished_keys(out) == {p.key for p in PROMPTS}
@@ -67,22 +74,37 @@ def test_greedy_regeneration_is_the_targets_argmax_and_resumes(tmp_path):
         ids = tok.apply_chat_template([{"role": "user", "content": prompt.text}], True, True)
         assert row["prompt_ids"] == ids and row["domain"] == prompt.domain
         assert row["response_ids"] == _greedy(target, ids, 12, stop_ids=(5,))
-    assert regenerate_responses(target, tok, PROMPTS, out, max_new_tokens=12, progress=False) == 0
+    assert _regen(target, tok, PROMPTS, out, max_new_tokens=12, progress=False) == 0
 
 
 def test_sampled_regeneration_is_reproducible_per_prompt(tmp_path):
     target = tiny_target(vocab_size=16, seed=4)
     tok = CharTokenizer(16)
     kw = dict(max_new_tokens=10, temperature=0.7, top_p=0.8, progress=False)
-    regenerate_responses(target, tok, PROMPTS, tmp_path / "a.jsonl", batch_size=4, **kw)
-    regenerate_responses(target, tok, PROMPTS[::-1], tmp_path / "b.jsonl", batch_size=1, **kw)
-    regenerate_responses(target, tok, PROMPTS, tmp_path / "greedy.jsonl", max_new_tokens=10, progress=False)
+    _regen(target, tok, PROMPTS, tmp_path / "a.jsonl", batch_size=4, **kw)
+    _regen(target, tok, PROMPTS[::-1], tmp_path / "b.jsonl", batch_size=1, **kw)
+    _regen(target, tok, PROMPTS, tmp_path / "greedy.jsonl", max_new_tokens=10, progress=False)
 
     def responses(name):
         return {r["key"]: r["response_ids"] for r in map(json.loads, (tmp_path / name).read_text().splitlines())}
 
     assert responses("a.jsonl") == responses("b.jsonl")  # seed from the prompt hash, not batch order
     assert responses("a.jsonl") != responses("greedy.jsonl")
+
+
+def test_a_sampled_share_of_prompts_is_drawn_at_its_temperature(tmp_path):
+    target = tiny_target(vocab_size=16, seed=4)
+    tok = CharTokenizer(16)
+    prompts = [Prompt(f"p{i}", "chat") for i in range(40)]
+    _regen(target, tok, prompts, tmp_path / "mixed.jsonl", max_new_tokens=6, sampled_share=0.5,
+           sampled_temperature=0.7, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "mixed.jsonl").read_text().splitlines()]
+    sampled = {r["key"] for r in rows if r["temperature"] == pytest.approx(0.7)}
+    assert 10 <= len(sampled) <= 30 and all(r["temperature"] in (0.0, pytest.approx(0.7)) for r in rows)
+    again = tmp_path / "again.jsonl"  # which prompts are sampled depends on the prompt alone
+    _regen(target, tok, prompts[::-1], again, batch_size=3, max_new_tokens=6, sampled_share=0.5,
+           sampled_temperature=0.7, progress=False)
+    assert {r["key"] for r in map(json.loads, again.read_text().splitlines()) if r["temperature"] > 0} == sampled
 
 
 def test_read_training_prompts_dedupes_and_names_bad_lines(tmp_path):

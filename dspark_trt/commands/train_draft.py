@@ -36,6 +36,7 @@ from dspark_trt.models.drafter_checkpoint import (SMOLLM2_MASK_TOKEN_ID, drafter
                                                   random_drafter)
 from dspark_trt.models.markov_heads import MARKOV_HEAD_TYPES
 from dspark_trt.models.weights import load_target
+from dspark_trt.runtimes.torch_runtime import TorchRuntime
 from dspark_trt.training.code_prompts import other_language_prompts, stdlib_prompts
 from dspark_trt.training.data import FeatureExtractor, load_samples, read_training_prompts, regenerate_responses
 from dspark_trt.training.feature_cache import CachedFeatureExtractor, target_identity
@@ -142,10 +143,13 @@ def run(args: argparse.Namespace) -> int:
         responses = Path(args.responses)
     else:
         responses = out / RESPONSES_FILE
-        added = regenerate_responses(target, tokenizer, _prompts(args), responses, max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, top_p=args.top_p, batch_size=args.gen_batch,
-                                     seed=args.seed)
-        print(f"train-draft: {added} new responses in {responses}", file=sys.stderr)
+        runtime = TorchRuntime(target, None, num_slots=args.gen_batch,
+                               max_seq_len=min(args.max_length + args.max_new_tokens + 1,
+                                               target.config.max_position_embeddings))
+        stats = regenerate_responses(runtime, tokenizer, _prompts(args), responses,
+                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                     top_p=args.top_p, seed=args.seed)
+        print(f"train-draft: {stats['added']} new responses in {responses}", file=sys.stderr)
     samples = load_samples(responses, max_length=args.max_length, min_loss_tokens=args.min_loss_tokens)
     train_config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, num_anchors=args.num_anchors,
                                checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -81,35 +82,50 @@ def finished_keys(path: str | Path) -> set[str]:
     return keys
 
 
-def regenerate_responses(target: TargetModel, tokenizer, prompts: list[Prompt], out_path: str | Path,
+def regenerate_responses(runtime, tokenizer, prompts: list[Prompt], out_path: str | Path,
                          max_new_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
-                         top_k: int = 0, batch_size: int = 8, seed: int = 0, progress: bool = True) -> int:
-    """Generate the target's response to every prompt not yet in out_path; returns how many were added.
+                         top_k: int = 0, seed: int = 0, sampled_share: float = 0.0,
+                         sampled_temperature: float = 0.7, progress: bool = True) -> dict:
+    """Generate the target's response to every prompt not yet in out_path, on `runtime` (any Runtime,
+    its slots = the concurrency); returns {"added", "skipped_too_long", "tokens", "seconds", "tokens_per_second"}.
 
     Each finished sample is appended as one JSON line {key, domain, prompt, prompt_ids, response_ids,
-    finish_reason} and flushed, so killing the run loses at most the samples in flight. The sampling
-    seed of a prompt derives from its hash, so a resumed run draws what the first run would have.
+    finish_reason, temperature} and flushed, so killing the run loses at most the samples in flight. A
+    prompt is sampled at `sampled_temperature` (else decoded at `temperature`) when its hash falls in the
+    `sampled_share`; its sampling seed derives from its hash too, so a resumed run draws what the first run
+    would have, whatever the batch (the engines are batch-invariant).
     """
     out_path = Path(out_path)
     done = finished_keys(out_path)
-    todo = [p for p in prompts if p.key not in done]
+    limit = runtime.max_seq_len - max_new_tokens - 1
+    todo, too_long = [], 0
+    for prompt in prompts:
+        if prompt.key in done:
+            continue
+        ids = chat_prompt_ids(tokenizer, prompt.text)
+        if len(ids) > limit:
+            too_long += 1
+            continue
+        todo.append((prompt, ids))
+    stats = {"added": 0, "skipped_too_long": too_long, "tokens": 0, "seconds": 0.0, "tokens_per_second": 0.0}
     if not todo:
-        return 0
+        return stats
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    prompt_ids = [chat_prompt_ids(tokenizer, p.text) for p in todo]
-    max_len = min(max(map(len, prompt_ids)) + max_new_tokens + 1, target.config.max_position_embeddings)
-    engine = Engine(TorchRuntime(target, None, num_slots=batch_size, max_seq_len=max_len))
-    stop_ids = tuple(target.config.eos_token_ids)
-    requests = []
-    for prompt, ids in zip(todo, prompt_ids):
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                seed=(int(prompt.key, 16) + seed) % 2**63, stop_ids=stop_ids)
-        requests.append((prompt, engine.add_request(ids, params)))
-    written, pending = 0, list(requests)
+    engine = Engine(runtime)
+    stop_ids = tuple(runtime.eos_token_ids)
+    queue, pending = list(reversed(todo)), []
+    start = time.perf_counter()
     with out_path.open("a") as f:
         if f.tell() > 0 and not out_path.read_bytes().endswith(b"\n"):
             f.write("\n")  # end a torn line left by a killed run so the next record stays whole
-        while engine.has_work:
+        while queue or pending:
+            while queue and len(engine.waiting) < runtime.num_slots:  # keep the slots fed, the queue short
+                prompt, ids = queue.pop()
+                sampled = int(prompt.key, 16) % 10_000 < sampled_share * 10_000
+                params = SamplingParams(max_tokens=max_new_tokens,
+                                        temperature=sampled_temperature if sampled else temperature, top_p=top_p,
+                                        top_k=top_k, seed=(int(prompt.key, 16) + seed) % 2**63, stop_ids=stop_ids)
+                pending.append((prompt, engine.add_request(ids, params)))
             engine.step()
             still = []
             for prompt, request in pending:
@@ -120,13 +136,19 @@ def regenerate_responses(target: TargetModel, tokenizer, prompts: list[Prompt], 
                     raise DSparkError(f"generation failed for prompt {prompt.key}: {request.error}")
                 f.write(json.dumps({"key": prompt.key, "domain": prompt.domain, "prompt": prompt.text,
                                     "prompt_ids": request.prompt_ids, "response_ids": request.output_ids,
-                                    "finish_reason": request.finish_reason}) + "\n")
+                                    "finish_reason": request.finish_reason,
+                                    "temperature": request.params.temperature}) + "\n")
                 f.flush()
-                written += 1
-                if progress:
-                    print(f"regenerate: {len(done) + written}/{len(done) + len(todo)} responses", file=sys.stderr)
+                stats["added"] += 1
+                stats["tokens"] += len(request.output_ids)
+                if progress and (stats["added"] % 25 == 0 or not (queue or still)):
+                    rate = stats["tokens"] / (time.perf_counter() - start)
+                    print(f"regenerate: {len(done) + stats['added']}/{len(done) + len(todo)} responses, "
+                          f"{stats['tokens']} tokens, {rate:.0f} generated tok/s", file=sys.stderr)
             pending = still
-    return written
+    stats["seconds"] = time.perf_counter() - start
+    stats["tokens_per_second"] = stats["tokens"] / stats["seconds"]
+    return stats
 
 
 @dataclass

@@ -1,0 +1,54 @@
+"""Regenerate the drafter's training data: the target's own responses to the training prompts, generated on
+the fast engines at high concurrency (continuous batching), greedy plus a sampled share (T = 0.7, as
+DSpark's data), appended to a JSONL file that a rerun resumes. `train-draft --responses FILE` trains on it.
+
+Each prompt's decoding (greedy or sampled, and its seed) depends on the prompt alone, and the default
+engines are batch-invariant, so the same command on the same engines regenerates the same file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dspark_trt.errors import DSparkError
+
+DEFAULT_OUT = Path.home() / ".cache" / "dspark-trt" / "data" / "responses.jsonl"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engines", required=True, help="build-engines directory of the target (no drafter needed)")
+    parser.add_argument("--prompts", nargs="+", required=True, help="JSONL files of {'turns': [...], 'domain': ...}")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"responses file, resumed if it exists "
+                        f"(default {DEFAULT_OUT})")
+    parser.add_argument("--limit", type=int, help="prompts per file")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--sampled-share", type=float, default=0.25, help="share of prompts sampled, not greedy")
+    parser.add_argument("--sampled-temperature", type=float, default=0.7)
+    parser.add_argument("--concurrency", type=int, default=32, help="requests generated at once (engine slots)")
+    parser.add_argument("--max-seq-len", type=int, default=1280, help="prompt + response limit per slot; longer "
+                        "prompts are skipped and counted")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dspark_trt.export.engines import load_engine_tokenizer
+    from dspark_trt.runtimes.ort_runtime import OrtRuntime
+    from dspark_trt.training.data import read_training_prompts, regenerate_responses
+
+    if not 0.0 <= args.sampled_share <= 1.0:
+        raise DSparkError(f"--sampled-share must be in [0, 1], got {args.sampled_share}")
+    if args.concurrency < 1 or args.max_new_tokens < 1:
+        raise DSparkError("--concurrency and --max-new-tokens must be >= 1")
+    prompts = read_training_prompts(args.prompts, args.limit)
+    # domains interleaved by the prompts' hashes, so an interrupted file already holds every domain
+    prompts.sort(key=lambda p: p.key)
+    runtime = OrtRuntime(args.engines, num_slots=args.concurrency, max_seq_len=args.max_seq_len, use_drafter=False)
+    stats = regenerate_responses(runtime, load_engine_tokenizer(args.engines), prompts, args.out,
+                                 max_new_tokens=args.max_new_tokens, seed=args.seed, sampled_share=args.sampled_share,
+                                 sampled_temperature=args.sampled_temperature)
+    stats.update({"out": str(args.out), "prompts": len(prompts), "engines": str(args.engines),
+                  "concurrency": args.concurrency})
+    print(json.dumps(stats), file=sys.stdout)
+    return 0
