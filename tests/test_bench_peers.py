@@ -125,6 +125,7 @@ def test_prepare_builds_once_and_records_what_it_built(fake_genai, monkeypatch, 
     assert (manifest["precision"], manifest["bits"], manifest["block_size"], manifest["accuracy_level"]) == \
         ("int4", 4, 32, 1)
     assert manifest["onnxruntime_genai"] == "0.0-test"
+    assert str(tmp_path) not in json.dumps(manifest["builder_command"])  # no paths of deleted work directories
     assert "fake builder" in (model_dir / peers.BUILDER_LOG).read_text()
     assert any("model builder" in m for m in messages) and any("built" in m for m in messages)
     assert [p.name for p in root.iterdir()] == [model_dir.name]  # no work directory left behind

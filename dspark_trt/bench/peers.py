@@ -181,8 +181,12 @@ def prepare_genai_model(source: ModelSource, accuracy_level: int | None = None, 
             raise DSparkError(f"{GENAI_NAME} model builder failed (exit {proc.returncode}); command: "
                               f"{' '.join(command)}; full log in {kept}, its last lines:\n{tail}")
         info = read_model_info(out)
+        # the work directories are gone once built: the command is recorded with their roles instead
+        recorded = [{str(hf_dir): "HF_DIR", str(out): "OUT"}.get(arg, arg) for arg in command[1:]]
         manifest = {"peer": GENAI_NAME, "onnxruntime_genai": og.__version__, "source": str(source.path),
-                    "source_sha256": sha, "builder_command": command[1:], "requested_accuracy_level": accuracy_level,
+                    "source_sha256": sha, "hf_dir": "written from the source with transformers (fp32)"
+                    if source.kind == "gguf" else str(source.path),
+                    "builder_command": ["python", *recorded], "requested_accuracy_level": accuracy_level,
                     **info, "built": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                     "build_seconds": round(time.perf_counter() - started, 1)}
         (out / PEER_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
