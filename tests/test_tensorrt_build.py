@@ -1,5 +1,7 @@
 """The TensorRT build path: optimization profiles from the manifest, the graph copy the ONNX parser gets,
-the errors where TensorRT is missing, runtime selection; plan building and TrtRuntime where TensorRT runs."""
+the errors where TensorRT is missing, runtime selection, build-engines' wiring of the TensorRT-flavour
+target graph (export/trt_target.py); plan building, TensorRT's own TRT_* ops and TrtRuntime (in-place CUDA
+caches) where TensorRT runs: those tests skip here (no GPU, no TensorRT on these machines)."""
 import importlib.util
 
 import numpy as np
@@ -16,11 +18,17 @@ from dspark_trt.export.engines import export_engines, read_manifest, write_manif
 from dspark_trt.export.target_graph import step_inputs
 from dspark_trt.export.tensorrt_build import (TENSORRT_MISSING, dim_bounds, profile_shapes, require_tensorrt,
                                               tensorrt_graph)
+from dspark_trt.export.target_graph import no_verify_feeds, verify_feeds
+from dspark_trt.export.validate import failures
+from dspark_trt.graphs.fused_target import fused_feeds
+from dspark_trt.runtimes.kv_cache import KVCache
 from dspark_trt.models.drafter_checkpoint import load_drafter
 from dspark_trt.models.weights import load_target
-from dspark_trt_plugins import ort_op
+from dspark_trt_plugins import ort_op, trt_ops_ort
 
 from test_cli_spec import pair  # noqa: F401  (the tiny Qwen3 target + tokenizer + drafter fixture)
+from test_fused_target import quantized_target
+from test_trt_target import _export, _ops_model, _run_schedule
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 TRT_READY = HAS_TENSORRT and torch.cuda.is_available()
@@ -140,13 +148,243 @@ def test_engine_dir_with_plans_needs_tensorrt(exported, tmp_path):
         build_engine(EngineOptions(engines=str(with_plans)))
 
 
+# ---- the TensorRT-flavour target graph (export/trt_target.py) ---------------------------------------------
+TRT_CAPACITY = 64
+
+
+@pytest.fixture(scope="module")
+def trt_engine(tmp_path_factory):
+    """An engine directory whose target is the TensorRT flavour with Q4_1 blocks (no drafter)."""
+    out = tmp_path_factory.mktemp("trt_flavour")
+    model, blocks = quantized_target("Q4_1")
+    manifest = _export(out, model, blocks, capacity=TRT_CAPACITY)
+    manifest["max_seq_len"] = TRT_CAPACITY
+    write_manifest(out, manifest)
+    return out, manifest, model
+
+
+def test_parser_copy_of_the_trt_flavour(trt_engine):
+    """TRT_KVCacheUpdate / TRT_Attention go to the `trt` domain in onnx-tensorrt's layout (attn_mask slot
+    empty), DSparkVerify to the plugin fallback; the file ONNX Runtime runs is left alone."""
+    out, manifest, _ = trt_engine
+    model = onnx.load(str(out / manifest["graphs"]["target"]["file"]))
+    parsed = tensorrt_graph(model)
+    kinds = {(n.domain, n.op_type) for n in parsed.graph.node if n.op_type.startswith(("TRT_", "DSpark"))}
+    assert kinds == {("trt", "TRT_KVCacheUpdate"), ("trt", "TRT_Attention"), ("", "DSparkVerify")}
+    assert all(n.input[3] == "" and len(n.input) == 6 for n in parsed.graph.node if n.op_type == "TRT_Attention")
+    assert {(o.domain, o.version) for o in parsed.opset_import} >= {("", 23), ("trt", 1)}
+    assert all(n.domain == ort_op.DOMAIN for n in model.graph.node if n.op_type.startswith("TRT_"))
+    # without the verify tail the parser copy is a valid ONNX model: onnx knows the `trt` layout's schemas
+    plain = onnx.ModelProto()
+    plain.CopyFrom(parsed)
+    tail = [n for n in plain.graph.node if n.op_type in ("DSparkVerify",) or n.name == "gather_verify_rows"]
+    for n in tail:
+        plain.graph.node.remove(n)
+    names = {"verify_rows", "draft_tokens", "draft_probs", "row_offsets", "temperature", "top_k", "top_p", "uniforms"}
+    for value in [i for i in plain.graph.input if i.name in names]:
+        plain.graph.input.remove(value)
+    for value in [o for o in plain.graph.output if o.name in ("accepted", "next_token")]:
+        plain.graph.output.remove(value)
+    onnx.checker.check_model(plain, full_check=True)
+
+
+def test_trt_flavour_profiles_admit_the_runtimes_feeds(trt_engine):
+    """Every dynamic input (the slot batch included) has a profile; the caches' capacity is static; a full
+    decode step (every slot verifying a block at the context limit, slots out of order) and a one-token
+    pass beside idle slots fit."""
+    _, manifest, model = trt_engine
+    cfg = model.config
+    block = 4
+    bounds = dim_bounds(MAX_BATCH_TOKENS, TRT_CAPACITY, MAX_REQUESTS, block)
+    graph = manifest["graphs"]["target"]
+    profile = profile_shapes(graph["inputs"], bounds)
+    assert profile["past_key_0"] == ((1, cfg.num_kv_heads, TRT_CAPACITY, cfg.head_dim),
+                                     (MAX_REQUESTS, cfg.num_kv_heads, TRT_CAPACITY, cfg.head_dim),
+                                     (MAX_REQUESTS, cfg.num_kv_heads, TRT_CAPACITY, cfg.head_dim))
+    assert "total_sequence_length" not in profile  # a static scalar
+    slots = np.arange(MAX_REQUESTS)[::-1]
+    lens = [block + 1] * MAX_REQUESTS
+    n = sum(lens)
+    cases = [(slots, [TRT_CAPACITY - block - 1] * MAX_REQUESTS, lens, verify_feeds(
+        np.arange(n), np.zeros(n - MAX_REQUESTS), np.zeros((n - MAX_REQUESTS, cfg.vocab_size)),
+        np.arange(0, n + 1, block + 1), np.ones(MAX_REQUESTS), np.zeros(MAX_REQUESTS), np.ones(MAX_REQUESTS),
+        np.zeros(n))), ([MAX_REQUESTS - 1], [0], [1], no_verify_feeds(cfg.vocab_size))]
+    for case_slots, starts, case_lens, verify in cases:
+        inputs = fused_feeds(np.zeros(sum(case_lens), np.int64), case_slots, starts, case_lens, TRT_CAPACITY, "all")
+        cache = np.zeros((inputs.batch, cfg.num_kv_heads, TRT_CAPACITY, cfg.head_dim), np.float32)
+        feeds = inputs.feeds | verify | {e["name"]: cache for e in graph["inputs"] if e["name"].startswith("past_")}
+        assert set(feeds) == {e["name"] for e in graph["inputs"]}
+        for name, array in feeds.items():
+            if name in profile:
+                assert _fits(array.shape, profile[name]), (name, array.shape, profile[name])
+
+
+def test_build_engines_tensorrt_exports_and_validates_the_trt_flavour(pair, tmp_path, monkeypatch):  # noqa: F811
+    """build-engines --backend tensorrt up to the plans (TensorRT itself faked): the TensorRT-flavour target
+    (fp32 weights from an HF directory), checked, validated on ONNX Runtime with the drafter, handed to
+    build_plans."""
+    import dspark_trt.export.build as build
+
+    handed = {}
+    monkeypatch.setattr(build, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(build, "build_plans", lambda out, manifest, max_batch_tokens, progress:
+                        handed.update(out=out, manifest=manifest, max_batch_tokens=max_batch_tokens) or manifest)
+    manifest = build_engines(BuildOptions(out=str(tmp_path / "out"), target=str(pair / "target"),
+                                          draft=str(pair / "draft"), backend="tensorrt", max_seq_len=64,
+                                          max_batch_tokens=32), progress=lambda m: None)
+    assert manifest["target"]["graph"] == "trt" and manifest["target"]["weights"] == "fp32"
+    assert manifest["target"]["capacity"] == 64 and handed["max_batch_tokens"] == 32
+    results = manifest["validation"]["results"]
+    assert failures(results, 1e-3) == [] and results["verify_identical"] and results["draft_tokens_identical"]
+    assert read_manifest(tmp_path / "out")["target"]["graph"] == "trt"
+
+
+class _FakePlanSession:
+    """TrtSession's interface (bind_input/bind/bind_output/execute, engine aliasing) over the ONNX Runtime
+    emulation of a TensorRT-flavour graph, on CPU tensors: `execute` writes each present_* result into the
+    tensor bound for it, as TensorRT writes the aliased cache in place."""
+
+    device = "cpu"
+
+    def __init__(self, path, aliases=None):
+        self._ort = ort_op.inference_session(path, trt_ops_ort.session_options())
+        self.input_names = [i.name for i in self._ort.get_inputs()]
+        self.names = self.input_names + [o.name for o in self._ort.get_outputs()]
+        self._outputs = self._ort.get_outputs()
+        self.bound, self.shapes, self.results = {}, {}, None
+        alias = aliases or (lambda name: name.replace("present_", "past_"))
+        self.engine = type("Engine", (), {"get_aliased_input_tensor": staticmethod(alias)})()
+
+    def get_outputs(self):
+        return self._outputs
+
+    def bind(self, name, tensor):
+        self.bound[name] = tensor
+        if name in self.input_names:
+            self.shapes[name] = tuple(tensor.shape)
+
+    def bind_input(self, name, value):
+        tensor = torch.as_tensor(np.ascontiguousarray(value)).clone()
+        self.bind(name, tensor)
+        return tensor
+
+    def bind_output(self, name):
+        if self.results is None:  # every input is bound by now: compute (the caches are not written yet)
+            feeds = {n: self.bound[n].numpy() for n in self.input_names}
+            self.results = dict(zip([o.name for o in self._outputs], self._ort.run(None, feeds)))
+        tensor = torch.empty(self.results[name].shape)
+        self.bind(name, tensor)
+        return tensor
+
+    def execute(self):
+        trt_ops_ort.raise_pending()
+        for name, value in self.results.items():
+            self.bound[name].copy_(torch.from_numpy(value))  # present_*: into the past buffer itself
+        self.results = None
+
+
+def test_plan_runtime_binds_the_cache_in_place(trt_engine):
+    """TrtTargetGraph (TrtRuntime's target step) over a fake plan session: each layer's cache is one
+    persistent tensor bound at the same address as past and present for slots [0, B); the results equal the
+    emulation's over ragged passes, a rollback, slots out of order and idle slots; a plan whose present
+    output does not alias its past input is refused."""
+    from dspark_trt.graphs.trt_target import graph_capacity
+    from dspark_trt.runtimes.trt_runtime import TrtEmulationRuntime, TrtTargetGraph, _adopt_trt_graph
+
+    out, manifest, model = trt_engine
+    path = out / manifest["graphs"]["target"]["file"]
+    emulated = TrtEmulationRuntime(out, num_slots=3, max_seq_len=TRT_CAPACITY)
+    planned = TrtEmulationRuntime(out, num_slots=3, max_seq_len=TRT_CAPACITY)
+    fake = _FakePlanSession(path)
+    planned.sessions["target"] = fake
+    _adopt_trt_graph(planned, TrtTargetGraph)
+    assert isinstance(planned._target, TrtTargetGraph) and planned.verify_in_graph
+    seen = []
+    original = fake.execute
+
+    def execute():
+        k = planned._target._k[0]
+        assert fake.bound["past_key_0"].data_ptr() == fake.bound["present_key_0"].data_ptr() == k.data_ptr()
+        seen.append(fake.shapes["past_key_0"][0])
+        original()
+
+    fake.execute = execute
+
+    def close(steps):
+        torch.testing.assert_close(steps[0].logits, steps[1].logits, atol=1e-5, rtol=1e-5)
+
+    _run_schedule([planned, emulated], model.config.vocab_size, close)
+    assert seen == [3, 3, 3, 3, 2]  # B = highest slot of the pass + 1
+    assert graph_capacity(manifest["graphs"]["target"]) == planned._target._k[0].shape[2] == TRT_CAPACITY
+    with pytest.raises(DSparkError, match="does not alias"):
+        TrtTargetGraph(_FakePlanSession(path, aliases=lambda name: "past_key_0"), KVCache(model.config, 2, 16),
+                       model.config, TRT_CAPACITY)
+
+
+@needs_trt
+def test_tensorrt_runs_its_ops_as_emulated(tmp_path):
+    """TensorRT's parser maps the `trt`-domain TRT_KVCacheUpdate / TRT_Attention nodes to its layers, the
+    update is aliased in place, and the results equal the emulation's reference semantics."""
+    import tensorrt as trt
+
+    from dspark_trt.export.tensorrt_build import _build_plan
+    from dspark_trt.runtimes.trt_runtime import TrtSession
+
+    model = tensorrt_graph(_ops_model())
+    path = tmp_path / "ops.onnx"
+    onnx.save(model, str(path))
+    logger = trt.Logger(trt.Logger.WARNING)
+    shapes = {"past": ((1, 2, 8, 4), (3, 2, 8, 4), (3, 2, 8, 4)), "update": ((1, 2, 4), (5, 2, 4), (8, 2, 4)),
+              "starts": ((1,), (3,), (3,)), "lengths": ((2,), (4,), (4,)),
+              "q": ((1, 4, 1, 4), (3, 4, 3, 4), (3, 4, 8, 4)), "kv_lengths": ((1,), (3,), (3,))}
+    (tmp_path / "ops.plan").write_bytes(_build_plan(trt, logger, path, shapes, {"clear": ["TF32"]}))
+    io = {"inputs": [{"name": i.name} for i in model.graph.input], "outputs": [{"name": "present"}, {"name": "y"}]}
+    session = TrtSession(trt, trt.Runtime(logger), tmp_path / "ops.plan", io)
+    rng = np.random.default_rng(2)
+    lens = np.array([2, 0, 3])
+    feeds = {"past": rng.standard_normal((3, 2, 8, 4)).astype(np.float32),
+             "update": rng.standard_normal((5, 2, 4)).astype(np.float32), "starts": np.array([3, 1, 5], np.int32),
+             "lengths": np.array([0, 2, 2, 5], np.int32), "q": rng.standard_normal((3, 4, 3, 4)).astype(np.float32)}
+    feeds["kv_lengths"] = (feeds["starts"] + lens).astype(np.int32)
+    present, y = session.run(None, feeds)
+    ref_present = trt_ops_ort.kv_cache_update(feeds["past"], feeds["update"], feeds["starts"], feeds["lengths"],
+                                              "packed_nhd")
+    np.testing.assert_allclose(present, ref_present, atol=1e-6)
+    ref_y = trt_ops_ort.attention(feeds["q"], ref_present, ref_present, feeds["lengths"], feeds["kv_lengths"],
+                                  causal_kind="lower_right")
+    for r, n in enumerate(lens):  # rows past a request's query are unspecified in TensorRT
+        np.testing.assert_allclose(y[r, :, :n], ref_y[r, :, :n], atol=1e-4, rtol=1e-4)
+
+
+@needs_trt
+def test_trt_flavour_plan_equals_its_emulation(trt_engine, tmp_path):
+    """The Q4_1 TensorRT-flavour target as a plan: TrtRuntime (caches in CUDA, bound in place) gives the
+    emulation's logits over ragged passes, a rollback, slots out of order and idle slots."""
+    import shutil
+
+    from dspark_trt.export.tensorrt_build import build_plans
+    from dspark_trt.runtimes.trt_runtime import TrtEmulationRuntime, TrtRuntime
+
+    out, manifest, _ = trt_engine
+    engines = tmp_path / "engines"
+    shutil.copytree(out, engines)
+    build_plans(engines, read_manifest(engines), MAX_BATCH_TOKENS, max_requests=MAX_REQUESTS)
+
+    def close(steps):
+        torch.testing.assert_close(steps[0].logits, steps[1].logits, atol=1e-3, rtol=1e-3)
+
+    _run_schedule([TrtRuntime(engines, num_slots=3, max_seq_len=TRT_CAPACITY),
+                   TrtEmulationRuntime(engines, num_slots=3, max_seq_len=TRT_CAPACITY)], 40, close)
+
+
 @needs_trt
 @pytest.mark.slow
 def test_plans_generate_the_ort_tokens(pair, tmp_path):  # noqa: F811
-    """build-engines --backend tensorrt on the tiny pair; TrtRuntime's greedy tokens equal OrtRuntime's."""
+    """build-engines --backend tensorrt on the tiny pair; TrtRuntime's greedy tokens equal those of the same
+    engine directory emulated on ONNX Runtime."""
     from dspark_trt.engine.engine import Engine
     from dspark_trt.engine.request import SamplingParams
-    from dspark_trt.runtimes.ort_runtime import OrtRuntime
+    from dspark_trt.runtimes.trt_runtime import TrtEmulationRuntime as OrtRuntime
     from dspark_trt.runtimes.trt_runtime import TrtRuntime
     from dspark_trt.spec.scheduler import make_scheduler
 

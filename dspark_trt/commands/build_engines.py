@@ -14,12 +14,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", help="DeepSpec drafter directory (omit for a target-only engine)")
     parser.add_argument("--out", required=True, help="engine directory to write")
     parser.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
-                        help="onnxruntime: ONNX graphs for CPU (default); tensorrt: also compile TensorRT plans "
-                        "(needs the tensorrt package and an NVIDIA GPU)")
+                        help="onnxruntime: ONNX graphs for CPU (default); tensorrt: the TensorRT flavour of the "
+                        "target graph, validated on ONNX Runtime, compiled into TensorRT plans (needs the tensorrt "
+                        "package and an NVIDIA GPU)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="activations")
     parser.add_argument("--weights", choices=WEIGHTS,
-                        help="int4: the target's projections and LM head as MatMulNBits carrying the GGUF's own "
-                        "blocks (default on onnxruntime for a .gguf target); fp32: float32 weights (default otherwise)")
+                        help="int4: the target's projections and LM head carrying the GGUF's own blocks, as "
+                        "MatMulNBits (onnxruntime) or blocked DequantizeLinear + MatMul (tensorrt); the default for "
+                        "a .gguf target; fp32: float32 weights (default otherwise)")
     parser.add_argument("--accuracy-level", type=int, default=4, choices=(1, 4),
                         help="int4 weights: MatMulNBits compute, 4 = int8 activations as llama.cpp (default; a "
                         "row's result does not depend on the rows sharing its pass), 1 = float32")

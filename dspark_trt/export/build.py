@@ -40,8 +40,8 @@ class BuildOptions:
 
 
 def default_weights(fused: bool, target: str) -> str:
-    """int4 for the fused ONNX Runtime graph of a GGUF target (its own blocks), else fp32 (an HF directory's
-    float weights; the portable graph, which TensorRT compiles)."""
+    """int4 for a GGUF target's fused graph (ONNX Runtime's, or TensorRT's flavour of it: its own blocks),
+    else fp32 (an HF directory's float weights; the portable graph)."""
     from dspark_trt.models.sources import resolve_model
 
     return "int4" if fused and resolve_model(target).kind == "gguf" else "fp32"
@@ -71,8 +71,6 @@ def check_options(options: BuildOptions) -> None:
         require_tensorrt()
     if options.weights is not None and options.weights not in WEIGHTS:
         raise DSparkError(f"unknown weights '{options.weights}': choose from {', '.join(WEIGHTS)}")
-    if options.backend == "tensorrt" and options.weights == "int4":
-        raise DSparkError("--weights int4 is built for ONNX Runtime only so far; use --weights fp32 with TensorRT")
     if options.accuracy_level not in (1, 4):
         raise DSparkError(f"--accuracy-level must be 1 (float32 compute) or 4 (int8 activations), "
                           f"got {options.accuracy_level}")
@@ -105,21 +103,28 @@ def build_engines(options: BuildOptions, progress: Callable[[str], None] = _stde
             drafter = load_drafter(options.draft, target=target)
             TorchRuntime(target, drafter, num_slots=1, max_seq_len=1)  # checks the pair fits
     with _step("export", progress):
-        fused = options.backend == "onnxruntime" and fused_supported(target.config)
-        weights = options.weights or default_weights(fused, options.target)
-        if weights == "int4" and not fused:
+        trt = options.backend == "tensorrt"  # the fused contract in TensorRT's operators (export/trt_target.py)
+        fused = not trt and fused_supported(target.config)
+        weights = options.weights or default_weights(fused or trt, options.target)
+        if weights == "int4" and not (fused or trt):
             raise DSparkError("--weights int4 needs the fused ONNX Runtime graph, which this target cannot use "
                               f"(GroupQueryAttention needs a head size divisible by 16, got {target.config.head_dim})")
         if not fused and options.backend == "onnxruntime":
             progress(f"      head size {target.config.head_dim} is not a multiple of 16: the portable graph")
         manifest = export_engines(target, drafter, out, progress=lambda m: progress(f"      {m}"),
-                                  graph="fused" if fused else "portable", weights=weights, source=options.target,
-                                  max_seq_len=max_seq_len, accuracy_level=options.accuracy_level)
+                                  graph="trt" if trt else "fused" if fused else "portable", weights=weights,
+                                  source=options.target, max_seq_len=max_seq_len,
+                                  accuracy_level=options.accuracy_level)
     for name, graph in manifest["graphs"].items():
         with _step("check", progress, name):
             onnx.checker.check_model(str(out / graph["file"]), full_check=True)  # full: strict shape inference
     with _step("validate", progress):
-        report = validate_engines(out, target, drafter)
+        if trt:  # on ONNX Runtime, TensorRT's KV-cache update and attention emulated (plugins/trt_ops_ort.py)
+            from dspark_trt.export.trt_target import validate_trt_engines
+
+            report = validate_trt_engines(out, target, drafter)
+        else:
+            report = validate_engines(out, target, drafter)
         for key, entry in report.items():
             if isinstance(entry, dict):
                 kl = (f", mean KL {entry['mean_kl']:.3g}, argmax agreement {entry['top1_agreement']:.3f}"

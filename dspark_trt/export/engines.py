@@ -73,7 +73,8 @@ def export_engines(target, drafter, out_dir: str | Path, progress=lambda message
     out_dir and write the manifest.
 
     graph: "fused" (ONNX Runtime's fused LLM operators, weights "int4" from the GGUF `source`'s blocks
-    or "fp32") or "portable" (standard ONNX, float32: what TensorRT compiles).
+    or "fp32"), "trt" (the same contract for TensorRT: blocked DequantizeLinear, TensorRT's KV-cache
+    update and attention; weights "int4" or "fp32") or "portable" (standard ONNX, float32).
     """
     from dspark_trt.models.drafter_checkpoint import config_to_dict
 
@@ -84,6 +85,11 @@ def export_engines(target, drafter, out_dir: str | Path, progress=lambda message
     if graph == "fused":
         path, target_report = export_fused_target(source, target, out_dir / "target.onnx", max_seq_len, taps,
                                                   weights=weights, accuracy_level=accuracy_level, verify=verify)
+    elif graph == "trt":  # the TensorRT flavour of the fused graph's contract (export/trt_target.py)
+        from dspark_trt.export.trt_target import export_trt_target
+
+        path, target_report = export_trt_target(source, target, out_dir / "target.onnx", max_seq_len, taps,
+                                                weights=weights, verify=verify)
     elif graph == "portable" and weights == "fp32":
         path = export_target(target, out_dir / "target.onnx", tap_layers=taps, verify=verify)
         target_report = {"weights": "fp32"}

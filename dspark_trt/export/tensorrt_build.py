@@ -1,11 +1,19 @@
 """TensorRT plans from the exported ONNX graphs (`build-engines --backend tensorrt`, NVIDIA GPU hosts only).
 
-TensorRT 11 networks are strongly typed: precision comes from the ONNX tensor types, so there is no
-FP16/INT8 builder flag to set; float32 graphs additionally clear TF32 so the plans compute what ONNX
-Runtime was validated on. Every dynamic dimension of a graph input is named in the manifest
-("tokens", "requests", "past", ...); `dim_bounds` gives each name its (min, opt, max) from the build
-options and `profile_shapes` turns a graph's manifest I/O into one optimization profile. Both are pure
-and tested on CPU; only `build_plans` touches TensorRT, which is imported when it runs.
+`build-engines --backend tensorrt` exports the TensorRT flavour of the target graph (export/trt_target.py:
+the fused graph's contract with blocked DequantizeLinear weights, TRT_KVCacheUpdate / TRT_Attention and
+the DSparkVerify node) and the drafter graphs, validates them on ONNX Runtime, then compiles each into a
+plan here. TensorRT 11 networks are strongly typed: precision comes from the ONNX tensor types (int4/int8
+weights dequantized to float32, float32 activations), so there is no FP16/INT8 builder flag to set;
+float32 graphs additionally clear TF32 so the plans compute what ONNX Runtime was validated on.
+
+The parser gets a copy of each graph (`tensorrt_graph`): the nodes that ONNX Runtime runs as custom ops of
+its `ai.onnx.contrib` domain become the nodes TensorRT's parser reads (DSparkVerify: default domain with
+plugin fields; TRT_KVCacheUpdate / TRT_Attention: domain `trt`, attn_mask slot restored). Every dynamic
+dimension of a graph input is named in the manifest ("tokens", "batch", "query", ...); `dim_bounds` gives
+each name its (min, opt, max) from the build options and `profile_shapes` turns a graph's manifest I/O
+into one optimization profile (the caches' capacity is static). These are pure and tested on CPU; only
+`build_plans` touches TensorRT, which is imported when it runs (it never ran here: no GPU, no TensorRT).
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ from onnx import helper
 
 from dspark_trt.errors import DSparkError
 from dspark_trt.export.engines import sha256, write_manifest
+from dspark_trt_plugins import trt_ops_ort
 from dspark_trt_plugins.trt_plugin import PLUGIN_ID
 
 TENSORRT_MISSING = ("TensorRT is not installed; --backend tensorrt needs the `tensorrt` package and an NVIDIA GPU "
@@ -50,7 +59,8 @@ def dim_bounds(max_batch_tokens: int, max_seq_len: int, max_requests: int, block
     step = min(block_size + 1, max_batch_tokens, max_seq_len)
     tokens = (1, min(max_batch_tokens, requests * step), max_batch_tokens)
     context = (1, max(1, max_seq_len // 2), max_seq_len)
-    return {"tokens": tokens, "rows": tokens, "requests": (1, requests, requests),
+    # "batch": the slots a TensorRT-flavour target pass binds, [0, highest slot in the pass]
+    return {"tokens": tokens, "rows": tokens, "requests": (1, requests, requests), "batch": (1, requests, requests),
             "query": (1, step, min(max_batch_tokens, max_seq_len)), "past": context, "context": context,
             # the verification tail: a pass that verifies nothing feeds zero rows and requests
             "verify_rows": (0, tokens[1], max_batch_tokens), "verify_requests": (0, requests, requests),
@@ -62,8 +72,12 @@ def tensorrt_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of an exported graph for TensorRT's ONNX parser: each DSparkVerify node (ONNX Runtime's
     custom-op domain) becomes a node of the default domain that the parser's plugin fallback maps to
     `dspark::DSparkVerify` (plugin_namespace/plugin_version attributes), with has_draft_probs=1: the
-    graph always feeds draft_probs (the one-hot q for greedy drafting, which gives the same result)."""
+    graph always feeds draft_probs (the one-hot q for greedy drafting, which gives the same result).
+    TRT_KVCacheUpdate / TRT_Attention nodes take the layout onnx-tensorrt documents (trt_ops_ort.tensorrt_node).
+    (domain `trt`, where NVIDIA's TensorRT-Edge-LLM exporter registers its TRT_* schemas); that the parser
+    maps these nodes to its TRT_* importers is unverified here."""
     model = copy.deepcopy(model)
+    trt_ops = False
     for node in model.graph.node:
         if node.op_type == VERIFY_OP:
             fields = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": "1", "has_draft_probs": 1}
@@ -71,6 +85,10 @@ def tensorrt_graph(model: onnx.ModelProto) -> onnx.ModelProto:
             node.domain = ""
             del node.attribute[:]
             node.attribute.extend(kept + [helper.make_attribute(k, v) for k, v in fields.items()])
+        trt_ops = trt_ops_ort.tensorrt_node(node) or trt_ops
+    domains = {o.domain for o in model.opset_import}
+    if trt_ops and trt_ops_ort.TRT_DOMAIN not in domains:
+        model.opset_import.append(trt_ops_ort.opset_import(trt_ops_ort.TRT_DOMAIN))
     return model
 
 
