@@ -45,7 +45,7 @@ def fused_supported(config: TargetConfig) -> bool:
     return config.head_dim % 16 == 0
 
 
-class _Graph:
+class GraphBuilder:
     """Nodes, initializers and unique names for one graph under construction."""
 
     def __init__(self):
@@ -76,7 +76,7 @@ class _Graph:
 class _Linear:
     """Emits y = x·Wᵀ for a weight given as float32 [N, K] or as GGUF blocks."""
 
-    def __init__(self, g: _Graph, accuracy_level: int, q4_1: str = "exact"):
+    def __init__(self, g: GraphBuilder, accuracy_level: int, q4_1: str = "exact"):
         self.g = g
         self.accuracy_level = accuracy_level
         self.q4_1 = q4_1
@@ -122,7 +122,7 @@ class _Linear:
         return y
 
 
-def _fuse_rows(parts: Sequence) -> object:
+def fuse_rows(parts: Sequence) -> object:
     """Concatenate weights along N (Q, K, V -> QKV): blocks stay blocks when all parts share a format."""
     if all(isinstance(p, BlockWeight) for p in parts) and len({p.format for p in parts}) == 1:
         mins = None if parts[0].mins is None else np.concatenate([p.mins for p in parts])
@@ -153,7 +153,7 @@ def build_fused_target(config: TargetConfig, weights: dict, max_positions: int, 
     if list(tap_layers) != sorted(set(tap_layers)):
         raise DSparkError(f"tap layers must be strictly increasing, got {list(tap_layers)}")
     cfg = config
-    g = _Graph()
+    g = GraphBuilder()
     linear = _Linear(g, accuracy_level, q4_1)
     h, heads, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     eps = float(cfg.rms_norm_eps)
@@ -183,7 +183,7 @@ def build_fused_target(config: TargetConfig, weights: dict, max_positions: int, 
         a = norm("input_layernorm.weight")
         if i - 1 in tap_layers:  # the residual after layer i - 1 (the embeddings for -1)
             tapped.append(residual)
-        qkv = linear(a, _fuse_rows([weights[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]), f"{p}qkv")
+        qkv = linear(a, fuse_rows([weights[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]), f"{p}qkv")
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's q and k (GroupQueryAttention's own is CUDA-only)
             q, k, v = g.op("Split", [qkv, g.const("qkv_split", np.array([heads * d, kv * d, kv * d]))], 3, axis=-1)
             head_shape = g.const("head_shape", np.array([0, -1, d]))
@@ -202,7 +202,7 @@ def build_fused_target(config: TargetConfig, weights: dict, max_positions: int, 
         rows = g.op1("Gather", [g.op1("Reshape", [attn, flat_shape]), "row_slots"], axis=0)
         pending = linear(rows, weights[p + "self_attn.o_proj.weight"], f"{p}o")
         m = norm("post_attention_layernorm.weight")
-        gate_up = linear(m, _fuse_rows([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]]),
+        gate_up = linear(m, fuse_rows([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]]),
                          f"{p}gate_up")
         gate, up = g.op("Split", [gate_up, g.const("split", np.array([cfg.intermediate_size] * 2))], 2, axis=-1)
         act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up])

@@ -35,7 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from dspark_trt.errors import DSparkError
-from dspark_trt.export.fused_target import _fuse_rows, _Graph, fused_weights, rotary_caches
+from dspark_trt.export.fused_target import GraphBuilder, fuse_rows, fused_weights, rotary_caches
 from dspark_trt.graphs.fused_target import INPUTS, cache_names
 from dspark_trt.graphs.trt_target import GRAPH  # noqa: F401  (the manifest's target "graph")
 from dspark_trt.models.gguf_blocks import BLOCK, BlockWeight
@@ -70,7 +70,7 @@ def signed_blocks(w: BlockWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
 class _DQLinear:
     """Emits y = x·Wᵀ for a weight given as float32 [N, K] or as GGUF blocks (blocked DequantizeLinear)."""
 
-    def __init__(self, g: _Graph):
+    def __init__(self, g: GraphBuilder):
         self.g = g
         self.bytes = 0
         self.formats: dict[str, int] = {}
@@ -112,7 +112,7 @@ class _DQLinear:
         return y
 
 
-def _slot_order(g: _Graph) -> dict[str, str]:
+def _slot_order(g: GraphBuilder) -> dict[str, str]:
     """Index tensors shared by every layer, from the contract's inputs:
     lengths: [0, cumsum(query_lens)] int32 [B+1] (query_lengths and update_lengths);
     kv_lengths: seqlens_k + 1 int32 [B] (start + query length; 1 for an idle slot);
@@ -143,7 +143,7 @@ def build_trt_target(config: TargetConfig, weights: dict, capacity: int, tap_lay
     if capacity < 2:
         raise DSparkError(f"the cache capacity must be at least 2 positions, got {capacity}")
     cfg = config
-    g = _Graph()
+    g = GraphBuilder()
     linear = _DQLinear(g)
     h, heads, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     eps = float(cfg.rms_norm_eps)
@@ -168,7 +168,7 @@ def build_trt_target(config: TargetConfig, weights: dict, capacity: int, tap_lay
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         a = norm(x, p + "input_layernorm.weight")
-        qkv = linear(a, _fuse_rows([weights[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]), f"{p}qkv")
+        qkv = linear(a, fuse_rows([weights[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]), f"{p}qkv")
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's q and k
             q, k, v = g.op("Split", [qkv, g.const("qkv_split", np.array([heads * d, kv * d, kv * d]))], 3, axis=-1)
             head_shape = g.const("head_shape", np.array([0, -1, d]))
@@ -195,7 +195,7 @@ def build_trt_target(config: TargetConfig, weights: dict, capacity: int, tap_lay
                                 "row_slots"], axis=0)
         x = g.op1("Add", [x, linear(rows, weights[p + "self_attn.o_proj.weight"], f"{p}o")])
         m = norm(x, p + "post_attention_layernorm.weight")
-        gate_up = linear(m, _fuse_rows([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]]),
+        gate_up = linear(m, fuse_rows([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]]),
                          f"{p}gate_up")
         gate, up = g.op("Split", [gate_up, g.const("split", np.array([cfg.intermediate_size] * 2))], 2, axis=-1)
         act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up])
