@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from conftest import SHARED, tiny_drafter, tiny_target
 from dspark_trt import load_drafter
 from dspark_trt.export.draft_graph import GRAPH_NAMES, export_drafter
-from dspark_trt.export.weight_quant import all_graphs, dequantize_weight, quantize_weight
+from dspark_trt.export.weight_quant import all_graphs, dequantize_blocks, quantize_blocks, quantize_columns
 from dspark_trt.models.drafter_checkpoint import config_to_dict, drafter_config_for_target, random_drafter
 from dspark_trt.runtimes.ort_drafter import OrtDrafter
 
@@ -134,14 +134,44 @@ def test_context_limit_is_checked(tmp_path):
     assert int(rt.context.lengths[0]) == 12
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_weight_blocks_round_trip(bits):
+def test_weight_quantization_round_trips():
     w = torch.randn(64, 40, generator=torch.Generator().manual_seed(0)).numpy() * 0.1
-    q, scales = quantize_weight(w, bits, block_size=32)
-    assert q.shape == (40, 2, 32 * bits // 8) and scales.shape == (40, 2)
-    back = dequantize_weight(q, scales, bits, 64)
+    q, scales = quantize_columns(w)  # int8: one scale per output column
+    assert q.dtype == np.int8 and scales.shape == (40,)
+    assert np.all(np.abs(q * scales - w) <= scales / 2 + 1e-7)
+    q, scales = quantize_blocks(w, 4, block_size=32)  # int4: MatMulNBits blocks of 32 along K
+    assert q.shape == (40, 2, 16) and scales.shape == (40, 2)
     step = np.repeat(scales.T, 32, axis=0)  # [K, N]: each weight's quantization step
-    assert np.all(np.abs(back - w) <= step / 2 + 1e-7)
+    assert np.all(np.abs(dequantize_blocks(q, scales, 4, 64) - w) <= step / 2 + 1e-7)
+
+
+@pytest.mark.parametrize("variant", ["sample", "filter"])
+def test_sampler_graph_draws_as_spec_sampling(variant):
+    """The two-level inverse-CDF draw over a vocabulary of several blocks, on every row and uniform, the
+    extremes included (a uniform that rounds to 1 lands beyond the cdf: the top token)."""
+    import onnxruntime as ort
+
+    from dspark_trt.export.draft_graph import SAMPLER_INPUTS, Sampler, _export
+    from dspark_trt.spec.sampling import sample_from_uniform, warp_probs
+
+    g = torch.Generator().manual_seed(0)
+    n, vocab = 64, 1000
+    logits = torch.randn(n, vocab, generator=g) * 3
+    temperature = torch.rand(n, generator=g) + 0.3
+    temperature[::9] = 0.0  # greedy rows mixed in
+    top_k = torch.randint(0, 40, (n,), generator=g) if variant == "filter" else torch.zeros(n, dtype=torch.long)
+    top_p = (torch.rand(n, generator=g) * 0.5 + 0.5) if variant == "filter" else torch.ones(n)
+    model = _export(Sampler(variant), (logits, temperature, top_k, top_p, torch.rand(n)), SAMPLER_INPUTS,
+                    ["token", "q"], {name: {0: "rows"} for name in SAMPLER_INPUTS})
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    q_ref = warp_probs(logits, temperature, top_k, top_p)
+    for uniform in [torch.rand(n, generator=g, dtype=torch.float64), torch.zeros(n, dtype=torch.float64),
+                    torch.full((n,), 1 - 1e-12, dtype=torch.float64)]:
+        args = {"logit": logits, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                "uniform": uniform.float()}
+        token, q = session.run(None, {i.name: args[i.name].numpy() for i in session.get_inputs()})
+        assert np.abs(q - q_ref.numpy()).max() < PROBS_TOL
+        assert token.tolist() == sample_from_uniform(q_ref, uniform).tolist()
 
 
 def _wide_target():
@@ -155,25 +185,27 @@ def _wide_target():
     return TargetModel(config).eval()
 
 
-@pytest.mark.parametrize("weights, min_agreement", [("int8", 0.9), ("int4", 0.6)])
-def test_quantized_weights_draft_like_fp32(weights, min_agreement, tmp_path):
-    """The vocabulary-sized MatMuls become 8-/4-bit MatMulNBits (no zero points, accuracy level 4); greedy
-    tokens mostly agree with the fp32 graph's, and at T>0 every token is drawn from a proper q."""
+@pytest.mark.parametrize("weights, op, min_agreement", [("int8", "MatMulIntegerToFloat", 0.9),
+                                                        ("int4", "MatMulNBits", 0.6)])
+def test_quantized_weights_draft_like_fp32(weights, op, min_agreement, tmp_path):
+    """The big MatMuls (LM head, the Markov head's W2 at every block position, the backbone's) run on
+    quantized weights; greedy tokens mostly agree with the fp32 graph's, and at T>0 every token is drawn
+    from a proper q."""
     drafter = _variant_drafter(_wide_target(), block_size=5, markov_rank=32)
     fp32 = _runtime(drafter, tmp_path / "fp32", num_slots=8)
     quant = _runtime(drafter, tmp_path / weights, weights=weights, num_slots=8)
     assert quant.weights == weights and fp32.weights == "fp32"
     model = onnx.load(str(tmp_path / weights / "draft.onnx"))
-    nodes = [n for graph in all_graphs(model.graph) for n in graph.node]  # If branches included
-    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
-    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nbits]
-    assert any(a["N"] == 2048 and a["K"] == 64 for a in attrs)  # the LM head
-    assert sum(a["N"] == 2048 and a["K"] == 32 for a in attrs) == 3 * 5  # the Markov head's W2: 3 variants x B
-    assert all(a["bits"] == int(weights[-1]) and a["accuracy_level"] == 4 and a["block_size"] == 32 for a in attrs)
-    assert all(len(n.input) == 3 for n in nbits)  # no zero points: the fast kernels
-    sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
-    matmuls = [n for n in nodes if n.op_type == "MatMul" and sizes.get(n.input[1], 0) >= 1 << 16]
-    assert not matmuls  # every big weight went
+    nodes = [n for graph in all_graphs(model.graph) for n in graph.node]
+    sizes = {i.name: list(i.dims) for i in model.graph.initializer}
+    quantized = [sizes[n.input[1]] for n in nodes if n.op_type == op]
+    assert quantized.count([2048, 2, 16] if weights == "int4" else [64, 2048]) == 1  # the LM head
+    columns = [s[0] if weights == "int4" else s[-1] for s in quantized]  # MatMulNBits: [N, ...]; int8: [K, N]
+    assert columns.count(2048) == 1 + 5  # and W2 at the 5 block positions
+    if weights == "int4":
+        assert all(len(n.input) == 3 for n in nodes if n.op_type == op)  # no zero points: the fast kernels
+    big = [n for n in nodes if n.op_type == "MatMul" and np.prod(sizes.get(n.input[1], [0])) >= 1 << 16]
+    assert not big  # every big weight went
     g = torch.Generator().manual_seed(0)
     slots = torch.arange(8)
     new = [torch.randn(6, 2 * 64, generator=g) for _ in slots]
@@ -189,3 +221,19 @@ def test_quantized_weights_draft_like_fp32(weights, min_agreement, tmp_path):
     assert torch.allclose(s.probs.sum(-1), torch.ones(8, 5), atol=1e-5)
     assert (s.probs.gather(2, s.tokens[..., None]) > 0).all()
     assert ((s.probs > 0).sum(-1)[1::2] <= 20).all()
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_drafts_do_not_depend_on_the_batch(weights, tmp_path):
+    """A request drafts the same block alone and among seven others (int8: activations are quantized per row)."""
+    drafter = _variant_drafter(_wide_target(), block_size=5, markov_rank=32)
+    rt = _runtime(drafter, tmp_path, weights=weights, num_slots=9)
+    g = torch.Generator().manual_seed(1)
+    new = [torch.randn(6, 2 * 64, generator=g) for _ in range(8)]
+    anchors = torch.randint(0, 2048, (8,), generator=g)
+    t, k, p = torch.full((8,), 0.8), torch.zeros(8, dtype=torch.long), torch.ones(8)
+    u = torch.rand(8, 5, generator=g, dtype=torch.float64)
+    batch = rt.draft(torch.arange(8), new, anchors, t, k, p, u)
+    alone = rt.draft(torch.tensor([8]), new[3:4], anchors[3:4], t[:1], k[:1], p[:1], u[3:4])
+    assert torch.equal(alone.tokens[0], batch.tokens[3])
+    assert (alone.probs[0] - batch.probs[3]).abs().max() < 1e-6

@@ -19,18 +19,20 @@ outputs:
   confidence_logits [R, B] float32   (only with a confidence head)
   new_k, new_v [L, N, kv, d] float32  the new rows' context K/V, to be cached at (request, position)
 
-The block attends to [cached context ; new context ; block]. Sampling is spec/sampling.py's, step for step
-(temperature, top-k, top-p, renormalised; one-hot argmax below GREEDY_TEMPERATURE; inverse-CDF draw with
-the cumulative sum accumulated in float64 as torch's CPU cumsum does; never a zero-probability token). The
-sequential stage comes in three exported variants, chosen inside the graph by `If` nodes from the sampling
-parameters: greedy (argmax chain, no softmax), sample (temperature only) and filter (top-k/top-p: a TopK
-over max(k) of the filtering rows, the whole vocabulary only for a top-p row without top-k). The variants
-share every weight (one copy at the top level). `weights="int8"`/`"int4"` stores the big MatMuls as
-`com.microsoft::MatMulNBits` (export/weight_quant.py); the model's metadata says which.
+The block attends to [cached context ; new context ; block]; the Markov loop is unrolled over the block
+with every weight at the top level of the graph (so ONNX Runtime prepacks them once). At each block
+position `If` nodes pick the sampling variant from the pass's parameters: greedy (argmax; no softmax, q
+left empty) when no request samples, else temperature only, else top-k/top-p (a TopK over the largest k
+of the filtering requests; the whole vocabulary only for a top-p request without top-k). Sampling is
+spec/sampling.py's step for step: temperature, top-k, top-p, renormalised; the one-hot of the argmax
+below GREEDY_TEMPERATURE; the inverse-CDF draw on torch's cdf (float64 running sums rounded to float32),
+found in two levels (blocks of CDF_BLOCK tokens, then inside the block) so no scan over V is sequential;
+never a zero-probability token. weights="int8"/"int4" runs the big MatMuls on quantized weights
+(export/weight_quant.py); the model's metadata says which.
 """
 from __future__ import annotations
 
-import hashlib
+import copy
 import io
 from pathlib import Path
 
@@ -44,7 +46,7 @@ from dspark_trt.export.weight_quant import (ACCURACY_LEVEL, BLOCK_SIZE, WEIGHT_F
                                             quantize_matmuls)
 from dspark_trt.models.drafter import DSparkDrafter
 from dspark_trt.models.layers import apply_rotary
-from dspark_trt.spec.sampling import GREEDY_TEMPERATURE
+from dspark_trt.spec.sampling import GREEDY_TEMPERATURE, sample_from_uniform, warp_probs
 
 OPSET = 17
 GRAPH_NAMES = ("draft",)
@@ -52,6 +54,9 @@ INPUTS = ["anchors", "ctx_lens", "ctx_k", "ctx_v", "features", "positions", "new
           "temperature", "top_k", "top_p", "uniforms"]
 SAMPLING_INPUTS = ["temperature", "top_k", "top_p", "uniforms"]
 VARIANTS = ("greedy", "sample", "filter")
+SAMPLER_INPUTS = ["logit", "temperature", "top_k", "top_p", "uniform"]
+PLACEHOLDER_DOMAIN = "dspark.draft"  # the export's Sample placeholder, replaced by If nodes before saving
+CDF_BLOCK = 128  # tokens per block of the two-level inverse-CDF draw
 METADATA_WEIGHTS = "dspark.weights"
 
 
@@ -117,14 +122,24 @@ class _TopK(torch.autograd.Function):
         return g.op("TopK", x, k, axis_i=-1, largest_i=1, sorted_i=1, outputs=2)
 
 
-def _draw(probs, uniform):
-    """spec.sampling.sample_from_uniform: inverse CDF (float32 cumsum accumulated in float64, as torch's CPU
-    cumsum), searchsorted(right) as a count, clamped, a zero-probability landing replaced by the argmax."""
-    cdf = probs.double().cumsum(-1).float()
-    target = uniform.unsqueeze(1) * cdf[:, -1:]
-    idx = (cdf <= target).sum(-1).clamp(max=probs.shape[-1] - 1)
-    bad = probs.gather(1, idx.unsqueeze(1)).squeeze(1) <= 0
-    return torch.where(bad, probs.argmax(-1), idx)
+def _draw(probs, uniform, top):
+    """spec.sampling.sample_from_uniform in two levels, so that no O(V) scan is sequential: the cdf is torch's
+    (float64 running sums rounded to float32), block sums of CDF_BLOCK tokens find the block where
+    uniform * total falls, a cumulative sum inside that block the token. A draw that lands on a
+    zero-probability token (only when uniform * total rounds up to the total) takes `top`, the row's top
+    token, where spec.sampling takes the argmax of q (the same token but for ties in q)."""
+    r, vocab = probs.shape
+    blocks = (vocab + CDF_BLOCK - 1) // CDF_BLOCK
+    padded = nn.functional.pad(probs, (0, blocks * CDF_BLOCK - vocab)) if vocab % CDF_BLOCK else probs  # V is static
+    p = padded.double().reshape(r, blocks, CDF_BLOCK)
+    block_cdf = p.sum(-1).cumsum(-1)  # [R, blocks] float64
+    target = uniform.unsqueeze(1) * block_cdf[:, -1:].float()
+    block = (block_cdf.float() <= target).sum(-1).clamp(max=blocks - 1)  # the block holding the draw
+    before = torch.cat([torch.zeros_like(block_cdf[:, :1]), block_cdf[:, :-1]], dim=1).gather(1, block.unsqueeze(1))
+    inside = p.reshape(r, -1).gather(1, block.unsqueeze(1) * CDF_BLOCK + torch.arange(CDF_BLOCK))
+    cdf = (before + inside.cumsum(-1)).float()
+    idx = (block * CDF_BLOCK + (cdf <= target).sum(-1)).clamp(max=vocab - 1)
+    return torch.where(probs.gather(1, idx.unsqueeze(1))[:, 0] > 0, idx, top)
 
 
 def _filter(scaled, top_k, top_p, filtering):
@@ -133,7 +148,7 @@ def _filter(scaled, top_k, top_p, filtering):
     vocab = scaled.shape[-1]
     k_row = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
     values, order = _TopK.apply(scaled, torch.where(filtering, k_row, torch.ones_like(k_row)).max().reshape(1))
-    rank = torch.ones_like(order).cumsum(-1) - 1
+    rank = torch.arange(values.shape[-1]).unsqueeze(0)
     drop = rank >= k_row.unsqueeze(1)
     sorted_probs = torch.softmax(values.masked_fill(drop, float("-inf")), dim=-1)
     mass_before = sorted_probs.double().cumsum(-1).float() - sorted_probs
@@ -148,22 +163,63 @@ def _warp_and_draw(logits, temperature, top_k, top_p, uniform, filter_rows: bool
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(1)
     if filter_rows:
         scaled = _filter(scaled, top_k, top_p, ~greedy & ((top_k > 0) | (top_p < 1.0)))
+    top = logits.argmax(-1)
     probs = torch.softmax(scaled, dim=-1)
-    one_hot = torch.zeros_like(probs).scatter(1, logits.argmax(-1, keepdim=True), 1.0)
+    one_hot = torch.zeros_like(probs).scatter(1, top.unsqueeze(1), 1.0)
     probs = torch.where(greedy.unsqueeze(1), one_hot, probs)
-    return _draw(probs, uniform), probs
+    return _draw(probs, uniform, top), probs
 
 
-class MarkovLoop(nn.Module):
-    """The sequential stage of one variant: ℓ_k = U_k + B_k(x_{k-1}), x_k drawn from warp(ℓ_k), left to
-    right (as DSparkDrafter._sample_block); then the confidence logits from the drawn prefix."""
+class _Sample(torch.autograd.Function):
+    """One block position's warp-and-draw, exported as a placeholder node that `_expand_sampling` replaces by
+    If(any request samples: If(any request filters: filter | sample) | greedy); run as spec.sampling itself, so
+    the torch module computes what the graph does."""
 
-    def __init__(self, drafter: DSparkDrafter, variant: str):
+    @staticmethod
+    def forward(ctx, logit, temperature, top_k, top_p, uniform, any_sampling, any_filter):
+        q = warp_probs(logit, temperature, top_k, top_p)
+        return sample_from_uniform(q, uniform), q
+
+    @staticmethod
+    def symbolic(g, logit, temperature, top_k, top_p, uniform, any_sampling, any_filter):
+        token, q = g.op(f"{PLACEHOLDER_DOMAIN}::Sample", logit, temperature, top_k, top_p, uniform, any_sampling,
+                        any_filter, outputs=2)
+        token.setType(temperature.type().with_dtype(torch.int64))
+        q.setType(logit.type())
+        return token, q
+
+
+class Sampler(nn.Module):
+    """One variant of a block position's sampling: greedy (argmax; q left empty), sample (temperature), or
+    filter (temperature, top-k, top-p)."""
+
+    def __init__(self, variant: str):
         super().__init__()
-        self.drafter, self.variant = drafter, variant
+        self.variant = variant
 
-    def forward(self, hidden, base_logits, anchors, temperature, top_k, top_p, uniforms):
+    def forward(self, logit, temperature, top_k, top_p, uniform):
+        if self.variant == "greedy":
+            return logit.argmax(-1), logit[:, :0]
+        return _warp_and_draw(logit, temperature, top_k, top_p, uniform, self.variant == "filter")
+
+
+class DraftPass(nn.Module):
+    """The whole pass: backbone, then left to right ℓ_k = U_k + B_k(x_{k-1}), x_k drawn from warp(ℓ_k) (as
+    DSparkDrafter._sample_block), then the confidence logits from the drawn prefix."""
+
+    def __init__(self, drafter: DSparkDrafter):
+        super().__init__()
+        self.drafter = drafter
+        self.backbone = Backbone(drafter)
+
+    def forward(self, anchors, ctx_lens, ctx_k, ctx_v, features, positions, new_rows, new_lens, temperature, top_k,
+                top_p, uniforms):
         d = self.drafter
+        hidden, base_logits, new_k, new_v = self.backbone(anchors, ctx_lens, ctx_k, ctx_v, features, positions,
+                                                          new_rows, new_lens)
+        sampling = temperature >= GREEDY_TEMPERATURE
+        any_sampling = sampling.any()
+        any_filter = (sampling & ((top_k > 0) | (top_p < 1.0))).any()
         head = d.markov_head
         state = head.initial_state(hidden.shape[0], hidden) if head is not None else None
         prev, prevs, tokens, probs = anchors, [], [], []
@@ -172,25 +228,23 @@ class MarkovLoop(nn.Module):
             if head is not None:
                 bias, state = head.step(prev, hidden[:, k], state)
                 logit = logit + bias.float()
-            if self.variant == "greedy":
-                token = logit.argmax(-1)
-            else:
-                token, q = _warp_and_draw(logit, temperature, top_k, top_p, uniforms[:, k], self.variant == "filter")
-                probs.append(q)
+            token, q = _Sample.apply(logit, temperature, top_k, top_p, uniforms[:, k], any_sampling, any_filter)
             prevs.append(prev)
             tokens.append(token)
+            probs.append(q)
             prev = token
-        outputs = [torch.stack(tokens, 1), torch.stack(probs, 1) if probs else base_logits[:, :, :0]]
+        outputs = [torch.stack(tokens, 1), torch.stack(probs, 1)]
         if d.confidence_head is not None:
             outputs.append(d.confidence_logits(hidden, torch.stack(prevs, 1)))
-        return tuple(outputs)
+        return (*outputs, new_k, new_v)
 
 
 def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], axes: dict) -> onnx.ModelProto:
     buffer = io.BytesIO()
     with torch.no_grad():
         torch.onnx.export(module.eval(), args, buffer, input_names=inputs, output_names=outputs,
-                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+                          dynamic_axes=axes, opset_version=OPSET, dynamo=False,
+                          custom_opsets={PLACEHOLDER_DOMAIN: 1})
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -198,13 +252,12 @@ def _example(drafter: DSparkDrafter) -> dict[str, torch.Tensor]:
     """Feeds of two requests (3 cached rows and 2 new, 5 cached and 1 new), the second one filtering."""
     cfg = drafter.config
     kv_shape = (cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 5, cfg.head_dim)
-    b = cfg.block_size
     return {"anchors": torch.tensor([1, 2]), "ctx_lens": torch.tensor([3, 5]), "ctx_k": torch.randn(kv_shape),
             "ctx_v": torch.randn(kv_shape), "features": torch.randn(3, cfg.num_taps * cfg.hidden_size),
             "positions": torch.tensor([3, 4, 5]), "new_rows": torch.tensor([[0, 1], [2, 0]]),
             "new_lens": torch.tensor([2, 1]), "temperature": torch.tensor([0.0, 0.8]),
             "top_k": torch.tensor([0, 3]), "top_p": torch.tensor([1.0, 0.9]),
-            "uniforms": torch.rand(2, b)}
+            "uniforms": torch.rand(2, cfg.block_size)}
 
 
 def export_drafter(drafter: DSparkDrafter, out_dir: str | Path, weights: str = "fp32") -> dict[str, Path]:
@@ -216,121 +269,86 @@ def export_drafter(drafter: DSparkDrafter, out_dir: str | Path, weights: str = "
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ex = _example(drafter)
+    outputs = ["tokens", "probs"] + (["confidence_logits"] if drafter.confidence_head is not None else [])
+    outputs += ["new_k", "new_v"]
     requests = {0: "requests"}
-    backbone_in = INPUTS[:8]
-    backbone = _export(
-        Backbone(drafter), tuple(ex[n] for n in backbone_in), backbone_in, ["hidden", "base_logits", "new_k", "new_v"],
-        {"anchors": requests, "ctx_lens": requests, "ctx_k": {1: "requests", 3: "context"},
-         "ctx_v": {1: "requests", 3: "context"}, "features": {0: "tokens"}, "positions": {0: "tokens"},
-         "new_rows": {0: "requests", 1: "query"}, "new_lens": requests, "hidden": requests, "base_logits": requests,
-         "new_k": {1: "tokens"}, "new_v": {1: "tokens"}})
-    with torch.no_grad():
-        hidden, base_logits, _, _ = Backbone(drafter)(*(ex[n] for n in backbone_in))
-    loop_in = ["hidden", "base_logits", "anchors", *SAMPLING_INPUTS]
-    loop_out = ["tokens", "probs"] + (["confidence_logits"] if drafter.confidence_head is not None else [])
-    loop_args = (hidden, base_logits, ex["anchors"], *(ex[n] for n in SAMPLING_INPUTS))
-    loops = {variant: _export(MarkovLoop(drafter, variant), loop_args, loop_in, loop_out,
-                              {name: requests for name in loop_in + loop_out})
-             for variant in VARIANTS}
-    model = _compose(backbone, loops, loop_out)
+    axes = {name: requests for name in INPUTS + outputs} | {
+        "ctx_k": {1: "requests", 3: "context"}, "ctx_v": {1: "requests", 3: "context"}, "features": {0: "tokens"},
+        "positions": {0: "tokens"}, "new_rows": {0: "requests", 1: "query"}, "probs": {0: "requests", 2: "vocab"},
+        "new_k": {1: "tokens"}, "new_v": {1: "tokens"}}
+    model = _export(DraftPass(drafter), tuple(ex[n] for n in INPUTS), INPUTS, outputs, axes)
+    sampler_args = (torch.randn(2, drafter.config.vocab_size), *(ex[n] for n in SAMPLING_INPUTS[:3]),
+                    ex["uniforms"][:, 0])
+    samplers = {v: _export(Sampler(v), sampler_args, SAMPLER_INPUTS, ["token", "q"],
+                          {n: requests for n in SAMPLER_INPUTS})
+                for v in VARIANTS}
+    _expand_sampling(model.graph, {v: m.graph for v, m in samplers.items()})
     inline_initializer_identities(model)
     props = {METADATA_WEIGHTS: weights}
     if weights != "fp32":
         quantize_matmuls(model, weights)
-        props.update({"dspark.weight_block_size": str(BLOCK_SIZE), "dspark.accuracy_level": str(ACCURACY_LEVEL)})
+        if weights == "int4":
+            props.update({"dspark.weight_block_size": str(BLOCK_SIZE), "dspark.accuracy_level": str(ACCURACY_LEVEL)})
     helper.set_model_props(model, props)
     path = out_dir / "draft.onnx"
     onnx.save(model, str(path))
     return {"draft": path}
 
 
-def _compose(backbone: onnx.ModelProto, loops: dict[str, onnx.ModelProto], loop_outputs: list[str]) -> onnx.ModelProto:
-    """One graph: the backbone, then If(any request samples: If(any request filters: filter | sample) | greedy)
-    with each variant's sequential stage as a branch. Branch initializers move to the top level, one copy per
-    distinct tensor (the variants share the Markov and confidence weights)."""
-    graph = backbone.graph
-    inputs = {i.name: i for i in graph.input}
-    for loop in loops.values():  # sampling inputs the backbone does not take
-        inputs.update({i.name: i for i in loop.graph.input if i.name in SAMPLING_INPUTS})
-    shared: dict[bytes, str] = {}
-    for init in graph.initializer:
-        shared.setdefault(_digest(init), init.name)
-    branches = {variant: _branch(loop.graph, variant, graph, shared) for variant, loop in loops.items()}
-    greedy = helper.make_tensor("greedy_temperature", onnx.TensorProto.FLOAT, [], [GREEDY_TEMPERATURE])
-    graph.initializer.extend([greedy, helper.make_tensor("one_f", onnx.TensorProto.FLOAT, [], [1.0]),
-                              helper.make_tensor("zero_i", onnx.TensorProto.INT64, [], [0])])
-    samples = [helper.make_node("GreaterOrEqual", ["temperature", "greedy_temperature"], ["mode/sampling_rows"]),
-               helper.make_node("Cast", ["mode/sampling_rows"], ["mode/sampling_rows_i"], to=onnx.TensorProto.INT64),
-               helper.make_node("ReduceMax", ["mode/sampling_rows_i"], ["mode/any_sampling_i"], keepdims=0),
-               helper.make_node("Greater", ["mode/any_sampling_i", "zero_i"], ["mode/any_sampling"]),
-               helper.make_node("Greater", ["top_k", "zero_i"], ["mode/top_k_on"]),
-               helper.make_node("Less", ["top_p", "one_f"], ["mode/top_p_on"]),
-               helper.make_node("Or", ["mode/top_k_on", "mode/top_p_on"], ["mode/filter_on"]),
-               helper.make_node("And", ["mode/filter_on", "mode/sampling_rows"], ["mode/filter_rows"]),
-               helper.make_node("Cast", ["mode/filter_rows"], ["mode/filter_rows_i"], to=onnx.TensorProto.INT64),
-               helper.make_node("ReduceMax", ["mode/filter_rows_i"], ["mode/any_filter_i"], keepdims=0),
-               helper.make_node("Greater", ["mode/any_filter_i", "zero_i"], ["mode/any_filter"])]
-    outputs = [loops["filter"].graph.output[i] for i in range(len(loop_outputs))]
-    sampling_branch = helper.make_graph(
-        [helper.make_node("If", ["mode/any_filter"], [f"sampled/{o}" for o in loop_outputs],
-                          then_branch=branches["filter"], else_branch=branches["sample"])],
-        "sampling", [], [_renamed(o, f"sampled/{o.name}") for o in outputs])
-    graph.node.extend(samples + [helper.make_node("If", ["mode/any_sampling"], loop_outputs,
-                                                  then_branch=sampling_branch, else_branch=branches["greedy"])])
-    new_kv = [o for o in graph.output if o.name in ("new_k", "new_v")]
-    del graph.output[:]
-    graph.output.extend([_renamed(o, o.name) for o in outputs] + new_kv)
-    del graph.input[:]
-    graph.input.extend(inputs[name] for name in INPUTS)
+def _expand_sampling(graph: onnx.GraphProto, samplers: dict[str, onnx.GraphProto]) -> None:
+    """Replace every placeholder Sample node by If(any_sampling: If(any_filter: filter | sample) | greedy),
+    the branches being the exported Sampler graphs reading the node's inputs (in place)."""
+    for j, node in enumerate(graph.node):
+        if node.domain != PLACEHOLDER_DOMAIN:
+            continue
+        *args, any_sampling, any_filter = node.input
+        prefix = f"sample{j}"
+        branches = {v: _branch(samplers[v], f"{prefix}/{v}", args) for v in VARIANTS}
+        sampled = helper.make_graph(
+            [helper.make_node("If", [any_filter], [f"{prefix}/sampled/token", f"{prefix}/sampled/q"],
+                              name=f"{prefix}/if_filter", then_branch=branches["filter"],
+                              else_branch=branches["sample"])],
+            f"{prefix}/sampled", [], [_value(f"{prefix}/sampled/token", onnx.TensorProto.INT64, 1),
+                                      _value(f"{prefix}/sampled/q", onnx.TensorProto.FLOAT, 2)])
+        node.CopyFrom(helper.make_node("If", [any_sampling], list(node.output), name=f"{prefix}/if_sampling",
+                                       then_branch=sampled, else_branch=branches["greedy"]))
+    for value in graph.output:
+        if value.name == "probs":  # a greedy pass leaves it [R, B, 0]
+            value.type.tensor_type.shape.dim[2].Clear()
+            value.type.tensor_type.shape.dim[2].dim_param = "vocab"
     del graph.value_info[:]
-    return backbone
 
 
-def _digest(tensor: onnx.TensorProto) -> bytes:
-    """A tensor's content (type, shape, data), whatever its name."""
-    unnamed = onnx.TensorProto()
-    unnamed.CopyFrom(tensor)
-    unnamed.name = ""
-    return hashlib.sha256(unnamed.SerializeToString(deterministic=True)).digest()
+def _value(name: str, elem_type: int, rank: int) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem_type, [None] * rank)
 
 
-def _renamed(value: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
-    out = onnx.ValueInfoProto()
-    out.CopyFrom(value)
-    out.name = name
-    if name.endswith("probs"):  # the greedy branch leaves it [R, B, 0]
-        out.type.tensor_type.shape.dim[2].Clear()
-        out.type.tensor_type.shape.dim[2].dim_param = "probs_vocab"
-    return out
+def _branch(sampler: onnx.GraphProto, prefix: str, args: list[str]) -> onnx.GraphProto:
+    """A Sampler graph as an If branch: its inputs read `args` of the outer scope, everything else gets the prefix."""
+    outer = {i.name: args[SAMPLER_INPUTS.index(i.name)] for i in sampler.input}  # (the exporter drops unused ones)
 
+    def rename(name: str) -> str:
+        return outer.get(name, f"{prefix}/{name}") if name else name
 
-def _branch(loop: onnx.GraphProto, variant: str, top: onnx.GraphProto, shared: dict[bytes, str]) -> onnx.GraphProto:
-    """The loop graph as an If branch: its inputs read the outer scope (same names), its values get a prefix,
-    its initializers join the top level's (deduplicated by content)."""
-    outer = {i.name for i in loop.input}
-    rename = {}
-    for init in loop.initializer:
-        key = _digest(init)
-        if key not in shared:
-            shared[key] = f"{variant}/{init.name}"
-            moved = onnx.TensorProto()
-            moved.CopyFrom(init)
-            moved.name = shared[key]
-            top.initializer.append(moved)
-        rename[init.name] = shared[key]
-    nodes = []
-    for node in loop.node:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.name = f"{variant}/{node.name}"
-        for i, name in enumerate(copy.input):
-            if name and name not in outer:
-                copy.input[i] = rename.get(name, f"{variant}/{name}")
-        for i, name in enumerate(copy.output):
-            copy.output[i] = f"{variant}/{name}"
-        nodes.append(copy)
-    outputs = [_renamed(o, f"{variant}/{o.name}") for o in loop.output]
-    return helper.make_graph(nodes, variant, [], outputs)
+    def renamed(graph: onnx.GraphProto) -> onnx.GraphProto:
+        graph = copy.deepcopy(graph)
+        for init in graph.initializer:
+            init.name = rename(init.name)
+        for node in graph.node:
+            node.name = f"{prefix}/{node.name}"
+            node.input[:] = [rename(n) for n in node.input]
+            node.output[:] = [rename(n) for n in node.output]
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    attr.g.CopyFrom(renamed(attr.g))
+        for value in [*graph.output, *graph.value_info]:
+            value.name = rename(value.name)
+        return graph
+
+    graph = renamed(sampler)
+    del graph.input[:]
+    graph.name = prefix
+    return graph
 
 
 def draft_feeds(slots, anchors, ctx_lens, cache_k, cache_v, new_features, feature_width: int, temperature, top_k,
