@@ -161,7 +161,7 @@ def test_sampler_graph_draws_as_spec_sampling(variant):
     temperature[::9] = 0.0  # greedy rows mixed in
     top_k = torch.randint(0, 40, (n,), generator=g) if variant == "filter" else torch.zeros(n, dtype=torch.long)
     top_p = (torch.rand(n, generator=g) * 0.5 + 0.5) if variant == "filter" else torch.ones(n)
-    model = _export(Sampler(variant), (logits, temperature, top_k, top_p, torch.rand(n)), SAMPLER_INPUTS,
+    model = _export(Sampler(variant, vocab), (logits, temperature, top_k, top_p, torch.rand(n)), SAMPLER_INPUTS,
                     ["token", "q"], {name: {0: "rows"} for name in SAMPLER_INPUTS})
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     q_ref = warp_probs(logits, temperature, top_k, top_p)

@@ -60,16 +60,17 @@ CDF_BLOCK = 128  # tokens per block of the two-level inverse-CDF draw
 METADATA_WEIGHTS = "dspark.weights"
 
 
-def _attention(q, keys, values, mask, scale: float):
+def _attention(q, keys, values, mask, att, b: int):
     """q [R, B, H, d], keys/values [R, kv, S, d], mask [R, S] bool -> [R, B, H*d]; query head h reads K/V head
-    h // (H / kv) (grouped-query attention without repeating K/V)."""
-    r, b, h, d = q.shape
-    kv = keys.shape[1]
-    q = q.reshape(r, b, kv, h // kv, d).permute(0, 2, 3, 1, 4).reshape(r, kv, (h // kv) * b, d)
-    scores = (q @ keys.transpose(2, 3)) * scale
+    h // (H / kv) (grouped-query attention without repeating K/V). Sizes come from the config and only R is
+    left to -1, so the graph holds constant shapes rather than Shape/Gather/Concat chains."""
+    h, kv, d = att.n_heads, att.n_kv, att.head_dim
+    g = h // kv
+    q = q.reshape(-1, b, kv, g, d).permute(0, 2, 3, 1, 4).reshape(-1, kv, g * b, d)
+    scores = (q @ keys.transpose(2, 3)) * d ** -0.5
     scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     out = scores.softmax(-1) @ values  # [R, kv, g*B, d]
-    return out.reshape(r, kv, h // kv, b, d).permute(0, 3, 1, 2, 4).reshape(r, b, h * d)
+    return out.reshape(-1, kv, g, b, d).permute(0, 3, 1, 2, 4).reshape(-1, b, h * d)
 
 
 class Backbone(nn.Module):
@@ -81,30 +82,30 @@ class Backbone(nn.Module):
 
     def forward(self, anchors, ctx_lens, ctx_k, ctx_v, features, positions, new_rows, new_lens):
         d, cfg = self.drafter, self.drafter.config
-        r, b, p, m, n = anchors.shape[0], cfg.block_size, ctx_k.shape[3], new_rows.shape[1], features.shape[0]
+        b, p, m = cfg.block_size, ctx_k.shape[3], new_rows.shape[1]
         ctx = d.hidden_norm(d.fc(features))
         ctx_cos, ctx_sin = d.rotary(positions, ctx.dtype)
         block_ids = torch.cat([anchors.unsqueeze(1), torch.full_like(anchors, cfg.mask_token_id).unsqueeze(1)
-                               .expand(r, b - 1)], dim=1)
+                               .expand(-1, b - 1)], dim=1)
         x = d.embed_tokens(block_ids)
         cos, sin = d.rotary((ctx_lens + new_lens).unsqueeze(1) + torch.arange(b), x.dtype)
         mask = torch.cat([torch.arange(p).unsqueeze(0) < ctx_lens.unsqueeze(1),
                           torch.arange(m).unsqueeze(0) < new_lens.unsqueeze(1),
-                          torch.ones(r, b, dtype=torch.bool)], dim=1)
+                          torch.ones_like(anchors, dtype=torch.bool).unsqueeze(1).expand(-1, b)], dim=1)
         new_k, new_v = [], []
         for i, layer in enumerate(d.layers):
             att = layer.self_attn
-            ck = apply_rotary(att.k_norm(att.k_proj(ctx).view(n, att.n_kv, att.head_dim)), ctx_cos, ctx_sin)
-            cv = att.v_proj(ctx).view(n, att.n_kv, att.head_dim)
+            ck = apply_rotary(att.k_norm(att.k_proj(ctx).view(-1, att.n_kv, att.head_dim)), ctx_cos, ctx_sin)
+            cv = att.v_proj(ctx).view(-1, att.n_kv, att.head_dim)
             new_k.append(ck)
             new_v.append(cv)
             a = layer.input_layernorm(x)
-            q = apply_rotary(att.q_norm(att.q_proj(a).view(r, b, att.n_heads, att.head_dim)), cos, sin)
-            k = apply_rotary(att.k_norm(att.k_proj(a).view(r, b, att.n_kv, att.head_dim)), cos, sin)
-            v = att.v_proj(a).view(r, b, att.n_kv, att.head_dim)
+            q = apply_rotary(att.q_norm(att.q_proj(a).view(-1, b, att.n_heads, att.head_dim)), cos, sin)
+            k = apply_rotary(att.k_norm(att.k_proj(a).view(-1, b, att.n_kv, att.head_dim)), cos, sin)
+            v = att.v_proj(a).view(-1, b, att.n_kv, att.head_dim)
             keys = torch.cat([ctx_k[i], ck[new_rows].transpose(1, 2), k.transpose(1, 2)], dim=2)
             values = torch.cat([ctx_v[i], cv[new_rows].transpose(1, 2), v.transpose(1, 2)], dim=2)
-            x = x + att.o_proj(_attention(q, keys, values, mask, att.head_dim ** -0.5))
+            x = x + att.o_proj(_attention(q, keys, values, mask, att, b))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         hidden = d.norm(x)
         return hidden, d.lm_head(hidden).float(), torch.stack(new_k), torch.stack(new_v)
@@ -122,21 +123,20 @@ class _TopK(torch.autograd.Function):
         return g.op("TopK", x, k, axis_i=-1, largest_i=1, sorted_i=1, outputs=2)
 
 
-def _draw(probs, uniform, top):
+def _draw(probs, uniform, top, vocab: int):
     """spec.sampling.sample_from_uniform in two levels, so that no O(V) scan is sequential: the cdf is torch's
     (float64 running sums rounded to float32), block sums of CDF_BLOCK tokens find the block where
     uniform * total falls, a cumulative sum inside that block the token. A draw that lands on a
     zero-probability token (only when uniform * total rounds up to the total) takes `top`, the row's top
     token, where spec.sampling takes the argmax of q (the same token but for ties in q)."""
-    r, vocab = probs.shape
     blocks = (vocab + CDF_BLOCK - 1) // CDF_BLOCK
     padded = nn.functional.pad(probs, (0, blocks * CDF_BLOCK - vocab)) if vocab % CDF_BLOCK else probs  # V is static
-    p = padded.double().reshape(r, blocks, CDF_BLOCK)
+    p = padded.double().reshape(-1, blocks, CDF_BLOCK)
     block_cdf = p.sum(-1).cumsum(-1)  # [R, blocks] float64
     target = uniform.unsqueeze(1) * block_cdf[:, -1:].float()
     block = (block_cdf.float() <= target).sum(-1).clamp(max=blocks - 1)  # the block holding the draw
     before = torch.cat([torch.zeros_like(block_cdf[:, :1]), block_cdf[:, :-1]], dim=1).gather(1, block.unsqueeze(1))
-    inside = p.reshape(r, -1).gather(1, block.unsqueeze(1) * CDF_BLOCK + torch.arange(CDF_BLOCK))
+    inside = p.reshape(-1, blocks * CDF_BLOCK).gather(1, block.unsqueeze(1) * CDF_BLOCK + torch.arange(CDF_BLOCK))
     cdf = (before + inside.cumsum(-1)).float()
     idx = (block * CDF_BLOCK + (cdf <= target).sum(-1)).clamp(max=vocab - 1)
     return torch.where(probs.gather(1, idx.unsqueeze(1))[:, 0] > 0, idx, top)
@@ -157,7 +157,7 @@ def _filter(scaled, top_k, top_p, filtering):
     return torch.where(filtering.unsqueeze(1), kept, scaled)
 
 
-def _warp_and_draw(logits, temperature, top_k, top_p, uniform, filter_rows: bool):
+def _warp_and_draw(logits, temperature, top_k, top_p, uniform, filter_rows: bool, vocab: int):
     """(token [R], q [R, V]) as spec.sampling.warp_probs + sample_from_uniform."""
     greedy = temperature < GREEDY_TEMPERATURE
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(1)
@@ -167,7 +167,7 @@ def _warp_and_draw(logits, temperature, top_k, top_p, uniform, filter_rows: bool
     probs = torch.softmax(scaled, dim=-1)
     one_hot = torch.zeros_like(probs).scatter(1, top.unsqueeze(1), 1.0)
     probs = torch.where(greedy.unsqueeze(1), one_hot, probs)
-    return _draw(probs, uniform, top), probs
+    return _draw(probs, uniform, top, vocab), probs
 
 
 class _Sample(torch.autograd.Function):
@@ -190,17 +190,17 @@ class _Sample(torch.autograd.Function):
 
 
 class Sampler(nn.Module):
-    """One variant of a block position's sampling: greedy (argmax; q left empty), sample (temperature), or
-    filter (temperature, top-k, top-p)."""
+    """One variant of a block position's sampling over a vocabulary of `vocab`: greedy (argmax; q left
+    empty), sample (temperature), or filter (temperature, top-k, top-p)."""
 
-    def __init__(self, variant: str):
+    def __init__(self, variant: str, vocab: int):
         super().__init__()
-        self.variant = variant
+        self.variant, self.vocab = variant, vocab
 
     def forward(self, logit, temperature, top_k, top_p, uniform):
         if self.variant == "greedy":
             return logit.argmax(-1), logit[:, :0]
-        return _warp_and_draw(logit, temperature, top_k, top_p, uniform, self.variant == "filter")
+        return _warp_and_draw(logit, temperature, top_k, top_p, uniform, self.variant == "filter", self.vocab)
 
 
 class DraftPass(nn.Module):
@@ -279,7 +279,7 @@ def export_drafter(drafter: DSparkDrafter, out_dir: str | Path, weights: str = "
     model = _export(DraftPass(drafter), tuple(ex[n] for n in INPUTS), INPUTS, outputs, axes)
     sampler_args = (torch.randn(2, drafter.config.vocab_size), *(ex[n] for n in SAMPLING_INPUTS[:3]),
                     ex["uniforms"][:, 0])
-    samplers = {v: _export(Sampler(v), sampler_args, SAMPLER_INPUTS, ["token", "q"],
+    samplers = {v: _export(Sampler(v, drafter.config.vocab_size), sampler_args, SAMPLER_INPUTS, ["token", "q"],
                           {n: requests for n in SAMPLER_INPUTS})
                 for v in VARIANTS}
     _expand_sampling(model.graph, {v: m.graph for v, m in samplers.items()})
