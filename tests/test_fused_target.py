@@ -50,7 +50,7 @@ def quantized_target(fmt: str = "Q4_1", seed: int = 0, qk_norm: bool = False):
     return model, blocks
 
 
-def export_quantized(tmp_path, model, blocks, accuracy_level: int, drafter=None, q4_1: str = "exact"):
+def export_quantized(tmp_path, model, blocks, accuracy_level: int, drafter=None):
     import dspark_trt.export.fused_target as fused
 
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
@@ -58,7 +58,7 @@ def export_quantized(tmp_path, model, blocks, accuracy_level: int, drafter=None,
     fused.fused_weights = lambda target, m, weights: state | blocks
     try:
         return export_engines(model, drafter, tmp_path, graph="fused", weights="int4", source="(test blocks)",
-                              max_seq_len=256, accuracy_level=accuracy_level, q4_1=q4_1)
+                              max_seq_len=256, accuracy_level=accuracy_level)
     finally:
         fused.fused_weights = original
 
@@ -101,27 +101,6 @@ def test_int4_blocks_at_accuracy_level_1_equal_their_dequantized_reference(tmp_p
     model, blocks = quantized_target("Q4_1")
     manifest = export_quantized(tmp_path, model, blocks, accuracy_level=1)
     assert manifest["target"]["matmul_formats"] == {"Q4_1": 9}  # qkv, o, gate_up, down x 2 layers + head
-
-    def close(ours, ref):
-        torch.testing.assert_close(ours.logits, ref.logits, atol=2e-4, rtol=1e-4)
-
-    _passes(OrtRuntime(tmp_path, num_slots=3, max_seq_len=64), TorchRuntime(model, num_slots=3, max_seq_len=64),
-            40, close)
-
-
-def test_rounded_q4_1_computes_the_blocks_with_integer_zero_points(tmp_path):
-    """q4_1="rounded": each block's minimum becomes the nearest multiple of its scale, w = d·(q − z), in
-    every matmul (the embedding table is looked up as the blocks dequantize)."""
-    model, blocks = quantized_target("Q4_1", seed=5)
-    manifest = export_quantized(tmp_path, model, blocks, accuracy_level=1, q4_1="rounded")
-    assert manifest["target"]["matmul_formats"] == {"Q4_1-rounded": 9}
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in blocks and name != "embed_tokens.weight":
-                w = blocks[name]
-                z = np.clip(np.rint(-w.mins / np.where(w.scales == 0, 1, w.scales)), 0, 15)
-                q = w.q.reshape(w.scales.shape + (32,)).astype(np.float32) - z[..., None]
-                param.copy_(torch.from_numpy((w.scales[..., None] * q).reshape(w.shape)))
 
     def close(ours, ref):
         torch.testing.assert_close(ours.logits, ref.logits, atol=2e-4, rtol=1e-4)

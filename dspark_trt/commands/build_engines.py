@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     manifest = build_engines(BuildOptions(out=args.out, target=args.target, draft=args.draft, backend=args.backend,
-                                          dtype=args.dtype, weights=args.weights, accuracy_level=args.accuracy_level, max_seq_len=args.max_seq_len,
+                                          dtype=args.dtype, weights=args.weights, accuracy_level=args.accuracy_level,
+                                          max_seq_len=args.max_seq_len,
                                           max_batch_tokens=args.max_batch_tokens, tolerance=args.tolerance))
     if args.json:
         print(json.dumps(manifest))
