@@ -19,8 +19,9 @@ def make_session(path: str | Path, threads: int | None = None, spin: bool = True
     ONNX Runtime's worker threads spin by default after every run, waiting for more work; in a decode
     step the next work is ours (sampling, the drafter's Python loop, the next graph), and on a few
     cores those spinning threads take the cores from it: the drafter's pass ran 2-4x slower. So no
-    session spins after its run (`force_spinning_stop`), and `spin=False` (the drafter's small graphs,
-    called in a loop) does not spin within its runs either. Measured in docs/benchmarks.md."""
+    session spins after its run (`force_spinning_stop`), and `spin=False` (the drafter's one-call graph:
+    spinning within its run made it 1.5-1.7x slower on these shared cores) does not spin within its runs
+    either. Measured in docs/benchmarks.md."""
     options = session_options_with_dspark_ops()
     options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
     options.inter_op_num_threads = 1
