@@ -57,9 +57,9 @@ def test_greedy_accepts_while_draft_is_target_argmax_then_takes_target_argmax():
             assert res.next_token.tolist() == [int(top[2]), int(top[5]), int(top[6])]
 
 
-def test_greedy_shortcut_equals_the_general_rule_on_random_batches():
-    """All-greedy passes without draft probabilities take a shortcut (no [N, V] one-hots); it must give
-    what the general rule gives with one-hot drafts, including ties between equal logits."""
+def test_greedy_shortcut_equals_the_general_rule_on_random_batches(monkeypatch):
+    """All-greedy passes take a shortcut (no [N, V] distributions); it must give what the general rule gives,
+    with one-hot drafts and with drafts drawn from a spread q, including ties between equal logits."""
     g = torch.Generator().manual_seed(1)
     for trial in range(50):
         counts = torch.randint(1, 6, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g)
@@ -70,9 +70,13 @@ def test_greedy_shortcut_equals_the_general_rule_on_random_batches():
                              torch.randint(0, 4, (n_rows - n_req,), generator=g))
         u = torch.rand(n_rows, generator=g, dtype=torch.float64)
         fast = dspark_verify(logits, drafts, None, offsets, *params(n_req, 0.0, 0, 1.0), u)
-        general = dspark_verify(logits, drafts, torch.nn.functional.one_hot(drafts, 4).float(), offsets,
-                                *params(n_req, 0.0, 0, 1.0), u)
-        assert torch.equal(fast.accepted, general.accepted) and torch.equal(fast.next_token, general.next_token)
+        spread = torch.softmax(torch.randn(n_rows - n_req, 4, generator=g), -1)
+        with monkeypatch.context() as patch:  # the shortcut's test never passes: the general rule runs, and
+            patch.setattr("dspark_trt.spec.verify.GREEDY_TEMPERATURE", -1.0)  # warp_probs keeps T = 0 one-hot
+            general = [dspark_verify(logits, drafts, q, offsets, *params(n_req, 0.0, 0, 1.0), u)
+                       for q in (torch.nn.functional.one_hot(drafts, 4).float(), spread)]
+        for result in general:
+            assert torch.equal(fast.accepted, result.accepted) and torch.equal(fast.next_token, result.next_token)
 
 
 def test_mixed_greedy_and_sampled_batch_equals_each_request_alone():

@@ -53,7 +53,7 @@ def dspark_verify(
     if draft_tokens.numel() != n_rows - n_req:
         raise ValueError(f"{draft_tokens.numel()} draft tokens for {n_rows} rows of {n_req} requests")
     request_of_row = torch.repeat_interleave(torch.arange(n_req), counts)
-    if draft_probs is None and bool((temperature < GREEDY_TEMPERATURE).all()):
+    if bool((temperature < GREEDY_TEMPERATURE).all()):
         return _verify_greedy(target_logits, draft_tokens, row_offsets, request_of_row)
     p = warp_probs(target_logits, temperature[request_of_row], top_k[request_of_row], top_p[request_of_row])
 
@@ -92,8 +92,10 @@ def dspark_verify(
 
 
 def _verify_greedy(target_logits, draft_tokens, row_offsets, request_of_row) -> VerifyResult:
-    """The rule above when every request is greedy with one-hot drafts, without building [N, V] one-hots:
-    accept while the draft equals the row's argmax, then emit the argmax of the stopping row."""
+    """The rule above when every request is greedy, without building [N, V] distributions. p is the
+    one-hot of the row's argmax a, so p(d)/q(d) is 0 for d != a and >= 1 for d = a, whatever q is (q(d) > 0,
+    d was drawn from it): accept while the draft is the argmax; the residual max(0, p - q) is zero but at a,
+    so the next token is the stopping row's argmax."""
     n_rows = target_logits.shape[0]
     argmax = target_logits.argmax(dim=-1)
     is_last = torch.zeros(n_rows, dtype=torch.bool)
