@@ -145,7 +145,7 @@ def test_weight_quantization_round_trips():
     assert np.all(np.abs(dequantize_blocks(q, scales, 4, 64) - w) <= step / 2 + 1e-7)
 
 
-@pytest.mark.parametrize("variant", ["sample", "filter"])
+@pytest.mark.parametrize("variant", ["sample", "filter", "nucleus"])
 def test_sampler_graph_draws_as_spec_sampling(variant):
     """The two-level inverse-CDF draw over a vocabulary of several blocks, on every row and uniform, the
     extremes included (a uniform that rounds to 1 lands beyond the cdf: the top token)."""
@@ -159,8 +159,11 @@ def test_sampler_graph_draws_as_spec_sampling(variant):
     logits = torch.randn(n, vocab, generator=g) * 3
     temperature = torch.rand(n, generator=g) + 0.3
     temperature[::9] = 0.0  # greedy rows mixed in
-    top_k = torch.randint(0, 40, (n,), generator=g) if variant == "filter" else torch.zeros(n, dtype=torch.long)
-    top_p = (torch.rand(n, generator=g) * 0.5 + 0.5) if variant == "filter" else torch.ones(n)
+    top_k = torch.randint(1, 40, (n,), generator=g) if variant != "sample" else torch.zeros(n, dtype=torch.long)
+    top_p = (torch.rand(n, generator=g) * 0.5 + 0.5) if variant != "sample" else torch.ones(n)
+    if variant == "nucleus":  # top-p without top-k on most rows (the sort stops at a bound of the nucleus)
+        top_k[: n * 3 // 4] = 0
+        top_p[::5] = 0.999
     model = _export(Sampler(variant, vocab), (logits, temperature, top_k, top_p, torch.rand(n)), SAMPLER_INPUTS,
                     ["token", "q"], {name: {0: "rows"} for name in SAMPLER_INPUTS})
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -172,6 +175,21 @@ def test_sampler_graph_draws_as_spec_sampling(variant):
         token, q = session.run(None, {i.name: args[i.name].numpy() for i in session.get_inputs()})
         assert np.abs(q - q_ref.numpy()).max() < PROBS_TOL
         assert token.tolist() == sample_from_uniform(q_ref, uniform).tolist()
+
+
+def test_nucleus_bound_holds_the_top_p_set():
+    """The sort of a top-p row without top-k stops at a bound that holds every token spec.sampling keeps, and is
+    far below the vocabulary when the distribution is peaked."""
+    from dspark_trt.export.draft_graph import _nucleus_bound
+    from dspark_trt.spec.sampling import warp_probs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(32, 5000, generator=g) * torch.linspace(0.5, 8, 32).unsqueeze(1)
+    top_p = torch.rand(32, generator=g) * 0.9 + 0.05
+    kept = (warp_probs(logits, 1.0, 0, top_p) > 0).sum(-1)
+    bound = _nucleus_bound(torch.softmax(logits, -1), top_p)
+    assert (bound >= kept).all()
+    assert (bound[16:] < 500).all()  # the peaked half: a partial sort
 
 
 def _wide_target():

@@ -53,10 +53,12 @@ GRAPH_NAMES = ("draft",)
 INPUTS = ["anchors", "ctx_lens", "ctx_k", "ctx_v", "features", "positions", "new_rows", "new_lens",
           "temperature", "top_k", "top_p", "uniforms"]
 SAMPLING_INPUTS = ["temperature", "top_k", "top_p", "uniforms"]
-VARIANTS = ("greedy", "sample", "filter")
+VARIANTS = ("greedy", "sample", "filter", "nucleus")
 SAMPLER_INPUTS = ["logit", "temperature", "top_k", "top_p", "uniform"]
 PLACEHOLDER_DOMAIN = "dspark.draft"  # the export's Sample placeholder, replaced by If nodes before saving
 CDF_BLOCK = 128  # tokens per block of the two-level inverse-CDF draw
+NUCLEUS_BUCKETS = 64  # probability buckets floor(-log2 q) bounding a top-p nucleus (the last takes the rest)
+NUCLEUS_MARGIN = 1e-4  # mass beyond top_p the bound covers (float rounding is ~1e-7)
 METADATA_WEIGHTS = "dspark.weights"
 
 
@@ -142,27 +144,48 @@ def _draw(probs, uniform, top, vocab: int):
     return torch.where(probs.gather(1, idx.unsqueeze(1))[:, 0] > 0, idx, top)
 
 
-def _filter(scaled, top_k, top_p, filtering):
+def _nucleus_bound(probs, top_p):
+    """Per row, a number of top tokens that holds the top-p nucleus, without sorting: tokens fall into buckets
+    floor(-log2 q) (each bucket's probabilities above the next one's), and the nucleus lies within the
+    buckets up to the first whose cumulative mass (float64) reaches top_p + NUCLEUS_MARGIN, plus two more
+    (a log2 rounded across a bucket edge moves a token by one bucket)."""
+    buckets = (-torch.log2(probs)).floor().clamp(0, NUCLEUS_BUCKETS - 1).long()
+    zeros = torch.zeros_like(top_p, dtype=torch.float64).unsqueeze(1).repeat(1, NUCLEUS_BUCKETS)
+    mass = zeros.scatter_add(1, buckets, probs.double()).cumsum(-1)
+    count = zeros.scatter_add(1, buckets, torch.ones_like(probs, dtype=torch.float64)).cumsum(-1)
+    reached = (mass < (top_p.double() + NUCLEUS_MARGIN).unsqueeze(1)).sum(-1)
+    return count.gather(1, (reached + 2).clamp(max=NUCLEUS_BUCKETS - 1).unsqueeze(1))[:, 0].long()
+
+
+def _filter(scaled, top_k, top_p, filtering, nucleus: bool, vocab: int):
     """spec.sampling._mask_top_k_top_p on the rows `filtering` (the others are returned as they are). The
-    sort covers max(k) of the filtering rows, all of V only for a row with top-p and no top-k."""
-    vocab = scaled.shape[-1]
+    sort covers the largest k of the filtering rows; nucleus (some filtering row has top-p without top-k):
+    such a row's sort stops at a bound of its nucleus (_nucleus_bound), its sorted q read from the full
+    softmax."""
     k_row = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    values, order = _TopK.apply(scaled, torch.where(filtering, k_row, torch.ones_like(k_row)).max().reshape(1))
+    k_sort = k_row
+    if nucleus:
+        probs = torch.softmax(scaled, dim=-1)
+        k_sort = torch.where(top_k > 0, k_row, _nucleus_bound(probs, top_p).clamp(1, vocab))
+    values, order = _TopK.apply(scaled, torch.where(filtering, k_sort, torch.ones_like(k_sort)).max().reshape(1))
     rank = torch.arange(values.shape[-1]).unsqueeze(0)
     drop = rank >= k_row.unsqueeze(1)
     sorted_probs = torch.softmax(values.masked_fill(drop, float("-inf")), dim=-1)
+    if nucleus:  # a row without top-k normalises over the whole vocabulary, not the sorted prefix
+        sorted_probs = torch.where((top_k == 0).unsqueeze(1), probs.gather(1, order), sorted_probs)
     mass_before = sorted_probs.double().cumsum(-1).float() - sorted_probs
     drop = (drop | (mass_before >= top_p.unsqueeze(1))) & (rank > 0)
     kept = torch.full_like(scaled, float("-inf")).scatter(1, order, values.masked_fill(drop, float("-inf")))
     return torch.where(filtering.unsqueeze(1), kept, scaled)
 
 
-def _warp_and_draw(logits, temperature, top_k, top_p, uniform, filter_rows: bool, vocab: int):
-    """(token [R], q [R, V]) as spec.sampling.warp_probs + sample_from_uniform."""
+def _warp_and_draw(logits, temperature, top_k, top_p, uniform, variant: str, vocab: int):
+    """(token [R], q [R, V]) as spec.sampling.warp_probs + sample_from_uniform; variant "sample" leaves
+    top-k/top-p out, "filter" and "nucleus" apply them (_filter)."""
     greedy = temperature < GREEDY_TEMPERATURE
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(1)
-    if filter_rows:
-        scaled = _filter(scaled, top_k, top_p, ~greedy & ((top_k > 0) | (top_p < 1.0)))
+    if variant != "sample":
+        scaled = _filter(scaled, top_k, top_p, ~greedy & ((top_k > 0) | (top_p < 1.0)), variant == "nucleus", vocab)
     top = logits.argmax(-1)
     probs = torch.softmax(scaled, dim=-1)
     one_hot = torch.zeros_like(probs).scatter(1, top.unsqueeze(1), 1.0)
@@ -172,18 +195,18 @@ def _warp_and_draw(logits, temperature, top_k, top_p, uniform, filter_rows: bool
 
 class _Sample(torch.autograd.Function):
     """One block position's warp-and-draw, exported as a placeholder node that `_expand_sampling` replaces by
-    If(any request samples: If(any request filters: filter | sample) | greedy); run as spec.sampling itself, so
-    the torch module computes what the graph does."""
+    If nodes over the Sampler variants; run as spec.sampling itself, so the torch module computes what the
+    graph does."""
 
     @staticmethod
-    def forward(ctx, logit, temperature, top_k, top_p, uniform, any_sampling, any_filter):
+    def forward(ctx, logit, temperature, top_k, top_p, uniform, any_sampling, any_filter, any_nucleus):
         q = warp_probs(logit, temperature, top_k, top_p)
         return sample_from_uniform(q, uniform), q
 
     @staticmethod
-    def symbolic(g, logit, temperature, top_k, top_p, uniform, any_sampling, any_filter):
+    def symbolic(g, logit, temperature, top_k, top_p, uniform, any_sampling, any_filter, any_nucleus):
         token, q = g.op(f"{PLACEHOLDER_DOMAIN}::Sample", logit, temperature, top_k, top_p, uniform, any_sampling,
-                        any_filter, outputs=2)
+                        any_filter, any_nucleus, outputs=2)
         token.setType(temperature.type().with_dtype(torch.int64))
         q.setType(logit.type())
         return token, q
@@ -191,7 +214,8 @@ class _Sample(torch.autograd.Function):
 
 class Sampler(nn.Module):
     """One variant of a block position's sampling over a vocabulary of `vocab`: greedy (argmax; q left
-    empty), sample (temperature), or filter (temperature, top-k, top-p)."""
+    empty), sample (temperature), filter (temperature, top-k, top-p with top-k) or nucleus (besides, top-p
+    without top-k)."""
 
     def __init__(self, variant: str, vocab: int):
         super().__init__()
@@ -200,7 +224,7 @@ class Sampler(nn.Module):
     def forward(self, logit, temperature, top_k, top_p, uniform):
         if self.variant == "greedy":
             return logit.argmax(-1), logit[:, :0]
-        return _warp_and_draw(logit, temperature, top_k, top_p, uniform, self.variant == "filter", self.vocab)
+        return _warp_and_draw(logit, temperature, top_k, top_p, uniform, self.variant, self.vocab)
 
 
 class DraftPass(nn.Module):
@@ -220,6 +244,7 @@ class DraftPass(nn.Module):
         sampling = temperature >= GREEDY_TEMPERATURE
         any_sampling = sampling.any()
         any_filter = (sampling & ((top_k > 0) | (top_p < 1.0))).any()
+        any_nucleus = (sampling & (top_k == 0) & (top_p < 1.0)).any()
         head = d.markov_head
         state = head.initial_state(hidden.shape[0], hidden) if head is not None else None
         prev, prevs, tokens, probs = anchors, [], [], []
@@ -228,7 +253,8 @@ class DraftPass(nn.Module):
             if head is not None:
                 bias, state = head.step(prev, hidden[:, k], state)
                 logit = logit + bias.float()
-            token, q = _Sample.apply(logit, temperature, top_k, top_p, uniforms[:, k], any_sampling, any_filter)
+            token, q = _Sample.apply(logit, temperature, top_k, top_p, uniforms[:, k], any_sampling, any_filter,
+                                     any_nucleus)
             prevs.append(prev)
             tokens.append(token)
             probs.append(q)
@@ -296,20 +322,17 @@ def export_drafter(drafter: DSparkDrafter, out_dir: str | Path, weights: str = "
 
 
 def _expand_sampling(graph: onnx.GraphProto, samplers: dict[str, onnx.GraphProto]) -> None:
-    """Replace every placeholder Sample node by If(any_sampling: If(any_filter: filter | sample) | greedy),
-    the branches being the exported Sampler graphs reading the node's inputs (in place)."""
+    """Replace every placeholder Sample node by If(any_sampling: If(any_filter: If(any_nucleus: nucleus |
+    filter) | sample) | greedy), the branches being the exported Sampler graphs reading the node's inputs
+    (in place)."""
     for j, node in enumerate(graph.node):
         if node.domain != PLACEHOLDER_DOMAIN:
             continue
-        *args, any_sampling, any_filter = node.input
+        *args, any_sampling, any_filter, any_nucleus = node.input
         prefix = f"sample{j}"
         branches = {v: _branch(samplers[v], f"{prefix}/{v}", args) for v in VARIANTS}
-        sampled = helper.make_graph(
-            [helper.make_node("If", [any_filter], [f"{prefix}/sampled/token", f"{prefix}/sampled/q"],
-                              name=f"{prefix}/if_filter", then_branch=branches["filter"],
-                              else_branch=branches["sample"])],
-            f"{prefix}/sampled", [], [_value(f"{prefix}/sampled/token", onnx.TensorProto.INT64, 1),
-                                      _value(f"{prefix}/sampled/q", onnx.TensorProto.FLOAT, 2)])
+        filtered = _if_graph(f"{prefix}/filtered", any_nucleus, branches["nucleus"], branches["filter"])
+        sampled = _if_graph(f"{prefix}/sampled", any_filter, filtered, branches["sample"])
         node.CopyFrom(helper.make_node("If", [any_sampling], list(node.output), name=f"{prefix}/if_sampling",
                                        then_branch=sampled, else_branch=branches["greedy"]))
     for value in graph.output:
@@ -317,6 +340,14 @@ def _expand_sampling(graph: onnx.GraphProto, samplers: dict[str, onnx.GraphProto
             value.type.tensor_type.shape.dim[2].Clear()
             value.type.tensor_type.shape.dim[2].dim_param = "vocab"
     del graph.value_info[:]
+
+
+def _if_graph(name: str, condition: str, then_branch: onnx.GraphProto, else_branch: onnx.GraphProto):
+    """A branch graph holding one If node whose (token, q) it returns."""
+    outputs = [_value(f"{name}/token", onnx.TensorProto.INT64, 1), _value(f"{name}/q", onnx.TensorProto.FLOAT, 2)]
+    node = helper.make_node("If", [condition], [o.name for o in outputs], name=f"{name}/if",
+                            then_branch=then_branch, else_branch=else_branch)
+    return helper.make_graph([node], name, [], outputs)
 
 
 def _value(name: str, elem_type: int, rank: int) -> onnx.ValueInfoProto:

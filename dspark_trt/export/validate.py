@@ -100,7 +100,7 @@ def _validate_draft(report, drafter, ort_rt: OrtRuntime, slots, states, features
     passes = [((torch.zeros(r), no_k, ones), features),
               ((torch.full((r,), 0.7), no_k, ones), none),
               ((torch.tensor([1.0, 0.8, 0.0] * r)[:r], torch.tensor([0, 5, 0] * r)[:r],
-                torch.tensor([1.0, 0.9, 1.0] * r)[:r]), none)]
+                torch.tensor([0.9, 0.9, 1.0] * r)[:r]), none)]  # top-p alone, top-k with top-p, greedy
     exact = ort_rt.drafter.weights == "fp32"
     agree = total = 0
     for sampling, new in passes:
