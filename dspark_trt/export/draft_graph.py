@@ -289,7 +289,8 @@ def _example(drafter: DSparkDrafter) -> dict[str, torch.Tensor]:
 def export_drafter(drafter: DSparkDrafter, out_dir: str | Path, weights: str = "fp32") -> dict[str, Path]:
     """Write the drafter's graph into out_dir as draft.onnx; returns {"draft": path}.
 
-    weights: "fp32" (exactly the torch drafter), or "int8"/"int4" (the big MatMuls as MatMulNBits)."""
+    weights: "fp32" (exactly the torch drafter), "int8" or "int4": the big MatMuls on quantized weights
+    (export/weight_quant.py; int8 is the faster of the two from R = 4 on, and as fast at R = 1)."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
     out_dir = Path(out_dir)

@@ -91,12 +91,10 @@ def inline_initializer_identities(model: onnx.ModelProto) -> None:
         graph.node.extend(kept)
 
 
-def quantize_matmuls(model: onnx.ModelProto, weights: str, min_elements: int = MIN_ELEMENTS,
-                     keep: tuple[str, ...] = ()) -> list[str]:
+def quantize_matmuls(model: onnx.ModelProto, weights: str, min_elements: int = MIN_ELEMENTS) -> list[str]:
     """Turn every MatMul(A, W) whose W is a top-level float32 initializer [K, N] with at least min_elements
     (int4: K a multiple of BLOCK_SIZE) into the `weights` scheme, in the main graph and its subgraphs; in
-    place. MatMul nodes whose name contains one of `keep` stay float32. Returns the names of the weights
-    replaced."""
+    place. Returns the names of the weights replaced."""
     inline_initializer_identities(model)
     top = model.graph
     inits = {i.name: i for i in top.initializer}
@@ -106,7 +104,7 @@ def quantize_matmuls(model: onnx.ModelProto, weights: str, min_elements: int = M
         nodes = []
         for node in graph.node:
             init = inits.get(node.input[1]) if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") else None
-            if init is None or not _quantizable(init, weights, min_elements) or any(k in node.name for k in keep):
+            if init is None or not _quantizable(init, weights, min_elements):
                 nodes.append(node)
                 continue
             name = init.name
