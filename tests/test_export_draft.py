@@ -255,3 +255,30 @@ def test_drafts_do_not_depend_on_the_batch(weights, tmp_path):
     alone = rt.draft(torch.tensor([8]), new[3:4], anchors[3:4], t[:1], k[:1], p[:1], u[3:4])
     assert torch.equal(alone.tokens[0], batch.tokens[3])
     assert (alone.probs[0] - batch.probs[3]).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_validation_of_the_draft_graph(weights, tmp_path):
+    """build-engines' check of the draft graph: fp32 is compared output by output (and the cache row by row),
+    a quantized graph by its token agreement only."""
+    from types import SimpleNamespace
+
+    from dspark_trt.export.validate import _validate_draft
+
+    drafter = _variant_drafter(_wide_target(), block_size=5, markov_rank=32)
+    rt = _runtime(drafter, tmp_path, weights=weights, num_slots=3)
+    ort_rt = SimpleNamespace(drafter=rt, draft=rt.draft)
+    g = torch.Generator().manual_seed(0)
+    states = [drafter.new_state() for _ in range(3)]
+    report = {}
+    for n_new in ([5, 2, 7], [1, 3, 2]):
+        features = [torch.randn(n, 2 * 64, generator=g) for n in n_new]
+        agree, total = _validate_draft(report, drafter, ort_rt, torch.arange(3), states, features,
+                                       torch.randint(0, 2048, (3,), generator=g), g)
+        assert total == 3 * 3 * 5 and agree >= 0.8 * total
+    if weights == "fp32":
+        assert agree == total
+        assert set(report) == {"draft:probs", "draft:confidence_logits", "draft:new_k", "draft:new_v"}
+        assert all(entry["max_abs_error"] < 1e-4 * max(1, entry["scale"]) for entry in report.values())
+    else:
+        assert report == {}
