@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accuracy-level", type=int, default=4, choices=(1, 4),
                         help="int4 weights: MatMulNBits compute, 4 = int8 activations as llama.cpp (default; a "
                         "row's result does not depend on the rows sharing its pass), 1 = float32")
+    parser.add_argument("--draft-weights", choices=("fp32", "int8", "int4"),
+                        help="the drafter graph's matmul weights: int8 (default on onnxruntime: integer GEMM, "
+                        "drafts batch-invariant), int4 (MatMulNBits), fp32 (default on tensorrt; equals torch)")
     parser.add_argument("--max-seq-len", type=int, help="context limit per request "
                         "(default: min(2048, the target's max positions))")
     parser.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per target pass")
@@ -36,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     manifest = build_engines(BuildOptions(out=args.out, target=args.target, draft=args.draft, backend=args.backend,
                                           dtype=args.dtype, weights=args.weights, accuracy_level=args.accuracy_level,
-                                          max_seq_len=args.max_seq_len,
+                                          draft_weights=args.draft_weights, max_seq_len=args.max_seq_len,
                                           max_batch_tokens=args.max_batch_tokens, tolerance=args.tolerance))
     if args.json:
         print(json.dumps(manifest))

@@ -16,6 +16,7 @@ import onnx
 from dspark_trt.errors import DSparkError
 from dspark_trt.export.engines import export_engines, sha256, write_manifest
 from dspark_trt.export.fused_target import fused_supported
+from dspark_trt.export.weight_quant import WEIGHT_FORMATS
 from dspark_trt.export.tensorrt_build import TENSORRT_MISSING, build_plans, require_tensorrt  # noqa: F401
 from dspark_trt.export.validate import failures, validate_engines
 
@@ -34,6 +35,7 @@ class BuildOptions:
     dtype: str = "float32"  # activations
     weights: str | None = None  # None: default_weights()
     accuracy_level: int = 4  # int4 MatMulNBits compute: 4 = int8 activations (batch-invariant), 1 = float32
+    draft_weights: str | None = None  # None: int8 on ONNX Runtime (integer GEMM), fp32 on TensorRT
     max_seq_len: int | None = None  # None: min(2048, the target's max positions)
     max_batch_tokens: int = 512
     tolerance: float = 1e-3  # max abs error allowed, relative to max(1, the reference's magnitude)
@@ -71,6 +73,8 @@ def check_options(options: BuildOptions) -> None:
         require_tensorrt()
     if options.weights is not None and options.weights not in WEIGHTS:
         raise DSparkError(f"unknown weights '{options.weights}': choose from {', '.join(WEIGHTS)}")
+    if options.draft_weights is not None and options.draft_weights not in WEIGHT_FORMATS:
+        raise DSparkError(f"unknown draft weights '{options.draft_weights}': choose from {', '.join(WEIGHT_FORMATS)}")
     if options.accuracy_level not in (1, 4):
         raise DSparkError(f"--accuracy-level must be 1 (float32 compute) or 4 (int8 activations), "
                           f"got {options.accuracy_level}")

@@ -68,7 +68,7 @@ def graph_entry(path: Path, out_dir: Path) -> dict:
 
 def export_engines(target, drafter, out_dir: str | Path, progress=lambda message: None, verify: bool = True,
                    graph: str = "portable", weights: str = "fp32", source: str | None = None,
-                   max_seq_len: int = 2048, accuracy_level: int = 4) -> dict:
+                   max_seq_len: int = 2048, accuracy_level: int = 4, draft_weights: str = "fp32") -> dict:
     """Export target (with the drafter's taps; verify: ending in DSparkVerify) and drafter graphs into
     out_dir and write the manifest.
 
@@ -98,7 +98,7 @@ def export_engines(target, drafter, out_dir: str | Path, progress=lambda message
     paths = {"target": path}
     if drafter is not None:
         progress("exporting drafter graphs")
-        paths.update(export_drafter(drafter, out_dir))
+        paths.update(export_drafter(drafter, out_dir, weights=draft_weights))
     manifest = {
         "format": FORMAT,
         "backend": "onnxruntime",
@@ -108,7 +108,7 @@ def export_engines(target, drafter, out_dir: str | Path, progress=lambda message
             "config": config_to_dict(drafter.config), "block_size": drafter.config.block_size,
             "mask_token_id": drafter.config.mask_token_id,
             "markov_head_type": drafter.config.markov_head_type,
-            "confidence_head": drafter.config.enable_confidence_head},
+            "confidence_head": drafter.config.enable_confidence_head, "weights": draft_weights},
         "taps": taps,
         "verify": None if not verify else {
             "graph": "target", "node": VERIFY_NODE, "op": f"{ort_op.DOMAIN}::{ort_op.OP_TYPE}",

@@ -38,12 +38,29 @@ def _compare(report: dict, key: str, ours, ref, greedy: bool = False) -> None:
         entry["greedy_identical"] = entry.get("greedy_identical", True) and same
 
 
+def _compare_target(report: dict, key: str, ours, ref, quantized: bool) -> None:
+    """As _compare; logits also get the mean KL(reference || ours) and the share of rows whose argmax
+    agrees. A quantized target (int4 weights, int8 activations) is judged by those, not by max abs error."""
+    _compare(report, key, ours, ref, greedy=key.endswith("logits") and not quantized)
+    entry = report[key]
+    entry["quantized"] = quantized
+    if key.endswith("logits"):
+        ref_logp, our_logp = torch.log_softmax(ref.double(), -1), torch.log_softmax(ours.double(), -1)
+        kl = (ref_logp.exp() * (ref_logp - our_logp)).sum(-1)
+        rows = entry.get("rows", 0) + kl.numel()
+        entry["mean_kl"] = (entry.get("mean_kl", 0.0) * entry.get("rows", 0) + float(kl.sum())) / rows
+        top1 = float((ours.argmax(-1) == ref.argmax(-1)).double().sum())
+        entry["top1_agreement"] = (entry.get("top1_agreement", 1.0) * entry.get("rows", 0) + top1) / rows
+        entry["rows"] = rows
+
+
 @torch.inference_mode()
 def validate_engines(engine_dir: str | Path, target, drafter=None, seed: int = 0) -> dict[str, dict]:
     """{"graph:output": {max_abs_error, scale, greedy_identical?}}, verify_identical (+ with a drafter,
     draft_tokens_identical, or draft_token_agreement for a quantized drafter graph)."""
     ref_rt = TorchRuntime(target, drafter, num_slots=3, max_seq_len=64)
     ort_rt = OrtRuntime(engine_dir, num_slots=3, max_seq_len=64, use_drafter=drafter is not None)
+    quantized = ort_rt.manifest["target"].get("weights", "fp32") != "fp32"
     slots = torch.tensor([ref_rt.allocate_slot() for _ in range(3)])
     if [ort_rt.allocate_slot() for _ in range(3)] != slots.tolist():
         raise RuntimeError("the two runtimes allocated different slots")
@@ -56,10 +73,10 @@ def validate_engines(engine_dir: str | Path, target, drafter=None, seed: int = 0
         ids = torch.randint(0, target.config.vocab_size, (sum(lens),), generator=g)
         ref = ref_rt.target_forward(ids, slots, lens_t, "all")
         ours = ort_rt.target_forward(ids, slots, lens_t, "all")
-        _compare(report, "target:logits", ours.logits, ref.logits, greedy=True)
+        _compare_target(report, "target:logits", ours.logits, ref.logits, quantized)
         if drafter is None:
             continue
-        _compare(report, "target:taps", ours.taps, ref.taps)
+        _compare_target(report, "target:taps", ours.taps, ref.taps, quantized)
         features = list(ref.taps.split(lens))
         anchors = torch.randint(0, target.config.vocab_size, (len(lens),), generator=g)
         drafted += _validate_draft(report, drafter, ort_rt, slots, states, features, anchors, g)
@@ -68,11 +85,12 @@ def validate_engines(engine_dir: str | Path, target, drafter=None, seed: int = 0
             report["draft_tokens_identical"] = bool(drafted[0] == drafted[1])
         else:
             report["draft_token_agreement"] = float(drafted[0] / drafted[1])
-    _validate_verify(report, target.config.vocab_size, ref_rt, ort_rt, slots, g)
+    _validate_verify(report, target.config.vocab_size, ref_rt, ort_rt, slots, g, quantized)
     return report
 
 
-def _validate_verify(report, vocab: int, ref_rt, ort_rt: OrtRuntime, slots, g: torch.Generator) -> None:
+def _validate_verify(report, vocab: int, ref_rt, ort_rt: OrtRuntime, slots, g: torch.Generator,
+                     quantized: bool) -> None:
     lens = torch.tensor(VERIFY_PASS)
     n_rows, n_req = int(lens.sum()), len(VERIFY_PASS)
     ids = torch.randint(0, vocab, (n_rows,), generator=g)
@@ -82,9 +100,10 @@ def _validate_verify(report, vocab: int, ref_rt, ort_rt: OrtRuntime, slots, g: t
                 torch.rand(n_rows, generator=g))
     row_offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
     ref_step = ref_rt.target_forward(ids, slots, lens, "all")
-    ref = dspark_verify(ref_step.logits, drafts, probs, row_offsets, *sampling)
     step, ours = ort_rt.target_verify(ids, slots, lens, drafts, probs, *sampling)
-    _compare(report, "target:logits", step.logits, ref_step.logits, greedy=True)
+    _compare_target(report, "target:logits", step.logits, ref_step.logits, quantized)
+    # the node against the reference on the logits it verified (the logits are checked above)
+    ref = dspark_verify(step.logits, drafts, probs, row_offsets, *sampling)
     report["verify_identical"] = bool(torch.equal(ours.accepted, ref.accepted)
                                       and torch.equal(ours.next_token, ref.next_token))
 
@@ -121,8 +140,15 @@ def _validate_draft(report, drafter, ort_rt: OrtRuntime, slots, states, features
     return agree, total
 
 
+# a quantized target passes when its next-token distributions on the random validation tokens stay this close
+# to the float32 reference's (a broken graph is off by nats; int4 SmolLM2 measured about 0.045). Argmax
+# agreement is reported, not judged: on random tokens the distributions are flat and argmaxes flip.
+QUANTIZED_MAX_MEAN_KL = 0.1
+
+
 def failures(report: dict, tolerance: float) -> list[str]:
-    """Graphs whose error exceeds tolerance x max(1, scale), or whose greedy tokens differ."""
+    """Graphs whose error exceeds tolerance x max(1, scale), or whose greedy tokens differ; a quantized
+    target's logits whose mean KL exceeds QUANTIZED_MAX_MEAN_KL."""
     problems = []
     for key, entry in report.items():
         if not isinstance(entry, dict):
@@ -131,6 +157,11 @@ def failures(report: dict, tolerance: float) -> list[str]:
             continue
         graph, output = key.split(":")
         where = f"graph '{graph}', output '{output}'"
+        if entry.get("quantized"):
+            if "mean_kl" in entry and entry["mean_kl"] > QUANTIZED_MAX_MEAN_KL:
+                problems.append(f"{where}: quantized target: mean KL {entry['mean_kl']:.3g} against float32 torch "
+                                f"exceeds {QUANTIZED_MAX_MEAN_KL}")
+            continue
         if entry["max_abs_error"] > tolerance * max(1.0, entry["scale"]):
             problems.append(f"{where}: max abs error {entry['max_abs_error']:.3g} exceeds "
                             f"{tolerance:g} x max(1, {entry['scale']:.3g})")
