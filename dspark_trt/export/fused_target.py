@@ -209,7 +209,9 @@ def build_fused_target(config: TargetConfig, weights: dict, max_positions: int, 
         else weights["embed_tokens.weight"]
     linear(g.op1("Gather", [final[0], "logits_rows"], axis=0), head, "lm_head")
     g.nodes[-1].output[0] = "logits"  # the last node written is the head's (MatMul/MatMulNBits/Add)
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", cfg.vocab_size])]
+    g.op("ArgMax", ["logits"], outputs=["argmax"], axis=-1, keepdims=0)  # greedy verification needs only this
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", cfg.vocab_size]),
+               helper.make_tensor_value_info("argmax", TensorProto.INT64, ["rows"])]
     cache_shape = ["batch", kv, "capacity", d]
     for i in range(cfg.num_layers):
         outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, cache_shape) for n in cache_names(i)[2:]]

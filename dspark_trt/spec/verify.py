@@ -54,7 +54,7 @@ def dspark_verify(
         raise ValueError(f"{draft_tokens.numel()} draft tokens for {n_rows} rows of {n_req} requests")
     request_of_row = torch.repeat_interleave(torch.arange(n_req), counts)
     if bool((temperature < GREEDY_TEMPERATURE).all()):
-        return _verify_greedy(target_logits, draft_tokens, row_offsets, request_of_row)
+        return greedy_verdict(target_logits.argmax(dim=-1), draft_tokens, row_offsets)
     p = warp_probs(target_logits, temperature[request_of_row], top_k[request_of_row], top_p[request_of_row])
 
     # rows that verify a draft token: all but the last row of each request
@@ -91,19 +91,22 @@ def dspark_verify(
     return VerifyResult(accepted=accepted, next_token=next_token)
 
 
-def _verify_greedy(target_logits, draft_tokens, row_offsets, request_of_row) -> VerifyResult:
-    """The rule above when every request is greedy, without building [N, V] distributions. p is the
-    one-hot of the row's argmax a, so p(d)/q(d) is 0 for d != a and >= 1 for d = a, whatever q is (q(d) > 0,
-    d was drawn from it): accept while the draft is the argmax; the residual max(0, p - q) is zero but at a,
-    so the next token is the stopping row's argmax."""
-    n_rows = target_logits.shape[0]
-    argmax = target_logits.argmax(dim=-1)
+def greedy_verdict(argmax: torch.Tensor, draft_tokens: torch.Tensor, row_offsets: torch.Tensor) -> VerifyResult:
+    """The rule above when every request is greedy, from each target row's argmax alone (argmax [N_rows]).
+
+    p is the one-hot of the row's argmax a, so p(d)/q(d) is 0 for d != a and >= 1 for d = a, whatever q is
+    (q(d) > 0: d was drawn from it): accept while the draft is the argmax; the residual max(0, p - q) is zero
+    but at a, so the next token is the stopping row's argmax. No [N, V] distribution is built.
+    """
+    n_rows = argmax.numel()
+    counts = row_offsets[1:] - row_offsets[:-1]
+    request_of_row = torch.repeat_interleave(torch.arange(counts.numel()), counts)
     is_last = torch.zeros(n_rows, dtype=torch.bool)
     is_last[row_offsets[1:] - 1] = True
     accept_row = torch.zeros(n_rows, dtype=torch.bool)
     accept_row[~is_last] = argmax[~is_last] == draft_tokens
     row_index = torch.arange(n_rows)
     stop_at = torch.where(accept_row, torch.full_like(row_index, n_rows), row_index)
-    stop_row = torch.full((row_offsets.numel() - 1,), n_rows, dtype=torch.long).scatter_reduce(
+    stop_row = torch.full((counts.numel(),), n_rows, dtype=torch.long).scatter_reduce(
         0, request_of_row, stop_at, "amin")
     return VerifyResult(accepted=stop_row - row_offsets[:-1], next_token=argmax[stop_row])
