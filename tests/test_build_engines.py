@@ -27,7 +27,7 @@ def _script(*args):
 def built(pair, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("engines")
     result = _script("--target", str(pair / "target"), "--draft", str(pair / "draft"), "--out", str(out),
-                     "--max-seq-len", "256", "--max-batch-tokens", "64")
+                     "--max-seq-len", "256", "--max-batch-tokens", "64", "--draft-weights", "fp32")
     assert result.returncode == 0, result.stderr
     return out, result.stderr
 
@@ -123,6 +123,14 @@ def test_failures_apply_the_relative_tolerance():
               "draft_tokens_identical": False, "verify_identical": False}
     problems = failures(report, tolerance=1e-3)
     assert len(problems) == 4
+    quantized = {"target:logits": {"max_abs_error": 5.0, "scale": 35.0, "quantized": True, "mean_kl": 0.3,
+                                   "top1_agreement": 0.7},
+                 "target:taps": {"max_abs_error": 200.0, "scale": 2e4, "quantized": True},
+                 "draft_token_agreement": 0.2, "verify_identical": True}
+    assert [p.split(":")[0] for p in failures(quantized, tolerance=1e-3)] == ["graph 'target', output 'logits'",
+                                                                             "graph 'draft'"]
+    quantized.update({"target:logits": {**quantized["target:logits"], "mean_kl": 0.04}, "draft_token_agreement": 0.9})
+    assert failures(quantized, tolerance=1e-3) == []
     assert "graph 'draft', output 'confidence_logits'" in problems[0] and "greedy tokens differ" in problems[1]
     assert "drafted tokens differ" in problems[2] and "node 'dspark_verify'" in problems[3]
 

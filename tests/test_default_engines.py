@@ -26,7 +26,7 @@ def default_engines(tmp_path_factory):
     out = tmp_path_factory.mktemp("default_engines")
     manifest = build_engines(BuildOptions(out=str(out), draft="default"), progress=lambda message: None)
     assert manifest["target"]["graph"] == "fused" and manifest["target"]["weights"] == "int4"
-    assert manifest["target"]["accuracy_level"] == 4
+    assert manifest["target"]["accuracy_level"] == 4 and manifest["draft"]["weights"] == "int8"
     return out
 
 
@@ -82,8 +82,8 @@ def test_sampling_follows_the_default_engine_distribution(default_engines):
     exact = _exact_distribution(default_engines, prompt, 4, params)
     runtime = OrtRuntime(default_engines, num_slots=16, max_seq_len=512)
     engine = Engine(runtime, make_scheduler("fixed", runtime.block_size))
-    engine.max_queue_size = 1500
-    requests = [engine.add_request(prompt, SamplingParams(**{**params.__dict__, "seed": seed})) for seed in range(1500)]
+    engine.max_queue_size = 1000
+    requests = [engine.add_request(prompt, SamplingParams(**{**params.__dict__, "seed": seed})) for seed in range(1000)]
     engine.run()
     outputs = [tuple(r.output_ids[:4]) for r in requests]
     keys = sorted(exact)
@@ -92,4 +92,4 @@ def test_sampling_follows_the_default_engine_distribution(default_engines):
     assert chi_square_p_value([outputs.count(k) for k in keys], [exact[k] for k in keys]) > 1e-3
     accepted = sum(r.stats.draft_tokens_accepted for r in requests)
     verified = sum(r.stats.draft_tokens_verified for r in requests)
-    assert 0.05 * verified < accepted < 0.95 * verified  # drafts were both accepted and rejected
+    assert 30 <= accepted < 0.95 * verified  # drafts were both accepted and rejected

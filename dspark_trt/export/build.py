@@ -118,7 +118,8 @@ def build_engines(options: BuildOptions, progress: Callable[[str], None] = _stde
         manifest = export_engines(target, drafter, out, progress=lambda m: progress(f"      {m}"),
                                   graph="trt" if trt else "fused" if fused else "portable", weights=weights,
                                   source=options.target, max_seq_len=max_seq_len,
-                                  accuracy_level=options.accuracy_level)
+                                  accuracy_level=options.accuracy_level,
+                                  draft_weights=options.draft_weights or ("fp32" if trt else "int8"))
     for name, graph in manifest["graphs"].items():
         with _step("check", progress, name):
             onnx.checker.check_model(str(out / graph["file"]), full_check=True)  # full: strict shape inference

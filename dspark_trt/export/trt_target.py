@@ -205,7 +205,9 @@ def build_trt_target(config: TargetConfig, weights: dict, capacity: int, tap_lay
     head = weights["embed_tokens.weight"] if cfg.tie_word_embeddings else \
         weights.get("lm_head.weight", weights["embed_tokens.weight"])
     linear(norm(g.op1("Gather", [x, "logits_rows"], axis=0), "norm.weight"), head, "lm_head", output="logits")
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", cfg.vocab_size])]
+    g.op("ArgMax", ["logits"], outputs=["argmax"], axis=-1, keepdims=0)  # greedy verification reads only this
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", cfg.vocab_size]),
+               helper.make_tensor_value_info("argmax", TensorProto.INT64, ["rows"])]
     cache_shape = ["batch", kv, capacity, d]
     for i in range(cfg.num_layers):
         outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, cache_shape) for n in cache_names(i)[2:]]

@@ -144,6 +144,8 @@ def _validate_draft(report, drafter, ort_rt: OrtRuntime, slots, states, features
 # to the float32 reference's (a broken graph is off by nats; int4 SmolLM2 measured about 0.045). Argmax
 # agreement is reported, not judged: on random tokens the distributions are flat and argmaxes flip.
 QUANTIZED_MAX_MEAN_KL = 0.1
+# a quantized drafter graph passes when this share of its tokens equals the float32 torch drafter's
+QUANTIZED_DRAFT_MIN_AGREEMENT = 0.5
 
 
 def failures(report: dict, tolerance: float) -> list[str]:
@@ -151,6 +153,11 @@ def failures(report: dict, tolerance: float) -> list[str]:
     target's logits whose mean KL exceeds QUANTIZED_MAX_MEAN_KL."""
     problems = []
     for key, entry in report.items():
+        if key == "draft_token_agreement":
+            if entry < QUANTIZED_DRAFT_MIN_AGREEMENT:
+                problems.append(f"graph 'draft': quantized weights: {entry:.2f} of its tokens equal torch's "
+                                f"(at least {QUANTIZED_DRAFT_MIN_AGREEMENT})")
+            continue
         if not isinstance(entry, dict):
             if entry is False:
                 problems.append(MISMATCHES[key])
