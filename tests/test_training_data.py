@@ -199,3 +199,14 @@ def test_code_prompts_are_the_same_in_every_process():
     translated = other_language_prompts([Prompt("Write f.", "code")] * 6)
     assert [t.text.rsplit(" ", 4)[-4] for t in translated][:2] == ["C++", "Java"]
     assert translated[5].text.endswith("in C++ instead of Python.")
+
+
+def test_prompts_with_unicode_line_separators_inside_strings_are_one_line(tmp_path):
+    """JSON Lines are split at newlines only: a raw U+2028 inside a prompt (GSM8K has some) is text."""
+    from dspark_trt.engine.prompts import read_prompts_file
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"turns": ["a\u2028b"], "domain": "math"}, ensure_ascii=False) + "\n"
+                    + json.dumps({"turns": ["c"]}) + "\n", encoding="utf-8")
+    assert [p.text for p in read_training_prompts([path])] == ["a\u2028b", "c"]
+    assert read_prompts_file(path) == ["a\u2028b", "c"]

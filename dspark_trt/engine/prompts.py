@@ -22,7 +22,7 @@ def read_prompts_file(path: str | Path, limit: int | None = None) -> list[str]:
     if not path.is_file():
         raise DSparkError(f"prompts file not found: {path}")
     prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text().split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -50,7 +50,7 @@ def read_training_prompts(paths: Iterable[str | Path], limit_per_file: int | Non
         if not path.is_file():
             raise DSparkError(f"prompts file not found: {path}")
         taken = 0
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(path.read_text().split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -74,7 +74,7 @@ def finished_keys(path: str | Path) -> set[str]:
     if not path.is_file():
         return set()
     keys = set()
-    for line in path.read_text().splitlines():
+    for line in path.read_text().split("\n"):
         try:
             keys.add(json.loads(line)["key"])
         except (ValueError, KeyError, TypeError):
@@ -180,7 +180,7 @@ def load_samples(path: str | Path, max_length: int = 2048, min_loss_tokens: int 
     if not path.is_file():
         raise DSparkError(f"responses file not found: {path}")
     samples = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text().split("\n"):
         try:
             row = json.loads(line)
         except ValueError:
