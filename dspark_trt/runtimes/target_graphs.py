@@ -32,6 +32,7 @@ class FusedTargetGraph:
         self._k = [k.numpy() for k in cache.k]
         self._v = [v.numpy() for v in cache.v]
         self.outputs = [o.name for o in session.get_outputs() if not o.name.startswith("present_")]
+        self._inputs = [i.name for i in session.get_inputs() if not i.name.startswith("past_")]
         self._bindings: dict[int, ort.IOBinding] = {}
         self._tokens = np.zeros((cache.num_slots, cache.max_seq_len), dtype=np.int64)  # ids by position
 
@@ -63,9 +64,8 @@ class FusedTargetGraph:
         for name in self.outputs:  # rebound every run: a bound result would fix the next run's shape
             binding.bind_output(name, "cpu")
         feeds = inputs.feeds | extra
-        for name in (i.name for i in self.session.get_inputs()):
-            if name in feeds:
-                binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
+        for name in self._inputs:
+            binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
         self.session.run_with_iobinding(binding)
         values = binding.get_outputs()
         outputs = {name: values[i].numpy() for i, name in enumerate(self.outputs)}
