@@ -149,7 +149,7 @@ def build_fused_target(config: TargetConfig, weights: dict, max_positions: int, 
     cfg = config
     g = GraphBuilder()
     linear = _Linear(g, accuracy_level)
-    h, heads, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     eps = float(cfg.rms_norm_eps)
 
     def dense(name):
@@ -209,24 +209,34 @@ def build_fused_target(config: TargetConfig, weights: dict, max_positions: int, 
         else weights["embed_tokens.weight"]
     linear(g.op1("Gather", [final[0], "logits_rows"], axis=0), head, "lm_head")
     g.nodes[-1].output[0] = "logits"  # the last node written is the head's (MatMul/MatMulNBits/Add)
-    g.op("ArgMax", ["logits"], outputs=["argmax"], axis=-1, keepdims=0)  # greedy verification needs only this
+    model = step_graph_model(g, cfg, tapped, "capacity", "dspark_target_fused", [helper.make_opsetid(MS, 1)])
+    report = {"matmul_formats": dict(sorted(linear.formats.items())), "matmul_weight_bytes": int(linear.bytes),
+              "accuracy_level": accuracy_level}
+    return model, report
+
+
+def step_graph_model(g: GraphBuilder, cfg: TargetConfig, tapped: list[str], capacity, name: str,
+                     opsets: list) -> onnx.ModelProto:
+    """Finish a target step graph whose nodes wrote "logits" and the cache outputs: the logits' ArgMax (all
+    greedy verification reads), the taps, and the contract's inputs and outputs (graphs/fused_target.py).
+    capacity: the cache length dimension (a name, or TensorRT's fixed size). Shared by both flavours."""
+    g.op("ArgMax", ["logits"], outputs=["argmax"], axis=-1, keepdims=0)
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", cfg.vocab_size]),
                helper.make_tensor_value_info("argmax", TensorProto.INT64, ["rows"])]
-    cache_shape = ["batch", kv, "capacity", d]
+    cache_shape = ["batch", cfg.num_kv_heads, capacity, cfg.head_dim]
     for i in range(cfg.num_layers):
         outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, cache_shape) for n in cache_names(i)[2:]]
     if tapped:
         g.op("Concat", tapped, outputs=["taps"], axis=-1)
-        outputs.append(helper.make_tensor_value_info("taps", TensorProto.FLOAT, ["tokens", len(tapped) * h]))
+        outputs.append(helper.make_tensor_value_info("taps", TensorProto.FLOAT,
+                                                     ["tokens", len(tapped) * cfg.hidden_size]))
     inputs = [helper.make_tensor_value_info(name, dtype, dims) for name, (dtype, dims) in INPUTS.items()]
     for i in range(cfg.num_layers):
         inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, cache_shape) for n in cache_names(i)[:2]]
-    graph = helper.make_graph(g.nodes, "dspark_target_fused", inputs, outputs, g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)])
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), *opsets])
     model.ir_version = 10
-    report = {"matmul_formats": dict(sorted(linear.formats.items())), "matmul_weight_bytes": int(linear.bytes),
-              "accuracy_level": accuracy_level}
-    return model, report
+    return model
 
 
 def fused_weights(target: str, model, weights: str) -> dict:

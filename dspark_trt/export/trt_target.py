@@ -35,8 +35,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from dspark_trt.errors import DSparkError
-from dspark_trt.export.fused_target import GraphBuilder, fuse_rows, fused_weights, rotary_caches
-from dspark_trt.graphs.fused_target import INPUTS, cache_names
+from dspark_trt.export.fused_target import GraphBuilder, fuse_rows, fused_weights, rotary_caches, step_graph_model
+from dspark_trt.graphs.fused_target import cache_names
 from dspark_trt.graphs.trt_target import GRAPH  # noqa: F401  (the manifest's target "graph")
 from dspark_trt.models.gguf_blocks import BLOCK, BlockWeight
 from dspark_trt.models.target import TargetConfig
@@ -145,7 +145,7 @@ def build_trt_target(config: TargetConfig, weights: dict, capacity: int, tap_lay
     cfg = config
     g = GraphBuilder()
     linear = _DQLinear(g)
-    h, heads, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     eps = float(cfg.rms_norm_eps)
 
     def dense(name):
@@ -205,21 +205,7 @@ def build_trt_target(config: TargetConfig, weights: dict, capacity: int, tap_lay
     head = weights["embed_tokens.weight"] if cfg.tie_word_embeddings else \
         weights.get("lm_head.weight", weights["embed_tokens.weight"])
     linear(norm(g.op1("Gather", [x, "logits_rows"], axis=0), "norm.weight"), head, "lm_head", output="logits")
-    g.op("ArgMax", ["logits"], outputs=["argmax"], axis=-1, keepdims=0)  # greedy verification reads only this
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", cfg.vocab_size]),
-               helper.make_tensor_value_info("argmax", TensorProto.INT64, ["rows"])]
-    cache_shape = ["batch", kv, capacity, d]
-    for i in range(cfg.num_layers):
-        outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, cache_shape) for n in cache_names(i)[2:]]
-    if tapped:
-        g.op("Concat", tapped, outputs=["taps"], axis=-1)
-        outputs.append(helper.make_tensor_value_info("taps", TensorProto.FLOAT, ["tokens", len(tapped) * h]))
-    inputs = [helper.make_tensor_value_info(name, dtype, dims) for name, (dtype, dims) in INPUTS.items()]
-    for i in range(cfg.num_layers):
-        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, cache_shape) for n in cache_names(i)[:2]]
-    graph = helper.make_graph(g.nodes, "dspark_target_trt", inputs, outputs, g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), trt_ops_ort.opset_import()])
-    model.ir_version = 10
+    model = step_graph_model(g, cfg, tapped, capacity, "dspark_target_trt", [trt_ops_ort.opset_import()])
     report = {"matmul_formats": dict(sorted(linear.formats.items())), "matmul_weight_bytes": int(linear.bytes),
               "capacity": capacity}
     return model, report
@@ -260,16 +246,6 @@ ROLLBACK_PASS = ([2, 0, 1], [4, 1, 2])  # after slot 1 rolls back: slots out of 
 VERIFY_PASS = [3, 1, 4]  # rows per request: anchor + 2, 0 and 3 drafts
 
 
-def _compare(report: dict, key: str, ours, ref, greedy: bool = False) -> None:
-    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    entry = report.setdefault(key, {"max_abs_error": 0.0, "scale": 0.0})
-    entry["max_abs_error"] = max(entry["max_abs_error"], float(np.abs(ours - ref).max()))
-    entry["scale"] = max(entry["scale"], float(np.abs(ref).max()))
-    if greedy:
-        entry["greedy_identical"] = entry.get("greedy_identical", True) and \
-            bool((ours.argmax(-1) == ref.argmax(-1)).all())
-
-
 def validate_trt_engines(engine_dir: str | Path, target, drafter=None, seed: int = 0) -> dict:
     """A TensorRT-flavour engine directory on ONNX Runtime (TrtEmulationRuntime: TensorRT's KV-cache update
     and attention emulated) against the torch reference: the target's logits and taps over ragged passes,
@@ -281,6 +257,7 @@ def validate_trt_engines(engine_dir: str | Path, target, drafter=None, seed: int
     report format as export/validate.py (its `failures` reads it)."""
     import torch
 
+    from dspark_trt.export.validate import compare
     from dspark_trt.runtimes.torch_runtime import TorchRuntime
     from dspark_trt.runtimes.trt_runtime import TrtEmulationRuntime
     from dspark_trt.spec.verify import dspark_verify
@@ -300,17 +277,17 @@ def validate_trt_engines(engine_dir: str | Path, target, drafter=None, seed: int
             slots, lens = torch.tensor(slots), torch.tensor(lens)
             ids = torch.randint(0, vocab, (int(lens.sum()),), generator=g)
             ref, ours = (rt.target_forward(ids, slots, lens, "all") for rt in (ref_rt, our_rt))
-            _compare(report, "target:logits", ours.logits, ref.logits, greedy=True)
+            compare(report, "target:logits", ours.logits, ref.logits, greedy=True)
             if drafter is None:
                 return
-            _compare(report, "target:taps", ours.taps, ref.taps)
+            compare(report, "target:taps", ours.taps, ref.taps)
             features = list(ref.taps.split(lens.tolist()))
             r, b = len(slots), drafter.config.block_size
             sampling = (torch.zeros(r), torch.zeros(r, dtype=torch.long), torch.ones(r),
                         torch.rand(r, b, generator=g, dtype=torch.float64))
             anchors = torch.randint(0, vocab, (r,), generator=g)
             ref_d, our_d = (rt.draft(slots, features, anchors, *sampling) for rt in (ref_rt, our_rt))
-            _compare(report, "draft:probs", our_d.probs, ref_d.probs)
+            compare(report, "draft:probs", our_d.probs, ref_d.probs)
             drafted[0] += int((our_d.tokens == ref_d.tokens).sum())
             drafted[1] += our_d.tokens.numel()
 
@@ -333,7 +310,7 @@ def validate_trt_engines(engine_dir: str | Path, target, drafter=None, seed: int
                     torch.rand(n_rows, generator=g))
         ref_step = ref_rt.target_forward(ids, slots, lens, "all")
         our_step, verdict = our_rt.target_verify(ids, slots, lens, drafts, probs, *sampling)
-        _compare(report, "target:logits", our_step.logits, ref_step.logits, greedy=True)
+        compare(report, "target:logits", our_step.logits, ref_step.logits, greedy=True)
         row_offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
         expected = dspark_verify(our_step.logits, drafts, probs, row_offsets, *sampling)
         report["verify_identical"] = bool(torch.equal(verdict.accepted, expected.accepted)

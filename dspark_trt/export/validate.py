@@ -28,7 +28,9 @@ MISMATCHES = {
 }
 
 
-def _compare(report: dict, key: str, ours, ref, greedy: bool = False) -> None:
+def compare(report: dict, key: str, ours, ref, greedy: bool = False) -> None:
+    """Fold one output's max abs error and scale (and greedy agreement) into report[key] (shared by
+    every flavour's validation)."""
     ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     entry = report.setdefault(key, {"max_abs_error": 0.0, "scale": 0.0})
     entry["max_abs_error"] = max(entry["max_abs_error"], float(np.abs(ours - ref).max()))
@@ -39,9 +41,9 @@ def _compare(report: dict, key: str, ours, ref, greedy: bool = False) -> None:
 
 
 def _compare_target(report: dict, key: str, ours, ref, quantized: bool) -> None:
-    """As _compare; logits also get the mean KL(reference || ours) and the share of rows whose argmax
+    """As compare; logits also get the mean KL(reference || ours) and the share of rows whose argmax
     agrees. A quantized target (int4 weights, int8 activations) is judged by those, not by max abs error."""
-    _compare(report, key, ours, ref, greedy=key.endswith("logits") and not quantized)
+    compare(report, key, ours, ref, greedy=key.endswith("logits") and not quantized)
     entry = report[key]
     entry["quantized"] = quantized
     if key.endswith("logits"):
@@ -128,14 +130,14 @@ def _validate_draft(report, drafter, ort_rt: OrtRuntime, slots, states, features
         ours = ort_rt.draft(slots, new, anchors, *sampling, uniforms)
         agree, total = agree + int((ours.tokens == ref.tokens).sum()), total + ours.tokens.numel()
         if exact:
-            _compare(report, "draft:probs", ours.probs, ref.probs)
+            compare(report, "draft:probs", ours.probs, ref.probs)
             if drafter.confidence_head is not None:
-                _compare(report, "draft:confidence_logits", ours.confidence_logits, ref.confidence_logits)
+                compare(report, "draft:confidence_logits", ours.confidence_logits, ref.confidence_logits)
     if exact:
         for slot, state in zip(slots.tolist(), states):
             for layer in range(drafter.config.num_hidden_layers):
-                _compare(report, "draft:new_k", ort_rt.drafter._ctx_k[layer][slot, :, :state.length], state.keys[layer])
-                _compare(report, "draft:new_v", ort_rt.drafter._ctx_v[layer][slot, :, :state.length],
+                compare(report, "draft:new_k", ort_rt.drafter._ctx_k[layer][slot, :, :state.length], state.keys[layer])
+                compare(report, "draft:new_v", ort_rt.drafter._ctx_v[layer][slot, :, :state.length],
                          state.values[layer])
     return agree, total
 

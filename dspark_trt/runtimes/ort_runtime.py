@@ -36,7 +36,6 @@ class OrtRuntime(Runtime):
                  threads: int | None = None, use_drafter: bool = True):
         engine_dir = Path(engine_dir)
         self.manifest = manifest = read_manifest(engine_dir)
-        graphs = manifest["graphs"]
         self.config = TargetConfig(**manifest["target"]["config"])
         self.vocab_size = self.config.vocab_size
         self.eos_token_ids = list(self.config.eos_token_ids)

@@ -26,7 +26,6 @@ from dspark_trt.engine.request import SamplingParams
 from dspark_trt.errors import DSparkError
 from dspark_trt.models.target import TargetModel
 from dspark_trt.runtimes.kv_cache import KVCache
-from dspark_trt.runtimes.torch_runtime import TorchRuntime
 
 
 @dataclass(frozen=True)
