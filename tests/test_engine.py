@@ -98,12 +98,12 @@ SAMPLING_CASES = [SamplingParams(max_tokens=4, temperature=1.0),
                   SamplingParams(max_tokens=4, temperature=0.7, top_k=4, top_p=0.9)]
 
 
-def _first_tokens_p_value(params, make_engine=None):
+def _first_tokens_p_value(params, make_engine=None, draft_ids=None):
     """Chi-square p-value of the first 3 sampled tokens (3000 seeded requests) against the exact target
     distribution, and the requests (for their acceptance counters). make_engine(target, drafter):
-    another engine than the default fixed-schedule one."""
+    another engine than the default fixed-schedule one; draft_ids: a reduced draft vocabulary."""
     target = tiny_target(vocab_size=5, seed=11, scale=1.5)
-    drafter = tiny_drafter(target, block_size=3, seed=12)
+    drafter = tiny_drafter(target, block_size=3, seed=12, draft_ids=draft_ids)
     prompt = [1, 3, 2]
     exact = _exact_distribution(target, prompt, 3, params)
     engine = make_engine(target, drafter) if make_engine else None
@@ -120,6 +120,29 @@ def test_sampling_follows_target_distribution(params):
     accepted = sum(r.stats.draft_tokens_accepted for r in requests)
     verified = sum(r.stats.draft_tokens_verified for r in requests)
     assert 0.1 * verified < accepted < 0.95 * verified
+
+
+@pytest.mark.parametrize("params", SAMPLING_CASES, ids=["T1", "T0.7-topk4-topp0.9"])
+def test_sampling_stays_exact_with_a_reduced_draft_vocabulary(params):
+    """Drafts from 3 of the 5 tokens: the verifier sees q = 0 outside them, and the output still follows
+    the target exactly (tokens outside the draft vocabulary come from the residual and bonus draws)."""
+    p_value, requests = _first_tokens_p_value(params, draft_ids=[0, 2, 3])
+    assert p_value > 1e-3
+    accepted = sum(r.stats.draft_tokens_accepted for r in requests)
+    verified = sum(r.stats.draft_tokens_verified for r in requests)
+    assert 0.1 * verified < accepted < 0.95 * verified
+    outputs = [set(r.output_ids[:3]) for r in requests]
+    assert any({1, 4} & tokens for tokens in outputs)  # tokens the drafter cannot propose were emitted
+
+
+def test_greedy_speculation_with_a_reduced_draft_vocabulary_equals_autoregressive():
+    target = tiny_target(vocab_size=6, seed=5, scale=3.0)
+    drafter = tiny_drafter(target, 4, seed=5, draft_ids=[1, 2, 3, 5])
+    params = SamplingParams(max_tokens=24)
+    ar = [r.output_ids for r in _engine(target).generate(PROMPTS, params)]
+    spec = _engine(target, drafter).generate(PROMPTS, params)
+    assert [r.output_ids for r in spec] == ar
+    assert sum(r.stats.draft_tokens_accepted for r in spec) > 0
 
 
 def test_sampling_stays_exact_when_the_draft_gate_skips_and_probes():

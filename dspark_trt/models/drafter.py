@@ -43,11 +43,21 @@ class DrafterConfig:
     markov_head_type: str | None = None
     enable_confidence_head: bool = False
     confidence_head_with_markov: bool = False
+    draft_vocab_size: int | None = None  # None: the full target vocabulary
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_taps(self) -> int:
         return len(self.target_layer_ids)
+
+    @property
+    def output_vocab_size(self) -> int:
+        """Rows of the LM head and the Markov head's output."""
+        return self.draft_vocab_size or self.vocab_size
+
+    @property
+    def reduced_vocab(self) -> bool:
+        return self.output_vocab_size < self.vocab_size
 
 
 @dataclass
@@ -63,20 +73,20 @@ class DraftState:
 class DraftOutput:
     """One block for one request (the reference API)."""
 
-    tokens: torch.Tensor  # [B]
-    logits: torch.Tensor  # [B, V] U + B: what the tokens were drawn from
-    base_logits: torch.Tensor  # [B, V] U
-    probs: torch.Tensor  # [B, V] the warped distribution q of each token
+    tokens: torch.Tensor  # [B] target ids
+    logits: torch.Tensor  # [B, N] U + B over the draft vocabulary: what the tokens were drawn from
+    base_logits: torch.Tensor  # [B, N] U
+    probs: torch.Tensor  # [B, V] the warped distribution q of each token, over the target vocabulary
     confidence_logits: torch.Tensor | None  # [B]
     block_hidden: torch.Tensor  # [B, H]
 
 
 @dataclass
 class DraftBatchOutput:
-    tokens: torch.Tensor  # [R, B]
-    probs: torch.Tensor  # [R, B, V]
-    logits: torch.Tensor  # [R, B, V]
-    base_logits: torch.Tensor  # [R, B, V]
+    tokens: torch.Tensor  # [R, B] target ids
+    probs: torch.Tensor  # [R, B, V] (target vocabulary)
+    logits: torch.Tensor  # [R, B, N] (draft vocabulary)
+    base_logits: torch.Tensor  # [R, B, N]
     confidence_logits: torch.Tensor | None  # [R, B]
     block_hidden: torch.Tensor  # [R, B, H]
 
@@ -146,15 +156,43 @@ class DSparkDrafter(nn.Module):
         self.norm = RMSNorm(h, config.rms_norm_eps)
         self.fc = nn.Linear(config.num_taps * h, h, bias=False)
         self.hidden_norm = RMSNorm(h, config.rms_norm_eps)
-        self.lm_head = nn.Linear(h, config.vocab_size, bias=False)
-        self.markov_head = (make_markov_head(config.markov_head_type, config.vocab_size, h, config.markov_rank)
+        n = config.output_vocab_size
+        self.lm_head = nn.Linear(h, n, bias=False)
+        self.markov_head = (make_markov_head(config.markov_head_type, config.vocab_size, n, h, config.markov_rank)
                             if config.markov_rank > 0 else None)
+        if config.reduced_vocab:
+            self.register_buffer("d2t", torch.zeros(n, dtype=torch.long))
+            self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
         if config.enable_confidence_head:
             with_markov = config.confidence_head_with_markov and self.markov_head is not None
             self.confidence_head = ConfidenceHead(h + (config.markov_rank if with_markov else 0))
         else:
             self.confidence_head = None
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    # ---- draft vocabulary --------------------------------------------------------------------
+    def set_draft_vocab(self, target_ids: torch.Tensor) -> None:
+        """Store the draft vocabulary (target ids, ascending) as d2t offsets and the t2d mask."""
+        ids = torch.as_tensor(target_ids, dtype=torch.long)
+        if ids.shape != self.d2t.shape or not bool((ids[1:] > ids[:-1]).all()):
+            raise ValueError(f"a draft vocabulary is {self.d2t.numel()} ascending distinct target ids")
+        self.d2t.copy_(ids - torch.arange(ids.numel()))
+        self.t2d.zero_()
+        self.t2d[ids] = True
+
+    @property
+    def draft_ids(self) -> torch.Tensor | None:
+        """Target id of every draft id (None for a full-vocabulary drafter)."""
+        if not self.config.reduced_vocab:
+            return None
+        return torch.arange(self.d2t.numel(), device=self.d2t.device) + self.d2t
+
+    def to_draft_ids(self, target_ids: torch.Tensor) -> torch.Tensor:
+        """Draft id of each target id; -1 where the token is outside the draft vocabulary."""
+        if not self.config.reduced_vocab:
+            return target_ids
+        index = torch.cumsum(self.t2d.long(), 0) - 1
+        return torch.where(self.t2d[target_ids], index[target_ids], -1)
 
     # ---- context cache -----------------------------------------------------------------------
     def new_state(self) -> DraftState:
@@ -185,7 +223,7 @@ class DSparkDrafter(nn.Module):
 
     def backbone(self, block_ids: torch.Tensor, positions: torch.Tensor, contexts: list[list[tuple]],
                  masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h [R, b, H], U [R, b, V] float32) of block rows; contexts[layer][row] = that row's context K/V."""
+        """(h [R, b, H], U [R, b, N] float32) of block rows; contexts[layer][row] = that row's context K/V."""
         x = self.embed_tokens(block_ids)
         cos, sin = self.rotary(positions, x.dtype)
         for layer, layer_contexts in zip(self.layers, contexts):
@@ -203,7 +241,8 @@ class DSparkDrafter(nn.Module):
         anchor_ids[j] at anchor_positions[j] of sequence anchor_seq[j] and sees that sequence's
         context strictly before the anchor plus its own block. prev_tokens [A, B] are the
         teacher-forced previous tokens of the Markov and confidence heads (slot 0: the anchor).
-        Returns (corrected logits ℓ [A, B, V], U [A, B, V], confidence logits [A, B] or None).
+        Returns (corrected logits ℓ [A, B, N], U [A, B, N] over the draft vocabulary, confidence logits
+        [A, B] or None).
         """
         b = self.config.block_size
         a = anchor_ids.shape[0]
@@ -272,7 +311,7 @@ class DSparkDrafter(nn.Module):
     def _sample_block(self, anchor_ids, hidden, base_logits, temperature, top_k, top_p, uniforms):
         """Left-to-right: ℓ_k = U_k + B_k(x_{k-1}); x_k ~ warp(ℓ_k); then confidences from the drawn prefix."""
         r, b, _ = base_logits.shape
-        head = self.markov_head
+        head, draft_ids = self.markov_head, self.draft_ids
         state = head.initial_state(r, hidden) if head is not None else None
         prev = anchor_ids
         prevs, tokens, logits, probs = [], [], [], []
@@ -283,6 +322,9 @@ class DSparkDrafter(nn.Module):
                 logit_k = logit_k + bias.float()
             q = warp_probs(logit_k, temperature, top_k, top_p)
             token = sample_from_uniform(q, uniforms[:, k])
+            if draft_ids is not None:  # back to target ids, q with zero mass outside the draft vocabulary
+                token = draft_ids[token]
+                q = q.new_zeros(r, self.config.vocab_size).index_copy_(1, draft_ids, q)
             prevs.append(prev)
             tokens.append(token)
             logits.append(logit_k)

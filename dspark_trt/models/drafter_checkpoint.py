@@ -65,6 +65,10 @@ def config_from_dict(raw: dict, where: str = "config.json") -> DrafterConfig:
     if not 0 <= int(raw["mask_token_id"]) < int(raw["vocab_size"]):
         raise UnsupportedModelError(f"{where}: mask_token_id {raw['mask_token_id']} outside the vocabulary")
     heads = int(raw["num_attention_heads"])
+    draft_vocab = raw.get("draft_vocab_size")
+    if draft_vocab is not None and not 0 < int(draft_vocab) <= int(raw["vocab_size"]):
+        raise UnsupportedModelError(f"{where}: draft_vocab_size {draft_vocab} must be in [1, vocab_size "
+                                    f"{raw['vocab_size']}]")
     return DrafterConfig(
         vocab_size=int(raw["vocab_size"]),
         hidden_size=int(raw["hidden_size"]),
@@ -84,6 +88,7 @@ def config_from_dict(raw: dict, where: str = "config.json") -> DrafterConfig:
         markov_head_type=head_type if rank > 0 else None,
         enable_confidence_head=bool(raw["enable_confidence_head"]),
         confidence_head_with_markov=bool(raw.get("confidence_head_with_markov", False)),
+        draft_vocab_size=None if draft_vocab is None or int(draft_vocab) == int(raw["vocab_size"]) else int(draft_vocab),
         raw=copy.deepcopy(raw),
     )
 
@@ -107,6 +112,9 @@ def config_to_dict(config: DrafterConfig) -> dict:
     })
     raw.pop("markov_head_type", None)
     raw.pop("confidence_head_with_markov", None)
+    raw.pop("draft_vocab_size", None)
+    if config.reduced_vocab:
+        raw["draft_vocab_size"] = config.draft_vocab_size
     if config.markov_rank > 0:
         raw["markov_head_type"] = config.markov_head_type
     if config.enable_confidence_head:
@@ -118,8 +126,10 @@ def drafter_config_for_target(target, block_size: int = 7, num_draft_layers: int
                               target_layer_ids: list[int] | None = None, markov_rank: int = 256,
                               markov_head_type: str = "vanilla", mask_token_id: int = SMOLLM2_MASK_TOKEN_ID,
                               enable_confidence_head: bool = True, confidence_head_with_markov: bool = True,
-                              intermediate_size: int | None = None) -> DrafterConfig:
-    """A drafter for our TargetConfig: Qwen3-style draft layers with the target's sizes and vocabulary."""
+                              intermediate_size: int | None = None,
+                              draft_vocab_size: int | None = None) -> DrafterConfig:
+    """A drafter for our TargetConfig: Qwen3-style draft layers with the target's sizes and vocabulary (or
+    draft_vocab_size of its tokens)."""
     if target_layer_ids is None:  # spread over the depth, never the last layer (spec 1.2)
         n = target.num_layers
         target_layer_ids = sorted({round(1 + i * (n - 3) / 4) for i in range(5)})
@@ -135,14 +145,20 @@ def drafter_config_for_target(target, block_size: int = 7, num_draft_layers: int
                 "num_target_layers": target.num_layers, "markov_rank": markov_rank,
                 "markov_head_type": markov_head_type if markov_rank > 0 else None,
                 "enable_confidence_head": enable_confidence_head,
-                "confidence_head_with_markov": confidence_head_with_markov})
+                "confidence_head_with_markov": confidence_head_with_markov, "draft_vocab_size": draft_vocab_size})
     return config_from_dict(raw, where="drafter config")
 
 
-def random_drafter(config: DrafterConfig, seed: int = 0, target: nn.Module | None = None) -> DSparkDrafter:
-    """HF-style init (normal 0.02, norms at 1); embed/lm_head copied from the target when given."""
+def random_drafter(config: DrafterConfig, seed: int = 0, target: nn.Module | None = None,
+                   draft_ids: torch.Tensor | None = None) -> DSparkDrafter:
+    """HF-style init (normal 0.02, norms at 1); embed/lm_head copied from the target when given (the lm_head's
+    rows of the draft vocabulary `draft_ids`, ascending target ids, when the config has a reduced one)."""
+    if config.reduced_vocab and draft_ids is None:
+        raise ValueError("a drafter with a reduced vocabulary needs its draft_ids")
     generator = torch.Generator().manual_seed(seed)
     model = DSparkDrafter(config)
+    if draft_ids is not None:
+        model.set_draft_vocab(draft_ids)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -153,8 +169,13 @@ def random_drafter(config: DrafterConfig, seed: int = 0, target: nn.Module | Non
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
         if target is not None:
             model.embed_tokens.weight.copy_(target.embed_tokens.weight)
-            model.lm_head.weight.copy_(target.lm_head.weight)
+            model.lm_head.weight.copy_(_head_rows(target.lm_head.weight, model.draft_ids))
     return model.eval()
+
+
+def _head_rows(weight: torch.Tensor, draft_ids: torch.Tensor | None) -> torch.Tensor:
+    """The target LM head's rows that the drafter predicts."""
+    return weight if draft_ids is None else weight[draft_ids]
 
 
 def load_drafter(path: str | Path, dtype: torch.dtype = torch.float32, target: nn.Module | None = None) -> DSparkDrafter:
@@ -176,8 +197,9 @@ def load_drafter(path: str | Path, dtype: torch.dtype = torch.float32, target: n
         if target is None:
             raise UnsupportedModelError(f"drafter '{path}' takes its embeddings and lm_head from the target; "
                                         f"load it with the target model")
+        draft_ids = torch.arange(state["d2t"].numel()) + state["d2t"] if "d2t" in state else None
         state.update({"embed_tokens.weight": target.embed_tokens.weight.detach(),
-                      "lm_head.weight": target.lm_head.weight.detach()})
+                      "lm_head.weight": _head_rows(target.lm_head.weight.detach(), draft_ids)})
     with torch.device("meta"):
         model = DSparkDrafter(config)
     expected = model.state_dict()
@@ -190,7 +212,7 @@ def load_drafter(path: str | Path, dtype: torch.dtype = torch.float32, target: n
     extra = sorted(set(state) - set(expected))
     if extra:
         raise UnsupportedModelError(f"{path}: checkpoint has tensor '{extra[0]}' that its config does not use")
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+    model.load_state_dict({k: _cast(v, dtype) for k, v in state.items()}, assign=True)
     model.rotary.inv_freq = model.rotary.inv_freq_for(config.head_dim, config.rope_theta)
     return model.eval()
 
@@ -204,11 +226,16 @@ def save_drafter(model: DSparkDrafter, path: str | Path, dtype: torch.dtype | No
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     raw = config_to_dict(model.config)
-    state = {k: (v.to(dtype) if dtype else v).detach().contiguous().clone() for k, v in model.state_dict().items()
+    state = {k: _cast(v, dtype).detach().contiguous().clone() for k, v in model.state_dict().items()
              if not (share_target_embeddings and k in TARGET_TENSORS)}
     raw.pop(SHARES_TARGET_EMBEDDINGS, None)
     if share_target_embeddings:
         raw[SHARES_TARGET_EMBEDDINGS] = True
-    raw["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    raw["dtype"] = str(model.fc.weight.dtype if dtype is None else dtype).removeprefix("torch.")
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Weights to dtype; the draft vocabulary's integer offsets and mask stay as they are."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor

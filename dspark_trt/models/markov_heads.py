@@ -1,6 +1,7 @@
 """DSpark's sequential stage: low-rank previous-token biases B_k added to the parallel logits U_k.
 
-All heads own W1 (token -> rank-r embedding, `markov_w1`) and W2 (rank r -> vocab, `markov_w2`).
+All heads own W1 (token -> rank-r embedding, `markov_w1`, over the target vocabulary) and W2 (rank r ->
+output vocabulary, `markov_w2`: the draft vocabulary when the drafter has a reduced one).
 `step` computes B_k for one block position of R requests given the previous token, the backbone
 hidden state h_k and (RNN only) the carried state; see DSPARK_SPEC.md section 2.
 """
@@ -15,25 +16,25 @@ MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 class MarkovHead(nn.Module):
     """Vanilla head: B_k = W2 · W1[x_{k-1}] (a rank-r first-order transition matrix)."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, rank: int):
+    def __init__(self, vocab_size: int, out_size: int, hidden_size: int, rank: int):
         super().__init__()
         self.rank = rank
         self.markov_w1 = nn.Embedding(vocab_size, rank)
-        self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)
+        self.markov_w2 = nn.Linear(rank, out_size, bias=False)
 
     def initial_state(self, batch: int, like: torch.Tensor) -> torch.Tensor | None:
         return None
 
     def step(self, prev: torch.Tensor, hidden: torch.Tensor, state):
-        """(bias [R, V], new state) for previous tokens [R] and hidden states [R, H]."""
+        """(bias [R, N], new state) for previous tokens [R] and hidden states [R, H]."""
         return self.markov_w2(self.markov_w1(prev)), state
 
 
 class GatedMarkovHead(MarkovHead):
     """B_k = W2 · (σ(Wg [h_k ; W1[x_{k-1}]] + bg) ⊙ W1[x_{k-1}])."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, rank: int):
-        super().__init__(vocab_size, hidden_size, rank)
+    def __init__(self, vocab_size: int, out_size: int, hidden_size: int, rank: int):
+        super().__init__(vocab_size, out_size, hidden_size, rank)
         self.gate_proj = nn.Linear(hidden_size + rank, rank)
 
     def step(self, prev, hidden, state):
@@ -45,8 +46,8 @@ class GatedMarkovHead(MarkovHead):
 class RNNMarkovHead(MarkovHead):
     """GRU-like: z = [s ; W1[x_{k-1}] ; h_k]; s' = g⊙s + (1-g)⊙tanh(c); B_k = W2 · tanh(o) (old state)."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, rank: int):
-        super().__init__(vocab_size, hidden_size, rank)
+    def __init__(self, vocab_size: int, out_size: int, hidden_size: int, rank: int):
+        super().__init__(vocab_size, out_size, hidden_size, rank)
         self.joint_proj = nn.Linear(2 * rank + hidden_size, 3 * rank)
 
     def initial_state(self, batch: int, like: torch.Tensor) -> torch.Tensor:
@@ -60,9 +61,9 @@ class RNNMarkovHead(MarkovHead):
         return self.markov_w2(torch.tanh(o_raw)), new_state
 
 
-def make_markov_head(kind: str, vocab_size: int, hidden_size: int, rank: int) -> MarkovHead:
+def make_markov_head(kind: str, vocab_size: int, out_size: int, hidden_size: int, rank: int) -> MarkovHead:
     heads = {"vanilla": MarkovHead, "gated": GatedMarkovHead, "rnn": RNNMarkovHead}
-    return heads[kind](vocab_size, hidden_size, rank)
+    return heads[kind](vocab_size, out_size, hidden_size, rank)
 
 
 class ConfidenceHead(nn.Module):

@@ -1,0 +1,106 @@
+"""A reduced draft vocabulary (EAGLE-3's d2t/t2d convention): the drafter draws from its subset exactly as a
+full-vocabulary drafter whose logits are -inf outside it, and the checkpoint round-trips the mapping."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dspark_trt import load_drafter
+from dspark_trt.errors import UnsupportedModelError
+from dspark_trt.models.drafter_checkpoint import drafter_config_for_target, random_drafter, save_drafter
+
+from conftest import tiny_drafter, tiny_target
+
+DRAFT_IDS = [0, 3, 4, 7, 9, 10, 13]
+
+
+def _pair(seed=0):
+    """A full-vocabulary drafter and the reduced one that shares its weights on DRAFT_IDS."""
+    target = tiny_target(vocab_size=16, seed=seed)
+    full = tiny_drafter(target, block_size=4, seed=seed)
+    reduced = tiny_drafter(target, block_size=4, seed=seed, draft_ids=DRAFT_IDS)
+    state = {k: v for k, v in full.state_dict().items()}
+    ids = torch.tensor(DRAFT_IDS)
+    state["lm_head.weight"] = state["lm_head.weight"][ids]
+    state["markov_head.markov_w2.weight"] = state["markov_head.markov_w2.weight"][ids]
+    state.update(d2t=reduced.d2t, t2d=reduced.t2d)
+    reduced.load_state_dict(state)
+    return full, reduced
+
+
+def _draft(drafter, temperature, seed):
+    torch.manual_seed(seed)
+    ctx = torch.randn(5, drafter.fc.in_features)
+    gen = torch.Generator().manual_seed(seed)
+    return drafter.draft(drafter.new_state(), ctx, anchor_id=5, temperature=temperature, generator=gen)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_reduced_drafter_equals_full_drafter_masked_outside_its_vocabulary(temperature):
+    full, reduced = _pair()
+    outside = torch.ones(16, dtype=torch.bool)
+    outside[DRAFT_IDS] = False
+    bias = torch.zeros(16)
+    bias[outside] = float("-inf")  # the reduced drafter's semantics on the full one
+    full.lm_head.register_forward_hook(lambda m, i, out: out + bias)
+    for seed in range(4):
+        ours, ref = _draft(reduced, temperature, seed), _draft(full, temperature, seed)
+        assert torch.equal(ours.tokens, ref.tokens)
+        assert set(ours.tokens.tolist()) <= set(DRAFT_IDS)
+        torch.testing.assert_close(ours.probs, ref.probs)  # full-vocabulary q, zero outside
+        assert float(ours.probs[:, outside].abs().sum()) == 0.0
+        torch.testing.assert_close(ours.logits, ref.logits[:, DRAFT_IDS])
+
+
+def test_to_draft_ids_maps_inside_and_marks_outside():
+    _, reduced = _pair()
+    ids = torch.arange(16)
+    mapped = reduced.to_draft_ids(ids)
+    assert mapped[DRAFT_IDS].tolist() == list(range(len(DRAFT_IDS)))
+    assert set(mapped[[i for i in range(16) if i not in DRAFT_IDS]].tolist()) == {-1}
+    assert torch.equal(reduced.draft_ids, torch.tensor(DRAFT_IDS))
+
+
+def test_checkpoint_round_trip_keeps_the_mapping_exact_in_bfloat16(tmp_path):
+    target = tiny_target(vocab_size=16)
+    _, reduced = _pair()
+    save_drafter(reduced, tmp_path, dtype=torch.bfloat16, share_target_embeddings=True)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["draft_vocab_size"] == len(DRAFT_IDS) and raw["vocab_size"] == 16
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert tensors["d2t"].dtype == torch.int64 and tensors["t2d"].dtype == torch.bool
+    assert (torch.arange(len(DRAFT_IDS)) + tensors["d2t"]).tolist() == DRAFT_IDS
+    assert int(tensors["t2d"].sum()) == len(DRAFT_IDS) and "lm_head.weight" not in tensors
+    loaded = load_drafter(tmp_path, target=target)
+    assert torch.equal(loaded.draft_ids, torch.tensor(DRAFT_IDS))
+    # the LM head is the target's rows of the draft vocabulary
+    assert torch.equal(loaded.lm_head.weight, target.lm_head.weight[DRAFT_IDS])
+
+
+def test_full_vocabulary_checkpoints_have_no_mapping(tmp_path):
+    target = tiny_target(vocab_size=16)
+    save_drafter(tiny_drafter(target, block_size=4), tmp_path)
+    assert "draft_vocab_size" not in json.loads((tmp_path / "config.json").read_text())
+    assert not {"d2t", "t2d"} & set(load_file(tmp_path / "model.safetensors"))
+    assert load_drafter(tmp_path).draft_ids is None
+
+
+def test_a_config_with_a_draft_vocabulary_needs_the_mapping(tmp_path):
+    _, reduced = _pair()
+    save_drafter(reduced, tmp_path)
+    from safetensors.torch import save_file
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["d2t"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(UnsupportedModelError, match="lacks tensor 'd2t'"):
+        load_drafter(tmp_path)
+
+
+def test_draft_vocabulary_must_be_ascending_distinct_ids():
+    cfg = drafter_config_for_target(tiny_target(vocab_size=16).config, block_size=2, target_layer_ids=[0, 1],
+                                    markov_rank=4, mask_token_id=15, draft_vocab_size=3)
+    with pytest.raises(ValueError, match="ascending distinct"):
+        random_drafter(cfg, draft_ids=torch.tensor([4, 2, 9]))
+    with pytest.raises(ValueError, match="needs its draft_ids"):
+        random_drafter(cfg)
