@@ -2,8 +2,10 @@
 the fast engines at high concurrency (continuous batching), greedy plus a sampled share (T = 0.7, as
 DSpark's data), appended to a JSONL file that a rerun resumes. `train-draft --responses FILE` trains on it.
 
-Each prompt's decoding (greedy or sampled, and its seed) depends on the prompt alone, and the default
-engines are batch-invariant, so the same command on the same engines regenerates the same file.
+Each prompt's decoding (greedy or sampled, and its seed) depends on the prompt alone and the schedule on
+the prompts and the outputs, so the same command on the same engines and machine regenerates the same file.
+No speculation happens here, so the target graph skips the re-feed that makes verification batch-invariant
+(target_graphs.py): a decode step then runs half the rows.
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     prompts = read_training_prompts(args.prompts, args.limit)
     # domains interleaved by the prompts' hashes, so an interrupted file already holds every domain
     prompts.sort(key=lambda p: p.key)
-    runtime = OrtRuntime(args.engines, num_slots=args.concurrency, max_seq_len=args.max_seq_len, use_drafter=False)
+    runtime = OrtRuntime(args.engines, num_slots=args.concurrency, max_seq_len=args.max_seq_len, use_drafter=False,
+                         batch_invariant=False)
     stats = regenerate_responses(runtime, load_engine_tokenizer(args.engines), prompts, args.out,
                                  max_new_tokens=args.max_new_tokens, seed=args.seed, sampled_share=args.sampled_share,
                                  sampled_temperature=args.sampled_temperature)

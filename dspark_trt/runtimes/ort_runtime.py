@@ -33,7 +33,7 @@ class OrtRuntime(Runtime):
     name = "onnxruntime"
 
     def __init__(self, engine_dir: str | Path, num_slots: int = 8, max_seq_len: int = 2048,
-                 threads: int | None = None, use_drafter: bool = True):
+                 threads: int | None = None, use_drafter: bool = True, batch_invariant: bool = True):
         engine_dir = Path(engine_dir)
         self.manifest = manifest = read_manifest(engine_dir)
         self.config = TargetConfig(**manifest["target"]["config"])
@@ -45,8 +45,10 @@ class OrtRuntime(Runtime):
         self.tap_layers: tuple[int, ...] = ()
         self.cache = KVCache(self.config, num_slots=num_slots, max_seq_len=self.max_seq_len)
         self.sessions = {"target": self._make_session(engine_dir, "target", threads)}
-        graph = FusedTargetGraph if manifest["target"].get("graph") == "fused" else PortableTargetGraph
-        self._target = graph(self.sessions["target"], self.cache)
+        if manifest["target"].get("graph") == "fused":
+            self._target = FusedTargetGraph(self.sessions["target"], self.cache, batch_invariant=batch_invariant)
+        else:
+            self._target = PortableTargetGraph(self.sessions["target"], self.cache)
         self.verify_in_graph = set(VERIFY_OUTPUTS) <= set(self._target.outputs)
         self.drafter: OrtDrafter | None = None
         self.draft_config = None

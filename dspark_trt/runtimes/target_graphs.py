@@ -6,7 +6,8 @@
   feeds its previous token again (same position, same K/V rewritten): GroupQueryAttention's CPU kernel
   computes a one-row query with another matrix kernel (MLAS's M = 1 path) than a longer one, so without
   this a token's logits would depend on whether it came alone (plain decoding) or with drafts
-  (verification), and greedy speculation would not equal greedy decoding.
+  (verification), and greedy speculation would not equal greedy decoding. Plain decoding that never
+  speculates (gen-data) may turn this off (`batch_invariant=False`): it halves the rows of a decode step.
 - `PortableTargetGraph` (standard ONNX, export/target_graph.py, what TensorRT compiles): the batch's
   past window is gathered into the feeds and the returned new rows are written back on the host.
 
@@ -26,9 +27,10 @@ from dspark_trt.runtimes.kv_cache import KVCache
 class FusedTargetGraph:
     """A fused target session whose K/V live in `cache`'s buffers, bound in place."""
 
-    def __init__(self, session: ort.InferenceSession, cache: KVCache):
+    def __init__(self, session: ort.InferenceSession, cache: KVCache, batch_invariant: bool = True):
         self.session = session
         self.cache = cache
+        self.batch_invariant = batch_invariant
         self._k = [k.numpy() for k in cache.k]
         self._v = [v.numpy() for v in cache.v]
         self.outputs = [o.name for o in session.get_outputs() if not o.name.startswith("present_")]
@@ -75,7 +77,7 @@ class FusedTargetGraph:
 
     def _refeed(self, ids, slots, starts, lens):
         """Prepend each one-token request's previous token: (ids, starts, lens, mask of the rows asked for)."""
-        again = (lens == 1) & (starts > 0)
+        again = (lens == 1) & (starts > 0) & self.batch_invariant
         if not again.any():
             return ids, starts, lens, np.ones(ids.size, dtype=bool)
         first = np.cumsum(lens) - lens
