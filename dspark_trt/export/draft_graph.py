@@ -1,7 +1,8 @@
 """The DSpark drafter as one ONNX graph: a whole draft pass (context extension, block backbone, the
 left-to-right Markov loop with sampling, the confidence head) in one ONNX Runtime call.
 
-`draft` inputs (R requests, B = block size, L draft layers, V vocabulary):
+`draft` inputs (R requests, B = block size, L draft layers, V the target's vocabulary, N the draft vocabulary:
+V, or the subset of a drafter with a reduced one):
   anchors [R] int64            each request's last committed token (block slot 0)
   ctx_lens [R] int64           context rows already cached per request
   ctx_k, ctx_v [L, R, kv, P, d] float32   the cached context K/V window (rows >= ctx_lens[r] are ignored)
@@ -13,9 +14,10 @@ left-to-right Markov loop with sampling, the confidence head) in one ONNX Runtim
   temperature [R] float32, top_k [R] int64, top_p [R] float32   spec.sampling's parameters per request
   uniforms [R, B] float32      the engine's uniform numbers, one per block position
 outputs:
-  tokens [R, B] int64
-  probs [R, B, V] float32      the distribution q each token was drawn from; [R, B, 0] when every request is
-                               greedy (q is then the one-hot of the token, left to the runtime)
+  tokens [R, B] int64          target ids
+  probs [R, B, V] float32      the distribution q each token was drawn from, over the target vocabulary (zero
+                               outside a reduced draft vocabulary); [R, B, 0] when every request is greedy (q is
+                               then the one-hot of the token, left to the runtime)
   confidence_logits [R, B] float32   (only with a confidence head)
   new_k, new_v [L, N, kv, d] float32  the new rows' context K/V, to be cached at (request, position)
 
@@ -27,7 +29,10 @@ of the filtering requests; the whole vocabulary only for a top-p request without
 spec/sampling.py's step for step: temperature, top-k, top-p, renormalised; the one-hot of the argmax
 below GREEDY_TEMPERATURE; the inverse-CDF draw on torch's cdf (float64 running sums rounded to float32),
 found in two levels (blocks of CDF_BLOCK tokens, then inside the block) so no scan over V is sequential;
-never a zero-probability token. weights="int8"/"int4" runs the big MatMuls on quantized weights
+never a zero-probability token. A drafter with a reduced vocabulary samples over its N tokens (as
+DSparkDrafter._sample_block): a Gather maps each drawn index to its target id (the next Markov input and
+the output), and the sampled branches spread q over V with a Pad (one zero column) and a Gather, so
+verification sees full-vocabulary q. weights="int8"/"int4" runs the big MatMuls on quantized weights
 (export/weight_quant.py); the model's metadata says which.
 """
 from __future__ import annotations
@@ -55,6 +60,7 @@ INPUTS = ["anchors", "ctx_lens", "ctx_k", "ctx_v", "features", "positions", "new
 SAMPLING_INPUTS = ["temperature", "top_k", "top_p", "uniforms"]
 VARIANTS = ("greedy", "sample", "filter", "nucleus")
 SAMPLER_INPUTS = ["logit", "temperature", "top_k", "top_p", "uniform"]
+FULL_INDEX = "full_index"  # the sampler's extra input with a reduced draft vocabulary (_FullProbs)
 PLACEHOLDER_DOMAIN = "dspark.draft"  # the export's Sample placeholder, replaced by If nodes before saving
 CDF_BLOCK = 128  # tokens per block of the two-level inverse-CDF draw
 NUCLEUS_BUCKETS = 64  # probability buckets floor(-log2 q) bounding a top-p nucleus (the last takes the rest)
@@ -179,6 +185,28 @@ def _filter(scaled, top_k, top_p, filtering, nucleus: bool, vocab: int):
     return torch.where(filtering.unsqueeze(1), kept, scaled)
 
 
+def full_index(draft_ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Per target id its draft id, or N (the zero column _FullProbs appends) outside the draft vocabulary."""
+    index = torch.full((vocab,), draft_ids.numel(), dtype=torch.long)
+    index[draft_ids] = torch.arange(draft_ids.numel())
+    return index
+
+
+class _FullProbs(torch.autograd.Function):
+    """q [R, N] over the draft vocabulary -> [R, V] over the target vocabulary, zero outside the draft vocabulary:
+    one zero column appended, then a Gather at `index` (full_index). Exported as one Pad with constant pads (the
+    exporter's own pad lowering leaves a chain of shape ops) and one Gather, which TensorRT takes."""
+
+    @staticmethod
+    def forward(ctx, q, index):
+        return nn.functional.pad(q, (0, 1)).index_select(1, index)
+
+    @staticmethod
+    def symbolic(g, q, index):
+        pads = g.op("Constant", value_t=torch.tensor([0, 0, 0, 1]))
+        return g.op("Gather", g.op("Pad", q, pads, mode_s="constant"), index, axis_i=1)
+
+
 def _warp_and_draw(logits, temperature, top_k, top_p, uniform, variant: str, vocab: int):
     """(token [R], q [R, V]) as spec.sampling.warp_probs + sample_from_uniform; variant "sample" leaves
     top-k/top-p out, "filter" and "nucleus" apply them (_filter)."""
@@ -196,17 +224,18 @@ def _warp_and_draw(logits, temperature, top_k, top_p, uniform, variant: str, voc
 class _Sample(torch.autograd.Function):
     """One block position's warp-and-draw, exported as a placeholder node that `_expand_sampling` replaces by
     If nodes over the Sampler variants; run as spec.sampling itself, so the torch module computes what the
-    graph does."""
+    graph does. Inputs: the three variant flags, then the Sampler's inputs (SAMPLER_INPUTS, and FULL_INDEX
+    with a reduced draft vocabulary: q is then spread over the target vocabulary, the token stays a draft id)."""
 
     @staticmethod
-    def forward(ctx, logit, temperature, top_k, top_p, uniform, any_sampling, any_filter, any_nucleus):
+    def forward(ctx, any_sampling, any_filter, any_nucleus, logit, temperature, top_k, top_p, uniform, index=None):
         q = warp_probs(logit, temperature, top_k, top_p)
-        return sample_from_uniform(q, uniform), q
+        return sample_from_uniform(q, uniform), q if index is None else _FullProbs.apply(q, index)
 
     @staticmethod
-    def symbolic(g, logit, temperature, top_k, top_p, uniform, any_sampling, any_filter, any_nucleus):
-        token, q = g.op(f"{PLACEHOLDER_DOMAIN}::Sample", logit, temperature, top_k, top_p, uniform, any_sampling,
-                        any_filter, any_nucleus, outputs=2)
+    def symbolic(g, *inputs):
+        token, q = g.op(f"{PLACEHOLDER_DOMAIN}::Sample", *inputs, outputs=2)
+        logit, temperature = inputs[3:5]
         token.setType(temperature.type().with_dtype(torch.int64))
         q.setType(logit.type())
         return token, q
@@ -215,26 +244,32 @@ class _Sample(torch.autograd.Function):
 class Sampler(nn.Module):
     """One variant of a block position's sampling over a vocabulary of `vocab`: greedy (argmax; q left
     empty), sample (temperature), filter (temperature, top-k, top-p with top-k) or nucleus (besides, top-p
-    without top-k)."""
+    without top-k). Given a full_index (a reduced draft vocabulary), q comes back over the target vocabulary."""
 
     def __init__(self, variant: str, vocab: int):
         super().__init__()
         self.variant, self.vocab = variant, vocab
 
-    def forward(self, logit, temperature, top_k, top_p, uniform):
+    def forward(self, logit, temperature, top_k, top_p, uniform, index=None):
         if self.variant == "greedy":
             return logit.argmax(-1), logit[:, :0]
-        return _warp_and_draw(logit, temperature, top_k, top_p, uniform, self.variant, self.vocab)
+        token, q = _warp_and_draw(logit, temperature, top_k, top_p, uniform, self.variant, self.vocab)
+        return token, q if index is None else _FullProbs.apply(q, index)
 
 
 class DraftPass(nn.Module):
     """The whole pass: backbone, then left to right ℓ_k = U_k + B_k(x_{k-1}), x_k drawn from warp(ℓ_k) (as
-    DSparkDrafter._sample_block), then the confidence logits from the drawn prefix."""
+    DSparkDrafter._sample_block), then the confidence logits from the drawn prefix. With a reduced draft
+    vocabulary x_k is drawn as a draft id and mapped to its target id (draft_ids) before it goes on."""
 
     def __init__(self, drafter: DSparkDrafter):
         super().__init__()
         self.drafter = drafter
         self.backbone = Backbone(drafter)
+        self.reduced = drafter.config.reduced_vocab
+        if self.reduced:
+            self.register_buffer("draft_ids", drafter.draft_ids.clone())
+            self.register_buffer("full_index", full_index(drafter.draft_ids, drafter.config.vocab_size))
 
     def forward(self, anchors, ctx_lens, ctx_k, ctx_v, features, positions, new_rows, new_lens, temperature, top_k,
                 top_p, uniforms):
@@ -253,8 +288,10 @@ class DraftPass(nn.Module):
             if head is not None:
                 bias, state = head.step(prev, hidden[:, k], state)
                 logit = logit + bias.float()
-            token, q = _Sample.apply(logit, temperature, top_k, top_p, uniforms[:, k], any_sampling, any_filter,
-                                     any_nucleus)
+            token, q = _Sample.apply(any_sampling, any_filter, any_nucleus, logit, temperature, top_k, top_p,
+                                     uniforms[:, k], *([self.full_index] if self.reduced else []))
+            if self.reduced:
+                token = self.draft_ids[token]
             prevs.append(prev)
             tokens.append(token)
             probs.append(q)
@@ -303,11 +340,15 @@ def export_drafter(drafter: DSparkDrafter, out_dir: str | Path, weights: str = "
         "ctx_k": {1: "requests", 3: "context"}, "ctx_v": {1: "requests", 3: "context"}, "features": {0: "tokens"},
         "positions": {0: "tokens"}, "new_rows": {0: "requests", 1: "query"}, "probs": {0: "requests", 2: "vocab"},
         "new_k": {1: "tokens"}, "new_v": {1: "tokens"}}
-    model = _export(DraftPass(drafter), tuple(ex[n] for n in INPUTS), INPUTS, outputs, axes)
-    sampler_args = (torch.randn(2, drafter.config.vocab_size), *(ex[n] for n in SAMPLING_INPUTS[:3]),
-                    ex["uniforms"][:, 0])
-    samplers = {v: _export(Sampler(v, drafter.config.vocab_size), sampler_args, SAMPLER_INPUTS, ["token", "q"],
-                          {n: requests for n in SAMPLER_INPUTS})
+    draft_pass = DraftPass(drafter)
+    model = _export(draft_pass, tuple(ex[n] for n in INPUTS), INPUTS, outputs, axes)
+    vocab = drafter.config.output_vocab_size
+    sampler_args = (torch.randn(2, vocab), *(ex[name] for name in SAMPLING_INPUTS[:3]), ex["uniforms"][:, 0])
+    sampler_inputs = SAMPLER_INPUTS
+    if draft_pass.reduced:
+        sampler_args, sampler_inputs = (*sampler_args, draft_pass.full_index), [*SAMPLER_INPUTS, FULL_INDEX]
+    samplers = {v: _export(Sampler(v, vocab), sampler_args, sampler_inputs, ["token", "q"],
+                           {name: requests for name in SAMPLER_INPUTS})
                 for v in VARIANTS}
     _expand_sampling(model.graph, {v: m.graph for v, m in samplers.items()})
     inline_initializer_identities(model)
@@ -329,7 +370,7 @@ def _expand_sampling(graph: onnx.GraphProto, samplers: dict[str, onnx.GraphProto
     for j, node in enumerate(graph.node):
         if node.domain != PLACEHOLDER_DOMAIN:
             continue
-        *args, any_sampling, any_filter, any_nucleus = node.input
+        any_sampling, any_filter, any_nucleus, *args = node.input
         prefix = f"sample{j}"
         branches = {v: _branch(samplers[v], f"{prefix}/{v}", args) for v in VARIANTS}
         filtered = _if_graph(f"{prefix}/filtered", any_nucleus, branches["nucleus"], branches["filter"])
@@ -357,7 +398,8 @@ def _value(name: str, elem_type: int, rank: int) -> onnx.ValueInfoProto:
 
 def _branch(sampler: onnx.GraphProto, prefix: str, args: list[str]) -> onnx.GraphProto:
     """A Sampler graph as an If branch: its inputs read `args` of the outer scope, everything else gets the prefix."""
-    outer = {i.name: args[SAMPLER_INPUTS.index(i.name)] for i in sampler.input}  # (the exporter drops unused ones)
+    names = [*SAMPLER_INPUTS, FULL_INDEX]
+    outer = {i.name: args[names.index(i.name)] for i in sampler.input}  # (the exporter drops unused ones)
 
     def rename(name: str) -> str:
         return outer.get(name, f"{prefix}/{name}") if name else name

@@ -1,7 +1,8 @@
 """An engine directory: the exported graphs of a target (and drafter) plus `manifest.json` describing them.
 
 The manifest is all a runtime needs besides the graph files: the model configs (target and DeepSpec
-drafter config), tap layers, block size, mask token, the DSparkVerify node ending the target graph
+drafter config), tap layers, block size, mask token, a reduced draft vocabulary's size
+(`draft_vocab_size`, only when the drafter has one), the DSparkVerify node ending the target graph
 (`verify`: graph, node, op, the library that runs it), each graph's file, I/O names/shapes/dtypes and
 sha256, and the versions that produced them. `build-engines` adds validation results and tokenizer files.
 """
@@ -108,7 +109,8 @@ def export_engines(target, drafter, out_dir: str | Path, progress=lambda message
             "config": config_to_dict(drafter.config), "block_size": drafter.config.block_size,
             "mask_token_id": drafter.config.mask_token_id,
             "markov_head_type": drafter.config.markov_head_type,
-            "confidence_head": drafter.config.enable_confidence_head, "weights": draft_weights},
+            "confidence_head": drafter.config.enable_confidence_head, "weights": draft_weights,
+            **({"draft_vocab_size": drafter.config.draft_vocab_size} if drafter.config.reduced_vocab else {})},
         "taps": taps,
         "verify": None if not verify else {
             "graph": "target", "node": VERIFY_NODE, "op": f"{ort_op.DOMAIN}::{ort_op.OP_TYPE}",

@@ -250,14 +250,14 @@ def validate_trt_engines(engine_dir: str | Path, target, drafter=None, seed: int
     """A TensorRT-flavour engine directory on ONNX Runtime (TrtEmulationRuntime: TensorRT's KV-cache update
     and attention emulated) against the torch reference: the target's logits and taps over ragged passes,
     a rollback, a pass with its slots out of order and one beside idle slots ("target:logits",
-    "target:taps"); with a drafter,
-    its greedy draft passes on the reference taps ("draft:probs", draft_tokens_identical); the
+    "target:taps"); with a drafter, its draft passes on the reference taps, greedy and sampled as
+    export/validate.py's (draft_sampling: "draft:probs", draft_tokens_identical); the
     DSparkVerify tail on a pass at T > 0 with top-k/top-p (verify_identical). The torch model holds the
     GGUF blocks' exact dequantization, so int4 weights are compared at float32 tolerance too. Same
     report format as export/validate.py (its `failures` reads it)."""
     import torch
 
-    from dspark_trt.export.validate import compare
+    from dspark_trt.export.validate import compare, draft_sampling
     from dspark_trt.runtimes.torch_runtime import TorchRuntime
     from dspark_trt.runtimes.trt_runtime import TrtEmulationRuntime
     from dspark_trt.spec.verify import dspark_verify
@@ -281,15 +281,15 @@ def validate_trt_engines(engine_dir: str | Path, target, drafter=None, seed: int
             if drafter is None:
                 return
             compare(report, "target:taps", ours.taps, ref.taps)
-            features = list(ref.taps.split(lens.tolist()))
             r, b = len(slots), drafter.config.block_size
-            sampling = (torch.zeros(r), torch.zeros(r, dtype=torch.long), torch.ones(r),
-                        torch.rand(r, b, generator=g, dtype=torch.float64))
             anchors = torch.randint(0, vocab, (r,), generator=g)
-            ref_d, our_d = (rt.draft(slots, features, anchors, *sampling) for rt in (ref_rt, our_rt))
-            compare(report, "draft:probs", our_d.probs, ref_d.probs)
-            drafted[0] += int((our_d.tokens == ref_d.tokens).sum())
-            drafted[1] += our_d.tokens.numel()
+            for i, sampling in enumerate(draft_sampling(r)):  # the new features with the first pass only
+                new = list(ref.taps.split(lens.tolist())) if i == 0 else [None] * r
+                uniforms = torch.rand(r, b, generator=g, dtype=torch.float64)
+                ref_d, our_d = (rt.draft(slots, new, anchors, *sampling, uniforms) for rt in (ref_rt, our_rt))
+                compare(report, "draft:probs", our_d.probs, ref_d.probs)
+                drafted[0] += int((our_d.tokens == ref_d.tokens).sum())
+                drafted[1] += our_d.tokens.numel()
 
         for lens in VALIDATION_PASSES:
             step([0, 1, 2], lens)

@@ -110,6 +110,16 @@ def _validate_verify(report, vocab: int, ref_rt, ort_rt: OrtRuntime, slots, g: t
                                       and torch.equal(ours.next_token, ref.next_token))
 
 
+def draft_sampling(r: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(temperature, top_k, top_p) of r requests for the draft passes that validation compares: greedy, then
+    temperature only, then top-p alone, top-k with top-p and greedy mixed (each sampler branch of the graph,
+    and with a reduced draft vocabulary the spread of q over the target vocabulary)."""
+    ones, no_k = torch.ones(r), torch.zeros(r, dtype=torch.long)
+    return [(torch.zeros(r), no_k, ones), (torch.full((r,), 0.7), no_k, ones),
+            (torch.tensor([1.0, 0.8, 0.0] * r)[:r], torch.tensor([0, 5, 0] * r)[:r],
+             torch.tensor([0.9, 0.9, 1.0] * r)[:r])]
+
+
 def _validate_draft(report, drafter, ort_rt: OrtRuntime, slots, states, features, anchors, g) -> tuple[int, int]:
     """The draft graph through OrtRuntime against DSparkDrafter.draft_batch: greedy on the new features (which
     also extends both context caches, compared row for row), then on the same context at T>0, temperature
@@ -117,14 +127,10 @@ def _validate_draft(report, drafter, ort_rt: OrtRuntime, slots, states, features
     quantized graph (int8/int4 weights) cannot equal torch, so only that count is taken from it."""
     r, b = len(slots), drafter.config.block_size
     none = [torch.zeros(0, f.shape[1]) for f in features]
-    ones, no_k = torch.ones(r), torch.zeros(r, dtype=torch.long)
-    passes = [((torch.zeros(r), no_k, ones), features),
-              ((torch.full((r,), 0.7), no_k, ones), none),
-              ((torch.tensor([1.0, 0.8, 0.0] * r)[:r], torch.tensor([0, 5, 0] * r)[:r],
-                torch.tensor([0.9, 0.9, 1.0] * r)[:r]), none)]  # top-p alone, top-k with top-p, greedy
     exact = ort_rt.drafter.weights == "fp32"
     agree = total = 0
-    for sampling, new in passes:
+    for i, sampling in enumerate(draft_sampling(r)):
+        new = features if i == 0 else none
         uniforms = torch.rand(r, b, generator=g, dtype=torch.float64)
         ref = drafter.draft_batch(states, new, anchors, *sampling, uniforms)
         ours = ort_rt.draft(slots, new, anchors, *sampling, uniforms)

@@ -82,7 +82,7 @@ class OrtDrafter:
                 self._ctx_v[layer][row_slots, :, positions] = v
             lengths[slots_np] += new_lens
         tokens, probs = out["tokens"], out["probs"]
-        if probs.shape[-1] == 0:  # every request greedy: q is the one-hot of each token
+        if probs.shape[-1] == 0:  # every request greedy: q is the one-hot of each token (target ids, target vocab)
             probs = np.zeros((*tokens.shape, self.config.vocab_size), np.float32)  # calloc: pages stay untouched
             np.put_along_axis(probs, tokens[..., None], 1.0, axis=-1)
         conf = out.get("confidence_logits")
