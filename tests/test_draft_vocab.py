@@ -104,3 +104,33 @@ def test_draft_vocabulary_must_be_ascending_distinct_ids():
         random_drafter(cfg, draft_ids=torch.tensor([4, 2, 9]))
     with pytest.raises(ValueError, match="needs its draft_ids"):
         random_drafter(cfg)
+
+
+def test_loss_over_the_draft_vocabulary_equals_the_full_loss_of_the_masked_drafter():
+    """With the target's full logsumexp, the L1 term counts the target's mass outside the subset: the loss of
+    the reduced logits equals the full-vocabulary loss of logits that are -inf outside (CE where labels are
+    inside; EAGLE-3 masks the others)."""
+    from dspark_trt.training.losses import dspark_loss
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor(DRAFT_IDS)
+    full_logits = torch.randn(3, 4, 16, generator=g)
+    target_logits = torch.randn(3, 4, 16, generator=g) * 2
+    labels = ids[torch.randint(0, len(DRAFT_IDS), (3, 4), generator=g)]
+    weights = torch.rand(3, 4, generator=g)
+    conf = torch.randn(3, 4, generator=g)
+    masked = torch.full_like(full_logits, float("-inf"))
+    masked[..., ids] = full_logits[..., ids]
+    ref, ref_stats = dspark_loss(masked, target_logits, labels, conf, weights)
+    index = torch.cumsum(torch.isin(torch.arange(16), ids).long(), 0) - 1
+    ours, stats = dspark_loss(full_logits[..., ids], target_logits[..., ids], index[labels], conf, weights,
+                              target_lse=torch.logsumexp(target_logits, -1))
+    torch.testing.assert_close(ours, ref)
+    assert stats["tv"] == pytest.approx(ref_stats["tv"]) and stats["tv"] > 0
+    # a label outside the draft vocabulary adds no cross-entropy
+    draft_labels = index[labels]
+    draft_labels[0, 0] = -1
+    _, with_outside = dspark_loss(full_logits[..., ids], target_logits[..., ids], draft_labels, conf, weights,
+                                  target_lse=torch.logsumexp(target_logits, -1))
+    ce00 = -torch.log_softmax(full_logits[0, 0, ids], -1)[index[labels[0, 0]]]
+    assert with_outside["ce"] == pytest.approx(stats["ce"] - float(weights[0, 0] * ce00 / weights.sum()))

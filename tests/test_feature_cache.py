@@ -51,7 +51,7 @@ def test_the_cache_stops_storing_at_its_budget(tmp_path):
     target = tiny_target(vocab_size=16, seed=3, num_layers=3)
     counting = CountingExtractor(target, [0, 1], max_batch=2, max_length=32)
     a, b = _samples([1, 2, 3, 4], [4, 3, 2, 1])
-    one_sample_bytes = 4 * (3 * target.config.hidden_size) * 2  # 4 rows of 2 taps + last hidden, float16
+    one_sample_bytes = 4 * (3 * target.config.hidden_size * 2 + 4)  # 4 rows: 2 taps + last hidden (float16), lse
     cached = CachedFeatureExtractor(counting, tmp_path, "tiny", max_bytes=one_sample_bytes)
     cached([a, b])
     assert len(list(tmp_path.glob("*.pt"))) == 1 and cached.used_bytes <= one_sample_bytes

@@ -124,3 +124,26 @@ def test_responses_option_trains_on_an_earlier_runs_data_without_regenerating(ti
     assert len(again) == 3
     for a, b in zip(first, again):  # same data, seed and anchors; features from the float16 cache
         assert json.loads(b)["loss"] == pytest.approx(json.loads(a)["loss"], rel=1e-2)
+
+
+def test_a_reduced_draft_vocabulary_is_the_most_frequent_response_tokens_and_trains(tiny, tmp_path):
+    from collections import Counter
+
+    target, prompts = tiny
+    out = tmp_path / "run"
+    assert main(_args(prompts, out, 40, "--draft-vocab", "6")) == 0
+    drafter = load_drafter(out)
+    assert drafter.config.draft_vocab_size == 6 and drafter.lm_head.weight.shape[0] == 6
+    counts = Counter(t for line in (out / "responses.jsonl").read_text().splitlines()
+                     for t in json.loads(line)["response_ids"])
+    top = {t for t, _ in counts.most_common(6)}
+    assert min(counts[t] for t in drafter.draft_ids.tolist()) >= min(counts[t] for t in top)
+    record = json.loads((out / "draft_vocab.json").read_text())
+    assert record["draft_vocab_size"] == 6 and 0 < record["coverage_held_out"]["6"] <= 1
+    untrained = random_drafter(drafter.config, seed=42, target=target, draft_ids=drafter.draft_ids)
+    assert _mean_accepted(target, drafter) > _mean_accepted(target, untrained) + 0.3
+    params = SamplingParams(max_tokens=24)
+    prompts_ids = [[0, 3, 5, 7, 1], [0, 9, 2, 1]]
+    ar = [r.output_ids for r in Engine(TorchRuntime(target, num_slots=2, max_seq_len=64)).generate(prompts_ids, params)]
+    spec = Engine(TorchRuntime(target, drafter, num_slots=2, max_seq_len=64), make_scheduler("fixed", 4))
+    assert [r.output_ids for r in spec.generate(prompts_ids, params)] == ar

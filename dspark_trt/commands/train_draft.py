@@ -22,13 +22,20 @@ Defaults are chosen for SmolLM2-135M (30 layers, hidden 576, vocabulary 49152):
 - greedy regeneration (--temperature 0): the default serving and evaluation temperature is 0, so
   the drafter learns the argmax chain it will be verified against; use --temperature 0.7
   --top-p 0.8 for the paper's sampled recipe.
+- --draft-vocab 8192: the drafter predicts over the 8192 tokens the target emits most in the training
+  responses (a sixth of SmolLM2's vocabulary; OUT/draft_vocab.json records the coverage table). The LM
+  head and the Markov head's output then cost a sixth, in training and in every draft pass; the tokens
+  outside it are still produced exactly, by verification's residual and bonus draws. 0: the whole vocabulary.
 - --recipe dflash trains the ablation: no Markov head, no confidence head, cross-entropy only.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import random
 import sys
+from collections import Counter
 from pathlib import Path
 
 from dspark_trt.errors import DSparkError
@@ -38,12 +45,14 @@ from dspark_trt.models.markov_heads import MARKOV_HEAD_TYPES
 from dspark_trt.models.weights import load_target
 from dspark_trt.runtimes.torch_runtime import TorchRuntime
 from dspark_trt.training.code_prompts import other_language_prompts, stdlib_prompts
+from dspark_trt.training.draft_vocab import COVERAGE_SIZES, count_response_tokens, coverage_table, select_draft_vocab
 from dspark_trt.training.data import FeatureExtractor, load_samples, read_training_prompts, regenerate_responses
 from dspark_trt.training.feature_cache import CachedFeatureExtractor, target_identity
 from dspark_trt.training.losses import LossWeights
 from dspark_trt.training.trainer import STATE_FILE, Trainer, TrainConfig
 
 RESPONSES_FILE = "responses.jsonl"
+DRAFT_VOCAB_FILE = "draft_vocab.json"
 RECIPES = {"dspark": LossWeights(), "dflash": LossWeights(ce=1.0, tv=0.0, conf=0.0)}
 
 
@@ -70,6 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-layers", type=int, default=2)
     g.add_argument("--markov-rank", type=int, default=64)
     g.add_argument("--markov-head", choices=MARKOV_HEAD_TYPES, default="vanilla")
+    g.add_argument("--draft-vocab", type=int, default=8192,
+                   help="draft vocabulary size: the most frequent target tokens of the responses (0: all)")
     g.add_argument("--taps", type=int, nargs="+", help="target layer ids (default: 5 spread, never the last)")
     g.add_argument("--mask-token-id", type=int, default=SMOLLM2_MASK_TOKEN_ID,
                    help=f"token id of the block's mask slots: one that text never contains "
@@ -106,39 +117,69 @@ def _check(args: argparse.Namespace) -> None:
                  "max_new_tokens", "checkpoint_every", "log_every"):
         if getattr(args, name) <= 0:
             raise DSparkError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.draft_vocab < 0:
+        raise DSparkError(f"--draft-vocab must be >= 0, got {args.draft_vocab}")
     if args.markov_rank < 0:
         raise DSparkError(f"--markov-rank must be >= 0, got {args.markov_rank}")
     if not args.lr > 0:
         raise DSparkError(f"--lr must be positive, got {args.lr}")
 
 
-def _drafter(args: argparse.Namespace, target, out: Path):
-    """The checkpoint in OUT when resuming, else a fresh drafter (embed/lm_head copied from the target)."""
-    dflash = args.recipe == "dflash"
+def _draft_vocab(args: argparse.Namespace, target, responses: Path, out: Path):
+    """The draft vocabulary's target ids (None: the whole vocabulary); its coverage table goes to OUT."""
+    vocab = target.config.vocab_size
+    if not args.draft_vocab or args.draft_vocab >= vocab:
+        return None
+    counts = count_response_tokens(responses)
+    ids = select_draft_vocab(counts, vocab, args.draft_vocab, always=tuple(target.config.eos_token_ids))
+    fit, held_out = Counter(), count_response_tokens(responses, every=10, offset=0)
+    for offset in range(1, 10):
+        fit.update(count_response_tokens(responses, every=10, offset=offset))
+    table = coverage_table(fit, held_out, vocab, sorted({*COVERAGE_SIZES, args.draft_vocab}))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DRAFT_VOCAB_FILE).write_text(json.dumps({
+        "draft_vocab_size": args.draft_vocab, "response_tokens": sum(counts.values()),
+        "coverage_held_out": {str(n): round(c, 5) for n, c in table.items()},
+        "note": "coverage: share of the tokens of every 10th response inside the top-N of the other nine"},
+        indent=2) + "\n")
+    print(f"train-draft: draft vocabulary of {args.draft_vocab} tokens; held-out coverage "
+          + ", ".join(f"{n}: {c:.3f}" for n, c in table.items()), file=sys.stderr)
+    return ids
+
+
+def _drafter_config(args: argparse.Namespace, target, out: Path):
+    """The checkpoint's config when resuming, else the options' (checked before the long regeneration)."""
     if (out / STATE_FILE).is_file():
-        return load_drafter(out)
+        return load_drafter(out).config
+    dflash = args.recipe == "dflash"
     try:
-        config = drafter_config_for_target(
+        return drafter_config_for_target(
             target.config, block_size=args.block_size, num_draft_layers=args.draft_layers,
             target_layer_ids=args.taps, markov_rank=0 if dflash else args.markov_rank,
             markov_head_type=args.markov_head, enable_confidence_head=not dflash,
             confidence_head_with_markov=not dflash and args.markov_rank > 0, mask_token_id=args.mask_token_id)
     except DSparkError as exc:
         raise DSparkError(f"bad drafter options: {exc}") from exc
-    return random_drafter(config, seed=args.seed, target=target)
+
+
+def _drafter(args: argparse.Namespace, target, out: Path, config, responses: Path):
+    """The checkpoint in OUT when resuming, else a fresh drafter (embed/lm_head copied from the target) over
+    the draft vocabulary chosen from the responses."""
+    if (out / STATE_FILE).is_file():
+        return load_drafter(out)
+    draft_ids = _draft_vocab(args, target, responses, out)
+    if draft_ids is not None:
+        config = dataclasses.replace(config, draft_vocab_size=len(draft_ids))
+    return random_drafter(config, seed=args.seed, target=target, draft_ids=draft_ids)
 
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
     out = Path(args.out)
     target, tokenizer = load_target(args.target)
-    drafter = _drafter(args, target, out)
-    extractor = FeatureExtractor(target, drafter.config.target_layer_ids, max_batch=args.batch_size,
+    config = _drafter_config(args, target, out)
+    extractor = FeatureExtractor(target, config.target_layer_ids, max_batch=args.batch_size,
                                  max_length=args.max_length)
-    if args.feature_cache != "none":
-        extractor = CachedFeatureExtractor(extractor, args.feature_cache or out / "feature_cache",
-                                           target_id=target_identity(target),
-                                           max_bytes=int(args.feature_cache_gb * 2**30))
     if args.responses:
         responses = Path(args.responses)
     else:
@@ -150,6 +191,11 @@ def run(args: argparse.Namespace) -> int:
                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                      top_p=args.top_p, seed=args.seed)
         print(f"train-draft: {stats['added']} new responses in {responses}", file=sys.stderr)
+    drafter = _drafter(args, target, out, config, responses)
+    if args.feature_cache != "none":
+        extractor = CachedFeatureExtractor(extractor, args.feature_cache or out / "feature_cache",
+                                           target_id=target_identity(target),
+                                           max_bytes=int(args.feature_cache_gb * 2**30))
     samples = load_samples(responses, max_length=args.max_length, min_loss_tokens=args.min_loss_tokens)
     train_config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, num_anchors=args.num_anchors,
                                checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,

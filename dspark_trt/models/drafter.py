@@ -110,11 +110,11 @@ class DraftAttention(nn.Module):
         return k.transpose(0, 1), v.transpose(0, 1)
 
     def forward(self, a: torch.Tensor, cos, sin, contexts: list[tuple[torch.Tensor, torch.Tensor]],
-                masks: torch.Tensor | None = None):
+                masks: list[torch.Tensor] | None = None):
         """Block states a [R, B, H] attend to each request's context K/V and to the whole block.
 
         Inference passes no mask (a block sees all its context and itself); training packs many
-        blocks into one row and passes masks [R, B, n_ctx + B] (True = may attend), spec 1.4.
+        blocks into one row per sequence and passes a mask [B, n_ctx + B] per row (True = may attend), spec 1.4.
         """
         r, b, _ = a.shape
         q = apply_rotary(self.q_norm(self.q_proj(a).view(r, b, self.n_heads, self.head_dim)), cos, sin)
@@ -222,7 +222,7 @@ class DSparkDrafter(nn.Module):
         return [layer.self_attn.context_kv(ctx, cos, sin) for layer in self.layers]
 
     def backbone(self, block_ids: torch.Tensor, positions: torch.Tensor, contexts: list[list[tuple]],
-                 masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 masks: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(h [R, b, H], U [R, b, N] float32) of block rows; contexts[layer][row] = that row's context K/V."""
         x = self.embed_tokens(block_ids)
         cos, sin = self.rotary(positions, x.dtype)
@@ -246,16 +246,34 @@ class DSparkDrafter(nn.Module):
         """
         b = self.config.block_size
         a = anchor_ids.shape[0]
-        block_ids = torch.full((a, b), self.config.mask_token_id, dtype=torch.long)
-        block_ids[:, 0] = anchor_ids
-        positions = (anchor_positions.unsqueeze(1) + torch.arange(b)).reshape(1, a * b)
-        sees_ctx = (ctx_seq.unsqueeze(0) == anchor_seq.unsqueeze(1)) & (ctx_positions.unsqueeze(0)
-                                                                         < anchor_positions.unsqueeze(1))
-        block_of = torch.arange(a * b) // b  # block index of every packed query / block key
-        mask = torch.cat([sees_ctx[block_of], block_of.unsqueeze(1) == block_of.unsqueeze(0)], dim=1)
-        contexts = [[kv] for kv in self.context_kv(features, ctx_positions)]
-        hidden, base_logits = self.backbone(block_ids.reshape(1, a * b), positions, contexts, mask.unsqueeze(0))
-        hidden, base_logits = hidden.view(a, b, -1), base_logits.view(a, b, -1)
+        # one row per sequence holding its blocks (padded to the longest), attending to that sequence's
+        # context only: the attention then costs Σ_s a_s·(n_s + a_s) instead of A·(M + A) for one packed row
+        n_seq = int(ctx_seq.max()) + 1 if ctx_seq.numel() else 0
+        n_seq = max(n_seq, int(anchor_seq.max()) + 1)
+        per_seq = torch.bincount(anchor_seq, minlength=n_seq)
+        width = int(per_seq.max()) * b
+        order = torch.argsort(anchor_seq, stable=True)
+        column = torch.empty(a, dtype=torch.long)  # block j's index within its sequence's row
+        column[order] = torch.arange(a) - torch.repeat_interleave(torch.cumsum(per_seq, 0) - per_seq, per_seq)
+        block_ids = torch.full((n_seq, width), self.config.mask_token_id, dtype=torch.long)
+        positions = torch.zeros(n_seq, width, dtype=torch.long)
+        slot = anchor_seq.unsqueeze(1), column.unsqueeze(1) * b + torch.arange(b)  # [A, B] cells of each block
+        block_ids[anchor_seq, column * b] = anchor_ids
+        positions[slot] = anchor_positions.unsqueeze(1) + torch.arange(b)
+        block_of = torch.arange(width) // b
+        own_block = block_of.unsqueeze(1) == block_of.unsqueeze(0)
+        anchor_at = torch.zeros(n_seq, width // b, dtype=torch.long)
+        anchor_at[anchor_seq, column] = anchor_positions
+        kv = self.context_kv(features, ctx_positions)
+        contexts, masks = [[] for _ in self.layers], []
+        for seq in range(n_seq):
+            rows = ctx_seq == seq
+            for layer, (k, v) in zip(contexts, kv):
+                layer.append((k[:, rows], v[:, rows]))
+            sees_ctx = ctx_positions[rows].unsqueeze(0) < anchor_at[seq, block_of].unsqueeze(1)
+            masks.append(torch.cat([sees_ctx, own_block], dim=1))
+        hidden, base_logits = self.backbone(block_ids, positions, contexts, masks)
+        hidden, base_logits = hidden[slot], base_logits[slot]
         logits = base_logits
         if self.markov_head is not None:
             head = self.markov_head

@@ -196,6 +196,7 @@ class TargetFeatures:
 
     taps: torch.Tensor  # [M, len(tap_layers) * H] raw outputs of the tapped layers
     last_hidden: torch.Tensor  # [M, H] final-normed last-layer state (teacher logits = lm_head of it)
+    target_lse: torch.Tensor  # [M] logsumexp of the teacher logits over the whole vocabulary
     positions: torch.Tensor  # [M] position within its sequence
     seq: torch.Tensor  # [M] index of the sequence in the batch
 
@@ -223,9 +224,17 @@ class FeatureExtractor:
                           torch.arange(len(samples)), lens, self.cache, tap_layers=self.tap_layers,
                           logits_rows=torch.zeros(0, dtype=torch.long))
         h = self.target.config.hidden_size
+        last_hidden = self.target.norm(out.taps[:, -h:])
         return TargetFeatures(
             taps=out.taps[:, :-h],
-            last_hidden=self.target.norm(out.taps[:, -h:]),
+            last_hidden=last_hidden,
+            target_lse=logsumexp_rows(self.target.lm_head, last_hidden),
             positions=torch.cat([torch.arange(n) for n in lens]),
             seq=torch.repeat_interleave(torch.arange(len(samples)), lens),
         )
+
+
+def logsumexp_rows(lm_head: torch.nn.Module, hidden: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """logsumexp over the vocabulary of lm_head(hidden) [M, V], in row chunks to bound memory."""
+    return torch.cat([torch.logsumexp(lm_head(hidden[i: i + chunk]).float(), dim=-1)
+                      for i in range(0, hidden.shape[0], chunk)])

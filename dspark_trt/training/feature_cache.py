@@ -1,8 +1,8 @@
 """A bounded on-disk cache of target features, so epochs after the first (and a second run on the
 same data, such as the DFlash ablation) skip the target forward that dominates a CPU training step.
 
-Each training sequence's tap outputs and final-normed last hidden state are stored as float16 in
-one file named by a hash of (target identity, tap layers, token ids). Files are written atomically,
+Each training sequence's tap outputs and final-normed last hidden state are stored as float16, with the
+teacher's full-vocabulary logsumexp as float32, in one file named by a hash of (target identity, tap layers, token ids). Files are written atomically,
 so two runs may share a directory. Once the directory holds `max_bytes`, new features are computed
 but no longer stored: disk use stays bounded.
 """
@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from dspark_trt.training.data import FeatureExtractor, Sample, TargetFeatures
+
+FORMAT = "taps-hidden-lse/2"  # part of every file's name: files of another layout are never read
 
 
 def target_identity(target: torch.nn.Module) -> str:
@@ -32,7 +34,7 @@ class CachedFeatureExtractor:
         self.extractor, self.max_bytes = extractor, max_bytes
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.prefix = f"{target_id}|{extractor.tap_layers}".encode()
+        self.prefix = f"{FORMAT}|{target_id}|{extractor.tap_layers}".encode()
         self.used_bytes = sum(p.stat().st_size for p in self.cache_dir.glob("*.pt"))
         self.hits = self.misses = 0
 
@@ -41,7 +43,7 @@ class CachedFeatureExtractor:
         return self.cache_dir / f"{digest}.pt"
 
     def __call__(self, samples: list[Sample]) -> TargetFeatures:
-        per_sample: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        per_sample: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
         for sample in samples:
             path = self._path(sample)
             per_sample.append(torch.load(path) if path.is_file() else None)
@@ -53,22 +55,24 @@ class CachedFeatureExtractor:
             starts = torch.cumsum(torch.tensor([0] + [len(samples[i]) for i in missing]), 0).tolist()
             for j, i in enumerate(missing):
                 rows = slice(starts[j], starts[j + 1])
-                per_sample[i] = (fresh.taps[rows], fresh.last_hidden[rows])
+                per_sample[i] = (fresh.taps[rows], fresh.last_hidden[rows], fresh.target_lse[rows])
                 self._store(self._path(samples[i]), per_sample[i])
         lens = torch.tensor([len(s) for s in samples])
         return TargetFeatures(
-            taps=torch.cat([taps.float() for taps, _ in per_sample]),
-            last_hidden=torch.cat([hidden.float() for _, hidden in per_sample]),
+            taps=torch.cat([taps.float() for taps, _, _ in per_sample]),
+            last_hidden=torch.cat([hidden.float() for _, hidden, _ in per_sample]),
+            target_lse=torch.cat([lse.float() for _, _, lse in per_sample]),
             positions=torch.cat([torch.arange(n) for n in lens]),
             seq=torch.repeat_interleave(torch.arange(len(samples)), lens),
         )
 
-    def _store(self, path: Path, features: tuple[torch.Tensor, torch.Tensor]) -> None:
-        taps, hidden = (t.to(torch.float16).contiguous() for t in features)
-        size = (taps.numel() + hidden.numel()) * 2
+    def _store(self, path: Path, features: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        taps, hidden = (t.to(torch.float16).contiguous() for t in features[:2])
+        lse = features[2].float().contiguous()
+        size = (taps.numel() + hidden.numel()) * 2 + lse.numel() * 4
         if self.used_bytes + size > self.max_bytes:
             return
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save((taps, hidden), tmp)
+        torch.save((taps, hidden, lse), tmp)
         os.replace(tmp, path)
         self.used_bytes += size

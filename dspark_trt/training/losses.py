@@ -26,19 +26,28 @@ def position_weights(block_size: int, gamma: float = 4.0) -> torch.Tensor:
 
 def dspark_loss(logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
                 confidence_logits: torch.Tensor | None, weights: torch.Tensor,
-                loss_weights: LossWeights = LossWeights()) -> tuple[torch.Tensor, dict[str, float]]:
+                loss_weights: LossWeights = LossWeights(),
+                target_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """(total loss, diagnostics) for block slots [A, B].
 
-    logits: the Markov-corrected draft logits ℓ [A, B, V]; target_logits: u^t [A, B, V];
-    labels: ground-truth next tokens [A, B]; weights [A, B]: position weight on supervised slots, 0
-    elsewhere. The confidence label c* = 1 - TV(softmax ℓ, softmax u^t) is detached.
+    logits: the Markov-corrected draft logits ℓ [A, B, N] over the draft vocabulary; target_logits: the
+    target's logits u^t [A, B, N] at the same tokens; target_lse [A, B]: logsumexp of the target's logits
+    over its whole vocabulary (None: the draft vocabulary is the whole vocabulary). labels: ground-truth
+    next tokens [A, B] in draft ids, -1 outside the draft vocabulary (no CE there, EAGLE-3's masking);
+    weights [A, B]: position weight on supervised slots, 0 elsewhere. The L1 term is the full-vocabulary
+    distance: the target's mass outside the draft vocabulary counts, where the draft has none. The
+    confidence label c* = 1 - TV(softmax ℓ, target) is detached.
     """
     w = weights.float()
     denom = w.sum().clamp(min=1e-12)
     draft_logp = F.log_softmax(logits.float(), dim=-1)
-    target_p = F.softmax(target_logits.float(), dim=-1)
-    ce = F.nll_loss(draft_logp.flatten(0, 1), labels.flatten(), reduction="none").view_as(w)
-    l1 = (draft_logp.exp() - target_p).abs().sum(-1)
+    if target_lse is None:
+        target_lse = torch.logsumexp(target_logits.float(), dim=-1)
+    target_p = torch.exp(target_logits.float() - target_lse.float().unsqueeze(-1))
+    outside = (1 - target_p.sum(-1)).clamp(min=0)
+    inside = labels >= 0
+    ce = F.nll_loss(draft_logp.flatten(0, 1), labels.clamp(min=0).flatten(), reduction="none").view_as(w) * inside
+    l1 = (draft_logp.exp() - target_p).abs().sum(-1) + outside
     accept = (1 - 0.5 * l1.detach()).clamp(0, 1)  # c*_k, the analytic acceptance probability
     loss_ce, loss_tv = (w * ce).sum() / denom, (w * l1).sum() / denom
     total = loss_weights.ce * loss_ce + loss_weights.tv * loss_tv

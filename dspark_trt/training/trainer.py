@@ -119,9 +119,10 @@ class Trainer:
         logits, _, conf = self.drafter.forward_packed(
             features.taps, features.positions, features.seq, blocks.anchor_ids, blocks.anchor_positions,
             blocks.anchor_seq, blocks.prev_tokens)
-        with torch.no_grad():
+        with torch.no_grad():  # the target's logits at the draft vocabulary (the lm_head holds those rows)
             target_logits = self.drafter.lm_head(features.last_hidden[blocks.target_rows]).float()
-        return dspark_loss(logits, target_logits, blocks.labels, conf, blocks.weights, self.config.loss)
+        return dspark_loss(logits, target_logits, self.drafter.to_draft_ids(blocks.labels), conf, blocks.weights,
+                           self.config.loss, features.target_lse[blocks.target_rows])
 
     def train(self, progress: bool = True, until: int | None = None) -> list[dict]:
         """Run until config.steps (or an earlier step `until`); returns the log records of this call."""
