@@ -51,7 +51,7 @@ def dspark_loss(logits: torch.Tensor, target_logits: torch.Tensor, labels: torch
     accept = (1 - 0.5 * l1.detach()).clamp(0, 1)  # c*_k, the analytic acceptance probability
     loss_ce, loss_tv = (w * ce).sum() / denom, (w * l1).sum() / denom
     total = loss_weights.ce * loss_ce + loss_weights.tv * loss_tv
-    stats = {"ce": loss_ce.item(), "tv": loss_tv.item()}
+    stats = {"ce": loss_ce.item(), "tv": loss_tv.item(), "positions": int((w > 0).sum())}
     if confidence_logits is not None and loss_weights.conf > 0:
         bce = F.binary_cross_entropy_with_logits(confidence_logits.float(), accept, reduction="none")
         loss_conf = (w * bce).sum() / denom

@@ -133,6 +133,7 @@ class Trainer:
         params = [p for p in self.drafter.parameters() if p.requires_grad]
         with (self.out_dir / LOG_FILE).open("a") as log:
             while self.step < until:
+                step_started = time.perf_counter()
                 generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step)
                 loss, stats = self.loss_for(self.batch_for(self.step), generator)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -143,14 +144,15 @@ class Trainer:
                 self.schedule.step()
                 self.step += 1
                 stats["step"] = self.step
+                stats["seconds"] = round(time.perf_counter() - step_started, 4)
                 records.append(stats)
                 log.write(json.dumps(stats) + "\n")
                 log.flush()
                 if progress and (self.step % self.config.log_every == 0 or self.step == self.config.steps):
-                    rate = len(records) / (time.perf_counter() - started)
+                    rate = sum(r["positions"] for r in records) / (time.perf_counter() - started)
                     print(f"train-draft: step {self.step}/{self.config.steps} loss {stats['loss']:.4f} "
                           f"ce {stats['ce']:.3f} tv {stats['tv']:.3f} τ~{stats['tau_probabilistic']:.2f} "
-                          f"lr {stats['lr']:.2e} ({rate:.2f} steps/s)", file=sys.stderr)
+                          f"lr {stats['lr']:.2e} ({rate:.0f} supervised block positions/s)", file=sys.stderr)
                 if self.step % self.config.checkpoint_every == 0 or self.step == until:
                     self.save()
         self.drafter.eval()
