@@ -5,6 +5,7 @@
   served   tokens/s through a real tritonserver vs the in-process engine on the same engines
   load     closed-loop concurrency sweep per schedule mode (in-process, or --served through tritonserver)
   precision  an engine's target vs the float32 torch reference on real prompts (KL, greedy divergence)
+  train    drafter training throughput: supervised block positions/s by draft vocabulary
 """
 from __future__ import annotations
 
@@ -55,7 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     precision.add_argument("--prompts-file", action="append", required=True)
     precision.add_argument("--limit", type=int, default=4, help="prompts per file")
     precision.add_argument("--max-tokens", type=int, default=128)
-    for p in (ar, speedup, served, precision):
+    train = sub.add_parser("train", help="drafter training throughput (block positions/s) side by side")
+    train.add_argument("--target", default="smollm2")
+    train.add_argument("--responses", required=True, help="responses.jsonl (gen-data or train-draft output)")
+    train.add_argument("--steps", type=int, default=4, help="timed steps per variant (after one warm-up)")
+    train.add_argument("--draft-vocab", type=int, nargs="+", default=[0, 8192], help="sizes to time (0: full)")
+    for p in (ar, speedup, served, precision, train):
         p.add_argument("--json", action="store_true")
         p.add_argument("--out", help="also write the result JSON here")
     load = sub.add_parser("load", help="closed-loop concurrency sweep per schedule mode (Pareto frontier)")
@@ -121,10 +127,19 @@ def run(args: argparse.Namespace) -> int:
         prompts = [chat_prompt_ids(tokenizer, p) for f in args.prompts_file for p in read_prompts_file(f, args.limit)]
         result = measure_precision(args.engines, args.target, prompts, args.max_tokens, progress)
         summary = precision_table(result)
+    elif args.benchmark == "train":
+        from dspark_trt.bench.train import measure_training, training_table
+
+        if args.steps < 1 or any(v < 0 for v in args.draft_vocab):
+            raise DSparkError("--steps must be >= 1 and --draft-vocab sizes >= 0")
+        result = measure_training(args.target, args.responses, args.steps, tuple(args.draft_vocab),
+                                  progress=progress)
+        summary = training_table(result)
     elif args.benchmark == "load":
         return _run_load(args, progress)
     else:
-        raise DSparkError("choose a benchmark: ar, speedup, served, precision or load (see `dspark-trt bench --help`)")
+        raise DSparkError("choose a benchmark: ar, speedup, served, precision, train or load "
+                          "(see `dspark-trt bench --help`)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -99,10 +99,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                            "epochs and other runs on the same data skip the target forward "
                                            "(default OUT/feature_cache; 'none' to disable)")
     g.add_argument("--feature-cache-gb", type=float, default=4.0, help="disk budget of the feature cache")
-    g.add_argument("--features", choices=("torch", "onnxruntime"), default="torch",
-                   help="what computes the target's features: the float32 torch target (what `eval` verifies "
-                        "with) or the fused int4 graph of the default CPU engines (2-3x faster here; the served "
-                        "target's own features; needs a GGUF target)")
 
 
 def _prompts(args: argparse.Namespace):
@@ -175,18 +171,6 @@ def _drafter(args: argparse.Namespace, target, out: Path, config, responses: Pat
     if draft_ids is not None:
         config = dataclasses.replace(config, draft_vocab_size=len(draft_ids))
     return random_drafter(config, seed=args.seed, target=target, draft_ids=draft_ids)
-
-
-def _feature_extractor(args: argparse.Namespace, target, config, out: Path):
-    """(extractor, its target identity for the feature cache)."""
-    if args.features == "torch":
-        return (FeatureExtractor(target, config.target_layer_ids, max_batch=args.batch_size,
-                                 max_length=args.max_length), target_identity(target))
-    from dspark_trt.training.ort_features import OrtFeatureExtractor
-
-    extractor = OrtFeatureExtractor(args.target, target, config.target_layer_ids, max_batch=args.batch_size,
-                                    max_length=args.max_length, graph_dir=out / "feature_graphs")
-    return extractor, f"{target_identity(target)}-{extractor.identity(args.target, args.max_length)}"
 
 
 def run(args: argparse.Namespace) -> int:
