@@ -134,3 +134,35 @@ def test_loss_over_the_draft_vocabulary_equals_the_full_loss_of_the_masked_draft
                                   target_lse=torch.logsumexp(target_logits, -1))
     ce00 = -torch.log_softmax(full_logits[0, 0, ids], -1)[index[labels[0, 0]]]
     assert with_outside["ce"] == pytest.approx(stats["ce"] - float(weights[0, 0] * ce00 / weights.sum()))
+
+
+def test_init_from_a_full_drafter_cuts_its_output_rows_to_the_draft_vocabulary():
+    from dspark_trt.models.drafter_checkpoint import init_from
+
+    full, _ = _pair()
+    target = tiny_target(vocab_size=16)
+    fresh = tiny_drafter(target, block_size=4, seed=9, draft_ids=DRAFT_IDS)
+    init_from(fresh, full)
+    _, reference = _pair()  # the reduced drafter built from the full one's rows by hand
+    for key, value in reference.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    with pytest.raises(UnsupportedModelError, match="'layers.0.mlp.*has shape"):
+        init_from(tiny_drafter(target, block_size=4, intermediate_size=12), full)
+    with pytest.raises(UnsupportedModelError, match="lacks tokens"):
+        init_from(tiny_drafter(target, block_size=4, seed=9, draft_ids=[1, 2]), reference)
+
+
+def test_kl_warm_start_replaces_the_l1_term_and_reaches_zero_at_the_target():
+    from dspark_trt.training.losses import LossWeights, dspark_loss
+
+    g = torch.Generator().manual_seed(1)
+    target_logits = torch.randn(2, 3, 8, generator=g)
+    labels, weights = torch.randint(0, 8, (2, 3), generator=g), torch.ones(2, 3)
+    at_target, stats = dspark_loss(target_logits, target_logits, labels, None, weights, LossWeights(ce=0.0, kl=True))
+    assert float(at_target) == pytest.approx(0.0, abs=1e-6) and "kl" in stats
+    away, _ = dspark_loss(torch.zeros_like(target_logits), target_logits, labels, None, weights,
+                          LossWeights(ce=0.0, kl=True))
+    expected = torch.nn.functional.kl_div(torch.log_softmax(torch.zeros(8), -1).expand(2, 3, 8),
+                                          torch.log_softmax(target_logits, -1), log_target=True,
+                                          reduction="none").sum(-1).mean()
+    assert float(away) == pytest.approx(LossWeights().tv * float(expected), rel=1e-5)  # in the L1 term's place

@@ -124,3 +124,19 @@ def test_resume_continues_exactly(tmp_path):
     assert not torch.equal(a.fc.weight, _setup(tmp_path / "c", 6).drafter.fc.weight)  # it did train
     # frozen copies of the target's tables stay put
     assert torch.equal(a.lm_head.weight, _setup(tmp_path / "d", 6).drafter.lm_head.weight)
+
+
+def test_kl_warm_start_covers_the_first_steps_then_the_l1_term_takes_over(tmp_path):
+    trainer = _setup(tmp_path, 4)
+    trainer.config.kl_warmup_frac = 0.5
+    records = trainer.train(progress=False)
+    assert ["kl" in r for r in records] == [True, True, False, False]
+
+
+def test_a_checkpoint_from_before_a_new_setting_resumes_with_its_default(tmp_path):
+    _setup(tmp_path, 4).train(progress=False, until=2)
+    state = torch.load(tmp_path / "trainer_state.pt", weights_only=False)
+    del state["config"]["kl_warmup_frac"], state["config"]["loss"]["kl"]  # written before these existed
+    torch.save(state, tmp_path / "trainer_state.pt")
+    resumed = _setup(tmp_path, 4)
+    assert resumed.restore() and resumed.step == 2

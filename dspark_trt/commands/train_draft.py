@@ -39,8 +39,8 @@ from collections import Counter
 from pathlib import Path
 
 from dspark_trt.errors import DSparkError
-from dspark_trt.models.drafter_checkpoint import (SMOLLM2_MASK_TOKEN_ID, drafter_config_for_target, load_drafter,
-                                                  random_drafter)
+from dspark_trt.models.drafter_checkpoint import (SMOLLM2_MASK_TOKEN_ID, drafter_config_for_target, init_from,
+                                                  load_drafter, random_drafter)
 from dspark_trt.models.markov_heads import MARKOV_HEAD_TYPES
 from dspark_trt.models.weights import load_target
 from dspark_trt.runtimes.torch_runtime import TorchRuntime
@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gen-batch", type=int, default=8, help="requests generated at once")
     g = parser.add_argument_group("drafter")
     g.add_argument("--recipe", choices=sorted(RECIPES), default="dspark")
+    g.add_argument("--init", metavar="DRAFTER", help="start from this drafter's weights ('default': the shipped "
+                   "one) instead of random ones; its shape must match the options, its LM head and Markov output "
+                   "rows are cut to the draft vocabulary")
     g.add_argument("--block-size", type=int, default=7)
     g.add_argument("--draft-layers", type=int, default=2)
     g.add_argument("--markov-rank", type=int, default=64)
@@ -95,6 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-every", type=int, default=100)
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--kl-warmup", type=float, default=0.0, metavar="FRAC",
+                   help="train the first FRAC of the steps with forward KL to the target in place of the L1 term")
     g.add_argument("--feature-cache", help="directory caching the target's features per sequence (float16), so later "
                                            "epochs and other runs on the same data skip the target forward "
                                            "(default OUT/feature_cache; 'none' to disable)")
@@ -117,6 +122,8 @@ def _check(args: argparse.Namespace) -> None:
                  "max_new_tokens", "checkpoint_every", "log_every"):
         if getattr(args, name) <= 0:
             raise DSparkError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0.0 <= args.kl_warmup <= 1.0:
+        raise DSparkError(f"--kl-warmup must be in [0, 1], got {args.kl_warmup}")
     if args.draft_vocab < 0:
         raise DSparkError(f"--draft-vocab must be >= 0, got {args.draft_vocab}")
     if args.markov_rank < 0:
@@ -170,7 +177,10 @@ def _drafter(args: argparse.Namespace, target, out: Path, config, responses: Pat
     draft_ids = _draft_vocab(args, target, responses, out)
     if draft_ids is not None:
         config = dataclasses.replace(config, draft_vocab_size=len(draft_ids))
-    return random_drafter(config, seed=args.seed, target=target, draft_ids=draft_ids)
+    drafter = random_drafter(config, seed=args.seed, target=target, draft_ids=draft_ids)
+    if args.init:
+        init_from(drafter, load_drafter(args.init, target=target))
+    return drafter
 
 
 def run(args: argparse.Namespace) -> int:
@@ -199,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     samples = load_samples(responses, max_length=args.max_length, min_loss_tokens=args.min_loss_tokens)
     train_config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, num_anchors=args.num_anchors,
                                checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
-                               loss=RECIPES[args.recipe])
+                               loss=RECIPES[args.recipe], kl_warmup_frac=args.kl_warmup)
     trainer = Trainer(drafter, extractor, samples, train_config, out)
     if trainer.restore():
         print(f"train-draft: resuming {out} at step {trainer.step}/{args.steps}", file=sys.stderr)

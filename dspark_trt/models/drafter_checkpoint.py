@@ -173,6 +173,31 @@ def random_drafter(config: DrafterConfig, seed: int = 0, target: nn.Module | Non
     return model.eval()
 
 
+def init_from(drafter: DSparkDrafter, source: DSparkDrafter) -> None:
+    """Copy `source`'s weights into `drafter` (same architecture), the output rows of `drafter`'s draft vocabulary
+    taken from `source`'s (which must predict them all); `drafter`'s own vocabulary mapping is kept."""
+    ours, theirs = drafter.state_dict(), source.state_dict()
+    rows = drafter.draft_ids if drafter.draft_ids is not None else torch.arange(drafter.config.vocab_size)
+    if source.draft_ids is not None:
+        index = source.to_draft_ids(rows)
+        if bool((index < 0).any()):
+            raise UnsupportedModelError("the initial drafter's vocabulary lacks tokens of the new draft vocabulary")
+        rows = index
+    state = {}
+    for key, value in ours.items():
+        if key in ("d2t", "t2d"):
+            state[key] = value
+            continue
+        if key not in theirs:
+            raise UnsupportedModelError(f"the initial drafter has no tensor '{key}' (another architecture)")
+        source_value = theirs[key][rows] if key in ("lm_head.weight", "markov_head.markov_w2.weight") else theirs[key]
+        if source_value.shape != value.shape:
+            raise UnsupportedModelError(f"the initial drafter's '{key}' has shape {tuple(theirs[key].shape)}; this "
+                                        f"drafter needs {tuple(value.shape)}")
+        state[key] = source_value
+    drafter.load_state_dict(state)
+
+
 def _head_rows(weight: torch.Tensor, draft_ids: torch.Tensor | None) -> torch.Tensor:
     """The target LM head's rows that the drafter predicts."""
     return weight if draft_ids is None else weight[draft_ids]

@@ -1,5 +1,8 @@
 """The DSpark objective (DSPARK_SPEC.md 5.1, 6.1, 6.2): α_ce·CE + α_tv·L1 + α_conf·BCE, each a weighted
-mean over supervised block slots with weight exp(-k/γ) at slot k."""
+mean over supervised block slots with weight exp(-k/γ) at slot k.
+
+A KL warm start (`kl=True`, "LK losses", arXiv 2602.23881) puts the forward KL to the target in the L1 term's
+place: far from the target, over a large vocabulary, the L1 term's gradients are weak, KL's are not."""
 from __future__ import annotations
 
 import math
@@ -17,6 +20,7 @@ class LossWeights:
     tv: float = 0.9
     conf: float = 1.0
     decay_gamma: float = 4.0
+    kl: bool = False  # forward KL(target || draft) in place of the L1 term (a warm start)
 
 
 def position_weights(block_size: int, gamma: float = 4.0) -> torch.Tensor:
@@ -50,8 +54,14 @@ def dspark_loss(logits: torch.Tensor, target_logits: torch.Tensor, labels: torch
     l1 = (draft_logp.exp() - target_p).abs().sum(-1) + outside
     accept = (1 - 0.5 * l1.detach()).clamp(0, 1)  # c*_k, the analytic acceptance probability
     loss_ce, loss_tv = (w * ce).sum() / denom, (w * l1).sum() / denom
-    total = loss_weights.ce * loss_ce + loss_weights.tv * loss_tv
     stats = {"ce": loss_ce.item(), "tv": loss_tv.item(), "positions": int((w > 0).sum())}
+    if loss_weights.kl:  # Σ t log(t / p) over the draft vocabulary (the mass outside it has no draft to move)
+        kl = (target_p * (torch.log(target_p.clamp(min=1e-30)) - draft_logp)).sum(-1)
+        loss_kl = (w * kl).sum() / denom
+        stats["kl"] = loss_kl.item()
+        total = loss_weights.ce * loss_ce + loss_weights.tv * loss_kl
+    else:
+        total = loss_weights.ce * loss_ce + loss_weights.tv * loss_tv
     if confidence_logits is not None and loss_weights.conf > 0:
         bce = F.binary_cross_entropy_with_logits(confidence_logits.float(), accept, reduction="none")
         loss_conf = (w * bce).sum() / denom

@@ -6,6 +6,7 @@ takes exactly the steps an uninterrupted run would have taken.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -40,6 +41,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 42
     loss: LossWeights = LossWeights()
+    kl_warmup_frac: float = 0.0  # the first steps train with the KL warm start (losses.py)
 
 
 def lr_factor(step: int, total: int, warmup_frac: float) -> float:
@@ -85,8 +87,10 @@ class Trainer:
         if not path.is_file():
             return False
         state = torch.load(path, weights_only=False)
+        defaults = asdict(TrainConfig())  # settings added since the checkpoint was written had their defaults
+        saved_config = {**defaults, **state["config"], "loss": {**defaults["loss"], **state["config"]["loss"]}}
         changed = [k for k, v in asdict(self.config).items()
-                   if k not in ("checkpoint_every", "log_every") and state["config"].get(k) != v]
+                   if k not in ("checkpoint_every", "log_every") and saved_config[k] != v]
         if changed:
             raise DSparkError(f"{self.out_dir} was trained with other settings ({', '.join(changed)}); pass the "
                               f"same options to resume, or use a new output directory")
@@ -121,8 +125,11 @@ class Trainer:
             blocks.anchor_seq, blocks.prev_tokens)
         with torch.no_grad():  # the target's logits at the draft vocabulary (the lm_head holds those rows)
             target_logits = self.drafter.lm_head(features.last_hidden[blocks.target_rows]).float()
+        loss_weights = self.config.loss
+        if self.step < self.config.kl_warmup_frac * self.config.steps:
+            loss_weights = dataclasses.replace(loss_weights, kl=True)
         return dspark_loss(logits, target_logits, self.drafter.to_draft_ids(blocks.labels), conf, blocks.weights,
-                           self.config.loss, features.target_lse[blocks.target_rows])
+                           loss_weights, features.target_lse[blocks.target_rows])
 
     def train(self, progress: bool = True, until: int | None = None) -> list[dict]:
         """Run until config.steps (or an earlier step `until`); returns the log records of this call."""
