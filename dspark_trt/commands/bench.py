@@ -6,6 +6,7 @@
   load     closed-loop concurrency sweep per schedule mode (in-process, or --served through tritonserver)
   precision  an engine's target vs the float32 torch reference on real prompts (KL, greedy divergence)
   train    drafter training throughput: supervised block positions/s by draft vocabulary
+  draft    draft pass cost of engine directories, interleaved, against their one-token target step
 """
 from __future__ import annotations
 
@@ -61,7 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--responses", required=True, help="responses.jsonl (gen-data or train-draft output)")
     train.add_argument("--steps", type=int, default=4, help="timed steps per variant (after one warm-up)")
     train.add_argument("--draft-vocab", type=int, nargs="+", default=[0, 8192], help="sizes to time (0: full)")
-    for p in (ar, speedup, served, precision, train):
+    draft = sub.add_parser("draft", help="draft pass cost of engine directories, interleaved")
+    draft.add_argument("--engines", nargs="+", required=True, help="build-engines directories with drafters")
+    draft.add_argument("--rounds", type=int, default=15)
+    for p in (ar, speedup, served, precision, train, draft):
         p.add_argument("--json", action="store_true")
         p.add_argument("--out", help="also write the result JSON here")
     load = sub.add_parser("load", help="closed-loop concurrency sweep per schedule mode (Pareto frontier)")
@@ -135,10 +139,15 @@ def run(args: argparse.Namespace) -> int:
         result = measure_training(args.target, args.responses, args.steps, tuple(args.draft_vocab),
                                   progress=progress)
         summary = training_table(result)
+    elif args.benchmark == "draft":
+        from dspark_trt.bench.draft import bench_draft, draft_table
+
+        result = bench_draft(args.engines, rounds=args.rounds, progress=progress)
+        summary = draft_table(result)
     elif args.benchmark == "load":
         return _run_load(args, progress)
     else:
-        raise DSparkError("choose a benchmark: ar, speedup, served, precision, train or load "
+        raise DSparkError("choose a benchmark: ar, speedup, served, precision, train, draft or load "
                           "(see `dspark-trt bench --help`)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
