@@ -97,6 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--min-loss-tokens", type=int, default=14)
     g.add_argument("--checkpoint-every", type=int, default=100)
     g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--milestone-every", type=int, default=0, metavar="N",
+                   help="also keep the drafter of every N-th step in OUT/milestones/step-N (bfloat16, without the "
+                        "target's embeddings: the size of a shipped drafter), for the curve of τ against data seen")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--kl-warmup", type=float, default=0.0, metavar="FRAC",
                    help="train the first FRAC of the steps with forward KL to the target in place of the L1 term")
@@ -122,6 +125,8 @@ def _check(args: argparse.Namespace) -> None:
                  "max_new_tokens", "checkpoint_every", "log_every"):
         if getattr(args, name) <= 0:
             raise DSparkError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.milestone_every < 0:
+        raise DSparkError(f"--milestone-every must be >= 0, got {args.milestone_every}")
     if not 0.0 <= args.kl_warmup <= 1.0:
         raise DSparkError(f"--kl-warmup must be in [0, 1], got {args.kl_warmup}")
     if args.draft_vocab < 0:
@@ -209,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
     samples = load_samples(responses, max_length=args.max_length, min_loss_tokens=args.min_loss_tokens)
     train_config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, num_anchors=args.num_anchors,
                                checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
+                               milestone_every=args.milestone_every,
                                loss=RECIPES[args.recipe], kl_warmup_frac=args.kl_warmup)
     trainer = Trainer(drafter, extractor, samples, train_config, out)
     if trainer.restore():

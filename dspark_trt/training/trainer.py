@@ -26,6 +26,8 @@ from dspark_trt.training.losses import LossWeights, dspark_loss, position_weight
 
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
+MILESTONES = "milestones"
+BOOKKEEPING = ("checkpoint_every", "log_every", "milestone_every")  # may change when a run resumes
 
 
 @dataclass
@@ -39,6 +41,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     checkpoint_every: int = 100
     log_every: int = 10
+    milestone_every: int = 0  # also keep the drafter of every such step in out_dir/milestones/step-NNNNNN
     seed: int = 42
     loss: LossWeights = LossWeights()
     kl_warmup_frac: float = 0.0  # the first steps train with the KL warm start (losses.py)
@@ -90,7 +93,7 @@ class Trainer:
         defaults = asdict(TrainConfig())  # settings added since the checkpoint was written had their defaults
         saved_config = {**defaults, **state["config"], "loss": {**defaults["loss"], **state["config"]["loss"]}}
         changed = [k for k, v in asdict(self.config).items()
-                   if k not in ("checkpoint_every", "log_every") and saved_config[k] != v]
+                   if k not in BOOKKEEPING and saved_config[k] != v]
         if changed:
             raise DSparkError(f"{self.out_dir} was trained with other settings ({', '.join(changed)}); pass the "
                               f"same options to resume, or use a new output directory")
@@ -162,6 +165,9 @@ class Trainer:
                           f"lr {stats['lr']:.2e} ({rate:.0f} supervised block positions/s)", file=sys.stderr)
                 if self.step % self.config.checkpoint_every == 0 or self.step == until:
                     self.save()
+                if self.config.milestone_every and self.step % self.config.milestone_every == 0:
+                    save_drafter(self.drafter, self.out_dir / MILESTONES / f"step-{self.step:06d}",
+                                 dtype=torch.bfloat16, share_target_embeddings=True)
         self.drafter.eval()
         return records
 
