@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dspark_trt.errors import DSparkError
 from dspark_trt.models.drafter_checkpoint import load_drafter
 from dspark_trt.training.data import FeatureExtractor, Sample
 from dspark_trt.training.losses import LossWeights, dspark_loss, position_weights
@@ -154,3 +155,28 @@ def test_milestones_keep_a_loadable_drafter_of_every_nth_step(tmp_path):
         if key in ("embed_tokens.weight", "lm_head.weight"):
             continue  # not stored: taken from the target at load
         torch.testing.assert_close(last.state_dict()[key], value, atol=2e-2, rtol=1e-2, msg=key)
+
+
+def test_validation_scores_held_out_sequences_the_same_way_each_time(tmp_path):
+    trainer = _setup(tmp_path, 6)
+    trainer.held_out = trainer.samples[:2]  # seen in training here, so that training moves the score
+    before = trainer.validate()
+    assert before == trainer.validate()  # same anchors, same weights: same value
+    trainer.config.validate_every = 3
+    records = trainer.train(progress=False)
+    assert ["val_tau" in r for r in records] == [False, False, True, False, False, True]
+    assert records[-1]["val_tau"] == trainer.validate() != before
+
+
+def test_a_reduced_vocabulary_drafter_needs_the_targets_lm_head_rows(tmp_path):
+    trainer = _setup(tmp_path, 2)
+    target = trainer.extractor.target
+    ids = torch.tensor([0, 2, 3, 5, 8])
+    reduced = tiny_drafter(target, block_size=3, seed=3, draft_ids=ids.tolist())  # a random LM head
+    trainer = Trainer(reduced, trainer.extractor, trainer.samples, trainer.config, tmp_path / "r")
+    with pytest.raises(DSparkError, match="LM head is not the target's"):
+        trainer.train(progress=False)
+    with torch.no_grad():
+        reduced.lm_head.weight.copy_(target.lm_head.weight[ids])
+    records = Trainer(reduced, trainer.extractor, trainer.samples, trainer.config, tmp_path / "r2").train(progress=False)
+    assert all(0 <= r["tv"] <= 2 for r in records)  # the L1 distance of two distributions

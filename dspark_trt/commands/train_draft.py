@@ -53,6 +53,7 @@ from dspark_trt.training.trainer import STATE_FILE, Trainer, TrainConfig
 
 RESPONSES_FILE = "responses.jsonl"
 DRAFT_VOCAB_FILE = "draft_vocab.json"
+VALIDATION_STRIDE, VALIDATION_MAX = 100, 64
 RECIPES = {"dspark": LossWeights(), "dflash": LossWeights(ce=1.0, tv=0.0, conf=0.0)}
 
 
@@ -97,6 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--min-loss-tokens", type=int, default=14)
     g.add_argument("--checkpoint-every", type=int, default=100)
     g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--validate-every", type=int, default=0, metavar="N",
+                   help="every N steps, log the teacher-forced τ on held-out sequences (every 100th response, at "
+                        "most 64, never trained on) as val_tau")
     g.add_argument("--milestone-every", type=int, default=0, metavar="N",
                    help="also keep the drafter of every N-th step in OUT/milestones/step-N (bfloat16, without the "
                         "target's embeddings: the size of a shipped drafter), for the curve of τ against data seen")
@@ -125,8 +129,9 @@ def _check(args: argparse.Namespace) -> None:
                  "max_new_tokens", "checkpoint_every", "log_every"):
         if getattr(args, name) <= 0:
             raise DSparkError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.milestone_every < 0:
-        raise DSparkError(f"--milestone-every must be >= 0, got {args.milestone_every}")
+    for name in ("milestone_every", "validate_every"):
+        if getattr(args, name) < 0:
+            raise DSparkError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0.0 <= args.kl_warmup <= 1.0:
         raise DSparkError(f"--kl-warmup must be in [0, 1], got {args.kl_warmup}")
     if args.draft_vocab < 0:
@@ -214,9 +219,13 @@ def run(args: argparse.Namespace) -> int:
     samples = load_samples(responses, max_length=args.max_length, min_loss_tokens=args.min_loss_tokens)
     train_config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, num_anchors=args.num_anchors,
                                checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
-                               milestone_every=args.milestone_every,
+                               milestone_every=args.milestone_every, validate_every=args.validate_every,
                                loss=RECIPES[args.recipe], kl_warmup_frac=args.kl_warmup)
-    trainer = Trainer(drafter, extractor, samples, train_config, out)
+    held_out = []
+    if args.validate_every:  # every 100th sequence, at most 64, out of training
+        held_out = samples[::VALIDATION_STRIDE][:VALIDATION_MAX]
+        samples = [s for i, s in enumerate(samples) if i % VALIDATION_STRIDE or i // VALIDATION_STRIDE >= VALIDATION_MAX]
+    trainer = Trainer(drafter, extractor, samples, train_config, out, held_out=held_out)
     if trainer.restore():
         print(f"train-draft: resuming {out} at step {trainer.step}/{args.steps}", file=sys.stderr)
     records = trainer.train()

@@ -27,7 +27,7 @@ from dspark_trt.training.losses import LossWeights, dspark_loss, position_weight
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
 MILESTONES = "milestones"
-BOOKKEEPING = ("checkpoint_every", "log_every", "milestone_every")  # may change when a run resumes
+BOOKKEEPING = ("checkpoint_every", "log_every", "milestone_every", "validate_every")  # may change when a run resumes
 
 
 @dataclass
@@ -42,6 +42,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     milestone_every: int = 0  # also keep the drafter of every such step in out_dir/milestones/step-NNNNNN
+    validate_every: int = 0  # teacher-forced τ on the held-out sequences every such step (the log's val_tau)
     seed: int = 42
     loss: LossWeights = LossWeights()
     kl_warmup_frac: float = 0.0  # the first steps train with the KL warm start (losses.py)
@@ -60,10 +61,11 @@ class Trainer:
     """Trains `drafter` in place; `out_dir` holds the checkpoint, the optimizer state and the log."""
 
     def __init__(self, drafter: DSparkDrafter, extractor: FeatureExtractor, samples: list[Sample],
-                 config: TrainConfig, out_dir: str | Path):
+                 config: TrainConfig, out_dir: str | Path, held_out: list[Sample] = ()):
         if not samples:
             raise DSparkError("no training samples (every response was shorter than the minimum?)")
         self.drafter, self.extractor, self.samples, self.config = drafter, extractor, samples, config
+        self.held_out = list(held_out)
         self.out_dir = Path(out_dir)
         for frozen in (drafter.embed_tokens, drafter.lm_head):  # copies of the target's, frozen (spec 1.6)
             frozen.weight.requires_grad_(False)
@@ -128,11 +130,29 @@ class Trainer:
             blocks.anchor_seq, blocks.prev_tokens)
         with torch.no_grad():  # the target's logits at the draft vocabulary (the lm_head holds those rows)
             target_logits = self.drafter.lm_head(features.last_hidden[blocks.target_rows]).float()
+        target_lse = None  # a full vocabulary normalises its own logits
+        if self.drafter.config.reduced_vocab:  # the rest of the vocabulary's mass comes from the features
+            target_lse = features.target_lse[blocks.target_rows]
+            if bool((torch.logsumexp(target_logits, -1) > target_lse + 1e-3).any()):
+                raise DSparkError("the drafter's LM head is not the target's (its rows of the draft vocabulary "
+                                  "hold more probability than the target's whole vocabulary)")
         loss_weights = self.config.loss
         if self.step < self.config.kl_warmup_frac * self.config.steps:
             loss_weights = dataclasses.replace(loss_weights, kl=True)
         return dspark_loss(logits, target_logits, self.drafter.to_draft_ids(blocks.labels), conf, blocks.weights,
-                           loss_weights, features.target_lse[blocks.target_rows])
+                           loss_weights, target_lse)
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Teacher-forced τ (expected accepted length, bonus included) on the held-out sequences, with the same
+        anchors every time, so successive values compare checkpoints rather than draws."""
+        generator = torch.Generator().manual_seed(self.config.seed)
+        size, taus = self.config.batch_size, []
+        for i in range(0, len(self.held_out), size):
+            batch = self.held_out[i:i + size]
+            _, stats = self.loss_for(batch, generator)
+            taus.append((stats["tau_probabilistic"], len(batch)))
+        return sum(t * n for t, n in taus) / max(1, sum(n for _, n in taus))
 
     def train(self, progress: bool = True, until: int | None = None) -> list[dict]:
         """Run until config.steps (or an earlier step `until`); returns the log records of this call."""
@@ -155,6 +175,8 @@ class Trainer:
                 self.step += 1
                 stats["step"] = self.step
                 stats["seconds"] = round(time.perf_counter() - step_started, 4)
+                if self.held_out and self.config.validate_every and self.step % self.config.validate_every == 0:
+                    stats["val_tau"] = self.validate()
                 records.append(stats)
                 log.write(json.dumps(stats) + "\n")
                 log.flush()
