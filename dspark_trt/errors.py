@@ -5,6 +5,10 @@ class DSparkError(Exception):
     """Base class for errors caused by user input, configuration or missing files."""
 
 
+class InvalidRequestError(DSparkError):
+    """A request parameter is out of range; the message names the field."""
+
+
 class ModelNotFoundError(DSparkError):
     """A model path or alias does not resolve to a loadable model."""
 

@@ -64,6 +64,57 @@ def tiny_drafter(target, block_size: int, seed: int = 0, draft_ids: list[int] | 
     return drafter
 
 
+def next_logits(target, seq: list[int]) -> torch.Tensor:
+    """The target's raw logits [1, V] for the token after seq, from a fresh cache."""
+    from dspark_trt.runtimes.kv_cache import KVCache
+
+    cache = KVCache(target.config, num_slots=1, max_seq_len=len(seq) + 1)
+    slot = cache.allocate()
+    with torch.no_grad():
+        return target(torch.tensor(seq), torch.arange(len(seq)), torch.tensor([slot]), torch.tensor([len(seq)]),
+                      cache).logits
+
+
+def oracle_runtime(target, block_size: int, num_slots: int = 8, max_seq_len: int = 128):
+    """A TorchRuntime whose "drafter" is the target itself without logit controls: each block is the target's
+    own continuation of the slot's tokens (drawn from its warped distribution, which is q). Drafts are accepted
+    wherever the controls leave the target's choice alone and rejected where they change it, so verification
+    under controls runs at every block position (random tiny drafters are rarely accepted)."""
+    from dspark_trt.runtimes.base import DraftStep
+    from dspark_trt.runtimes.kv_cache import KVCache
+    from dspark_trt.runtimes.torch_runtime import TorchRuntime
+    from dspark_trt.spec.sampling import sample_from_uniform, warp_probs
+
+    class OracleRuntime(TorchRuntime):
+        def __init__(self):
+            super().__init__(target, None, num_slots=num_slots, max_seq_len=max_seq_len)
+            self.block_size = block_size
+            self.tokens: dict[int, list[int]] = {}  # each slot's tokens, as its cache holds them
+
+        def target_forward(self, input_ids, slots, query_lens, logits_rows):
+            for slot, ids in zip(slots.tolist(), torch.split(input_ids, query_lens.tolist())):
+                self.tokens[slot] = self.tokens.get(slot, [])[: self.cache_length(slot)] + ids.tolist()
+            return super().target_forward(input_ids, slots, query_lens, logits_rows)
+
+        def draft(self, slots, new_features, anchors, temperature, top_k, top_p, uniforms):
+            seqs = [self.tokens[s][: self.cache_length(s)] + [int(a)] for s, a in zip(slots.tolist(), anchors)]
+            n, lens = len(seqs), torch.tensor([len(s) for s in seqs])
+            cache = KVCache(target.config, num_slots=n, max_seq_len=int(lens.max()) + block_size)
+            rows = torch.tensor([cache.allocate() for _ in range(n)])
+            ids, positions = torch.tensor([t for s in seqs for t in s]), torch.cat([torch.arange(m) for m in lens])
+            tokens, probs = [], []
+            with torch.no_grad():
+                for k in range(block_size):  # one batched pass per block position
+                    q = warp_probs(target(ids, positions, rows, lens, cache).logits, temperature, top_k, top_p)
+                    ids = sample_from_uniform(q, uniforms[:, k])
+                    tokens.append(ids)
+                    probs.append(q)
+                    positions, lens = cache.lengths[rows].clone(), torch.ones(n, dtype=torch.long)
+            return DraftStep(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1), confidence_logits=None)
+
+    return OracleRuntime()
+
+
 def chi_square_p_value(counts, expected_probs, min_expected: float = 5.0) -> float:
     """Goodness-of-fit p-value; cells with expected count below min_expected are pooled."""
     counts = torch.as_tensor(counts, dtype=torch.float64)

@@ -9,11 +9,12 @@ import torch
 from dspark_trt.engine.engine import Engine
 from dspark_trt.engine.request import SamplingParams, Status
 from dspark_trt.runtimes.torch_runtime import TorchRuntime
-from dspark_trt.spec.sampling import warp_probs
+from dspark_trt.spec.controls import History, apply_controls
+from dspark_trt.spec.sampling import token_logprobs, warp_probs
 from dspark_trt.spec.scheduler import make_scheduler
 from dspark_trt.spec.verify import VerifyResult, dspark_verify
 
-from conftest import chi_square_p_value, tiny_drafter, tiny_target
+from conftest import chi_square_p_value, next_logits, oracle_runtime, tiny_drafter, tiny_target
 
 PROMPTS = [[3, 1, 2, 1, 0, 2, 3], [2, 1], [1, 3, 2, 0, 2, 3, 3, 1, 0, 0, 2]]
 
@@ -63,18 +64,20 @@ def test_greedy_speculation_on_smollm2_equals_autoregressive(smollm2):
     assert [r.output_ids for r in spec] == ar
 
 
+def _plain_step_logits(target, seq, prompt_len, params):
+    """Plain decoding's logits for the token after seq: the target's, with the request's controls."""
+    history = History(seq, len(seq) - prompt_len, params.controls)
+    return apply_controls(next_logits(target, seq), torch.tensor([0, 1]), torch.zeros(0, dtype=torch.long),
+                          [history], torch.tensor([params.temperature]))
+
+
 def _exact_distribution(target, prompt, n_tokens, params):
-    """P(x_1..x_n | prompt) for every token tuple, by enumeration with the target alone."""
+    """P(x_1..x_n | prompt) for every token tuple, by enumeration with the target alone (and the controls)."""
     vocab = target.config.vocab_size
-    from dspark_trt.runtimes.kv_cache import KVCache
 
     def next_probs(seq):
-        cache = KVCache(target.config, num_slots=1, max_seq_len=64)
-        slot = cache.allocate()
-        with torch.no_grad():
-            out = target(torch.tensor(seq), torch.arange(len(seq)), torch.tensor([slot]),
-                         torch.tensor([len(seq)]), cache)
-        return warp_probs(out.logits, params.temperature, params.top_k, params.top_p)[0]
+        logits = _plain_step_logits(target, seq, len(prompt), params)
+        return warp_probs(logits, params.temperature, params.top_k, params.top_p)[0]
 
     probs = {}
     for tokens in itertools.product(range(vocab), repeat=n_tokens):
@@ -180,6 +183,100 @@ def test_biased_verifier_fails_the_same_test(monkeypatch):
 
     monkeypatch.setattr("dspark_trt.runtimes.base.dspark_verify", biased_verify)  # the torch runtime verifies there
     assert _first_tokens_p_value(SAMPLING_CASES[0])[0] < 1e-3
+
+
+# ---- logit controls (spec/controls.py) under speculation ----------------------------------------------
+CONTROL_PROMPTS = [[3, 1, 2], [2, 1], [1, 3, 2, 0, 2]]
+CONTROLS = ["repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens", "bad_words"]
+
+
+def _control_case(control: str):
+    """(target, params with that control, the same params without it). The target's plain greedy output of
+    CONTROL_PROMPTS[0] is 1 7 4 7 4 ...: min_tokens holds back the stop id 4, the bad words are a token it
+    emits and a bigram it repeats."""
+    target = tiny_target(vocab_size=16, seed=1, scale=3.0)
+    plain = _engine(target).generate(CONTROL_PROMPTS[:1], SamplingParams(max_tokens=8))[0].output_ids
+    stop_ids = (plain[2],) if control == "min_tokens" else ()
+    value = {"repetition_penalty": 1.5, "presence_penalty": 1.0, "frequency_penalty": 0.7, "min_tokens": 10,
+             "bad_words": ((plain[0],), (plain[1], plain[2]))}[control]
+    return (target, SamplingParams(max_tokens=24, stop_ids=stop_ids, **{control: value}),
+            SamplingParams(max_tokens=24, stop_ids=stop_ids))
+
+
+def _oracle_engine(target, block_size: int, slots: int = 8) -> Engine:
+    return Engine(oracle_runtime(target, block_size, num_slots=slots), make_scheduler("fixed", block_size))
+
+
+@pytest.mark.parametrize("block_size", [2, 4])
+@pytest.mark.parametrize("control", CONTROLS)
+def test_greedy_speculation_under_each_control_equals_autoregressive(control, block_size):
+    """The drafter proposes the target's own uncontrolled continuation (conftest.oracle_runtime): the control
+    makes the verifier accept some drafts and reject others, at every block position."""
+    target, params, without = _control_case(control)
+    ar = [r.output_ids for r in _engine(target).generate(CONTROL_PROMPTS, params)]
+    spec = _oracle_engine(target, block_size).generate(CONTROL_PROMPTS, params)
+    assert [r.output_ids for r in spec] == ar
+    assert ar != [r.output_ids for r in _engine(target).generate(CONTROL_PROMPTS, without)]  # it did something
+    accepted = sum(r.stats.draft_tokens_accepted for r in spec)
+    assert 0 < accepted < sum(r.stats.draft_tokens_verified for r in spec)
+    if control == "min_tokens":
+        assert all(len(ids) >= 10 and ids[-1] in params.stop_ids and params.stop_ids[0] not in ids[:-1] for ids in ar)
+
+
+@pytest.mark.parametrize("control", CONTROLS)
+def test_a_verifier_blind_to_the_drafts_fails_the_same_test(control, monkeypatch):
+    """Controlling every row of a request with its history at the anchor (the drafts before a row not counted,
+    not seen as generated, not matched as a bad word's prefix) is the bug the identity above must catch."""
+    target, params, _ = _control_case(control)
+    ar = [r.output_ids for r in _engine(target).generate(CONTROL_PROMPTS, params)]
+
+    def blind(logits, row_offsets, draft_tokens, histories, temperature):
+        rows = [apply_controls(logits[j: j + 1], torch.tensor([0, 1]), draft_tokens[:0], [history],
+                               temperature[r: r + 1])
+                for r, history in enumerate(histories) for j in range(int(row_offsets[r]), int(row_offsets[r + 1]))]
+        return torch.cat(rows)
+
+    monkeypatch.setattr("dspark_trt.runtimes.base.apply_controls", blind)  # the torch runtime controls there
+    assert [r.output_ids for r in _oracle_engine(target, 4).generate(CONTROL_PROMPTS, params)] != ar
+
+
+def test_sampling_under_every_control_follows_the_controlled_target_distribution():
+    """Chi-square of the first 3 tokens at T = 0.9 with all five controls at once (min_tokens 3 keeps the stop
+    id out of them) against plain decoding's exact distribution with the same controls."""
+    params = SamplingParams(max_tokens=4, temperature=0.9, repetition_penalty=1.6, presence_penalty=0.5,
+                            frequency_penalty=0.4, min_tokens=3, stop_ids=(4,), bad_words=((0, 3),))
+    p_value, requests = _first_tokens_p_value(params, lambda target, drafter: _oracle_engine(target, 3, slots=64))
+    assert p_value > 1e-3
+    accepted = sum(r.stats.draft_tokens_accepted for r in requests)
+    assert 0.1 * sum(r.stats.draft_tokens_verified for r in requests) < accepted
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_log_probs_are_the_targets_own_for_every_output_token(temperature):
+    """Under speculation as in plain decoding: log-softmax of the raw target logits at each position (before
+    controls and temperature), whether the token was an accepted draft, a correction or a bonus."""
+    target = tiny_target(vocab_size=16, seed=1, scale=3.0)
+    params = SamplingParams(max_tokens=12, temperature=temperature, seed=5, presence_penalty=0.8,
+                            return_log_probs=True)
+    for engine in (_engine(target), _oracle_engine(target, 3)):
+        for prompt, request in zip(CONTROL_PROMPTS, engine.generate(CONTROL_PROMPTS, params)):
+            seq = prompt + request.output_ids
+            expected = [float(token_logprobs(next_logits(target, seq[:k]), torch.tensor([seq[k]]))[0])
+                        for k in range(len(prompt), len(seq))]
+            assert request.output_logprobs == pytest.approx(expected, abs=1e-4)
+    plain = _engine(target).generate(CONTROL_PROMPTS, SamplingParams(max_tokens=12))
+    assert all(r.output_logprobs == [] for r in plain)  # kept only when asked for
+
+
+def test_min_tokens_holds_back_stop_strings_too():
+    target = tiny_target(vocab_size=8, seed=5, scale=2.0)
+    ar = _engine(target).generate([PROMPTS[2]], SamplingParams(max_tokens=30))[0].output_ids
+    engine = Engine(TorchRuntime(target, num_slots=2, max_seq_len=128),
+                    detokenize=lambda ids: "".join(chr(97 + t) for t in ids))
+    needle = "".join(chr(97 + t) for t in ar[1:3])
+    early = engine.generate([PROMPTS[2]], SamplingParams(max_tokens=30, stop_strings=(needle,)))[0]
+    held = engine.generate([PROMPTS[2]], SamplingParams(max_tokens=30, stop_strings=(needle,), min_tokens=8))[0]
+    assert len(early.output_ids) == 3 and len(held.output_ids) >= 8 and held.output_ids[:3] == ar[:3]
 
 
 def test_same_seed_same_output_and_streaming_chunks():

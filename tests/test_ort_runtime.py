@@ -56,6 +56,27 @@ def test_sampled_decoding_verifies_in_graph_and_equals_torch(tmp_path, monkeypat
     assert sum(r.stats.draft_tokens_accepted for r in ort) > 0
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_logit_controls_and_log_probs_give_the_torch_runtimes_tokens(tmp_path, temperature):
+    """A pass with controls (or log-probs) skips the graph's DSparkVerify node and verifies on the host, on the
+    logits controlled by the same spec.controls: the torch runtime's tokens and log-probs."""
+    target = tiny_target(vocab_size=6, seed=2, scale=3.0)
+    drafter = tiny_drafter(target, block_size=4, seed=2)
+    export_engines(target, drafter, tmp_path)
+    plain = SamplingParams(max_tokens=20, temperature=temperature, seed=3, stop_ids=(5,))
+    params = SamplingParams(**{**plain.__dict__, "repetition_penalty": 1.3, "frequency_penalty": 0.4,
+                               "min_tokens": 6, "bad_words": ((2, 0),), "return_log_probs": True})
+    torch_runtime = TorchRuntime(target, drafter, num_slots=4, max_seq_len=64)
+    ref = _run(torch_runtime, PROMPTS, params)
+    ort = _run(OrtRuntime(tmp_path, num_slots=4, max_seq_len=64), PROMPTS, params)
+    assert [r.output_ids for r in ort] == [r.output_ids for r in ref]
+    assert [r.output_ids for r in ort] != [r.output_ids for r in _run(torch_runtime, PROMPTS, plain)]
+    for a, b in zip(ort, ref):
+        assert len(a.output_logprobs) == len(a.output_ids)
+        assert a.output_logprobs == pytest.approx(b.output_logprobs, abs=1e-4)
+    assert sum(r.stats.draft_tokens_accepted for r in ort) > 0
+
+
 def test_slots_are_recycled_and_rolled_back(tmp_path):
     """More requests than slots: a freed slot's stale K/V and context must never leak into the next."""
     target = tiny_target(vocab_size=4, seed=5, scale=3.0)

@@ -19,8 +19,9 @@ from dspark_trt.engine.request import Request, SamplingParams, Status, StreamCal
 from dspark_trt.errors import DSparkError
 from dspark_trt.runtimes.base import Runtime
 from dspark_trt.spec.calibration import apply_sts
+from dspark_trt.spec.controls import History, apply_controls
 from dspark_trt.spec.draft_gate import GatedScheduler
-from dspark_trt.spec.sampling import sample_from_uniform, uniforms, warp_probs
+from dspark_trt.spec.sampling import sample_from_uniform, token_logprobs, uniforms, warp_probs
 
 # (calibrated conditional confidences [R, B] or None, max lengths [R]) -> verify lengths [R]
 Scheduler = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
@@ -160,10 +161,14 @@ class Engine:
             if request.prefilled < len(request.prompt_ids):
                 continue
             params = request.params
-            probs = warp_probs(out.logits[i: i + 1], params.temperature, params.top_k, params.top_p)
+            raw, history = out.logits[i: i + 1], _history(request)
+            logits = raw if history is None else apply_controls(
+                raw, torch.tensor([0, 1]), torch.zeros(0, dtype=torch.long), [history],
+                torch.tensor([params.temperature]))
+            probs = warp_probs(logits, params.temperature, params.top_k, params.top_p)
             token = int(sample_from_uniform(probs, uniforms(request.generator, 1))[0])
             request.stats.first_token_time = time.perf_counter()
-            self._commit(request, [token])
+            self._commit(request, [token], _logprobs(request, raw, [token]))
 
     def _decode(self, requests: list[Request]) -> None:
         started = time.perf_counter()
@@ -213,19 +218,21 @@ class Engine:
                 draft_tokens.append(draft.tokens[row_of[i], :ell])
                 draft_probs.append(draft.probs[row_of[i], :ell])
         vocab = rt.vocab_size
+        controlled = any(r.params.needs_logits for r in requests)  # else the pass runs as if controls did not exist
         out, result = rt.target_verify(
             torch.cat(pieces), slots, rows_per_request,
             torch.cat(draft_tokens) if draft_tokens else torch.zeros(0, dtype=torch.long),
             torch.cat(draft_probs) if draft_probs else torch.zeros(0, vocab),
             temperature, top_k, top_p,
             torch.cat([uniforms(r.generator, int(rows_per_request[i])) for i, r in enumerate(requests)]),
+            controls=[_history(r) for r in requests] if controlled else None,
         )
         for i, request in enumerate(requests):
             try:
                 if self.record_rounds and i in row_of and draft.confidence_logits is not None:
                     request.stats.round_confidence_logits.append(draft.confidence_logits[row_of[i]].tolist())
                 self._commit_round(request, int(lengths[i]), int(result.accepted[i]), int(result.next_token[i]),
-                                   draft, row_of.get(i), out.taps, int(row_offsets[i]))
+                                   draft, row_of.get(i), out, int(row_offsets[i]))
             except Exception as exc:  # noqa: BLE001 - one request's failure stays its own
                 self._finish(request, Status.FAILED, "error", error=f"{type(exc).__name__}: {exc}")
         gate = self.draft_gate
@@ -263,8 +270,9 @@ class Engine:
         return torch.minimum(self.scheduler(full, allowed).long(), allowed)
 
     def _commit_round(self, request: Request, ell: int, accepted: int, next_token: int, draft, row: int | None,
-                      taps: torch.Tensor | None, row0: int) -> None:
-        """row: the request's row in this step's draft (None if it did not draft, so accepted is 0)."""
+                      out, row0: int) -> None:
+        """row: the request's row in this step's draft (None if it did not draft, so accepted is 0); out: the
+        pass's TargetStep, whose rows row0 .. row0 + accepted gave the new tokens."""
         start = request.context_length
         new_ids = (draft.tokens[row, :accepted].tolist() if accepted else []) + [next_token]
         stats = request.stats
@@ -276,12 +284,13 @@ class Engine:
         stats.accepted_lengths.append(len(_cut_at_stop(new_ids, request.params.stop_ids)[0]))
         # the target cache keeps the anchor and the accepted drafts; the new anchor is not cached yet
         self.runtime.rollback(request.slot, start + accepted + 1)
-        if taps is not None:
-            request.pending_features.append(taps[row0: row0 + accepted + 1])
-        self._commit(request, new_ids)
+        if out.taps is not None:
+            request.pending_features.append(out.taps[row0: row0 + accepted + 1])
+        self._commit(request, new_ids, _logprobs(request, out.logits[row0: row0 + accepted + 1], new_ids))
 
-    def _commit(self, request: Request, new_ids: list[int]) -> None:
-        """Append tokens, apply stop conditions and the token budget, stream, finish if done."""
+    def _commit(self, request: Request, new_ids: list[int], logprobs: list[float] | None = None) -> None:
+        """Append tokens (and their log-probs, when kept), apply stop conditions and the token budget,
+        stream, finish if done."""
         params = request.params
         new_ids, stopped = _cut_at_stop(new_ids, params.stop_ids)
         finish = "stop" if stopped else None
@@ -289,7 +298,10 @@ class Engine:
         if len(new_ids) >= room:
             new_ids, finish = new_ids[:room], finish or "length"
         request.output_ids.extend(new_ids)
-        if finish is None and params.stop_strings and self._hit_stop_string(request):
+        if logprobs is not None:
+            request.output_logprobs.extend(logprobs[: len(new_ids)])
+        if (finish is None and params.stop_strings and len(request.output_ids) >= params.min_tokens
+                and self._hit_stop_string(request)):
             finish = "stop"
         request.anchor = request.output_ids[-1]
         if finish is None:
@@ -331,6 +343,22 @@ class Engine:
             return None
         temps = self.sts_temperatures if self.sts_temperatures is not None else torch.ones(confidence_logits.shape[1])
         return apply_sts(confidence_logits.float(), temps)
+
+
+def _history(request: Request) -> History | None:
+    """The request's history at the position after its last token (None without controls)."""
+    controls = request.params.controls
+    if not controls.active:
+        return None
+    return History(tokens=request.prompt_ids + request.output_ids, generated=len(request.output_ids),
+                   controls=controls)
+
+
+def _logprobs(request: Request, raw_logits: torch.Tensor, new_ids: list[int]) -> list[float] | None:
+    """Log-probs of new_ids under the raw target rows that gave them, when the request keeps them."""
+    if not request.params.return_log_probs:
+        return None
+    return token_logprobs(raw_logits, torch.tensor(new_ids)).tolist()
 
 
 def _cut_at_stop(ids: list[int], stop_ids: tuple[int, ...]) -> tuple[list[int], bool]:

@@ -8,11 +8,8 @@ from typing import Callable
 
 import torch
 
-from dspark_trt.errors import DSparkError
-
-
-class InvalidRequestError(DSparkError):
-    """A request parameter is out of range; the message names the field."""
+from dspark_trt.errors import InvalidRequestError
+from dspark_trt.spec.controls import LogitControls
 
 
 @dataclass(frozen=True)
@@ -26,6 +23,24 @@ class SamplingParams:
     seed: int = 0
     stop_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
+    # logit controls (spec/controls.py): they change the distribution tokens are drawn from
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0  # no stop id or stop string ends the request before this many tokens
+    bad_words: tuple[tuple[int, ...], ...] = ()
+    return_log_probs: bool = False  # keep each output token's log-probability (spec.sampling.token_logprobs)
+
+    @property
+    def controls(self) -> LogitControls:
+        return LogitControls(repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                             frequency_penalty=self.frequency_penalty, min_tokens=self.min_tokens,
+                             end_ids=self.stop_ids, bad_words=self.bad_words)
+
+    @property
+    def needs_logits(self) -> bool:
+        """Whether its verification needs the target's logits on the host (controls or log-probs)."""
+        return self.return_log_probs or self.controls.active
 
     def validate(self, max_tokens_limit: int | None = None) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -40,6 +55,17 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0 <= self.seed < 2**64:
             raise InvalidRequestError(f"seed must be in [0, 2^64), got {self.seed!r}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InvalidRequestError(f"repetition_penalty must be a finite number > 0 (1 = off), "
+                                      f"got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise InvalidRequestError(f"{name} must be a finite number (0 = off), got {getattr(self, name)!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError(f"min_tokens must be an integer in [0, max_tokens = {self.max_tokens}], "
+                                      f"got {self.min_tokens!r}")
+        if any(not word or min(word) < 0 for word in self.bad_words):
+            raise InvalidRequestError(f"bad_words must be non-empty lists of token ids, got {self.bad_words!r}")
 
 
 class Status(enum.Enum):
@@ -82,6 +108,7 @@ class Request:
     on_tokens: StreamCallback | None = None
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)  # one per output id when params.return_log_probs
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
     error: str | None = None
     stats: RequestStats = field(default_factory=RequestStats)

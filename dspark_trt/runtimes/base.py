@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
+from dspark_trt.spec.controls import History, apply_controls
 from dspark_trt.spec.verify import VerifyResult, dspark_verify
 
 
@@ -72,17 +74,23 @@ class Runtime(ABC):
 
     def target_verify(self, input_ids: torch.Tensor, slots: torch.Tensor, query_lens: torch.Tensor,
                       draft_tokens: torch.Tensor, draft_probs: torch.Tensor, temperature: torch.Tensor,
-                      top_k: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor
-                      ) -> tuple[TargetStep, VerifyResult]:
+                      top_k: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor,
+                      controls: Sequence[History | None] | None = None) -> tuple[TargetStep, VerifyResult]:
         """A decode pass: request r appends [anchor, d_0 .. d_{l-1}] (query_lens[r] = l + 1 rows), and the
-        DSparkVerify op (plugins/SCHEMA.md) accepts a prefix of each draft. The engine reads only the
-        verdicts and the taps, so a runtime may return the logits empty (the served one does, to spare
-        the transfer). This default verifies with the torch reference on the logits; a runtime whose
-        target graph ends in the DSparkVerify node does it there instead."""
+        DSparkVerify op (plugins/SCHEMA.md) accepts a prefix of each draft.
+
+        Without `controls` the engine reads only the verdicts and the taps, so a runtime may return the logits
+        empty (the served one does, to spare the transfer). With `controls` (one History per request, None for
+        a request without controls: given when a request of the pass has logit controls or wants log-probs)
+        the target logits are controlled (spec.controls.apply_controls) before verification and the step
+        returns the raw logits. This default verifies with the torch reference on the host; a runtime whose
+        target graph ends in the DSparkVerify node verifies there the passes without controls."""
         step = self.target_forward(input_ids, slots, query_lens, "all")
         row_offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.as_tensor(query_lens).long().cumsum(0)])
-        return step, dspark_verify(step.logits, draft_tokens, draft_probs, row_offsets, temperature, top_k,
-                                   top_p, uniforms)
+        logits = step.logits if controls is None else apply_controls(step.logits, row_offsets, draft_tokens,
+                                                                     controls, temperature)
+        return step, dspark_verify(logits, draft_tokens, draft_probs, row_offsets, temperature, top_k, top_p,
+                                   uniforms)
 
     @abstractmethod
     def draft(self, slots: torch.Tensor, new_features: list[torch.Tensor], anchors: torch.Tensor,

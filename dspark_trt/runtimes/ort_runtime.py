@@ -5,8 +5,9 @@ lengths, rollback) and runs the target graph over it: a fused graph appends new 
 pool's buffers, a portable one gets the past window and returns the new rows (runtimes/target_graphs.py).
 The drafter and its per-slot context cache are an `OrtDrafter` (runtimes/ort_drafter.py).
 
-Verification runs in the target graph's DSparkVerify node (`target_verify`); a graph built without it
-is verified by the torch reference on the returned logits, the same semantics.
+Verification runs in the target graph's DSparkVerify node (`target_verify`); a graph built without it,
+and a pass with logit controls (spec/controls.py: applied to the logits the graph returns anyway), is
+verified by the torch reference on the host, the same semantics.
 """
 from __future__ import annotations
 
@@ -90,13 +91,14 @@ class OrtRuntime(Runtime):
         return self._target_pass(input_ids, slots, query_lens, logits_rows, None)[0]
 
     def target_verify(self, input_ids, slots, query_lens, draft_tokens, draft_probs, temperature, top_k, top_p,
-                      uniforms) -> tuple[TargetStep, VerifyResult]:
+                      uniforms, controls=None) -> tuple[TargetStep, VerifyResult]:
         """Verification inside the target graph's DSparkVerify node (Runtime.target_verify's contract). A pass
         whose requests are all greedy is verified natively instead: the graph's ArgMax output and
-        `greedy_verdict`, the reference's own greedy rule (the node's Python call cost about 1 ms a step)."""
-        if not self.verify_in_graph:
+        `greedy_verdict`, the reference's own greedy rule (the node's Python call cost about 1 ms a step).
+        A pass with `controls` is verified on the host, on the controlled logits."""
+        if not self.verify_in_graph or controls is not None:
             return super().target_verify(input_ids, slots, query_lens, draft_tokens, draft_probs, temperature,
-                                         top_k, top_p, uniforms)
+                                         top_k, top_p, uniforms, controls)
         lens = torch.as_tensor(query_lens, dtype=torch.long)
         row_offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
         if "argmax" in self._target.outputs and bool((torch.as_tensor(temperature) < GREEDY_TEMPERATURE).all()):

@@ -26,6 +26,8 @@ DRAFT_MODEL = "dspark_draft"
 TARGET_OUTPUTS = ["logits", "taps"]
 VERIFY_OUTPUTS = ["accepted", "next_token", "taps"]
 DRAFT_OUTPUTS = ["tokens", "probs", "confidence_logits"]
+DEAD_STUB = "is not healthy"  # tritonserver's words for a model whose process died
+RECOVERING = "the server is recovering"  # under `dspark-trt serve` (serving/supervisor.py)
 # call(model name, input arrays, wanted output names) -> output arrays
 Call = Callable[[str, dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
 
@@ -81,9 +83,13 @@ class BlsRuntime(Runtime):
         return TargetStep(logits=torch.from_numpy(out["logits"]), taps=taps)
 
     def target_verify(self, input_ids, slots, query_lens, draft_tokens, draft_probs, temperature, top_k, top_p,
-                      uniforms) -> tuple[TargetStep, VerifyResult]:
+                      uniforms, controls=None) -> tuple[TargetStep, VerifyResult]:
         """Verified in `dspark_target`'s graph: only the verdicts and taps come back, no logits. Greedy
-        rounds send no draft probabilities (the op ignores them at temperature 0)."""
+        rounds send no draft probabilities (the op ignores them at temperature 0). A pass with `controls`
+        brings the logits back and is verified here, on the controlled logits (Runtime.target_verify)."""
+        if controls is not None:
+            return super().target_verify(input_ids, slots, query_lens, draft_tokens, draft_probs, temperature,
+                                         top_k, top_p, uniforms, controls)
         slots_np, lens = np.asarray(slots, np.int64), np.asarray(query_lens, np.int64)
         temperature = np.asarray(temperature, np.float32)
         probs = np.asarray(draft_probs, np.float32)
@@ -214,7 +220,10 @@ def bls_call(pb_utils) -> Call:
         request = pb_utils.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=tensors)
         response = request.exec()
         if response.has_error():
-            raise DSparkError(f"{model}: {response.error().message()}")
+            message = response.error().message()
+            if DEAD_STUB in message:
+                raise DSparkError(f"{model}'s process died ({message}): {RECOVERING}, retry in a few seconds")
+            raise DSparkError(f"{model}: {message}")
         return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
 
     return call

@@ -73,6 +73,16 @@ def sample_from_uniform(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Ten
     return idx
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) of each row [N] under the softmax of its logits [N, V] (float32).
+
+    Given the target's raw logits this is the log-probability a served request returns: the model's own, before
+    controls, temperature, top-k and top-p (TensorRT-LLM's LogprobMode.RAW and vLLM's default), so greedy and
+    sampled requests report the same numbers for the same tokens.
+    """
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, tokens.long().reshape(-1, 1)).squeeze(1)
+
+
 def uniforms(generator: torch.Generator, n: int) -> torch.Tensor:
     """n uniform numbers in [0, 1) from a request's own generator (float64 for a fine CDF lookup)."""
     return torch.rand(n, generator=generator, dtype=torch.float64)
