@@ -86,3 +86,23 @@ def test_dspark_schedule_without_cost_table_says_what_to_run(pair):
                           "--draft", str(pair / "draft"), "--schedule", "dspark", "--prompt", "w5"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "dspark-trt profile" in out.stderr
+
+
+def test_generate_with_logit_controls_speculates_to_the_plain_tokens_and_prints_logprobs(pair, capsys):
+    from dspark_trt.cli import main
+
+    common = ["--max-tokens", "12", "--json", "--target", str(pair / "target"), "--prompts-file",
+              str(pair / "prompts.jsonl"), "--limit", "3"]
+    controls = ["--repetition-penalty", "1.5", "--frequency-penalty", "0.3", "--min-tokens", "6", "--bad-word", "w7",
+                "--logprobs", *common]
+    records = {}
+    for mode in (["--no-spec"], ["--draft", str(pair / "draft")]):
+        assert main(["generate", *mode, *controls]) == 0
+        records[mode[0]] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    plain, spec = records["--no-spec"], records["--draft"]
+    assert [r["token_ids"] for r in spec] == [r["token_ids"] for r in plain]
+    for r, p in zip(spec, plain):
+        assert len(r["logprobs"]) == r["num_tokens"] >= 6 and 7 not in r["token_ids"]
+        assert r["logprobs"] == pytest.approx(p["logprobs"], abs=1e-4) and all(lp <= 0 for lp in r["logprobs"])
+    assert main(["generate", "--no-spec", "--bad-word", " ", *common]) == 2
+    assert "--bad-word holds ' '" in capsys.readouterr().err

@@ -58,12 +58,19 @@ BAD_INPUTS = [
     ("text_input as ints", {"text_input": one(7, np.int32)}, "text_input", False),  # JSON 7 is a BYTES "7"
     ("text_input invalid UTF-8", {"text_input": text(b"w5 \xff\xfe")}, "text_input", False),  # JSON is UTF-8
     ("stop_words not strings", {"stop_words": np.array([[3, 4]], np.int32)}, "stop_words", False),
-    ("bad_words", {"bad_words": np.array([[b"w7"]], np.object_)}, "bad_words", True),
+    ("bad word of no token", {"bad_words": np.array([[b"w7", b"  "]], np.object_)}, "bad_words", True),
+    ("stop word of no token", {"stop_words": np.array([[b" "]], np.object_)}, "stop_words", True),
+    ("repetition_penalty zero", {"repetition_penalty": one(0.0, np.float32)}, "repetition_penalty", True),
+    ("repetition_penalty negative", {"repetition_penalty": one(-1.2, np.float32)}, "repetition_penalty", True),
+    ("presence_penalty inf", {"presence_penalty": one(math.inf, np.float32)}, "presence_penalty", False),
+    ("frequency_penalty nan", {"frequency_penalty": one(math.nan, np.float32)}, "frequency_penalty", False),
+    ("min_tokens negative", {"min_tokens": one(-1, np.int32)}, "min_tokens", True),
+    ("min_tokens over max_tokens", {"min_tokens": one(3, np.int32)}, "min_tokens", True),
     ("beam_width 2", {"beam_width": one(2, np.int32)}, "beam_width", True),
-    ("repetition_penalty", {"repetition_penalty": one(1.2, np.float32)}, "repetition_penalty", True),
-    ("presence_penalty", {"presence_penalty": one(0.5, np.float32)}, "presence_penalty", True),
-    ("frequency_penalty", {"frequency_penalty": one(0.5, np.float32)}, "frequency_penalty", True),
-    ("min_tokens", {"min_tokens": one(4, np.int32)}, "min_tokens", True),
+    ("length_penalty", {"length_penalty": one(0.5, np.float32)}, "length_penalty", True),
+    ("return_context_logits", {"return_context_logits": one(True, np.bool_)}, "return_context_logits", True),
+    ("return_generation_logits", {"return_generation_logits": one(True, np.bool_)}, "return_generation_logits",
+     True),
 ]
 
 
@@ -88,14 +95,17 @@ def parse_as_served(fields: dict[str, np.ndarray]) -> GenerationRequest:
     bls = {BLS_NAMES[k]: v for k, v in fields.items() if k in BLS_NAMES}
     bls["input_ids"] = np.array([[2, *tokenizer.encode(parsed.prompt), 3, 4]], np.int32)  # the chat template
     bls["end_id"] = one(parsed.end_id, np.int32)
-    bls["stop_words_list"] = encode_word_list(tokenizer, list(parsed.stop_words))[None]
+    bls["stop_words_list"] = encode_word_list(tokenizer, list(parsed.stop_words), "stop_words")[None]
+    bls["bad_words_list"] = encode_word_list(tokenizer, list(parsed.bad_words), "bad_words")[None]
     return parse_generation_request(bls, LIMITS, decode=tokenizer.decode)
 
 
 TEXT_FIELDS = {"text_input", "stop_words", "bad_words", "end_id", "pad_id", *NEUTRAL_OPTIONS}
 BLS_NAMES = {"max_tokens": "request_output_len", "stream": "streaming", "temperature": "temperature",
              "top_p": "runtime_top_p", "top_k": "runtime_top_k", "seed": "seed", "random_seed": "random_seed",
-             "return_perf_metrics": "return_perf_metrics"}
+             "return_perf_metrics": "return_perf_metrics", "repetition_penalty": "repetition_penalty",
+             "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+             "min_tokens": "min_tokens", "return_log_probs": "return_log_probs"}
 
 
 @pytest.mark.parametrize("changes, field", [(c, f) for _, c, f, _ in BAD_INPUTS], ids=[r[0] for r in BAD_INPUTS])
@@ -108,13 +118,18 @@ def test_good_inputs_parse_to_the_request_the_client_meant():
     parsed = parse_as_served(request_fields({
         "temperature": one(0.7, np.float32), "top_p": one(0.9, np.float32), "top_k": one(5, np.int32),
         "seed": one(2**64 - 1, np.uint64), "stream": one(True, np.bool_), "stop_words": np.array([[b"w7", b"w8 w9"]]),
-        "beam_width": one(1, np.int32), "repetition_penalty": one(1.0, np.float32), "end_id": one(NEVER, np.int32),
+        "beam_width": one(1, np.int32), "length_penalty": one(1.0, np.float32), "end_id": one(NEVER, np.int32),
+        "repetition_penalty": one(1.25, np.float32), "presence_penalty": one(-0.5, np.float32),
+        "frequency_penalty": one(0.75, np.float32), "min_tokens": one(CONTEXT - 5, np.int32),
+        "bad_words": np.array([[b"w9", b"", b"w5 w6"]]), "return_log_probs": one(True, np.bool_),
         "max_tokens": one(CONTEXT - 5, np.int32)}))  # the prompt is 5 tokens with the template: the largest budget
     assert parsed.prompt_ids == [2, 5, 6, 3, 4] and parsed.stream and not parsed.perf_metrics
     p = parsed.params
     assert (p.max_tokens, p.top_k, p.seed) == (CONTEXT - 5, 5, 2**64 - 1)
     assert p.temperature == pytest.approx(0.7) and p.top_p == pytest.approx(0.9)
     assert p.stop_ids == (NEVER, 7) and p.stop_strings == ("w8 w9",)
+    assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (1.25, -0.5, 0.75)
+    assert p.min_tokens == CONTEXT - 5 and p.bad_words == ((9,), (5, 6)) and p.return_log_probs
     assert parse_text_request({"text_input": text("héllo")}) == TextRequest(prompt="héllo")
 
 
@@ -144,8 +159,9 @@ def tensors():
 
 
 TEXT_NAMES = sorted(TEXT_FIELDS) + ["unknown"]
-BLS_INPUTS = ["input_ids", "request_output_len", "stop_words_list", "end_id", "streaming", "temperature",
-              "runtime_top_p", "runtime_top_k", "seed", "random_seed", "return_perf_metrics"]
+BLS_INPUTS = ["input_ids", "request_output_len", "stop_words_list", "bad_words_list", "end_id", "streaming",
+              "temperature", "runtime_top_p", "runtime_top_k", "seed", "random_seed", "return_perf_metrics",
+              "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens", "return_log_probs"]
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -158,7 +174,7 @@ def test_fuzzed_text_inputs_parse_or_raise_the_clean_error(inputs):
     except InvalidRequestError:
         return
     assert isinstance(parsed.prompt, str) and parsed.prompt
-    assert all(isinstance(w, str) and w for w in parsed.stop_words)
+    assert all(isinstance(w, str) and w for w in parsed.stop_words + parsed.bad_words)
 
 
 @FUZZ
@@ -177,6 +193,7 @@ def test_fuzzed_generation_inputs_parse_or_raise_the_clean_error(inputs, ids, ma
     assert parsed.prompt_ids and all(0 <= t < VOCAB for t in parsed.prompt_ids)
     assert len(parsed.prompt_ids) + parsed.params.max_tokens <= CONTEXT
     assert all(0 <= t < VOCAB for t in parsed.params.stop_ids)
+    assert all(word and all(0 <= t < VOCAB for t in word) for word in parsed.params.bad_words)
 
 
 # ---- the orchestrator over a real tiny engine ------------------------------------------------------------

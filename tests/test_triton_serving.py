@@ -39,12 +39,14 @@ class ByteTokenizer:
 def test_word_lists_use_tensorrt_llms_layout():
     class Fixed:
         def encode(self, text, add_special_tokens=False):
-            return {"ab": [5, 6], "c": [9]}[text]
+            return {"ab": [5, 6], "c": [9], " ": []}[text]
 
-    array = encode_word_list(Fixed(), ["ab", "", "c"])
+    array = encode_word_list(Fixed(), ["ab", "", "c"], "stop_words")
     np.testing.assert_array_equal(array, [[5, 6, 9], [2, 3, -1]])
     assert decode_word_list(array) == [[5, 6], [9]]
-    assert encode_word_list(Fixed(), [""]).shape == (2, 0) and decode_word_list(np.zeros((2, 0))) == []
+    assert encode_word_list(Fixed(), [""], "bad_words").shape == (2, 0) and decode_word_list(np.zeros((2, 0))) == []
+    with pytest.raises(InvalidRequestError, match="^bad_words holds ' ', which the tokenizer turns into no token"):
+        encode_word_list(Fixed(), ["ab", " "], "bad_words")  # it could never match
 
 
 @pytest.mark.parametrize("step", [1, 2, 3, 5])
@@ -195,10 +197,14 @@ def test_split_runtime_gives_the_in_process_tokens(engines):
     split, _ = build_served_engine(options, call=call)
     local, _ = build_served_engine(options)
     prompts = [[5, 6, 7], [8, 9], [10, 5, 6, 7]]
+    controlled = dict(repetition_penalty=1.4, min_tokens=4, bad_words=((6, 7),), return_log_probs=True)
     for params in (SamplingParams(max_tokens=20, stop_ids=(NEVER,)),
-                   SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=4, stop_ids=(NEVER,))):
-        expected = [r.output_ids for r in local.generate(prompts, params)]
-        assert [r.output_ids for r in split.generate(prompts, params)] == expected
+                   SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=4, stop_ids=(NEVER,)),
+                   SamplingParams(max_tokens=20, temperature=0.8, seed=4, stop_ids=(NEVER,), **controlled)):
+        expected = local.generate(prompts, params)
+        got = split.generate(prompts, params)
+        assert [r.output_ids for r in got] == [r.output_ids for r in expected]
+        assert [r.output_logprobs for r in got] == [r.output_logprobs for r in expected]
     assert {"dspark_target", "dspark_draft"} <= {model for model, _ in calls} and split.runtime.free_slots == 2
     # decode passes were verified inside dspark_target (its graph's DSparkVerify node)
     assert any(model == "dspark_target" and "draft_tokens" in names for model, names in calls)
@@ -246,11 +252,14 @@ def tensor(module, name, value, dtype):
 def ensemble_inputs(module, text, max_tokens, stream=False, **extra):
     inputs = [tensor(module, "text_input", text.encode(), "BYTES"),
               tensor(module, "max_tokens", max_tokens, "INT32"), tensor(module, "stream", stream, "BOOL")]
-    words = extra.pop("stop_words", None)
-    if words is not None:
-        inputs.append(module.InferInput("stop_words", [1, len(words)], "BYTES"))
-        inputs[-1].set_data_from_numpy(np.array([[w.encode() for w in words]], dtype=np.object_))
-    types = {"end_id": "INT32", "temperature": "FP32", "return_perf_metrics": "BOOL", "seed": "UINT64"}
+    for name in ("stop_words", "bad_words"):
+        words = extra.pop(name, None)
+        if words is not None:
+            inputs.append(module.InferInput(name, [1, len(words)], "BYTES"))
+            inputs[-1].set_data_from_numpy(np.array([[w.encode() for w in words]], dtype=np.object_))
+    types = {"end_id": "INT32", "temperature": "FP32", "return_perf_metrics": "BOOL", "seed": "UINT64",
+             "repetition_penalty": "FP32", "presence_penalty": "FP32", "frequency_penalty": "FP32",
+             "min_tokens": "INT32", "return_log_probs": "BOOL"}
     return inputs + [tensor(module, k, v, types[k]) for k, v in extra.items()]
 
 
@@ -266,7 +275,8 @@ def server(engines, tmp_path_factory):
 
 def grpc_stream(server, requests: dict[str, dict]) -> dict[str, list]:
     """Send {request_id: ensemble kwargs} on one stream; per request the ("text", str) / ("final",) /
-    ("error", message) events up to its end, perf outputs as ("perf", dict)."""
+    ("error", message) events up to its end, perf outputs as ("perf", dict), log-probs as ("logprobs", the
+    response's output_log_probs, cum_log_probs)."""
     import tritonclient.grpc as grpcclient
 
     events: queue.Queue = queue.Queue()
@@ -289,7 +299,11 @@ def grpc_stream(server, requests: dict[str, dict]) -> dict[str, list]:
             if "text_output" in names:
                 seen[response.id].append(("text", result.as_numpy("text_output").reshape(-1)[0].decode()))
             if "total_draft_tokens" in names:
-                seen[response.id].append(("perf", {n: result.as_numpy(n).item() for n in names - {"text_output"}}))
+                seen[response.id].append(("perf", {n: result.as_numpy(n).item() for n in names
+                                                   if n.startswith(("total_", "acceptance"))}))
+            if "output_log_probs" in names:
+                seen[response.id].append(("logprobs", result.as_numpy("output_log_probs").reshape(-1).tolist(),
+                                          result.as_numpy("cum_log_probs").item()))
             if response.parameters["triton_final_response"].bool_param:
                 seen[response.id].append(("final",))
                 open_requests.discard(response.id)
@@ -402,6 +416,48 @@ def test_stop_words_end_the_output_at_the_word(server):
                                    "other": dict(request, stop_words=["w0"])})
     assert text_of(stopped["stop"]).split() == cut and len(cut) < len(words)
     assert text_of(stopped["other"]).split() == words  # a word never generated changes nothing
+
+
+@pytest.mark.server
+def test_each_logit_control_and_log_probs_over_grpc_and_http(server, engines):
+    """Each control once, streamed over gRPC and unary over HTTP, served with speculation: the text plain decoding
+    gives in-process with the same controls (and not the uncontrolled text); log-probs match it too."""
+    from dspark_trt.engine.prompts import chat_prompt_ids
+
+    local, tokenizer = build_served_engine(ServingOptions(engine_dir=str(engines), schedule="off"))
+
+    def plain_decoding(end_id=NEVER, bad_words=(), **controls):
+        words = decode_word_list(encode_word_list(tokenizer, list(bad_words), "bad_words"))
+        params = SamplingParams(max_tokens=16, stop_ids=(end_id,), bad_words=tuple(map(tuple, words)), **controls)
+        return local.generate([chat_prompt_ids(tokenizer, "w5 w6")], params)[0]
+
+    request = dict(text="w5 w6", max_tokens=16, end_id=NEVER)
+    free = text_of(grpc_stream(server, {"free": request})["free"]).split()
+    end = int(free[2][1:])  # the third word's id: as end_id, min_tokens holds it back
+    cases = {"repetition": dict(repetition_penalty=1.5), "presence": dict(presence_penalty=1.0),
+             "frequency": dict(frequency_penalty=0.7), "min_tokens": dict(min_tokens=10, end_id=end),
+             "bad_words": dict(bad_words=[free[0], f"{free[1]} {free[2]}", ""]),
+             "log_probs": dict(return_log_probs=True)}
+    streamed = grpc_stream(server, {name: dict(request, stream=True, **c) for name, c in cases.items()})
+    for name, controls in cases.items():
+        expected = plain_decoding(**controls)
+        text = tokenizer.decode(expected.output_ids, skip_special_tokens=True)
+        assert text_of(streamed[name]) == text, name
+        status, body = http_post(server.http_url, "generate", {"text_input": "w5 w6", "max_tokens": 16,
+                                                               "end_id": NEVER, **controls})
+        assert status == 200 and json.loads(body)["text_output"] == text, (name, body)
+        if name == "log_probs":
+            chunks = [e for e in streamed[name] if e[0] == "logprobs"]
+            assert len(chunks) > 1
+            assert [lp for c in chunks for lp in c[1]] == pytest.approx(expected.output_logprobs, abs=1e-4)
+            assert chunks[-1][2] == pytest.approx(sum(expected.output_logprobs), abs=1e-3)
+            assert json.loads(body)["output_log_probs"] == pytest.approx(expected.output_logprobs, abs=1e-4)
+        elif name == "min_tokens":  # without it the end id comes early
+            assert len(plain_decoding(end_id=end).output_ids) < 10 <= len(expected.output_ids)
+            assert end not in expected.output_ids[:10]
+        else:
+            assert text.split() != free, name
+    assert not any(e[0] == "logprobs" for e in streamed["repetition"])  # only when asked for
 
 
 @pytest.mark.server

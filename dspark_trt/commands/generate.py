@@ -2,7 +2,9 @@
 
 Prints one JSON object per prompt with --json: text, token_ids, num_tokens, accepted_lengths (one
 entry per verification round, bonus token included), mean_accepted_length, seconds,
-tokens_per_second. Greedy unless --temperature > 0.
+tokens_per_second, and with --logprobs `logprobs` (each output token's log-probability under the
+target's raw logits). Greedy unless --temperature > 0. The logit controls (--repetition-penalty,
+--presence-penalty, --frequency-penalty, --min-tokens, --bad-word) are those of dspark_trt/spec/controls.py.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dspark_trt.engine.factory import SCHEDULE_MODES, EngineOptions, build_engin
 from dspark_trt.engine.prompts import chat_prompt_ids, read_prompts_file
 from dspark_trt.engine.request import Request, SamplingParams
 from dspark_trt.errors import DSparkError
+from dspark_trt.serving.text import decode_word_list, encode_word_list
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0; 1 = off")
+    parser.add_argument("--presence-penalty", type=float, default=0.0, help="0 = off")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="0 = off")
+    parser.add_argument("--min-tokens", type=int, default=0, help="no end before this many tokens")
+    parser.add_argument("--bad-word", action="append", default=[], help="text never generated (repeatable)")
+    parser.add_argument("--logprobs", action="store_true", help="with --json: each output token's log-probability")
     parser.add_argument("--concurrency", type=int, default=1, help="requests decoded at once")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
 
@@ -58,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
     )
     engine, tokenizer = build_engine(options)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop_ids=tuple(engine.runtime.eos_token_ids))
+                            top_p=args.top_p, seed=args.seed, stop_ids=tuple(engine.runtime.eos_token_ids),
+                            repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
+                            bad_words=_bad_word_ids(tokenizer, args.bad_word), return_log_probs=args.logprobs)
     requests = [engine.add_request(chat_prompt_ids(tokenizer, text), params) for text in prompts]
     engine.run()
     for request in requests:
@@ -72,13 +84,18 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(r.error for r in requests) else 0
 
 
+def _bad_word_ids(tokenizer, words: list[str]) -> tuple[tuple[int, ...], ...]:
+    """Each --bad-word as the token sequence it is banned as, encoded as served bad_words are."""
+    return tuple(tuple(w) for w in decode_word_list(encode_word_list(tokenizer, words, "--bad-word")))
+
+
 def result_record(request: Request, tokenizer) -> dict:
     """The DESIGN.md JSON record of one finished request."""
     if request.error:
         raise DSparkError(f"request {request.request_id} failed: {request.error}")
     seconds = (request.finish_time or time.perf_counter()) - request.arrival_time
     ids = request.output_ids
-    return {
+    record = {
         "text": tokenizer.decode(ids, skip_special_tokens=True),
         "token_ids": ids,
         "num_tokens": len(ids),
@@ -88,3 +105,6 @@ def result_record(request: Request, tokenizer) -> dict:
         "tokens_per_second": len(ids) / seconds if seconds > 0 else 0.0,
         "finish_reason": request.finish_reason,
     }
+    if request.params.return_log_probs:
+        record["logprobs"] = request.output_logprobs
+    return record

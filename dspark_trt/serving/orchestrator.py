@@ -158,6 +158,7 @@ class Orchestrator:
     def _outputs(self, job: Job, final: bool) -> dict[str, np.ndarray]:
         ids = job.request.output_ids
         window, prefix = stream_window(ids, job.shown) if job.stream else (ids, 0)
+        new = job.shown if job.stream else 0  # the first id this response carries
         job.shown = len(ids)
         outputs = {
             "output_ids": np.asarray(window, np.int32).reshape(1, -1),
@@ -167,6 +168,8 @@ class Orchestrator:
         }
         if job.perf_metrics:
             outputs.update(perf_metrics(job.request))
+        if job.request.params.return_log_probs:
+            outputs.update(log_probs(job.request, new))
         return outputs
 
     def _close(self, job: Job, outputs: dict[str, np.ndarray] | None, error: str | None) -> None:
@@ -200,6 +203,14 @@ def perf_metrics(request: Request) -> dict[str, np.ndarray]:
         "total_accepted_draft_tokens": np.array([[accepted]], np.int32),
         "total_draft_tokens": np.array([[verified]], np.int32),
     }
+
+
+def log_probs(request: Request, start: int) -> dict[str, np.ndarray]:
+    """TensorRT-LLM's log-prob outputs (beam width 1): the log-probs of output ids from `start` on, and the sum
+    of all so far."""
+    logprobs = request.output_logprobs
+    return {"output_log_probs": np.asarray(logprobs[start:], np.float32).reshape(1, 1, -1),
+            "cum_log_probs": np.array([[sum(logprobs)]], np.float32)}
 
 
 def _drain(inbox: queue.Queue) -> list:

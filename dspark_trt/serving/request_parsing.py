@@ -20,20 +20,29 @@ from dspark_trt.serving.text import decode_word_list
 
 Inputs = Mapping[str, "np.ndarray | None"]
 
-# TensorRT-LLM inputs we accept for drop-in clients but do not implement: only their neutral value passes.
-NEUTRAL_OPTIONS = {"beam_width": 1, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-                   "length_penalty": 1.0, "min_tokens": 0}
+# TensorRT-LLM inputs we accept for drop-in clients but do not implement: (neutral value, why only it passes)
+BEAM_SEARCH = "beam search is not compatible with speculative decoding here (verification extends one sequence)"
+NEUTRAL_OPTIONS = {
+    "beam_width": (1, BEAM_SEARCH),
+    "length_penalty": (1.0, f"it scores beams, and {BEAM_SEARCH}"),
+    "return_context_logits": (False, "[prompt tokens, vocabulary] logits per request are too costly to return; "
+                                     "return_log_probs gives each output token's log-probability"),
+    "return_generation_logits": (False, "[output tokens, vocabulary] logits per request are too costly to "
+                                        "return; return_log_probs gives each output token's log-probability"),
+}
 # dspark_bls input -> the ensemble field a client sent
 CLIENT_NAMES = {"input_ids": "text_input", "request_output_len": "max_tokens", "runtime_top_p": "top_p",
-                "runtime_top_k": "top_k", "streaming": "stream", "stop_words_list": "stop_words"}
+                "runtime_top_k": "top_k", "streaming": "stream", "stop_words_list": "stop_words",
+                "bad_words_list": "bad_words"}
 
 
 @dataclass(frozen=True)
 class TextRequest:
-    """What preprocessing needs: the prompt text, stop words, end/pad ids (-1 = the target's own)."""
+    """What preprocessing needs: the prompt text, stop and bad words, end/pad ids (-1 = the target's own)."""
 
     prompt: str
     stop_words: tuple[str, ...] = ()
+    bad_words: tuple[str, ...] = ()
     end_id: int = -1
     pad_id: int = -1
 
@@ -64,14 +73,11 @@ def parse_text_request(inputs: Inputs) -> TextRequest:
         raise InvalidRequestError(f"text_input must hold one prompt per request, got {len(texts)}")
     if not texts[0]:
         raise InvalidRequestError("text_input is empty: send at least one character")
-    if any(_strings(inputs, "bad_words") or ()):
-        raise InvalidRequestError("bad_words is not supported by dspark-trt; send an empty list or leave it out")
-    for name, neutral in NEUTRAL_OPTIONS.items():
+    for name, (neutral, reason) in NEUTRAL_OPTIONS.items():
         value = _scalar(inputs, name, type(neutral), neutral)
         if value != neutral:
-            raise InvalidRequestError(f"{name}={value!r} is not supported by dspark-trt (only {neutral!r}); "
-                                      "it is refused rather than ignored")
-    return TextRequest(prompt=texts[0], stop_words=tuple(w for w in _strings(inputs, "stop_words") or () if w),
+            raise InvalidRequestError(f"{name}={value!r} is not supported by dspark-trt (only {neutral!r}): {reason}")
+    return TextRequest(prompt=texts[0], stop_words=_words(inputs, "stop_words"), bad_words=_words(inputs, "bad_words"),
                        end_id=_scalar(inputs, "end_id", int, -1), pad_id=_scalar(inputs, "pad_id", int, -1))
 
 
@@ -100,6 +106,12 @@ def parse_generation_request(inputs: Inputs, limits: Limits,
         top_p=_scalar(inputs, "runtime_top_p", float, 1.0),
         seed=_scalar(inputs, "random_seed", int, 0) if seed is None else seed,
         stop_ids=stop_ids, stop_strings=stop_strings,
+        repetition_penalty=_scalar(inputs, "repetition_penalty", float, 1.0),
+        presence_penalty=_scalar(inputs, "presence_penalty", float, 0.0),
+        frequency_penalty=_scalar(inputs, "frequency_penalty", float, 0.0),
+        min_tokens=_scalar(inputs, "min_tokens", int, 0),
+        bad_words=tuple(tuple(w) for w in _word_list(inputs, "bad_words_list", limits.vocab_size)),
+        return_log_probs=_scalar(inputs, "return_log_probs", bool, False),
     )
     if params.max_tokens is None:
         raise InvalidRequestError("max_tokens is missing: send how many tokens to generate")
@@ -162,6 +174,11 @@ def _strings(inputs: Inputs, name: str) -> list[str] | None:
         else:
             raise InvalidRequestError(f"{name} must be a list of strings, got an element of type {type(item).__name__}")
     return out
+
+
+def _words(inputs: Inputs, name: str) -> tuple[str, ...]:
+    """A stop/bad word list; empty strings mean none (TensorRT-LLM's convention)."""
+    return tuple(w for w in _strings(inputs, name) or () if w)
 
 
 def _token_ids(inputs: Inputs, limits: Limits) -> list[int]:

@@ -13,19 +13,22 @@ from __future__ import annotations
 
 import numpy as np
 
+from dspark_trt.errors import InvalidRequestError
+
 REPLACEMENT = "\ufffd"  # what a decoder yields for an incomplete UTF-8 sequence
 DETOKENIZE_WINDOW = 6  # ids before the new ones re-decoded for context (spaces, merged bytes)
 
 
-def encode_word_list(tokenizer, words: list[str]) -> np.ndarray:
-    """TensorRT-LLM's [2, L] stop/bad word array for words (empty words are dropped)."""
+def encode_word_list(tokenizer, words: list[str], field: str) -> np.ndarray:
+    """TensorRT-LLM's [2, L] stop/bad word array for words (empty words are dropped). A word that tokenizes
+    to no token at all is refused, naming `field`: it could never match."""
     ids, offsets = [], []
     for word in words:
         if not word:
             continue
         word_ids = tokenizer.encode(word, add_special_tokens=False)
         if not word_ids:
-            continue
+            raise InvalidRequestError(f"{field} holds {word!r}, which the tokenizer turns into no token")
         ids.extend(word_ids)
         offsets.append(len(ids))
     width = max(1, len(ids)) if offsets else 0

@@ -1,4 +1,4 @@
-"""Preprocessing: the prompt through the target's chat template, stop words to id lists.
+"""Preprocessing: the prompt through the target's chat template, stop and bad words to id lists.
 Every input is checked by dspark_trt.serving.request_parsing; a bad one is answered INVALID_ARG."""
 import json
 
@@ -32,7 +32,8 @@ class TritonPythonModel:
                 inputs[field] = None if tensor is None else tensor.as_numpy()
             parsed = parse_text_request(inputs)
             ids = chat_prompt_ids(self.tokenizer, parsed.prompt)
-            stop = encode_word_list(self.tokenizer, list(parsed.stop_words))
+            stop = encode_word_list(self.tokenizer, list(parsed.stop_words), "stop_words")
+            bad = encode_word_list(self.tokenizer, list(parsed.bad_words), "bad_words")
         except DSparkError as exc:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
         pad_id = parsed.pad_id if parsed.pad_id != -1 else parsed.end_id
@@ -40,6 +41,7 @@ class TritonPythonModel:
             pb_utils.Tensor("INPUT_ID", np.asarray([ids], np.int32)),
             pb_utils.Tensor("REQUEST_INPUT_LEN", np.array([[len(ids)]], np.int32)),
             pb_utils.Tensor("STOP_WORDS_IDS", stop[None]),
+            pb_utils.Tensor("BAD_WORDS_IDS", bad[None]),
             pb_utils.Tensor("OUT_END_ID", np.array([[parsed.end_id]], np.int32)),
             pb_utils.Tensor("OUT_PAD_ID", np.array([[pad_id]], np.int32)),
         ])
