@@ -67,6 +67,8 @@ def test_bad_words_mask_a_words_last_token_after_its_prefix():
     assert masked([5, 0]) == {3}
     assert masked([1, 2]) == {3, 4} and masked([7, 2]) == {3}
     assert masked([2]) == {3}  # a prefix longer than the history never matches
+    long_word = LogitControls(bad_words=((1, 2, 4), (5, 5, 5, 5, 6)))  # a longer word than the history
+    assert (one_step(torch.zeros(V), History([0, 1, 2], 0, long_word)) == -INF).nonzero().flatten().tolist() == [4]
 
 
 def test_rows_without_controls_are_left_as_they_are():

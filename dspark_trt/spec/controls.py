@@ -92,7 +92,7 @@ def _controlled_rows(rows: torch.Tensor, history: History, drafts: list[int], sc
         counts = torch.bincount(column[: len(tokens) - len(drafts)], minlength=len(seen_tokens)).float()
         counts = counts.expand(n, -1)
         if drafts:  # row j + 1 and the rows after it have also seen draft j
-            added = torch.zeros_like(counts)
+            added = torch.zeros(counts.shape, device=rows.device)
             added[1:].scatter_(1, column[len(tokens) - len(drafts):].unsqueeze(1), 1.0)
             counts = counts + added.cumsum(0)
         seen = counts > 0
@@ -107,7 +107,7 @@ def _controlled_rows(rows: torch.Tensor, history: History, drafts: list[int], sc
         rows[:unfinished].index_fill_(1, torch.tensor(c.end_ids, device=rows.device), float("-inf"))
     if c.bad_words:
         longest = max(len(w) for w in c.bad_words) - 1  # history needed to match a word's prefix
-        context = (list(history.tokens[len(history.tokens) - longest:]) if longest else []) + drafts
+        context = list(history.tokens[max(0, len(history.tokens) - longest):] if longest else []) + drafts
         start = len(context) - len(drafts)
         for j in range(n):
             before = tuple(context[: start + j])
