@@ -26,8 +26,6 @@ DRAFT_MODEL = "dspark_draft"
 TARGET_OUTPUTS = ["logits", "taps"]
 VERIFY_OUTPUTS = ["accepted", "next_token", "taps"]
 DRAFT_OUTPUTS = ["tokens", "probs", "confidence_logits"]
-DEAD_STUB = "is not healthy"  # tritonserver's words for a model whose process died
-RECOVERING = "the server is recovering"  # under `dspark-trt serve` (serving/supervisor.py)
 # call(model name, input arrays, wanted output names) -> output arrays
 Call = Callable[[str, dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
 
@@ -220,10 +218,7 @@ def bls_call(pb_utils) -> Call:
         request = pb_utils.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=tensors)
         response = request.exec()
         if response.has_error():
-            message = response.error().message()
-            if DEAD_STUB in message:
-                raise DSparkError(f"{model}'s process died ({message}): {RECOVERING}, retry in a few seconds")
-            raise DSparkError(f"{model}: {message}")
+            raise DSparkError(f"{model}: {response.error().message()}")
         return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
 
     return call
