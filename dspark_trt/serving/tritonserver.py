@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import importlib.util
 import os
 import secrets
@@ -45,7 +46,6 @@ import sys
 import sysconfig
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +61,7 @@ _LOG_TAIL_CHARS = 6000
 # On SIGTERM tritonserver waits this long for open connections (an idle keep-alive client counts), then
 # as long again for in-flight requests while models unload; Triton's default of 30 s each outlasts stop().
 EXIT_TIMEOUT_S = 5
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never ask a proxy about localhost
 
 
 @dataclass(frozen=True)
@@ -237,38 +238,51 @@ class TritonServer:
         ]
 
     def start(self, timeout_s: float = 120) -> None:
-        """Launch the server and wait until /v2/health/ready (all models loaded)."""
+        """Launch the server and wait until /v2/health/ready (all models loaded). A server started again
+        keeps its ports, workdir and log (appended to)."""
         if self.is_running():
             raise DSparkError("this tritonserver is already running")
         if self.workdir is None:
-            workdir = self._owned_workdir = Path(tempfile.mkdtemp(prefix="dspark-tritonserver-"))
+            self._owned_workdir = self._owned_workdir or Path(tempfile.mkdtemp(prefix="dspark-tritonserver-"))
+            workdir = self._owned_workdir
         else:
             workdir = self.workdir
             workdir.mkdir(parents=True, exist_ok=True)
         backends = prepare_backend_directory(self.install, self.workdir)
-        free = iter(_free_ports(self.address, sum(p == 0 for p in self.requested_ports)))
-        self._ports = tuple(p or next(free) for p in self.requested_ports)
+        if self._ports is None:
+            free = iter(_free_ports(self.address, sum(p == 0 for p in self.requested_ports)))
+            self._ports = tuple(p or next(free) for p in self.requested_ports)
         self.log_path = workdir / "tritonserver.log"
-        self._log_file = open(self.log_path, "wb")
+        self._log_file = self._log_file or open(self.log_path, "ab")
         try:
             self._process = subprocess.Popen(
                 self.command(backends), stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
                 env=server_environment(self.install, self.extra_env), cwd=workdir, start_new_session=True)
         except OSError as exc:
             self._fail(f"cannot run {self.install.binary}: {exc}")
-        ready_url = f"http://{self.http_url}/v2/health/ready"
-        no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never ask a proxy about localhost
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 message = f"tritonserver exited with code {self._process.returncode} before it was ready"
                 self._fail(message)
-            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-                with no_proxy.open(ready_url, timeout=1) as response:
-                    if response.status == 200:
-                        return
+            if self.is_ready():
+                return
             time.sleep(0.2)
         self._fail(f"tritonserver was not ready after {timeout_s:.0f} s")
+
+    def restart(self, grace_s: float, timeout_s: float = 600) -> None:
+        """End the server (SIGTERM, SIGKILL after grace_s) and every process it left, then start it again on
+        the same ports."""
+        self._end(grace_s)
+        self.start(timeout_s)
+
+    def is_ready(self) -> bool:
+        """/v2/health/ready answers 200 (False while it cannot be reached)."""
+        try:
+            with _NO_PROXY.open(f"http://{self.http_url}/v2/health/ready", timeout=1) as response:
+                return response.status == 200
+        except (OSError, http.client.HTTPException):  # not ready (HTTPError), refused, reset or timed out
+            return False
 
     def _fail(self, message: str) -> NoReturn:
         """Stop, and raise a DSparkError with message and the log's tail (read before stop deletes it)."""
@@ -279,22 +293,27 @@ class TritonServer:
     def stop(self, timeout_s: float = 20) -> None:
         """SIGTERM the server (it unloads models, stubs finalize), SIGKILL it after timeout_s, then kill
         whatever is left of its process group, stubs included."""
-        process, self._process = self._process, None
-        if process is not None:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    self._kill_group(process.pid)
-                    process.wait()
-            self._kill_group(process.pid)
+        self._end(timeout_s)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
         if self._owned_workdir is not None:
             shutil.rmtree(self._owned_workdir, ignore_errors=True)
             self._owned_workdir = None
+
+    def _end(self, grace_s: float) -> None:
+        """End the server process (SIGTERM, SIGKILL after grace_s) and everything left in its group."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None and grace_s > 0:
+            process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(grace_s)
+        if process.poll() is None:
+            process.kill()
+            process.wait()  # reaped first: an unreaped leader would keep its group alive for _kill_group
+        self._kill_group(process.pid)
 
     @staticmethod
     def _kill_group(pgid: int, timeout_s: float = 5) -> None:
