@@ -543,14 +543,18 @@ def test_serve_prints_how_to_call_it_and_stops_cleanly_on_sigterm(engines, tmp_p
     from dspark_trt.serving.tritonserver import _free_ports
 
     repo = package_repository(PackageOptions(engines=str(engines), out=str(tmp_path / "repo"), schedule="off"))
-    http, grpc, metrics_port = _free_ports("127.0.0.1", 3)
+    http, grpc, metrics_port, supervisor = _free_ports("127.0.0.1", 4)
     process = subprocess.Popen([sys.executable, "-m", "dspark_trt", "serve", "--repo", str(repo), "--http-port",
-                                str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics_port)],
+                                str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics_port),
+                                "--supervisor-port", str(supervisor)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         banner = [process.stdout.readline() for _ in range(8)]
         assert any("is serving model 'ensemble'" in line for line in banner), banner
         assert any(f"127.0.0.1:{http}/v2/models/ensemble/generate_stream" in line for line in banner)
+        assert any(f"127.0.0.1:{supervisor}/live" in line for line in banner)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        assert opener.open(f"http://127.0.0.1:{supervisor}/live", timeout=10).status == 200
         status, body = http_post(f"127.0.0.1:{http}", "generate", {"text_input": "w5 w6", "max_tokens": 3})
         assert status == 200 and "text_output" in json.loads(body)
         process.send_signal(signal.SIGTERM)

@@ -1,4 +1,6 @@
-"""Serve a packaged model repository with a real tritonserver until Ctrl-C or SIGTERM.
+"""Serve a packaged model repository with a real tritonserver until Ctrl-C or SIGTERM, recovering from
+faults: a supervisor (serving/supervisor.py) restarts the server when one of its model processes or the
+server itself dies; `--supervisor-port` serves /live and the fault metrics (serving/health_endpoint.py).
 
 Without --repo (what `make serve` runs) the default pair is built into a cache directory the first
 time (build-engines), packaged afresh, and served. The shipped drafter (`--draft default`) is lossless
@@ -13,10 +15,11 @@ import os
 import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 
 from dspark_trt.errors import DSparkError
+from dspark_trt.serving.health_endpoint import HealthEndpoint
+from dspark_trt.serving.supervisor import Supervisor
 from dspark_trt.serving.tritonserver import TritonServer
 
 MODEL = "ensemble"
@@ -28,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--supervisor-port", type=int, default=8003,
+                        help="/live (stays up while the server recovers) and /metrics (faults, recoveries, "
+                             "and tritonserver's own metrics)")
     parser.add_argument("--address", default="127.0.0.1", help="interface to listen on (default localhost only)")
     parser.add_argument("--target", default="smollm2", help="without --repo: target alias or path")
     parser.add_argument("--draft", help="without --repo: DSpark drafter directory (default: none, speculation off)")
@@ -37,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("http_port", "grpc_port", "metrics_port"):
+    for name in ("http_port", "grpc_port", "metrics_port", "supervisor_port"):
         if not 0 < getattr(args, name) < 65536:
             raise DSparkError(f"--{name.replace('_', '-')} must be in 1..65535, got {getattr(args, name)}")
     repo = Path(args.repo) if args.repo else default_repository(args.target, args.draft, args.cache_dir)
@@ -47,18 +53,20 @@ def run(args: argparse.Namespace) -> int:
     _say(f"starting tritonserver on {repo} (loading the models takes a little while)")
     server = TritonServer(repo, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
                           log_verbose=args.log_verbose, address=args.address)
+    supervisor = Supervisor(server, log=_say)
+    endpoint = HealthEndpoint(supervisor, args.address, args.supervisor_port)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        server.start(timeout_s=600)
-        print(usage(server), flush=True)
-        while server.is_running():
-            time.sleep(0.5)
-        raise DSparkError(f"tritonserver exited unexpectedly\n{server.log_tail()}")
+        endpoint.start()
+        supervisor.start()
+        print(usage(server, endpoint.port), flush=True)
+        supervisor.run()
     except KeyboardInterrupt:
         _say("stopping tritonserver")
         return 0
     finally:
         server.stop()
+        endpoint.stop()
         signal.signal(signal.SIGTERM, previous)
 
 
@@ -103,11 +111,13 @@ def _key(target: str, draft: str | None) -> str:
     return hashlib.sha256(f"{target}|{draft}".encode()).hexdigest()[:12]
 
 
-def usage(server: TritonServer) -> str:
+def usage(server: TritonServer, supervisor_port: int) -> str:
     """How to call the running server: a tritonclient snippet and a curl for generate_stream."""
+    supervisor = f"http://{server.http_url.rsplit(':', 1)[0]}:{supervisor_port}"
     return f"""
 dspark-trt is serving model '{MODEL}' (Ctrl-C to stop)
   HTTP {server.http_url}   gRPC {server.grpc_url}   metrics {server.metrics_url}
+  supervisor {supervisor}/live   {supervisor}/metrics (faults and recoveries, then tritonserver's metrics)
 
 curl (server-sent events, one per committed chunk):
   curl -N -X POST http://{server.http_url}/v2/models/{MODEL}/generate_stream \\

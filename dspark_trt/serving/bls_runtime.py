@@ -26,6 +26,10 @@ DRAFT_MODEL = "dspark_draft"
 TARGET_OUTPUTS = ["logits", "taps"]
 VERIFY_OUTPUTS = ["accepted", "next_token", "taps"]
 DRAFT_OUTPUTS = ["tokens", "probs", "confidence_logits"]
+DEAD_STUB = "is not healthy"  # tritonserver's words for a model whose process died...
+SERVER_STOPPING = "Server not ready"  # ... and for a call made while it stops
+RECOVERING = "the server is recovering"  # under `dspark-trt serve` (serving/supervisor.py)
+STOPPING = "the server is restarting or stopping"
 # call(model name, input arrays, wanted output names) -> output arrays
 Call = Callable[[str, dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
 
@@ -218,7 +222,12 @@ def bls_call(pb_utils) -> Call:
         request = pb_utils.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=tensors)
         response = request.exec()
         if response.has_error():
-            raise DSparkError(f"{model}: {response.error().message()}")
+            message = response.error().message()
+            if DEAD_STUB in message:
+                raise DSparkError(f"{model}'s process died ({message}): {RECOVERING}, retry in a few seconds")
+            if SERVER_STOPPING in message:
+                raise DSparkError(f"{model} is unavailable ({message}): {STOPPING}, retry in a few seconds")
+            raise DSparkError(f"{model}: {message}")
         return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
 
     return call

@@ -23,7 +23,7 @@ import torch
 from dspark_trt.engine.engine import Engine, EngineOverloadedError
 from dspark_trt.engine.request import Request, SamplingParams, Status
 from dspark_trt.errors import DSparkError
-from dspark_trt.serving.bls_runtime import BlsRuntime, Call
+from dspark_trt.serving.bls_runtime import STOPPING, BlsRuntime, Call
 from dspark_trt.serving.cancellation import new_request_key
 from dspark_trt.serving.request_parsing import Limits
 from dspark_trt.serving.text import stream_window
@@ -73,7 +73,7 @@ class Orchestrator:
         self._stop.set()
         self._thread.join(timeout_s)
         for job in self._live + _drain(self._inbox):
-            self._close(job, None, "server is shutting down")
+            self._close(job, None, f"{STOPPING}, retry in a few seconds")
 
     def submit(self, job: Job) -> None:
         """Queue job for the engine thread; EngineOverloadedError at once when max_queue_size requests

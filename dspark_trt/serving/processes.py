@@ -1,0 +1,56 @@
+"""The python model processes ("stubs") of a running tritonserver, read from /proc.
+
+tritonserver 2.51 starts one `triton_python_backend_stub` per model instance as its direct child, with
+the instance name (`dspark_target_0_0`) and the shared-memory region it talks through on the command
+line. Killed stubs are never restarted by the server, so the supervisor watches this list; the regions
+of killed processes stay in /dev/shm unless someone removes them.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from dspark_trt.serving.tritonserver import STUB_NAME
+
+SHM_DIR = Path("/dev/shm")
+# the stub's argv: binary, model.py, shm region, shm default size, shm growth, parent pid, backend dir,
+# ipc handle, instance name, runtime model dir
+_SHM_ARG, _INSTANCE_ARG = 2, 8
+
+
+@dataclass(frozen=True)
+class Stub:
+    """One python model instance's process."""
+
+    instance: str  # e.g. dspark_target_0_0
+    pid: int
+    shm_region: str
+
+    @property
+    def model(self) -> str:
+        return self.instance.rsplit("_", 2)[0]
+
+
+def python_stubs(server_pid: int) -> dict[str, Stub]:
+    """The live stub processes whose parent is server_pid, by instance name (zombies have no command line,
+    so a killed stub drops out at once)."""
+    stubs = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # the process ended while we looked
+            continue
+        if parent == server_pid and Path(argv[0].decode()).name == STUB_NAME and len(argv) > _INSTANCE_ARG:
+            stub = Stub(argv[_INSTANCE_ARG].decode(), int(proc.name), argv[_SHM_ARG].decode())
+            stubs[stub.instance] = stub
+    return stubs
+
+
+def remove_shm_regions(stubs: list[Stub]) -> None:
+    """Unlink the shared-memory files of stubs that are gone (processes still mapping one keep it)."""
+    for stub in stubs:
+        if "/" not in stub.shm_region:
+            with contextlib.suppress(FileNotFoundError):
+                (SHM_DIR / stub.shm_region).unlink()
