@@ -1,0 +1,117 @@
+"""Recovery times of `dspark-trt serve`: SIGKILL each named process once and time it until ready again.
+
+Runs the real command (`python -m dspark_trt serve --repo REPO` on free ports, or packages --engines first),
+asks one greedy request before the faults, then per victim: SIGKILL it (a model's python stub, or
+tritonserver itself), poll /v2/health/ready and the supervisor's /live every 0.1 s until ready again, and
+ask the same request. Writes a JSON report and prints one line per fault.
+
+    python scripts/recovery_times.py --engines ~/.cache/dspark-trt/serve/engines-... --schedule off \\
+        --out docs/bench/recovery_default.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from dspark_trt.serving.processes import python_stubs
+from dspark_trt.serving.tritonserver import _free_ports
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+BODY = {"text_input": "What is the capital of France?", "max_tokens": 24}
+
+
+def status(url: str) -> int | None:
+    try:
+        with _NO_PROXY.open(url, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def generate(http_port: int) -> str:
+    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v2/models/ensemble/generate",
+                                     json.dumps(BODY).encode())
+    with _NO_PROXY.open(request, timeout=120) as response:
+        return json.loads(response.read())["text_output"]
+
+
+def server_pid(serve_pid: int) -> int:
+    """The tritonserver that serve runs (its child)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            binary = (proc / "cmdline").read_bytes().split(b"\0")[0]
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == serve_pid and binary.endswith(b"/tritonserver"):
+            return int(proc.name)
+    raise RuntimeError("serve runs no tritonserver")
+
+
+def one_fault(serve: subprocess.Popen, victim: str, ports: dict[str, int], expected: str) -> dict:
+    pid = server_pid(serve.pid)
+    os.kill(pid if victim == "tritonserver" else python_stubs(pid)[f"{victim}_0_0"].pid, signal.SIGKILL)
+    began, not_ready, live_down = time.monotonic(), 0, 0
+    while True:
+        ready = status(f"http://127.0.0.1:{ports['http']}/v2/health/ready") == 200
+        live_down += status(f"http://127.0.0.1:{ports['supervisor']}/live") != 200
+        if ready and not_ready:
+            break
+        not_ready += not ready
+        time.sleep(0.1)
+    return {"victim": victim, "ready_again_s": round(time.monotonic() - began, 1), "not_ready_samples": not_ready,
+            "supervisor_live_down_samples": live_down, "same_text_after": generate(ports["http"]) == expected}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repo", help="a packaged model repository")
+    parser.add_argument("--engines", help="instead: package this engine directory first")
+    parser.add_argument("--schedule", default="off", help="with --engines: the served schedule")
+    parser.add_argument("--victims", nargs="+", default=["dspark_target", "dspark_bls", "tritonserver"])
+    parser.add_argument("--out", default="recovery.json")
+    args = parser.parse_args(argv)
+    repo = args.repo
+    if repo is None:
+        from dspark_trt.serving.package import PackageOptions, package_repository
+
+        repo = str(package_repository(PackageOptions(engines=args.engines, out=tempfile.mkdtemp() + "/repo",
+                                                     schedule=args.schedule)))
+    ports = dict(zip(("http", "grpc", "metrics", "supervisor"), _free_ports("127.0.0.1", 4)))
+    began = time.monotonic()
+    serve = subprocess.Popen([sys.executable, "-m", "dspark_trt", "serve", "--repo", repo,
+                              *(a for name, port in ports.items() for a in (f"--{name}-port", str(port)))],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        while "is serving" not in serve.stdout.readline():
+            if serve.poll() is not None:
+                raise RuntimeError("serve exited before it was serving")
+        revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+        report = {"command": sys.argv, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+                  "git_revision": revision.strip(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "first_start_s": round(time.monotonic() - began, 1), "faults": []}
+        expected = generate(ports["http"])
+        for victim in args.victims:
+            report["faults"].append(one_fault(serve, victim, ports, expected))
+            print(json.dumps(report["faults"][-1]), flush=True)
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(60)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
