@@ -187,8 +187,10 @@ CLOSED = "Stream removed"  # gRPC's words for a stream whose connection closed (
 FAULTS = {
     "dspark_target": (RECOVERING,),  # the orchestrator's next pass meets the dead process
     "dspark_draft": (RECOVERING,),
-    "postprocessing": ("Stub process 'postprocessing_0_0' is not healthy", STOPPING),
-    "preprocessing": (STOPPING,),  # the stream is past it: it ends when the restart stops the server
+    # the stream's windows wait on the dead postprocessing, or it is past the dead preprocessing: it ends when the
+    # restart stops the server, with the orchestrator's words if they get out before the connection closes
+    "postprocessing": ("Stub process 'postprocessing_0_0' is not healthy", STOPPING, CLOSED),
+    "preprocessing": (STOPPING, CLOSED),
     "dspark_bls": (CLOSED,),  # its stream is never answered again: the restart closes the connection
     "tritonserver": (CLOSED,),
 }

@@ -9,11 +9,10 @@ reloads dspark_bls too, whose old instance would share the target's slots with t
 supervisor restarts the whole server: one path for every fault, every process and cache started afresh.
 
 `dspark-trt serve` runs it beside the server. It polls the server process and its stubs every POLL_S and
-on a death: SIGTERMs the server (requests in flight end with an error: "the server is recovering" when
-dspark_target or dspark_draft died, "the server is restarting or stopping" from the orchestrator, or
-tritonserver's "Stub process ... is not healthy" naming the process; the connections of streams a dead
-dspark_bls held close), SIGKILLs what is left after GRACE_S, removes the dead server's shared memory, and
-starts it again on the same ports. Until it is ready again its endpoints do not answer, so
+on a death: SIGTERMs the server (requests in flight end: with "the server is recovering" when dspark_target
+or dspark_draft died, else with "the server is restarting or stopping" from the orchestrator or with their
+connection closing, always so for the streams of a dead dspark_bls), SIGKILLs what is left after GRACE_S,
+removes the dead server's shared memory, and starts it again on the same ports. Until it is ready again its endpoints do not answer, so
 every readiness probe fails; serve's own /live (health_endpoint.py) stays up. A restart that fails
 `max_failed_restarts` times in a row gives up (DSparkError): serve exits, the container restarts.
 """
