@@ -1,7 +1,9 @@
 """A real tritonserver (from the nvidia-pytriton wheel) serving python models that run in our venv."""
 import importlib.util
+import os
 import queue
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 import dspark_trt
 from dspark_trt.errors import DSparkError
 from dspark_trt.serving import tritonserver
+from dspark_trt.serving.processes import SHM_DIR
 from dspark_trt.serving.tritonserver import TritonServer
 
 MODELS = Path(__file__).parent / "triton_models"
@@ -202,6 +205,9 @@ def test_stop_frees_the_ports_and_leaves_no_server_or_stub_process(tmp_path):
         assert not any(port_is_free(port) for port in ports)
         idle_client = httpclient.InferenceServerClient(server.http_url)  # a keep-alive connection left open
         assert idle_client.is_server_live()
+        (stub,) = server.stubs.values()
+        assert stub.instance == "counter_0_0" and (SHM_DIR / stub.shm_region).exists()
+        os.kill(stub.pid, signal.SIGKILL)  # a killed stub never unlinks its shared memory
     finally:
         began = time.monotonic()
         server.stop()
@@ -210,6 +216,7 @@ def test_stop_frees_the_ports_and_leaves_no_server_or_stub_process(tmp_path):
     assert processes_using(repo) == []
     assert all(port_is_free(port) for port in ports)
     assert not server.log_path.parent.exists()  # its own temporary workdir is gone
+    assert server.stubs == {} and not (SHM_DIR / stub.shm_region).exists()
     server.stop()  # idempotent
 
 

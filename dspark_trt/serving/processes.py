@@ -3,7 +3,7 @@
 tritonserver 2.51 starts one `triton_python_backend_stub` per model instance as its direct child, with
 the instance name (`dspark_target_0_0`) and the shared-memory region it talks through on the command
 line. Killed stubs are never restarted by the server, so the supervisor watches this list; the regions
-of killed processes stay in /dev/shm unless someone removes them.
+of killed processes stay in /dev/shm unless someone removes them (TritonServer does when it ends).
 """
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from dspark_trt.serving.tritonserver import STUB_NAME
-
+STUB_NAME = "triton_python_backend_stub"
 SHM_DIR = Path("/dev/shm")
 # the stub's argv: binary, model.py, shm region, shm default size, shm growth, parent pid, backend dir,
 # ipc handle, instance name, runtime model dir

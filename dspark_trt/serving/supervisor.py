@@ -11,10 +11,11 @@ supervisor restarts the whole server: one path for every fault, every process an
 `dspark-trt serve` runs it beside the server. It polls the server process and its stubs every POLL_S and
 on a death: SIGTERMs the server (requests in flight end: with "the server is recovering" when dspark_target
 or dspark_draft died, else with "the server is restarting or stopping" from the orchestrator or with their
-connection closing, always so for the streams of a dead dspark_bls), SIGKILLs what is left after GRACE_S,
-removes the dead server's shared memory, and starts it again on the same ports. Until it is ready again its endpoints do not answer, so
-every readiness probe fails; serve's own /live (health_endpoint.py) stays up. A restart that fails
-`max_failed_restarts` times in a row gives up (DSparkError): serve exits, the container restarts.
+connection closing, always so for the streams of a dead dspark_bls), SIGKILLs what is left after GRACE_S
+(TritonServer removes the shared memory of its stubs), and starts it again on the same ports. Until it is
+ready again its endpoints do not answer, so every readiness probe fails; serve's own /live
+(health_endpoint.py) stays up. A restart that fails `max_failed_restarts` times in a row gives up
+(DSparkError): serve exits, the container restarts.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from dspark_trt.errors import DSparkError
-from dspark_trt.serving.processes import Stub, python_stubs, remove_shm_regions
+from dspark_trt.serving.processes import python_stubs
 from dspark_trt.serving.tritonserver import TritonServer
 
 SERVER = "tritonserver"  # the fault label of the server process itself
@@ -57,16 +58,14 @@ class Supervisor:
         self._log = log
         self._start_timeout_s = start_timeout_s
         self._max_failed_restarts = max_failed_restarts
-        self._stubs: dict[str, Stub] = {}
 
     @property
     def processes(self) -> list[str]:
         """Every process watched: the server and the models whose stubs it runs."""
-        return [SERVER, *sorted({stub.model for stub in self._stubs.values()})]
+        return [SERVER, *sorted({stub.model for stub in self.server.stubs.values()})]
 
     def start(self) -> None:
         self.server.start(self._start_timeout_s)
-        self._stubs = python_stubs(self.server.pid)
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Watch and recover until stop is set (forever without one); DSparkError once it gives up."""
@@ -80,7 +79,7 @@ class Supervisor:
         if not self.server.is_running():  # asked again after the scan: a server dying during it is its fault
             self._recover({SERVER})
             return
-        dead = {stub.model for name, stub in self._stubs.items() if alive.get(name) != stub}  # gone or replaced
+        dead = {stub.model for name, stub in self.server.stubs.items() if alive.get(name) != stub}  # gone or replaced
         if dead:
             self._recover(dead)
 
@@ -99,8 +98,6 @@ class Supervisor:
             self.health.given_up = True
             raise DSparkError(f"tritonserver could not be restarted ({self._max_failed_restarts} attempts); "
                               "giving up")
-        remove_shm_regions(list(self._stubs.values()))  # SIGKILLed stubs never unlink their own
-        self._stubs = python_stubs(self.server.pid)
         self.health.recoveries += 1
         self.health.last_recovery_s = time.monotonic() - began
         self.health.recovering = False

@@ -52,10 +52,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from dspark_trt.errors import DSparkError
+from dspark_trt.serving.processes import STUB_NAME, Stub, python_stubs, remove_shm_regions
 
 ACCESS_HEADER = "x-dspark-admin-key"
 RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
-STUB_NAME = "triton_python_backend_stub"
 _PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 _LOG_TAIL_CHARS = 6000
 # On SIGTERM tritonserver waits this long for open connections (an idle keep-alive client counts), then
@@ -184,6 +184,7 @@ class TritonServer:
         self.address = address
         self.access_token = secrets.token_urlsafe(32)
         self.log_path: Path | None = None
+        self.stubs: dict[str, Stub] = {}  # its python model processes, by instance, as they were when it was ready
         self._ports: tuple[int, int, int] | None = None
         self._process: subprocess.Popen | None = None
         self._log_file = None
@@ -266,6 +267,7 @@ class TritonServer:
                 message = f"tritonserver exited with code {self._process.returncode} before it was ready"
                 self._fail(message)
             if self.is_ready():
+                self.stubs = python_stubs(self._process.pid)
                 return
             time.sleep(0.2)
         self._fail(f"tritonserver was not ready after {timeout_s:.0f} s")
@@ -302,8 +304,10 @@ class TritonServer:
             self._owned_workdir = None
 
     def _end(self, grace_s: float) -> None:
-        """End the server process (SIGTERM, SIGKILL after grace_s) and everything left in its group."""
+        """End the server process (SIGTERM, SIGKILL after grace_s) and everything left in its group, and remove
+        its stubs' shared memory (a SIGKILLed stub never unlinks its own: a few MB leaked per kill)."""
         process, self._process = self._process, None
+        stubs, self.stubs = list(self.stubs.values()), {}
         if process is None:
             return
         if process.poll() is None and grace_s > 0:
@@ -314,6 +318,7 @@ class TritonServer:
             process.kill()
             process.wait()  # reaped first: an unreaped leader would keep its group alive for _kill_group
         self._kill_group(process.pid)
+        remove_shm_regions(stubs)
 
     @staticmethod
     def _kill_group(pgid: int, timeout_s: float = 5) -> None:
