@@ -19,25 +19,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 from dspark_trt.serving.processes import python_stubs
-from dspark_trt.serving.tritonserver import _free_ports
+from dspark_trt.serving.tritonserver import _free_ports, http_status
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 BODY = {"text_input": "What is the capital of France?", "max_tokens": 24}
-
-
-def status(url: str) -> int | None:
-    try:
-        with _NO_PROXY.open(url, timeout=2) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
 
 
 def generate(http_port: int) -> str:
@@ -65,8 +54,8 @@ def one_fault(serve: subprocess.Popen, victim: str, ports: dict[str, int], expec
     os.kill(pid if victim == "tritonserver" else python_stubs(pid)[f"{victim}_0_0"].pid, signal.SIGKILL)
     began, not_ready, live_down = time.monotonic(), 0, 0
     while True:
-        ready = status(f"http://127.0.0.1:{ports['http']}/v2/health/ready") == 200
-        live_down += status(f"http://127.0.0.1:{ports['supervisor']}/live") != 200
+        ready = http_status(f"http://127.0.0.1:{ports['http']}/v2/health/ready") == 200
+        live_down += http_status(f"http://127.0.0.1:{ports['supervisor']}/live") != 200
         if ready and not_ready:
             break
         not_ready += not ready

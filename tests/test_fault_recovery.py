@@ -11,7 +11,6 @@ import queue
 import signal
 import threading
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from dspark_trt.serving.health_endpoint import HealthEndpoint
 from dspark_trt.serving.package import PackageOptions, package_repository
 from dspark_trt.serving.processes import SHM_DIR, python_stubs
 from dspark_trt.serving.supervisor import Supervisor
-from dspark_trt.serving.tritonserver import TritonServer
+from dspark_trt.serving.tritonserver import TritonServer, http_status
 
 pytestmark = pytest.mark.server
 
@@ -80,16 +79,6 @@ def generate(server: TritonServer) -> str:
     return json.loads(body)["text_output"]
 
 
-def status_of(url: str) -> int | None:
-    try:
-        with _NO_PROXY.open(url, timeout=2) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
-
-
 def metric_values(served: Served) -> dict[str, float]:
     """Every series the supervisor's /metrics serves (its own, then tritonserver's)."""
     with _NO_PROXY.open(f"{served.supervisor_url}/metrics", timeout=10) as response:
@@ -112,7 +101,7 @@ class HealthLog:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.1):
-            self.samples.append({name: status_of(url) == 200 for name, url in self.urls.items()})
+            self.samples.append({name: http_status(url) == 200 for name, url in self.urls.items()})
 
     def start(self) -> None:
         self._thread.start()
@@ -204,7 +193,7 @@ def test_the_deployment_probes_answer_on_a_supervised_server(served):
     for probe in ("livenessProbe", "readinessProbe"):
         get = container[probe]["httpGet"]
         port = ports[get["port"]] if isinstance(get["port"], str) else get["port"]
-        assert status_of(f"http://127.0.0.1:{actual[port]}{get['path']}") == 200, (probe, get)
+        assert http_status(f"http://127.0.0.1:{actual[port]}{get['path']}") == 200, (probe, get)
     annotations = yaml.safe_load(DEPLOYMENT.read_text())["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == "8003" and annotations["prometheus.io/path"] == "/metrics"
     values = metric_values(served)  # the one scrape port has the supervisor's series and tritonserver's

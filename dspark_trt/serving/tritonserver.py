@@ -46,6 +46,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,17 @@ _LOG_TAIL_CHARS = 6000
 # as long again for in-flight requests while models unload; Triton's default of 30 s each outlasts stop().
 EXIT_TIMEOUT_S = 5
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never ask a proxy about localhost
+
+
+def http_status(url: str, timeout: float = 2) -> int | None:
+    """The HTTP status a GET of url answers, or None while nothing answers (refused, reset, timed out)."""
+    try:
+        with _NO_PROXY.open(url, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (OSError, http.client.HTTPException):
+        return None
 
 
 @dataclass(frozen=True)
@@ -280,11 +292,7 @@ class TritonServer:
 
     def is_ready(self) -> bool:
         """/v2/health/ready answers 200 (False while it cannot be reached)."""
-        try:
-            with _NO_PROXY.open(f"http://{self.http_url}/v2/health/ready", timeout=1) as response:
-                return response.status == 200
-        except (OSError, http.client.HTTPException):  # not ready (HTTPError), refused, reset or timed out
-            return False
+        return http_status(f"http://{self.http_url}/v2/health/ready", timeout=1) == 200
 
     def _fail(self, message: str) -> NoReturn:
         """Stop, and raise a DSparkError with message and the log's tail (read before stop deletes it)."""
