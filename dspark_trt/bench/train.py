@@ -44,7 +44,7 @@ def measure_training(target_name: str, responses: str, steps: int = 4, vocab_siz
     stored = {id(b): f for b, f in zip(batches, [first, *computed])}
     drafter_rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        counts = count_response_tokens(responses)
+        counts = count_response_tokens(responses)[0]
         for size in vocab_sizes:
             progress(f"drafter step: draft vocabulary {size or 'full'}")
             reduced = 0 < size < target.config.vocab_size

@@ -147,11 +147,10 @@ def _draft_vocab(args: argparse.Namespace, target, responses: Path, out: Path):
     vocab = target.config.vocab_size
     if not args.draft_vocab or args.draft_vocab >= vocab:
         return None
-    counts = count_response_tokens(responses)
+    held_out, *rest = count_response_tokens(responses, folds=10)
+    fit = sum(rest, Counter())
+    counts = fit + held_out
     ids = select_draft_vocab(counts, vocab, args.draft_vocab, always=tuple(target.config.eos_token_ids))
-    fit, held_out = Counter(), count_response_tokens(responses, every=10, offset=0)
-    for offset in range(1, 10):
-        fit.update(count_response_tokens(responses, every=10, offset=offset))
     table = coverage_table(fit, held_out, vocab, sorted({*COVERAGE_SIZES, args.draft_vocab}))
     out.mkdir(parents=True, exist_ok=True)
     (out / DRAFT_VOCAB_FILE).write_text(json.dumps({

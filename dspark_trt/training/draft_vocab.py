@@ -15,14 +15,12 @@ import torch
 COVERAGE_SIZES = (1024, 2048, 4096, 8192, 16384, 32768)
 
 
-def count_response_tokens(responses: str | Path, every: int = 1, offset: int = 0) -> Counter:
-    """Token counts of the responses in a responses.jsonl (rows offset, offset + every, ...)."""
-    counts: Counter = Counter()
+def count_response_tokens(responses: str | Path, folds: int = 1) -> list[Counter]:
+    """Token counts of the responses in a responses.jsonl, one Counter per fold (row i in fold i % folds)."""
+    counts = [Counter() for _ in range(folds)]
     for i, line in enumerate(Path(responses).read_text().split("\n")):
-        if i % every != offset:
-            continue
         try:
-            counts.update(json.loads(line)["response_ids"])
+            counts[i % folds].update(json.loads(line)["response_ids"])
         except ValueError:
             continue  # a torn last line from an interrupted run
     return counts
