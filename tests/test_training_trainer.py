@@ -180,3 +180,24 @@ def test_a_reduced_vocabulary_drafter_needs_the_targets_lm_head_rows(tmp_path):
         reduced.lm_head.weight.copy_(target.lm_head.weight[ids])
     records = Trainer(reduced, trainer.extractor, trainer.samples, trainer.config, tmp_path / "r2").train(progress=False)
     assert all(0 <= r["tv"] <= 2 for r in records)  # the L1 distance of two distributions
+
+
+def test_bfloat16_autocast_computes_the_same_loss_and_gradients_to_its_precision(tmp_path):
+    grads, losses = {}, {}
+    for precision in ("fp32", "bf16"):
+        trainer = _setup(tmp_path / precision, 1)
+        trainer.config.precision = precision
+        loss, _ = trainer.loss_for(trainer.batch_for(0), torch.Generator().manual_seed(0))
+        loss.backward()
+        losses[precision] = loss.item()
+        grads[precision] = torch.cat([p.grad.flatten() for p in trainer.drafter.parameters() if p.grad is not None])
+        assert all(p.dtype == torch.float32 for p in trainer.drafter.parameters())  # the weights stay float32
+    assert losses["bf16"] != losses["fp32"]  # the forward really ran in bfloat16 ...
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)  # ... to the same loss
+    assert F.cosine_similarity(grads["bf16"], grads["fp32"], dim=0) > 0.99  # and the same descent direction
+
+
+def test_an_unknown_precision_is_refused(tmp_path):
+    trainer = _setup(tmp_path, 1)
+    with pytest.raises(DSparkError, match="unknown precision 'fp8'"):
+        Trainer(trainer.drafter, trainer.extractor, trainer.samples, TrainConfig(precision="fp8"), tmp_path)

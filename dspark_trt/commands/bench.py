@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dspark_trt.engine.prompts import read_prompts_file
 from dspark_trt.errors import DSparkError
+from dspark_trt.training.trainer import PRECISIONS
 
 DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
 
@@ -62,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--responses", required=True, help="responses.jsonl (gen-data or train-draft output)")
     train.add_argument("--steps", type=int, default=4, help="timed steps per variant (after one warm-up)")
     train.add_argument("--draft-vocab", type=int, nargs="+", default=[0, 8192], help="sizes to time (0: full)")
+    train.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["fp32"],
+                       help="train-draft --precision values to time at each size")
     draft = sub.add_parser("draft", help="draft pass cost of engine directories, interleaved")
     draft.add_argument("--engines", nargs="+", required=True, help="build-engines directories with drafters")
     draft.add_argument("--rounds", type=int, default=15)
@@ -137,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         if args.steps < 1 or any(v < 0 for v in args.draft_vocab):
             raise DSparkError("--steps must be >= 1 and --draft-vocab sizes >= 0")
         result = measure_training(args.target, args.responses, args.steps, tuple(args.draft_vocab),
-                                  progress=progress)
+                                  precisions=tuple(args.precision), progress=progress)
         summary = training_table(result)
     elif args.benchmark == "draft":
         from dspark_trt.bench.draft import bench_draft, draft_table

@@ -49,7 +49,7 @@ from dspark_trt.training.draft_vocab import COVERAGE_SIZES, count_response_token
 from dspark_trt.training.data import FeatureExtractor, load_samples, read_training_prompts, regenerate_responses
 from dspark_trt.training.feature_cache import CachedFeatureExtractor, target_identity
 from dspark_trt.training.losses import LossWeights
-from dspark_trt.training.trainer import STATE_FILE, Trainer, TrainConfig
+from dspark_trt.training.trainer import PRECISIONS, STATE_FILE, Trainer, TrainConfig
 
 RESPONSES_FILE = "responses.jsonl"
 DRAFT_VOCAB_FILE = "draft_vocab.json"
@@ -105,6 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also keep the drafter of every N-th step in OUT/milestones/step-N (bfloat16, without the "
                         "target's embeddings: the size of a shipped drafter), for the curve of τ against data seen")
     g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="bf16: the drafter's forward and backward under bfloat16 autocast (weights and optimizer "
+                        "stay float32; `bench train --precision` measures it)")
     g.add_argument("--kl-warmup", type=float, default=0.0, metavar="FRAC",
                    help="train the first FRAC of the steps with forward KL to the target in place of the L1 term")
     g.add_argument("--feature-cache", help="directory caching the target's features per sequence (float16), so later "
@@ -219,7 +222,8 @@ def run(args: argparse.Namespace) -> int:
     train_config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, num_anchors=args.num_anchors,
                                checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
                                milestone_every=args.milestone_every, validate_every=args.validate_every,
-                               loss=RECIPES[args.recipe], kl_warmup_frac=args.kl_warmup)
+                               loss=RECIPES[args.recipe], kl_warmup_frac=args.kl_warmup,
+                               precision=args.precision)
     held_out = []
     if args.validate_every:  # every 100th sequence, at most 64, out of training
         held_out = samples[::VALIDATION_STRIDE][:VALIDATION_MAX]

@@ -28,7 +28,9 @@ STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
 MILESTONES = "milestones"
 LSE_MARGIN = 0.1  # nats: float16 rounding moves logits by ~1e-2, a head that is not the target's by far more
-BOOKKEEPING = ("checkpoint_every", "log_every", "milestone_every", "validate_every")  # may change when a run resumes
+# options a resumed run may change (the others must match its checkpoint's)
+BOOKKEEPING = ("checkpoint_every", "log_every", "milestone_every", "validate_every", "precision")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -47,6 +49,9 @@ class TrainConfig:
     seed: int = 42
     loss: LossWeights = LossWeights()
     kl_warmup_frac: float = 0.0  # the first steps train with the KL warm start (losses.py)
+    # "bf16": the drafter's forward and backward under bfloat16 autocast (weights, optimizer and losses stay
+    # float32); these CPUs' bfloat16 matmuls run about 2.5x float32's (docs/benchmarks.md)
+    precision: str = "fp32"
 
 
 def lr_factor(step: int, total: int, warmup_frac: float) -> float:
@@ -65,6 +70,8 @@ class Trainer:
                  config: TrainConfig, out_dir: str | Path, held_out: list[Sample] = ()):
         if not samples:
             raise DSparkError("no training samples (every response was shorter than the minimum?)")
+        if config.precision not in PRECISIONS:
+            raise DSparkError(f"unknown precision '{config.precision}': choose from {', '.join(PRECISIONS)}")
         self.drafter, self.extractor, self.samples, self.config = drafter, extractor, samples, config
         self.held_out = list(held_out)
         self.out_dir = Path(out_dir)
@@ -126,9 +133,11 @@ class Trainer:
         blocks = build_blocks(samples, anchors, self.drafter.config.block_size, self.weights)
         if blocks.anchor_ids.numel() == 0:
             raise DSparkError("a training batch has no anchor (responses need at least 2 supervised tokens)")
-        logits, _, conf = self.drafter.forward_packed(
-            features.taps, features.positions, features.seq, blocks.anchor_ids, blocks.anchor_positions,
-            blocks.anchor_seq, blocks.prev_tokens)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+            logits, _, conf = self.drafter.forward_packed(
+                features.taps, features.positions, features.seq, blocks.anchor_ids, blocks.anchor_positions,
+                blocks.anchor_seq, blocks.prev_tokens)
+        logits, conf = logits.float(), None if conf is None else conf.float()
         with torch.no_grad():  # the target's logits at the draft vocabulary (the lm_head holds those rows)
             target_logits = self.drafter.lm_head(features.last_hidden[blocks.target_rows]).float()
         target_lse = None  # a full vocabulary normalises its own logits
