@@ -1,5 +1,7 @@
-"""`dspark-trt bench train`: both draft vocabularies are timed on the very same batches and anchors."""
+"""`dspark-trt bench train`: each draft vocabulary and precision is timed on the very same batches and anchors."""
 import json
+
+import pytest
 
 from dspark_trt.cli import main
 
@@ -15,9 +17,13 @@ def test_bench_train_times_each_vocabulary_on_the_same_blocks(smollm2, tmp_path,
     responses.write_text("\n".join(rows) + "\n")
     out = tmp_path / "train.json"
     assert main(["bench", "train", "--responses", str(responses), "--steps", "1", "--draft-vocab", "0", "512",
-                 "--out", str(out)]) == 0
+                 "--precision", "fp32", "bf16", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    full, reduced = result["drafter_step"]["full"], result["drafter_step"]["512"]
-    assert full["positions_per_step"] == reduced["positions_per_step"] > 0
+    rows = result["drafter_step"]
+    assert sorted(rows) == ["512 bf16", "512 fp32", "full bf16", "full fp32"]
+    assert len({row["positions_per_step"] for row in rows.values()}) == 1 and rows["full fp32"]["positions_per_step"] > 0
+    for size in ("full", "512"):  # same blocks, same initial drafter: the same first loss to bfloat16's precision
+        assert rows[f"{size} bf16"]["loss_first_step"] == pytest.approx(rows[f"{size} fp32"]["loss_first_step"], rel=2e-2)
+    assert rows["full fp32"]["loss_first_step"] != rows["512 fp32"]["loss_first_step"]  # another vocabulary
     assert result["features"]["tokens_per_second"] > 0
-    assert "| 512 |" in capsys.readouterr().out
+    assert "| 512 bf16 |" in capsys.readouterr().out
