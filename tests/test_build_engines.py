@@ -8,10 +8,11 @@ import onnx
 import pytest
 from transformers import AutoTokenizer
 
+from dspark_trt.build.pipeline import BuildOptions, build_engines
+from dspark_trt.build.validate import failures
 from dspark_trt.errors import DSparkError
-from dspark_trt.export.build import TENSORRT_MISSING, BuildOptions, build_engines
-from dspark_trt.export.engines import load_engine_tokenizer, sha256
-from dspark_trt.export.validate import failures
+from dspark_trt.export.tensorrt_build import TENSORRT_MISSING
+from dspark_trt.graphs.manifest import load_engine_tokenizer, sha256
 
 from test_cli_spec import pair  # noqa: F401  (the tiny Qwen3 target + tokenizer + drafter fixture)
 
@@ -107,7 +108,7 @@ def test_mismatched_drafter_names_the_load_step(pair, tmp_path):  # noqa: F811
 
 
 def test_validation_failure_names_the_graph(pair, tmp_path, monkeypatch):  # noqa: F811
-    import dspark_trt.export.build as build_module
+    import dspark_trt.build.pipeline as build_module
 
     bad = {"target:logits": {"max_abs_error": 1e-6, "scale": 3.0, "greedy_identical": True},
            "draft:probs": {"max_abs_error": 0.5, "scale": 2.0}}

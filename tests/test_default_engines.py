@@ -21,7 +21,7 @@ PROMPTS = ("Name three colors and one thing of each color.", "What is 12 times 1
 
 @pytest.fixture(scope="module")
 def default_engines(tmp_path_factory):
-    from dspark_trt.export.build import BuildOptions, build_engines
+    from dspark_trt.build.pipeline import BuildOptions, build_engines
 
     out = tmp_path_factory.mktemp("default_engines")
     manifest = build_engines(BuildOptions(out=str(out), draft="default"), progress=lambda message: None)
@@ -37,7 +37,7 @@ def _generate(engines, prompts, params, speculate: bool, slots: int = 4):
 
 
 def test_greedy_speculation_equals_plain_decoding_on_the_default_engines(default_engines):
-    from dspark_trt.export.engines import load_engine_tokenizer
+    from dspark_trt.graphs.manifest import load_engine_tokenizer
 
     tokenizer = load_engine_tokenizer(default_engines)
     prompts = [chat_prompt_ids(tokenizer, text) for text in PROMPTS]
@@ -74,7 +74,7 @@ def _exact_distribution(engines, prompt, n_tokens, params):
 
 
 def test_sampling_follows_the_default_engine_distribution(default_engines):
-    from dspark_trt.export.engines import load_engine_tokenizer
+    from dspark_trt.graphs.manifest import load_engine_tokenizer
 
     tokenizer = load_engine_tokenizer(default_engines)
     prompt = chat_prompt_ids(tokenizer, "Tell me a one-line story about a cat.")

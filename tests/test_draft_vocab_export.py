@@ -133,8 +133,9 @@ def test_reduced_vocabulary_quantized_weights(weights, op, min_agreement, tmp_pa
 def test_engine_with_a_reduced_vocabulary_passes_validation(tmp_path):
     """export_engines records the draft vocabulary and the build-time validation passes; the same engines
     validated against a drafter with another draft vocabulary fail it."""
-    from dspark_trt.export.engines import export_engines, read_manifest
-    from dspark_trt.export.validate import failures, validate_engines
+    from dspark_trt.build.validate import failures, validate_engines
+    from dspark_trt.export.engines import export_engines
+    from dspark_trt.graphs.manifest import read_manifest
 
     target = _wide_target()
     drafter = _reduced_drafter(target, _draft_ids(DRAFT_VOCAB))
@@ -165,8 +166,8 @@ def test_tensorrt_flavour_validation_with_a_reduced_vocabulary(tmp_path):
     """build-engines --backend tensorrt compiles the same draft graph: the TensorRT-flavour engine directory
     with a reduced-vocabulary drafter passes its validation (validate_trt_engines) and records the vocabulary."""
     from conftest import tiny_drafter
-    from dspark_trt.export.trt_target import validate_trt_engines
-    from dspark_trt.export.validate import failures
+    from dspark_trt.build.validate import failures
+    from dspark_trt.build.validate_trt import validate_trt_engines
     from test_fused_target import quantized_target
     from test_trt_target import _export
 
@@ -182,7 +183,7 @@ def test_tensorrt_flavour_validation_with_a_reduced_vocabulary(tmp_path):
 def test_build_engines_takes_a_reduced_vocabulary_checkpoint(pair, tmp_path):  # noqa: F811
     """build-engines --draft DIR with a saved reduced-vocabulary drafter (its lm_head the target's rows, shared):
     loaded, exported, validated exactly against torch, the vocabulary recorded in the manifest."""
-    from dspark_trt.export.build import BuildOptions, build_engines
+    from dspark_trt.build.pipeline import BuildOptions, build_engines
     from dspark_trt.models.drafter_checkpoint import save_drafter
     from dspark_trt.models.weights import load_target
 

@@ -7,8 +7,9 @@ from safetensors.torch import load_file
 
 from conftest import SHARED, tiny_drafter, tiny_target
 from dspark_trt import load_drafter
-from dspark_trt.export.draft_graph import GRAPH_NAMES, export_drafter
+from dspark_trt.export.draft_graph import export_drafter
 from dspark_trt.export.weight_quant import all_graphs, dequantize_blocks, quantize_blocks, quantize_columns
+from dspark_trt.graphs.draft_graph import GRAPH_NAMES
 from dspark_trt.models.drafter_checkpoint import config_to_dict, drafter_config_for_target, random_drafter
 from dspark_trt.runtimes.ort_drafter import OrtDrafter
 
@@ -263,7 +264,7 @@ def test_validation_of_the_draft_graph(weights, tmp_path):
     a quantized graph by its token agreement only."""
     from types import SimpleNamespace
 
-    from dspark_trt.export.validate import _validate_draft
+    from dspark_trt.build.validate import _validate_draft
 
     drafter = _variant_drafter(_wide_target(), block_size=5, markov_rank=32)
     rt = _runtime(drafter, tmp_path, weights=weights, num_slots=3)

@@ -6,8 +6,10 @@ import torch
 
 from conftest import tiny_target
 from dspark_trt.errors import DSparkError
-from dspark_trt.export.ort_session import make_session
-from dspark_trt.export.target_graph import export_target, step_inputs, verify_feeds
+from dspark_trt.export.target_graph import export_target
+from dspark_trt.graphs.ort_session import make_session
+from dspark_trt.graphs.target_graph import step_inputs
+from dspark_trt.graphs.verify_tail import verify_feeds
 from dspark_trt.models.target import TargetConfig, TargetModel
 from dspark_trt.runtimes.kv_cache import KVCache
 

@@ -50,7 +50,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(pair, tmp_path_factory):  # noqa: F811
-    from dspark_trt.export.build import BuildOptions, build_engines
+    from dspark_trt.build.pipeline import BuildOptions, build_engines
 
     root = tmp_path_factory.mktemp("faults")
     build_engines(BuildOptions(out=str(root / "engines"), target=str(pair / "target"), draft=str(pair / "draft"),

@@ -10,20 +10,21 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from dspark_trt.build.pipeline import BuildOptions, build_engines
+from dspark_trt.build.validate import failures
 from dspark_trt.engine.factory import EngineOptions, build_engine
 from dspark_trt.errors import DSparkError
-from dspark_trt.export.build import BuildOptions, build_engines
-from dspark_trt.export.draft_graph import draft_feeds
-from dspark_trt.export.engines import export_engines, read_manifest, write_manifest
-from dspark_trt.export.target_graph import step_inputs
+from dspark_trt.export.engines import export_engines
 from dspark_trt.export.tensorrt_build import (TENSORRT_MISSING, dim_bounds, profile_shapes, require_tensorrt,
                                               tensorrt_graph)
-from dspark_trt.export.target_graph import no_verify_feeds, verify_feeds
-from dspark_trt.export.validate import failures
+from dspark_trt.graphs.draft_graph import draft_feeds
 from dspark_trt.graphs.fused_target import fused_feeds
-from dspark_trt.runtimes.kv_cache import KVCache
+from dspark_trt.graphs.manifest import read_manifest, write_manifest
+from dspark_trt.graphs.target_graph import step_inputs
+from dspark_trt.graphs.verify_tail import no_verify_feeds, verify_feeds
 from dspark_trt.models.drafter_checkpoint import load_drafter
 from dspark_trt.models.weights import load_target
+from dspark_trt.runtimes.kv_cache import KVCache
 from dspark_trt_plugins import ort_op, trt_ops_ort
 
 from test_cli_spec import pair  # noqa: F401  (the tiny Qwen3 target + tokenizer + drafter fixture)
@@ -223,7 +224,7 @@ def test_build_engines_tensorrt_exports_and_validates_the_trt_flavour(pair, tmp_
     """build-engines --backend tensorrt up to the plans (TensorRT itself faked): the TensorRT-flavour target
     (fp32 weights from an HF directory), checked, validated on ONNX Runtime with the drafter, handed to
     build_plans."""
-    import dspark_trt.export.build as build
+    import dspark_trt.build.pipeline as build
 
     handed = {}
     monkeypatch.setattr(build, "require_tensorrt", lambda: None)

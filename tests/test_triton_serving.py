@@ -14,11 +14,11 @@ from test_cli_spec import pair  # noqa: F401 - the tiny target + drafter fixture
 from dspark_trt.cli import main as cli_main
 from dspark_trt.engine.request import InvalidRequestError, SamplingParams, Status
 from dspark_trt.errors import DSparkError
-from dspark_trt.serving.orchestrator import Job, Orchestrator, ServingOptions, build_served_engine
 from dspark_trt.serving.bls_runtime import DraftService, TargetService
 from dspark_trt.serving.cancellation import StopForwarder, new_request_key
-from dspark_trt.serving.request_parsing import parse_stop_request
+from dspark_trt.serving.orchestrator import Job, Orchestrator, ServingOptions, build_served_engine
 from dspark_trt.serving.package import MODELS, PackageOptions, package_repository
+from dspark_trt.serving.request_parsing import parse_stop_request
 from dspark_trt.serving.text import REPLACEMENT, decode_word_list, encode_word_list, new_text, stream_window
 
 TIMEOUT_S = 60
@@ -80,7 +80,7 @@ def respond(job, outputs, error, final):
 
 @pytest.fixture(scope="module")
 def engines(pair, tmp_path_factory):  # noqa: F811
-    from dspark_trt.export.build import BuildOptions, build_engines
+    from dspark_trt.build.pipeline import BuildOptions, build_engines
 
     out = tmp_path_factory.mktemp("engines")
     build_engines(BuildOptions(out=str(out), target=str(pair / "target"), draft=str(pair / "draft"),

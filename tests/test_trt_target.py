@@ -12,12 +12,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import tiny_drafter
+from dspark_trt.build.validate import failures
+from dspark_trt.build.validate_trt import validate_trt_engines
 from dspark_trt.errors import DSparkError
 from dspark_trt.export.engines import export_engines
 from dspark_trt.export.fused_target import build_fused_target
-from dspark_trt.export.trt_target import (SIGNED, build_trt_target, export_trt_target, pack_int4, signed_blocks,
-                                          validate_trt_engines)
-from dspark_trt.export.validate import failures
+from dspark_trt.export.trt_target import SIGNED, build_trt_target, export_trt_target, pack_int4, signed_blocks
 from dspark_trt.graphs.fused_target import INPUTS, cache_names
 from dspark_trt.graphs.trt_target import graph_capacity
 from dspark_trt.runtimes.kv_cache import KVCache

@@ -268,6 +268,8 @@ def closed_loop_served(grpc_url: str, prompts: list[str], max_tokens: int, concu
     """
     import tritonclient.grpc as grpcclient
 
+    from dspark_trt.serving.package import ENTRY_MODEL
+
     events: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(grpc_url)
     client.start_stream(callback=lambda result, error: events.put((result, error, time.perf_counter())))
@@ -285,7 +287,7 @@ def closed_loop_served(grpc_url: str, prompts: list[str], max_tokens: int, concu
         request_id = str(submitted)
         open_requests[request_id] = {"prompt": index, "submit": time.perf_counter(), "first": None, "text": [],
                                      "perf": {}}
-        client.async_stream_infer("ensemble", _ensemble_inputs(grpcclient, prompts[index], max_tokens),
+        client.async_stream_infer(ENTRY_MODEL, _ensemble_inputs(grpcclient, prompts[index], max_tokens),
                                   request_id=request_id, enable_empty_final_response=True)
         submitted += 1
 
@@ -346,8 +348,8 @@ def sweep_served(options, modes: list[Mode], concurrency: list[int], prompts: li
                  workdir: Path, profile_out: Path,
                  progress: Progress = lambda msg: None) -> tuple[list[dict], str | None]:
     """The sweep through tritonserver: per mode a repository is packaged from the same engines and served."""
-    from dspark_trt.commands.serve import default_engines
-    from dspark_trt.export.engines import load_engine_tokenizer
+    from dspark_trt.graphs.manifest import load_engine_tokenizer
+    from dspark_trt.serving.default_pair import default_engines
     from dspark_trt.serving.package import PackageOptions, package_repository
     from dspark_trt.serving.tritonserver import TritonServer
 

@@ -59,7 +59,7 @@ def check_builder_dependencies() -> None:
 
 
 def default_threads() -> int:
-    """The intra-op threads our ONNX Runtime sessions use (export/ort_session.make_session)."""
+    """The intra-op threads our ONNX Runtime sessions use (graphs/ort_session.make_session)."""
     return len(os.sched_getaffinity(0))
 
 

@@ -7,12 +7,13 @@ import json
 import urllib.request
 
 from dspark_trt.bench.common import environment, timed
-from dspark_trt.commands.serve import MODEL, default_engines, default_repository
 from dspark_trt.engine.engine import Engine
 from dspark_trt.engine.prompts import chat_prompt_ids
 from dspark_trt.engine.request import SamplingParams
-from dspark_trt.export.engines import load_engine_tokenizer
+from dspark_trt.graphs.manifest import load_engine_tokenizer
 from dspark_trt.runtimes.ort_runtime import OrtRuntime
+from dspark_trt.serving.default_pair import default_engines, default_repository
+from dspark_trt.serving.package import ENTRY_MODEL
 from dspark_trt.serving.tritonserver import TritonServer
 from dspark_trt.spec.scheduler import make_scheduler
 
@@ -27,7 +28,7 @@ def bench_served(target: str, draft: str | None, prompts: list[str], max_tokens:
     engine = Engine(runtime, scheduler)
     params = SamplingParams(max_tokens=max_tokens, stop_ids=tuple(runtime.eos_token_ids))
     with TritonServer(repo) as server:  # starts the server and waits until it is ready
-        url = f"http://{server.http_url}/v2/models/{MODEL}/generate"
+        url = f"http://{server.http_url}/v2/models/{ENTRY_MODEL}/generate"
 
         def served(prompt: str) -> str:
             body = json.dumps({"text_input": prompt, "max_tokens": max_tokens}).encode()

@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.benchmark == "precision":
         from dspark_trt.bench.precision import measure_precision, precision_table
         from dspark_trt.engine.prompts import chat_prompt_ids
-        from dspark_trt.export.engines import load_engine_tokenizer
+        from dspark_trt.graphs.manifest import load_engine_tokenizer
 
         tokenizer = load_engine_tokenizer(args.engines)
         prompts = [chat_prompt_ids(tokenizer, p) for f in args.prompts_file for p in read_prompts_file(f, args.limit)]

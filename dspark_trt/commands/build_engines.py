@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from dspark_trt.export.build import BACKENDS, DTYPES, WEIGHTS, BuildOptions, build_engines
+from dspark_trt.build.pipeline import BACKENDS, DTYPES, WEIGHTS, BuildOptions, build_engines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dspark_trt.export.engines import load_engine_tokenizer
+    from dspark_trt.graphs.manifest import load_engine_tokenizer
     from dspark_trt.runtimes.ort_runtime import OrtRuntime
     from dspark_trt.training.data import read_training_prompts, regenerate_responses
 

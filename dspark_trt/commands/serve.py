@@ -10,19 +10,16 @@ speculation off unless --draft names one.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
-import shutil
 import signal
 import sys
 from pathlib import Path
 
 from dspark_trt.errors import DSparkError
+from dspark_trt.serving.default_pair import default_repository
 from dspark_trt.serving.health_endpoint import HealthEndpoint
+from dspark_trt.serving.package import ENTRY_MODEL
 from dspark_trt.serving.supervisor import Supervisor
 from dspark_trt.serving.tritonserver import TritonServer
-
-MODEL = "ensemble"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
         if not 0 < getattr(args, name) < 65536:
             raise DSparkError(f"--{name.replace('_', '-')} must be in 1..65535, got {getattr(args, name)}")
     repo = Path(args.repo) if args.repo else default_repository(args.target, args.draft, args.cache_dir)
-    if not (repo / MODEL / "config.pbtxt").is_file():
-        raise DSparkError(f"{repo} is not a dspark-trt model repository (no {MODEL}/config.pbtxt); "
+    if not (repo / ENTRY_MODEL / "config.pbtxt").is_file():
+        raise DSparkError(f"{repo} is not a dspark-trt model repository (no {ENTRY_MODEL}/config.pbtxt); "
                           "make one with `dspark-trt package`")
     _say(f"starting tritonserver on {repo} (loading the models takes a little while)")
     server = TritonServer(repo, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
@@ -70,57 +67,16 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def default_engines(target: str, draft: str | None, cache_dir: str | None) -> Path:
-    """Engines for (target, draft), built once into the cache directory."""
-    from dspark_trt.export.build import BuildOptions, build_engines
-
-    cache = _cache(cache_dir)
-    key = _key(target, draft)
-    engines = cache / f"engines-{key}"
-    if not (engines / "manifest.json").is_file():
-        _say(f"building engines for target {target!r}" + (f" and drafter {draft!r}" if draft else "")
-             + f" into {engines} (first start only)")
-        staging = cache / f".engines-{key}-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        build_engines(BuildOptions(out=str(staging), target=target, draft=draft))
-        shutil.rmtree(engines, ignore_errors=True)
-        staging.rename(engines)
-    return engines
-
-
-def default_repository(target: str, draft: str | None, cache_dir: str | None) -> Path:
-    """The cached engines of (target, draft), re-packaged into a fresh repository every start."""
-    from dspark_trt.serving.package import PackageOptions, package_repository
-
-    engines = default_engines(target, draft, cache_dir)
-    if draft is None:
-        _say("SPECULATION OFF: no trained DSpark drafter ships for the default target yet; serving the target "
-             "alone (plain autoregressive decoding). Pass --draft DIR, or package your own engines and use --repo.")
-    repo = _cache(cache_dir) / f"repo-{_key(target, draft)}"
-    shutil.rmtree(repo, ignore_errors=True)
-    return package_repository(PackageOptions(engines=str(engines), out=str(repo),
-                                             schedule="fixed" if draft else "off"))
-
-
-def _cache(cache_dir: str | None) -> Path:
-    return Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
-        / "dspark-trt" / "serve"
-
-
-def _key(target: str, draft: str | None) -> str:
-    return hashlib.sha256(f"{target}|{draft}".encode()).hexdigest()[:12]
-
-
 def usage(server: TritonServer, supervisor_port: int) -> str:
     """How to call the running server: a tritonclient snippet and a curl for generate_stream."""
     supervisor = f"http://{server.http_url.rsplit(':', 1)[0]}:{supervisor_port}"
     return f"""
-dspark-trt is serving model '{MODEL}' (Ctrl-C to stop)
+dspark-trt is serving model '{ENTRY_MODEL}' (Ctrl-C to stop)
   HTTP {server.http_url}   gRPC {server.grpc_url}   metrics {server.metrics_url}
   supervisor {supervisor}/live   {supervisor}/metrics (faults and recoveries, then tritonserver's metrics)
 
 curl (server-sent events, one per committed chunk):
-  curl -N -X POST http://{server.http_url}/v2/models/{MODEL}/generate_stream \\
+  curl -N -X POST http://{server.http_url}/v2/models/{ENTRY_MODEL}/generate_stream \\
        -d '{{"text_input": "Write a haiku about the sea.", "max_tokens": 64, "stream": true}}'
   (drop "stream" and use /generate for one JSON answer)
 
@@ -131,7 +87,7 @@ tritonclient (gRPC streaming):
           if dtype == "BYTES" else None)); return t
   client = g.InferenceServerClient("{server.grpc_url}")
   client.start_stream(callback=lambda result, error: print(error or result.as_numpy("text_output")))
-  client.async_stream_infer("{MODEL}", [tensor("text_input", "Hello!".encode(), "BYTES"),
+  client.async_stream_infer("{ENTRY_MODEL}", [tensor("text_input", "Hello!".encode(), "BYTES"),
       tensor("max_tokens", np.int32(64), "INT32"), tensor("stream", True, "BOOL")])
   client.stop_stream()  # waits for the stream to finish
 """

@@ -66,7 +66,7 @@ def _torch_runtime(options: EngineOptions):
 def _engine_dir_runtime(options: EngineOptions):
     """TrtRuntime when the engine directory holds TensorRT plans (an error names what is missing where
     they cannot run), else OrtRuntime."""
-    from dspark_trt.export.engines import load_engine_tokenizer, read_manifest
+    from dspark_trt.graphs.manifest import load_engine_tokenizer, read_manifest
 
     kwargs = dict(num_slots=options.num_slots, max_seq_len=options.max_seq_len, use_drafter=options.schedule != "off")
     if read_manifest(options.engines).get("plans"):

@@ -1,25 +1,7 @@
 """The DSpark drafter as one ONNX graph: a whole draft pass (context extension, block backbone, the
 left-to-right Markov loop with sampling, the confidence head) in one ONNX Runtime call.
 
-`draft` inputs (R requests, B = block size, L draft layers, V the target's vocabulary, N the draft vocabulary:
-V, or the subset of a drafter with a reduced one):
-  anchors [R] int64            each request's last committed token (block slot 0)
-  ctx_lens [R] int64           context rows already cached per request
-  ctx_k, ctx_v [L, R, kv, P, d] float32   the cached context K/V window (rows >= ctx_lens[r] are ignored)
-  features [N, taps*H] float32 the target features new since each request's last pass, request-major; a
-                               pass with none feeds one row that no request reads (new_lens all 0)
-  positions [N] int64          each new row's position (its request's ctx_lens + i)
-  new_rows [R, M] int64        per request, the indices of its new rows in `features` (padding: any index)
-  new_lens [R] int64           new rows per request
-  temperature [R] float32, top_k [R] int64, top_p [R] float32   spec.sampling's parameters per request
-  uniforms [R, B] float32      the engine's uniform numbers, one per block position
-outputs:
-  tokens [R, B] int64          target ids
-  probs [R, B, V] float32      the distribution q each token was drawn from, over the target vocabulary (zero
-                               outside a reduced draft vocabulary); [R, B, 0] when every request is greedy (q is
-                               then the one-hot of the token, left to the runtime)
-  confidence_logits [R, B] float32   (only with a confidence head)
-  new_k, new_v [L, N, kv, d] float32  the new rows' context K/V, to be cached at (request, position)
+Its inputs and outputs are graphs/draft_graph.py's.
 
 The block attends to [cached context ; new context ; block]; the Markov loop is unrolled over the block
 with every weight at the top level of the graph (so ONNX Runtime prepacks them once). At each block
@@ -41,7 +23,6 @@ import copy
 import io
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from onnx import helper
@@ -49,14 +30,12 @@ from torch import nn
 
 from dspark_trt.export.weight_quant import (ACCURACY_LEVEL, BLOCK_SIZE, WEIGHT_FORMATS, inline_initializer_identities,
                                             quantize_matmuls)
+from dspark_trt.graphs.draft_graph import INPUTS, METADATA_WEIGHTS
 from dspark_trt.models.drafter import DSparkDrafter
 from dspark_trt.models.layers import apply_rotary
 from dspark_trt.spec.sampling import GREEDY_TEMPERATURE, sample_from_uniform, warp_probs
 
 OPSET = 17
-GRAPH_NAMES = ("draft",)
-INPUTS = ["anchors", "ctx_lens", "ctx_k", "ctx_v", "features", "positions", "new_rows", "new_lens",
-          "temperature", "top_k", "top_p", "uniforms"]
 SAMPLING_INPUTS = ["temperature", "top_k", "top_p", "uniforms"]
 VARIANTS = ("greedy", "sample", "filter", "nucleus")
 SAMPLER_INPUTS = ["logit", "temperature", "top_k", "top_p", "uniform"]
@@ -65,7 +44,6 @@ PLACEHOLDER_DOMAIN = "dspark.draft"  # the export's Sample placeholder, replaced
 CDF_BLOCK = 128  # tokens per block of the two-level inverse-CDF draw
 NUCLEUS_BUCKETS = 64  # probability buckets floor(-log2 q) bounding a top-p nucleus (the last takes the rest)
 NUCLEUS_MARGIN = 1e-4  # mass beyond top_p the bound covers (float rounding is ~1e-7)
-METADATA_WEIGHTS = "dspark.weights"
 
 
 def _attention(q, keys, values, mask, att, b: int):
@@ -423,35 +401,3 @@ def _branch(sampler: onnx.GraphProto, prefix: str, args: list[str]) -> onnx.Grap
     del graph.input[:]
     graph.name = prefix
     return graph
-
-
-def draft_feeds(slots, anchors, ctx_lens, cache_k, cache_v, new_features, feature_width: int, temperature, top_k,
-                top_p, uniforms) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """(feeds of `draft`, the slot and position of every row of new_k/new_v) for requests in `slots` whose
-    context caches (per layer [num_slots, kv, max_seq, d]) hold ctx_lens rows; new_features[r] [n_r,
-    feature_width] (or None) are request r's new rows. A row of new_k/new_v whose slot is -1 is padding."""
-    slots = np.asarray(slots, dtype=np.int64)
-    ctx_lens = np.asarray(ctx_lens, dtype=np.int64)
-    r = len(slots)
-    arrays = [np.asarray(f, dtype=np.float32) if f is not None else None for f in new_features]
-    new_lens = np.array([0 if a is None else a.shape[0] for a in arrays], dtype=np.int64)
-    rows = [a for a in arrays if a is not None and a.shape[0] > 0]
-    n = int(new_lens.sum())
-    p, m = max(1, int(ctx_lens.max())), max(1, int(new_lens.max()))
-    if n:
-        features = np.concatenate(rows)
-        starts = np.concatenate([[0], np.cumsum(new_lens)[:-1]])
-        positions = np.concatenate([ctx_lens[i] + np.arange(new_lens[i]) for i in range(r)])
-        row_slots = np.repeat(slots, new_lens)
-    else:  # one row nobody reads
-        features = np.zeros((1, feature_width), np.float32)
-        starts, positions, row_slots = np.zeros(r, np.int64), np.zeros(1, np.int64), np.full(1, -1)
-    new_rows = np.minimum(starts[:, None] + np.arange(m), max(n, 1) - 1)
-    feeds = {"anchors": np.asarray(anchors, dtype=np.int64), "ctx_lens": ctx_lens,
-             "ctx_k": np.stack([layer[slots, :, :p] for layer in cache_k]),
-             "ctx_v": np.stack([layer[slots, :, :p] for layer in cache_v]),
-             "features": features, "positions": positions.astype(np.int64), "new_rows": new_rows.astype(np.int64),
-             "new_lens": new_lens, "temperature": np.asarray(temperature, dtype=np.float32),
-             "top_k": np.asarray(top_k, dtype=np.int64), "top_p": np.asarray(top_p, dtype=np.float32),
-             "uniforms": np.asarray(uniforms, dtype=np.float32)}
-    return feeds, row_slots, positions

@@ -1,22 +1,11 @@
-"""The target step as one ONNX graph: a ragged batch over a past-K/V window, returning the new K/V.
+"""The target step as one ONNX graph (the portable flavour: standard ONNX, float32), exported from the
+torch reference. Its contract (inputs, feeds, cache layout) is graphs/target_graph.py's.
 
-Layout (chosen so ONNX Runtime runs it with plain batched MatMuls on CPU): the runtime keeps the slot
-cache itself and passes, for the R requests of this pass, their past K/V stacked over layers
-[L, R, kv_heads, P, head_dim] (P = longest past in the batch, at least 1; entries at or beyond a
-request's past length are masked). The T new tokens stay flat for the projections and the MLP; for
-attention they are gathered into a padded [R, Q] layout (Q = longest query) and scattered back. The
-graph returns the new tokens' K/V [L, T, kv_heads, head_dim], which the runtime writes into its cache
-at (slot, position) of each row: rollback stays a length change on the host.
-
-By default the graph ends in the DSparkVerify node (plugins/SCHEMA.md), appended to the exported
-graph: it verifies the logits rows picked by `verify_rows`, grouped into requests by `row_offsets`,
-against the draft tokens/probs with per-request sampling parameters and the given uniforms, and
-returns `accepted` and `next_token` besides the logits, K/V and taps. A pass that verifies nothing
-feeds `no_verify_feeds` (zero rows: the node costs nothing).
+By default the graph ends in the DSparkVerify node (`add_verify_tail`; the tail's contract is
+graphs/verify_tail.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -27,13 +16,13 @@ from onnx import helper
 from torch import nn
 
 from dspark_trt.errors import DSparkError
+from dspark_trt.graphs.target_graph import INPUT_NAMES, output_names, step_inputs
+from dspark_trt.graphs.verify_tail import VERIFY_INPUTS, VERIFY_NODE, VERIFY_OUTPUTS
 from dspark_trt.models.layers import apply_rotary
 from dspark_trt.models.target import TargetModel
 from dspark_trt_plugins import ort_op
 
 OPSET = 17
-INPUT_NAMES = ["input_ids", "positions", "past_k", "past_v", "past_lens", "query_lens", "gather_rows",
-               "row_slots", "logits_rows"]
 DYNAMIC_AXES = {
     "input_ids": {0: "tokens"}, "positions": {0: "tokens"},
     "past_k": {1: "requests", 3: "past"}, "past_v": {1: "requests", 3: "past"},
@@ -41,17 +30,6 @@ DYNAMIC_AXES = {
     "gather_rows": {0: "requests", 1: "query"}, "row_slots": {0: "tokens"}, "logits_rows": {0: "rows"},
     "logits": {0: "rows"}, "new_k": {1: "tokens"}, "new_v": {1: "tokens"}, "taps": {0: "tokens"},
 }
-# the verification tail: graph inputs (besides the logits it verifies) and outputs, with their dims;
-# "vocab" stands for the vocabulary size. Verify requests are logits-row groups, not query requests.
-VERIFY_INPUTS = {"verify_rows": ["verify_rows"], "draft_tokens": ["drafts"], "draft_probs": ["drafts", "vocab"],
-                 "row_offsets": ["verify_offsets"], "temperature": ["verify_requests"],
-                 "top_k": ["verify_requests"], "top_p": ["verify_requests"], "uniforms": ["verify_rows"]}
-VERIFY_OUTPUTS = {"accepted": ["verify_requests"], "next_token": ["verify_requests"]}
-VERIFY_NODE = "dspark_verify"
-
-
-def output_names(tap_layers: Sequence[int], verify: bool = False) -> list[str]:
-    return ["logits", "new_k", "new_v"] + (["taps"] if tap_layers else []) + (list(VERIFY_OUTPUTS) if verify else [])
 
 
 def padded_attention(q, k, v, past_k, past_v, mask, group: int, scale: float):
@@ -114,82 +92,6 @@ class TargetStepGraph(nn.Module):
         logits = m.lm_head(m.norm(x[logits_rows])).float()
         outputs = (logits, torch.stack(new_k), torch.stack(new_v))
         return outputs + ((torch.cat(tapped, dim=-1),) if tapped else ())
-
-
-@dataclass
-class TargetStepInputs:
-    """Numpy feeds for one pass, plus where each new row goes in the slot cache."""
-
-    feeds: dict[str, np.ndarray]
-    row_slot_ids: np.ndarray  # [T] cache slot of each new row
-    row_positions: np.ndarray  # [T] cache position of each new row
-
-
-def gather_past(cache, slots: np.ndarray, length: int) -> np.ndarray:
-    """[L, R, kv_heads, length, head_dim]: the first `length` positions of each slot, every layer."""
-    return np.stack([layer[slots, :, :length] for layer in cache])
-
-
-def step_inputs(input_ids, slots, starts, query_lens, cache_k: np.ndarray, cache_v: np.ndarray,
-                logits_rows: str | Sequence[int] = "last") -> TargetStepInputs:
-    """Feeds for appending query_lens[r] tokens to slots[r], whose caches hold starts[r] positions.
-
-    cache_k/cache_v: the runtime's cache, per layer [num_slots, kv_heads, max_seq, head_dim] (a list of
-    arrays or one stacked array).
-    """
-    ids = np.asarray(input_ids, dtype=np.int64)
-    slots = np.asarray(slots, dtype=np.int64)
-    starts = np.asarray(starts, dtype=np.int64)
-    lens = np.asarray(query_lens, dtype=np.int64)
-    if lens.sum() != ids.size or (lens < 1).any():
-        raise DSparkError(f"query lengths {lens.tolist()} must be positive and sum to {ids.size} tokens")
-    max_seq = cache_k[0].shape[2]
-    if (starts + lens > max_seq).any():
-        raise DSparkError(f"a request exceeds the cache limit {max_seq}")
-    r, q_len, total = lens.size, int(lens.max()), int(lens.sum())
-    first = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    request_of_row = np.repeat(np.arange(r), lens)
-    offset_in_request = np.arange(total) - first[request_of_row]
-    gather_rows = np.zeros((r, q_len), dtype=np.int64)
-    gather_rows[request_of_row, offset_in_request] = np.arange(total)
-    p = max(1, int(starts.max()))
-    if logits_rows == "last":
-        rows = first + lens - 1
-    elif logits_rows == "all":
-        rows = np.arange(total)
-    else:
-        rows = np.asarray(logits_rows, dtype=np.int64)
-    feeds = {
-        "input_ids": ids,
-        "positions": (starts[request_of_row] + offset_in_request).astype(np.int64),
-        "past_k": gather_past(cache_k, slots, p), "past_v": gather_past(cache_v, slots, p),
-        "past_lens": starts, "query_lens": lens, "gather_rows": gather_rows,
-        "row_slots": (request_of_row * q_len + offset_in_request).astype(np.int64),
-        "logits_rows": rows.astype(np.int64),
-    }
-    return TargetStepInputs(feeds, slots[request_of_row], feeds["positions"])
-
-
-def verify_feeds(verify_rows, draft_tokens, draft_probs, row_offsets, temperature, top_k, top_p,
-                 uniforms) -> dict[str, np.ndarray]:
-    """The verification tail's feeds (torch or numpy in; the dtypes the graph takes out).
-
-    verify_rows: the logits rows (indices into this pass's logits output) to verify, request-major;
-    the rest as DSparkVerify's inputs in plugins/SCHEMA.md.
-    """
-    def arr(x, dtype):
-        return np.ascontiguousarray(x.numpy() if isinstance(x, torch.Tensor) else x, dtype=dtype)
-
-    return {"verify_rows": arr(verify_rows, np.int64), "draft_tokens": arr(draft_tokens, np.int64),
-            "draft_probs": arr(draft_probs, np.float32), "row_offsets": arr(row_offsets, np.int64),
-            "temperature": arr(temperature, np.float32), "top_k": arr(top_k, np.int64),
-            "top_p": arr(top_p, np.float32), "uniforms": arr(uniforms, np.float32)}
-
-
-def no_verify_feeds(vocab: int) -> dict[str, np.ndarray]:
-    """Feeds for a pass that verifies nothing: zero rows, zero requests."""
-    return verify_feeds(np.zeros(0), np.zeros(0), np.zeros((0, vocab)), np.zeros(1), np.zeros(0), np.zeros(0),
-                        np.zeros(0), np.zeros(0))
 
 
 def add_verify_tail(model: onnx.ModelProto, vocab: int) -> onnx.ModelProto:

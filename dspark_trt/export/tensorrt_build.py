@@ -25,7 +25,7 @@ import onnx
 from onnx import helper
 
 from dspark_trt.errors import DSparkError
-from dspark_trt.export.engines import sha256, write_manifest
+from dspark_trt.graphs.manifest import sha256, write_manifest
 from dspark_trt_plugins import trt_ops_ort
 from dspark_trt_plugins.trt_plugin import PLUGIN_ID
 

@@ -37,7 +37,6 @@ from onnx import TensorProto, helper, numpy_helper
 from dspark_trt.errors import DSparkError
 from dspark_trt.export.fused_target import GraphBuilder, fuse_rows, fused_weights, rotary_caches, step_graph_model
 from dspark_trt.graphs.fused_target import cache_names
-from dspark_trt.graphs.trt_target import GRAPH  # noqa: F401  (the manifest's target "graph")
 from dspark_trt.models.gguf_blocks import BLOCK, BlockWeight
 from dspark_trt.models.target import TargetConfig
 from dspark_trt_plugins import trt_ops_ort
@@ -238,81 +237,3 @@ def export_trt_target(target: str, model, path: str | Path, capacity: int, tap_l
     data.unlink(missing_ok=True)
     onnx.save(onnx_model, str(path), save_as_external_data=True, location=data.name, size_threshold=1024)
     return path, report | {"weights": weights}
-
-
-
-VALIDATION_PASSES = ([5, 2, 7], [1, 3, 2])  # ragged passes of slots 0..2 over a growing cache
-ROLLBACK_PASS = ([2, 0, 1], [4, 1, 2])  # after slot 1 rolls back: slots out of order, one re-fed from position 3
-VERIFY_PASS = [3, 1, 4]  # rows per request: anchor + 2, 0 and 3 drafts
-
-
-def validate_trt_engines(engine_dir: str | Path, target, drafter=None, seed: int = 0) -> dict:
-    """A TensorRT-flavour engine directory on ONNX Runtime (TrtEmulationRuntime: TensorRT's KV-cache update
-    and attention emulated) against the torch reference: the target's logits and taps over ragged passes,
-    a rollback, a pass with its slots out of order and one beside idle slots ("target:logits",
-    "target:taps"); with a drafter, its draft passes on the reference taps, greedy and sampled as
-    export/validate.py's (draft_sampling: "draft:probs", draft_tokens_identical); the
-    DSparkVerify tail on a pass at T > 0 with top-k/top-p (verify_identical). The torch model holds the
-    GGUF blocks' exact dequantization, so int4 weights are compared at float32 tolerance too. Same
-    report format as export/validate.py (its `failures` reads it)."""
-    import torch
-
-    from dspark_trt.export.validate import compare, draft_sampling
-    from dspark_trt.runtimes.torch_runtime import TorchRuntime
-    from dspark_trt.runtimes.trt_runtime import TrtEmulationRuntime
-    from dspark_trt.spec.verify import dspark_verify
-
-    with torch.inference_mode():
-        ref_rt = TorchRuntime(target, drafter, num_slots=3, max_seq_len=64)
-        our_rt = TrtEmulationRuntime(engine_dir, num_slots=3, max_seq_len=64, use_drafter=drafter is not None)
-        for _ in range(3):
-            if ref_rt.allocate_slot() != our_rt.allocate_slot():
-                raise DSparkError("the two runtimes allocated different slots")
-        g = torch.Generator().manual_seed(seed)
-        vocab = target.config.vocab_size
-        report: dict = {}
-        drafted = [0, 0]  # tokens equal to torch's, tokens drafted
-
-        def step(slots, lens):
-            slots, lens = torch.tensor(slots), torch.tensor(lens)
-            ids = torch.randint(0, vocab, (int(lens.sum()),), generator=g)
-            ref, ours = (rt.target_forward(ids, slots, lens, "all") for rt in (ref_rt, our_rt))
-            compare(report, "target:logits", ours.logits, ref.logits, greedy=True)
-            if drafter is None:
-                return
-            compare(report, "target:taps", ours.taps, ref.taps)
-            r, b = len(slots), drafter.config.block_size
-            anchors = torch.randint(0, vocab, (r,), generator=g)
-            for i, sampling in enumerate(draft_sampling(r)):  # the new features with the first pass only
-                new = list(ref.taps.split(lens.tolist())) if i == 0 else [None] * r
-                uniforms = torch.rand(r, b, generator=g, dtype=torch.float64)
-                ref_d, our_d = (rt.draft(slots, new, anchors, *sampling, uniforms) for rt in (ref_rt, our_rt))
-                compare(report, "draft:probs", our_d.probs, ref_d.probs)
-                drafted[0] += int((our_d.tokens == ref_d.tokens).sum())
-                drafted[1] += our_d.tokens.numel()
-
-        for lens in VALIDATION_PASSES:
-            step([0, 1, 2], lens)
-        for rt in (ref_rt, our_rt):
-            rt.rollback(1, 3)  # rejected rows: overwritten by the next pass
-        step(*ROLLBACK_PASS)
-        step([2], [3])  # slots 0 and 1 idle inside the bound range [0, 3): nothing of theirs may change
-        step([0, 1], [1, 2])
-        if drafter is not None:
-            report["draft_tokens_identical"] = drafted[0] == drafted[1]
-        lens = torch.tensor(VERIFY_PASS)
-        slots = torch.tensor([0, 1, 2])
-        n_rows, n_req = int(lens.sum()), len(VERIFY_PASS)
-        ids = torch.randint(0, vocab, (n_rows,), generator=g)
-        drafts = torch.randint(0, vocab, (n_rows - n_req,), generator=g)
-        probs = torch.softmax(torch.randn(n_rows - n_req, vocab, generator=g), -1)
-        sampling = (torch.tensor([0.0, 1.0, 0.8]), torch.tensor([0, 0, 3]), torch.tensor([1.0, 0.9, 1.0]),
-                    torch.rand(n_rows, generator=g))
-        ref_step = ref_rt.target_forward(ids, slots, lens, "all")
-        our_step, verdict = our_rt.target_verify(ids, slots, lens, drafts, probs, *sampling)
-        compare(report, "target:logits", our_step.logits, ref_step.logits, greedy=True)
-        row_offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
-        expected = dspark_verify(our_step.logits, drafts, probs, row_offsets, *sampling)
-        report["verify_identical"] = bool(torch.equal(verdict.accepted, expected.accepted)
-                                          and torch.equal(verdict.next_token, expected.next_token))
-    return report

@@ -2,7 +2,7 @@
 
 The cache holds, per draft layer, each slot's context K/V (projected target features); a slot is
 addressed by the target runtime's slot number and its length says how many context rows are valid.
-A draft pass is one call of the `draft` graph (export/draft_graph.py): it takes the slots' cached
+A draft pass is one call of the `draft` graph (graphs/draft_graph.py): it takes the slots' cached
 context windows, their new target features and the engine's uniforms, and returns the drafted block
 (tokens, q, confidence logits) with the new rows' context K/V, which are written into the cache here.
 """
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from dspark_trt.errors import DSparkError
-from dspark_trt.export.draft_graph import GRAPH_NAMES, METADATA_WEIGHTS, draft_feeds
-from dspark_trt.export.ort_session import make_session, run
+from dspark_trt.graphs.draft_graph import GRAPH_NAMES, METADATA_WEIGHTS, draft_feeds
+from dspark_trt.graphs.ort_session import make_session, run
 from dspark_trt.runtimes.base import DraftStep
 from dspark_trt.runtimes.kv_cache import KVCache
 

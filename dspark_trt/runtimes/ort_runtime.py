@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from dspark_trt.errors import DSparkError
-from dspark_trt.export.engines import read_manifest
-from dspark_trt.export.ort_session import make_session
-from dspark_trt.export.target_graph import VERIFY_OUTPUTS, no_verify_feeds, verify_feeds
+from dspark_trt.graphs.manifest import read_manifest
+from dspark_trt.graphs.ort_session import make_session
+from dspark_trt.graphs.verify_tail import VERIFY_OUTPUTS, no_verify_feeds, verify_feeds
 from dspark_trt.models.target import TargetConfig
 from dspark_trt.runtimes.base import DraftStep, Runtime, TargetStep
 from dspark_trt.runtimes.kv_cache import KVCache

@@ -8,7 +8,7 @@
   this a token's logits would depend on whether it came alone (plain decoding) or with drafts
   (verification), and greedy speculation would not equal greedy decoding. Plain decoding that never
   speculates (gen-data) may turn this off (`batch_invariant=False`): it halves the rows of a decode step.
-- `PortableTargetGraph` (standard ONNX, export/target_graph.py, what TensorRT compiles): the batch's
+- `PortableTargetGraph` (standard ONNX, graphs/target_graph.py, what TensorRT compiles): the batch's
   past window is gathered into the feeds and the returned new rows are written back on the host.
 
 Both take the same call and return the graph's other outputs by name; the runtime keeps the lengths.
@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from dspark_trt.export.ort_session import run
-from dspark_trt.export.target_graph import step_inputs
 from dspark_trt.graphs.fused_target import cache_names, fused_feeds
+from dspark_trt.graphs.ort_session import run
+from dspark_trt.graphs.target_graph import step_inputs
 from dspark_trt.runtimes.kv_cache import KVCache
 
 

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from dspark_trt.errors import DSparkError
-from dspark_trt.export.engines import read_manifest, sha256
-from dspark_trt.export.target_graph import VERIFY_OUTPUTS
 from dspark_trt.graphs.fused_target import cache_names, fused_feeds
+from dspark_trt.graphs.manifest import read_manifest, sha256
 from dspark_trt.graphs.trt_target import GRAPH as TRT_GRAPH
 from dspark_trt.graphs.trt_target import graph_capacity
+from dspark_trt.graphs.verify_tail import VERIFY_OUTPUTS
 from dspark_trt.runtimes.kv_cache import KVCache
 from dspark_trt.runtimes.ort_runtime import OrtRuntime
 

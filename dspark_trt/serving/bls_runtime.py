@@ -39,7 +39,7 @@ class BlsRuntime(Runtime):
 
     def __init__(self, engine_dir: str | Path, call: Call, num_slots: int = 8, max_seq_len: int = 2048,
                  use_drafter: bool = True):
-        from dspark_trt.export.engines import read_manifest
+        from dspark_trt.graphs.manifest import read_manifest
         from dspark_trt.models.target import TargetConfig
 
         manifest = read_manifest(engine_dir)
@@ -164,7 +164,7 @@ class DraftService:
     """What `dspark_draft` runs: extend each slot's draft context at the stated length, draft one block."""
 
     def __init__(self, engine_dir: str | Path, num_slots: int):
-        from dspark_trt.export.draft_graph import GRAPH_NAMES
+        from dspark_trt.graphs.draft_graph import GRAPH_NAMES
         from dspark_trt.runtimes.ort_runtime import OrtRuntime
         from dspark_trt.serving.integrity import check_engine_files
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable
 
 from dspark_trt.errors import DSparkError
-from dspark_trt.export.engines import read_manifest, sha256
+from dspark_trt.graphs.manifest import read_manifest, sha256
 
 
 class CorruptEngineError(DSparkError):

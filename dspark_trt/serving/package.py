@@ -15,7 +15,8 @@ from pathlib import Path
 from dspark_trt.errors import DSparkError
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "triton_repo"
-MODELS = ("ensemble", "preprocessing", "dspark_bls", "dspark_target", "dspark_draft", "postprocessing")
+ENTRY_MODEL = "ensemble"  # the model clients call
+MODELS = (ENTRY_MODEL, "preprocessing", "dspark_bls", "dspark_target", "dspark_draft", "postprocessing")
 # One prompt per request, as TensorRT-LLM's clients send ([1, 1] tensors); concurrency comes from the
 # engine's in-flight batching, not from Triton batches.
 MAX_BATCH_SIZE = 1
@@ -36,7 +37,7 @@ class PackageOptions:
 
 def package_repository(options: PackageOptions) -> Path:
     """Write the model repository options.out (which must not exist or be empty); returns its path."""
-    from dspark_trt.export.engines import read_manifest
+    from dspark_trt.graphs.manifest import read_manifest
 
     engines = Path(options.engines).resolve()
     manifest = read_manifest(engines)

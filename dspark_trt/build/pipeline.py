@@ -13,12 +13,13 @@ from typing import Callable
 
 import onnx
 
+from dspark_trt.build.validate import failures, validate_engines
 from dspark_trt.errors import DSparkError
-from dspark_trt.export.engines import export_engines, sha256, write_manifest
+from dspark_trt.export.engines import export_engines
 from dspark_trt.export.fused_target import fused_supported
+from dspark_trt.export.tensorrt_build import build_plans, require_tensorrt
 from dspark_trt.export.weight_quant import WEIGHT_FORMATS
-from dspark_trt.export.tensorrt_build import TENSORRT_MISSING, build_plans, require_tensorrt  # noqa: F401
-from dspark_trt.export.validate import failures, validate_engines
+from dspark_trt.graphs.manifest import sha256, write_manifest
 
 BACKENDS = ("onnxruntime", "tensorrt")
 DTYPES = ("float32",)
@@ -125,7 +126,7 @@ def build_engines(options: BuildOptions, progress: Callable[[str], None] = _stde
             onnx.checker.check_model(str(out / graph["file"]), full_check=True)  # full: strict shape inference
     with _step("validate", progress):
         if trt:  # on ONNX Runtime, TensorRT's KV-cache update and attention emulated (plugins/trt_ops_ort.py)
-            from dspark_trt.export.trt_target import validate_trt_engines
+            from dspark_trt.build.validate_trt import validate_trt_engines
 
             report = validate_trt_engines(out, target, drafter)
         else:

@@ -11,7 +11,9 @@ is the largest reference magnitude (float32 rounding grows with it). Entries are
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -87,12 +89,16 @@ def validate_engines(engine_dir: str | Path, target, drafter=None, seed: int = 0
             report["draft_tokens_identical"] = bool(drafted[0] == drafted[1])
         else:
             report["draft_token_agreement"] = float(drafted[0] / drafted[1])
-    _validate_verify(report, target.config.vocab_size, ref_rt, ort_rt, slots, g, quantized)
+    validate_verify(report, target.config.vocab_size, ref_rt, ort_rt, slots, g,
+                    partial(_compare_target, quantized=quantized))
     return report
 
 
-def _validate_verify(report, vocab: int, ref_rt, ort_rt: OrtRuntime, slots, g: torch.Generator,
-                     quantized: bool) -> None:
+def validate_verify(report: dict, vocab: int, ref_rt, our_rt, slots: torch.Tensor, g: torch.Generator,
+                    compare_logits: Callable[[dict, str, torch.Tensor, torch.Tensor], None]) -> None:
+    """The target graph's DSparkVerify tail on a pass at T > 0 with top-k/top-p and random drafts (shared by
+    every flavour's validation): its logits against torch (compare_logits), then its accepted counts and
+    tokens against the reference's on the logits it verified ("verify_identical")."""
     lens = torch.tensor(VERIFY_PASS)
     n_rows, n_req = int(lens.sum()), len(VERIFY_PASS)
     ids = torch.randint(0, vocab, (n_rows,), generator=g)
@@ -102,9 +108,8 @@ def _validate_verify(report, vocab: int, ref_rt, ort_rt: OrtRuntime, slots, g: t
                 torch.rand(n_rows, generator=g))
     row_offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
     ref_step = ref_rt.target_forward(ids, slots, lens, "all")
-    step, ours = ort_rt.target_verify(ids, slots, lens, drafts, probs, *sampling)
-    _compare_target(report, "target:logits", step.logits, ref_step.logits, quantized)
-    # the node against the reference on the logits it verified (the logits are checked above)
+    step, ours = our_rt.target_verify(ids, slots, lens, drafts, probs, *sampling)
+    compare_logits(report, "target:logits", step.logits, ref_step.logits)
     ref = dspark_verify(step.logits, drafts, probs, row_offsets, *sampling)
     report["verify_identical"] = bool(torch.equal(ours.accepted, ref.accepted)
                                       and torch.equal(ours.next_token, ref.next_token))

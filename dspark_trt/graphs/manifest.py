@@ -1,0 +1,59 @@
+"""An engine directory's contract: `manifest.json` and the files it lists (export/engines.py writes them).
+
+The manifest is all a runtime needs besides the graph files: the model configs (target and DeepSpec
+drafter config), tap layers, block size, mask token, a reduced draft vocabulary's size
+(`draft_vocab_size`, only when the drafter has one), the DSparkVerify node ending the target graph
+(`verify`: graph, node, op, the library that runs it), each graph's file, I/O names/shapes/dtypes and
+sha256, and the versions that produced them. `build-engines` adds validation results and tokenizer files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from dspark_trt.errors import DSparkError
+
+MANIFEST = "manifest.json"
+FORMAT = "dspark-trt-engines/1"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> Path:
+    path = Path(out_dir) / MANIFEST
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return path
+
+
+def read_manifest(engine_dir: str | Path) -> dict:
+    """The manifest of an engine directory; errors name the directory and what is wrong."""
+    path = Path(engine_dir) / MANIFEST
+    if not path.is_file():
+        raise DSparkError(f"{engine_dir}: no {MANIFEST} (build one with `dspark-trt build-engines`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DSparkError(f"{path}: not valid JSON ({exc})") from exc
+    if manifest.get("format") != FORMAT:
+        raise DSparkError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    for name, graph in manifest["graphs"].items():
+        if not (Path(engine_dir) / graph["file"]).is_file():
+            raise DSparkError(f"{engine_dir}: graph '{name}' file {graph['file']} is missing")
+    return manifest
+
+
+def load_engine_tokenizer(engine_dir: str | Path):
+    """The tokenizer (with its chat template) that build-engines copied into the engine directory."""
+    from transformers import AutoTokenizer
+
+    path = Path(engine_dir) / "tokenizer"
+    if not path.is_dir():
+        raise DSparkError(f"{engine_dir}: no tokenizer/ directory (built by `dspark-trt build-engines`)")
+    return AutoTokenizer.from_pretrained(str(path))
