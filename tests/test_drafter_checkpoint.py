@@ -129,8 +129,8 @@ def test_the_shipped_drafter_fits_its_target_and_carries_its_calibration(smollm2
     """What `--draft default` finds after pip install: a bfloat16 DeepSpec checkpoint under 30 MiB that
     loads against SmolLM2 (shared embeddings), drafts in its vocabulary, and an STS calibration with one
     positive temperature per block position."""
-    from dspark_trt.models.drafter_checkpoint import resolve_drafter
-    from dspark_trt.spec.calibration import load_calibration, stored_calibration
+    from dspark_trt.models.drafter_checkpoint import resolve_drafter, stored_calibration
+    from dspark_trt.spec.calibration import load_calibration
 
     target, _ = smollm2
     directory = resolve_drafter("default")

@@ -15,8 +15,8 @@ from dspark_trt.engine.prompts import chat_prompt_ids, read_prompts_file
 from dspark_trt.engine.request import SamplingParams
 from dspark_trt.engine.rollouts import run_rollouts
 from dspark_trt.errors import DSparkError
-from dspark_trt.models.drafter_checkpoint import resolve_drafter
-from dspark_trt.spec.calibration import CALIBRATION_FILE, Calibration, fit_sts, save_calibration
+from dspark_trt.models.drafter_checkpoint import CALIBRATION_FILE, resolve_drafter
+from dspark_trt.spec.calibration import Calibration, fit_sts, save_calibration
 from dspark_trt.spec.eval_stats import rounds_from_requests
 from dspark_trt.spec.metrics import calibration_metrics
 

@@ -40,7 +40,8 @@ def build_engine(options: EngineOptions) -> tuple[Engine, object]:
     if runtime.block_size > 0:
         from dspark_trt.spec.scheduler import make_scheduler
 
-        from dspark_trt.spec.calibration import load_calibration, stored_calibration
+        from dspark_trt.models.drafter_checkpoint import stored_calibration
+        from dspark_trt.spec.calibration import load_calibration
 
         calibration = options.calibration or stored_calibration(options.draft)
         if calibration:

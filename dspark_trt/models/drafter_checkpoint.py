@@ -34,11 +34,18 @@ SHARES_TARGET_EMBEDDINGS = "dspark_trt_shares_target_embeddings"
 TARGET_TENSORS = ("embed_tokens.weight", "lm_head.weight")
 DRAFTERS_DIR = Path(__file__).resolve().parent.parent / "drafters"
 PACKAGED_DRAFTERS = {"default": DRAFTERS_DIR / "smollm2"}
+CALIBRATION_FILE = "calibration.json"  # stored next to the drafter by `dspark-trt calibrate`
 
 
 def resolve_drafter(name_or_path: str | Path) -> Path:
     """A drafter directory: a packaged name ('default': the SmolLM2 drafter we ship) or a path."""
     return PACKAGED_DRAFTERS.get(str(name_or_path), Path(name_or_path))
+
+
+def stored_calibration(draft: str | Path | None) -> Path | None:
+    """The calibration stored next to a drafter (a directory or a packaged name), if there is one."""
+    path = resolve_drafter(draft) / CALIBRATION_FILE if draft is not None else None
+    return path if path is not None and path.is_file() else None
 
 
 def config_from_dict(raw: dict, where: str = "config.json") -> DrafterConfig:

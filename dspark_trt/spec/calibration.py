@@ -69,17 +69,6 @@ def fit_sts(
     return temps
 
 
-CALIBRATION_FILE = "calibration.json"  # stored next to the drafter by `dspark-trt calibrate`
-
-
-def stored_calibration(draft: str | Path | None) -> Path | None:
-    """The calibration stored next to a drafter (a directory or a packaged name), if there is one."""
-    from dspark_trt.models.drafter_checkpoint import resolve_drafter
-
-    path = resolve_drafter(draft) / CALIBRATION_FILE if draft is not None else None
-    return path if path is not None and path.is_file() else None
-
-
 def save_calibration(calibration: Calibration, path: str | Path) -> None:
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "method": "sequential temperature scaling, 20-bin ECE of prefix survival", **calibration.metadata}
