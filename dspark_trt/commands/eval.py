@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dspark_trt.engine.factory import SCHEDULE_MODES, EngineOptions, build_engine
+from dspark_trt.engine.factory import EngineOptions, build_engine
 from dspark_trt.engine.prompts import chat_prompt_ids, read_prompts_file
 from dspark_trt.engine.request import SamplingParams
 from dspark_trt.engine.rollouts import run_rollouts
@@ -34,6 +34,7 @@ from dspark_trt.errors import DSparkError
 from dspark_trt.models.drafter_checkpoint import CALIBRATION_FILE, resolve_drafter, stored_calibration
 from dspark_trt.spec.calibration import load_calibration
 from dspark_trt.spec.eval_stats import Rounds, eval_stats, json_safe, rounds_from_requests
+from dspark_trt.spec.scheduler import SCHEDULE_MODES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

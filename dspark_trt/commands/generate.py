@@ -13,11 +13,12 @@ import json
 import sys
 import time
 
-from dspark_trt.engine.factory import SCHEDULE_MODES, EngineOptions, build_engine
+from dspark_trt.engine.factory import EngineOptions, build_engine
 from dspark_trt.engine.prompts import chat_prompt_ids, read_prompts_file
 from dspark_trt.engine.request import Request, SamplingParams
 from dspark_trt.errors import DSparkError
 from dspark_trt.serving.text import decode_word_list, encode_word_list
+from dspark_trt.spec.scheduler import SCHEDULE_MODES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dspark_trt.engine.factory import SCHEDULE_MODES
+from dspark_trt.spec.scheduler import SCHEDULE_MODES
 from dspark_trt.serving.package import PackageOptions, package_repository
 
 

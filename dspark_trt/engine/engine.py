@@ -22,9 +22,7 @@ from dspark_trt.spec.calibration import apply_sts
 from dspark_trt.spec.controls import History, apply_controls
 from dspark_trt.spec.draft_gate import GatedScheduler
 from dspark_trt.spec.sampling import sample_from_uniform, token_logprobs, uniforms, warp_probs
-
-# (calibrated conditional confidences [R, B] or None, max lengths [R]) -> verify lengths [R]
-Scheduler = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
+from dspark_trt.spec.scheduler import Scheduler
 
 
 class EngineOverloadedError(DSparkError):

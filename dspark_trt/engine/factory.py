@@ -9,8 +9,7 @@ from dspark_trt.engine.engine import Engine
 from dspark_trt.errors import DSparkError
 from dspark_trt.models.weights import load_target
 from dspark_trt.runtimes.torch_runtime import TorchRuntime
-
-SCHEDULE_MODES = ("off", "fixed", "threshold", "dspark", "async")
+from dspark_trt.spec.scheduler import SCHEDULE_MODES
 
 
 @dataclass

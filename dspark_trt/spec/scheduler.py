@@ -19,6 +19,7 @@ import torch
 from dspark_trt.errors import DSparkError
 from dspark_trt.spec.cost_table import PROFILE_HINT, CostTable
 
+# (calibrated conditional confidences [R, γ] or None, max lengths [R]) -> verify lengths [R]
 Scheduler = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
 MIN_PREDICTED_GAIN = 0.04  # TensorRT-LLM's DSparkDecodingConfig.confidence_min_predicted_gain default
 SCHEDULE_MODES = ("off", "fixed", "threshold", "dspark", "async")
