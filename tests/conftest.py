@@ -80,7 +80,7 @@ def oracle_runtime(target, block_size: int, num_slots: int = 8, max_seq_len: int
     own continuation of the slot's tokens (drawn from its warped distribution, which is q). Drafts are accepted
     wherever the controls leave the target's choice alone and rejected where they change it, so verification
     under controls runs at every block position (random tiny drafters are rarely accepted)."""
-    from dspark_trt.runtimes.base import DraftStep
+    from dspark_trt.models.drafter import DraftStep
     from dspark_trt.runtimes.kv_cache import KVCache
     from dspark_trt.runtimes.torch_runtime import TorchRuntime
     from dspark_trt.spec.sampling import sample_from_uniform, warp_probs

@@ -72,7 +72,7 @@ def test_greedy_shortcut_equals_the_general_rule_on_random_batches(monkeypatch):
         fast = dspark_verify(logits, drafts, None, offsets, *params(n_req, 0.0, 0, 1.0), u)
         spread = torch.softmax(torch.randn(n_rows - n_req, 4, generator=g), -1)
         with monkeypatch.context() as patch:  # the shortcut's test never passes: the general rule runs, and
-            patch.setattr("dspark_trt.spec.verify.GREEDY_TEMPERATURE", -1.0)  # warp_probs keeps T = 0 one-hot
+            patch.setattr("dspark_trt.spec.verify.is_greedy", lambda t: t < -1.0)  # warp_probs keeps T = 0 one-hot
             general = [dspark_verify(logits, drafts, q, offsets, *params(n_req, 0.0, 0, 1.0), u)
                        for q in (torch.nn.functional.one_hot(drafts, 4).float(), spread)]
         for result in general:

@@ -17,7 +17,7 @@ class SamplingParams:
     """Per-request decoding parameters (names follow TensorRT-LLM's Triton backend)."""
 
     max_tokens: int = 128
-    temperature: float = 0.0  # < 1e-5 means greedy
+    temperature: float = 0.0  # greedy below spec.sampling.GREEDY_TEMPERATURE (is_greedy)
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
     seed: int = 0

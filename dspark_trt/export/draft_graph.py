@@ -33,7 +33,7 @@ from dspark_trt.export.weight_quant import (ACCURACY_LEVEL, BLOCK_SIZE, WEIGHT_F
 from dspark_trt.graphs.draft_graph import INPUTS, METADATA_WEIGHTS
 from dspark_trt.models.drafter import DSparkDrafter
 from dspark_trt.models.layers import apply_rotary
-from dspark_trt.spec.sampling import GREEDY_TEMPERATURE, sample_from_uniform, warp_probs
+from dspark_trt.spec.sampling import is_greedy, sample_from_uniform, warp_probs
 
 OPSET = 17
 SAMPLING_INPUTS = ["temperature", "top_k", "top_p", "uniforms"]
@@ -188,7 +188,7 @@ class _FullProbs(torch.autograd.Function):
 def _warp_and_draw(logits, temperature, top_k, top_p, uniform, variant: str, vocab: int):
     """(token [R], q [R, V]) as spec.sampling.warp_probs + sample_from_uniform; variant "sample" leaves
     top-k/top-p out, "filter" and "nucleus" apply them (_filter)."""
-    greedy = temperature < GREEDY_TEMPERATURE
+    greedy = is_greedy(temperature)
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(1)
     if variant != "sample":
         scaled = _filter(scaled, top_k, top_p, ~greedy & ((top_k > 0) | (top_p < 1.0)), variant == "nucleus", vocab)
@@ -254,7 +254,7 @@ class DraftPass(nn.Module):
         d = self.drafter
         hidden, base_logits, new_k, new_v = self.backbone(anchors, ctx_lens, ctx_k, ctx_v, features, positions,
                                                           new_rows, new_lens)
-        sampling = temperature >= GREEDY_TEMPERATURE
+        sampling = ~is_greedy(temperature)
         any_sampling = sampling.any()
         any_filter = (sampling & ((top_k > 0) | (top_p < 1.0))).any()
         any_nucleus = (sampling & (top_k == 0) & (top_p < 1.0)).any()

@@ -82,13 +82,16 @@ class DraftOutput:
 
 
 @dataclass
-class DraftBatchOutput:
+class DraftStep:
+    """One draft pass for R requests (B = block size), as every runtime returns it; the torch drafter also
+    returns what the tokens were drawn from (logits, base_logits) and the block's hidden states."""
+
     tokens: torch.Tensor  # [R, B] target ids
-    probs: torch.Tensor  # [R, B, V] (target vocabulary)
-    logits: torch.Tensor  # [R, B, N] (draft vocabulary)
-    base_logits: torch.Tensor  # [R, B, N]
-    confidence_logits: torch.Tensor | None  # [R, B]
-    block_hidden: torch.Tensor  # [R, B, H]
+    probs: torch.Tensor  # [R, B, V] the distribution q each token was drawn from, over the target vocabulary
+    confidence_logits: torch.Tensor | None  # [R, B] pre-sigmoid, None without a confidence head
+    logits: torch.Tensor | None = None  # [R, B, N] U + B over the draft vocabulary
+    base_logits: torch.Tensor | None = None  # [R, B, N] U
+    block_hidden: torch.Tensor | None = None  # [R, B, H]
 
 
 class DraftAttention(nn.Module):
@@ -311,7 +314,7 @@ class DSparkDrafter(nn.Module):
     @torch.no_grad()
     def draft_batch(self, states: list[DraftState], ctx_features: list[torch.Tensor], anchor_ids: torch.Tensor,
                     temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                    uniforms: torch.Tensor | None) -> DraftBatchOutput:
+                    uniforms: torch.Tensor | None) -> DraftStep:
         """One block per request: parallel backbone for all R, then the sequential Markov loop."""
         cfg = self.config
         r, b = len(states), cfg.block_size
@@ -349,5 +352,5 @@ class DSparkDrafter(nn.Module):
             probs.append(q)
             prev = token
         conf = self.confidence_logits(hidden, torch.stack(prevs, dim=1))
-        return DraftBatchOutput(torch.stack(tokens, 1), torch.stack(probs, 1), torch.stack(logits, 1),
-                                base_logits, conf, hidden)
+        return DraftStep(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1), confidence_logits=conf,
+                         logits=torch.stack(logits, 1), base_logits=base_logits, block_hidden=hidden)

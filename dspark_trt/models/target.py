@@ -77,7 +77,10 @@ class TargetConfig:
 
 
 @dataclass
-class TargetOutput:
+class TargetStep:
+    """Result of one target pass (this model's, or any runtime's): logits of the requested rows and the tap
+    features of every row."""
+
     logits: torch.Tensor  # [rows, V] float32
     taps: torch.Tensor | None  # [T, len(tap_layers) * hidden]
 
@@ -170,7 +173,7 @@ class TargetModel(nn.Module):
         cache,
         tap_layers: Sequence[int] = (),
         logits_rows: str | torch.Tensor = "last",
-    ) -> TargetOutput:
+    ) -> TargetStep:
         """Append each request's tokens to its slot; see the module docstring for the contract.
 
         Request r's positions must be cache.lengths[slots[r]] + arange(query_lens[r]). Tap id l is the
@@ -198,7 +201,7 @@ class TargetModel(nn.Module):
         else:
             x = x[logits_rows]
         logits = self.lm_head(self.norm(x)).float()
-        return TargetOutput(logits=logits, taps=torch.cat(tapped, dim=-1) if tapped else None)
+        return TargetStep(logits=logits, taps=torch.cat(tapped, dim=-1) if tapped else None)
 
     def _ragged_batch(self, positions, slots, query_lens, cache) -> RaggedBatch:
         segments, row = [], 0

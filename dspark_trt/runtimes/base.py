@@ -1,41 +1,29 @@
-"""The interface every runtime (torch, ONNX Runtime, TensorRT) offers the engine.
+"""The interface every runtime (torch, ONNX Runtime, TensorRT, Triton BLS) offers the engine.
 
 The engine drives target passes and draft passes through this interface only, so the same loop
 runs on any backend. A runtime owns the target KV slot pool and the drafter's per-slot context
-cache; the engine addresses both by slot.
+cache; the engine addresses both by slot. The slot bookkeeping is written here, once, over the
+runtime's SlotTable (runtimes/kv_cache.py).
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from dspark_trt.models.drafter import DraftStep
+from dspark_trt.models.target import TargetStep
+from dspark_trt.runtimes.kv_cache import SlotTable
 from dspark_trt.spec.controls import History, apply_controls
 from dspark_trt.spec.verify import VerifyResult, dspark_verify
-
-
-@dataclass
-class TargetStep:
-    """Result of one target pass: logits of the requested rows and the tap features of every row."""
-
-    logits: torch.Tensor  # [rows, V] float32
-    taps: torch.Tensor | None  # [T, len(tap_layers) * hidden]
-
-
-@dataclass
-class DraftStep:
-    """Result of one draft pass for R requests (B = block size)."""
-
-    tokens: torch.Tensor  # [R, B] long
-    probs: torch.Tensor  # [R, B, V] the distribution q each token was drawn from
-    confidence_logits: torch.Tensor | None  # [R, B] pre-sigmoid, None without a confidence head
 
 
 class Runtime(ABC):
     """Target + drafter behind slots. Positions are implicit: a slot's tokens are appended in order."""
 
+    cache: SlotTable  # which slots are taken and how many target positions each holds (a KVCache if the K/V
+    # live in this process)
     vocab_size: int
     eos_token_ids: list[int]  # the target's stop ids, the default stop condition of a request
     max_seq_len: int
@@ -44,24 +32,30 @@ class Runtime(ABC):
     has_confidence_head: bool
     name: str
 
-    @abstractmethod
     def allocate_slot(self) -> int:
         """Reserve a target KV slot (and its draft context cache); raises when none is free."""
+        slot = self.cache.allocate()
+        self._reset_draft_context(slot)
+        return slot
 
-    @abstractmethod
     def free_slot(self, slot: int) -> None:
         """Release the slot and forget its cached target K/V and draft context."""
+        self.cache.free(slot)
+        self._reset_draft_context(slot)
+
+    def _reset_draft_context(self, slot: int) -> None:
+        """Forget the drafter's context of a slot (a runtime with a drafter keeps one per slot)."""
 
     @property
-    @abstractmethod
-    def free_slots(self) -> int: ...
+    def free_slots(self) -> int:
+        return self.cache.num_free
 
-    @abstractmethod
-    def cache_length(self, slot: int) -> int: ...
+    def cache_length(self, slot: int) -> int:
+        return int(self.cache.lengths[slot])
 
-    @abstractmethod
     def rollback(self, slot: int, length: int) -> None:
         """Drop target K/V beyond `length` (rejected draft positions)."""
+        self.cache.set_length(slot, length)
 
     @abstractmethod
     def target_forward(self, input_ids: torch.Tensor, slots: torch.Tensor, query_lens: torch.Tensor,

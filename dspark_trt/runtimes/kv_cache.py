@@ -1,8 +1,9 @@
 """Slots: the one table of which requests hold which slot and how many positions each slot holds, and
 the target's K/V pool addressed by it (preallocated, rolled back by length).
 
-Every runtime keeps its slots in a SlotTable (the torch and ONNX Runtime runtimes through their KVCache,
-the Triton BLS runtime, whose buffers live in other processes, directly). Free slots are handed out
+Every runtime keeps its slots in a SlotTable, its `cache` (the torch and ONNX Runtime runtimes a KVCache, the
+Triton BLS runtime, whose buffers live in other processes, a plain SlotTable), and runtimes/base.py's Runtime
+does the bookkeeping over it for all of them. Free slots are handed out
 lowest first, so the slots in use stay packed at the front: a fused ONNX Runtime pass binds the range
 [0, highest slot in the pass].
 """

@@ -17,7 +17,7 @@ import torch
 from dspark_trt.errors import DSparkError
 from dspark_trt.graphs.draft_graph import GRAPH_NAMES, METADATA_WEIGHTS, draft_feeds
 from dspark_trt.graphs.ort_session import make_session, run
-from dspark_trt.runtimes.base import DraftStep
+from dspark_trt.models.drafter import DraftStep
 from dspark_trt.runtimes.kv_cache import KVCache
 
 

@@ -20,12 +20,13 @@ from dspark_trt.errors import DSparkError
 from dspark_trt.graphs.manifest import read_manifest
 from dspark_trt.graphs.ort_session import make_session
 from dspark_trt.graphs.verify_tail import VERIFY_OUTPUTS, no_verify_feeds, verify_feeds
-from dspark_trt.models.target import TargetConfig
-from dspark_trt.runtimes.base import DraftStep, Runtime, TargetStep
+from dspark_trt.models.drafter import DraftStep
+from dspark_trt.models.target import TargetConfig, TargetStep
+from dspark_trt.runtimes.base import Runtime
 from dspark_trt.runtimes.kv_cache import KVCache
 from dspark_trt.runtimes.ort_drafter import OrtDrafter
 from dspark_trt.runtimes.target_graphs import FusedTargetGraph, PortableTargetGraph
-from dspark_trt.spec.sampling import GREEDY_TEMPERATURE
+from dspark_trt.spec.sampling import is_greedy
 from dspark_trt.spec.verify import VerifyResult, greedy_verdict
 from dspark_trt_plugins import ort_op
 
@@ -66,25 +67,9 @@ class OrtRuntime(Runtime):
         target's big graph spins within a run (see make_session)."""
         return make_session(engine_dir / self.manifest["graphs"][graph]["file"], threads, spin=graph == "target")
 
-    # ---- slots -------------------------------------------------------------------------------
-    def allocate_slot(self) -> int:
-        slot = self.cache.allocate()
+    def _reset_draft_context(self, slot: int) -> None:
         if self.drafter is not None:
             self.drafter.reset(slot)
-        return slot
-
-    def free_slot(self, slot: int) -> None:
-        self.cache.free(slot)
-
-    @property
-    def free_slots(self) -> int:
-        return self.cache.num_free
-
-    def cache_length(self, slot: int) -> int:
-        return int(self.cache.lengths[slot])
-
-    def rollback(self, slot: int, length: int) -> None:
-        self.cache.set_length(slot, length)
 
     # ---- passes ------------------------------------------------------------------------------
     def target_forward(self, input_ids, slots, query_lens, logits_rows: str) -> TargetStep:
@@ -101,7 +86,7 @@ class OrtRuntime(Runtime):
                                          top_k, top_p, uniforms, controls)
         lens = torch.as_tensor(query_lens, dtype=torch.long)
         row_offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
-        if "argmax" in self._target.outputs and bool((torch.as_tensor(temperature) < GREEDY_TEMPERATURE).all()):
+        if "argmax" in self._target.outputs and bool(is_greedy(torch.as_tensor(temperature)).all()):
             step, outputs = self._target_pass(input_ids, slots, query_lens, "all", None)
             return step, greedy_verdict(torch.from_numpy(outputs["argmax"]), torch.as_tensor(draft_tokens),
                                         row_offsets)

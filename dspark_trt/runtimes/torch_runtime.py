@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 
 from dspark_trt.errors import DSparkError
-from dspark_trt.models.target import TargetModel
-from dspark_trt.runtimes.base import DraftStep, Runtime, TargetStep
+from dspark_trt.models.drafter import DraftStep
+from dspark_trt.models.target import TargetModel, TargetStep
+from dspark_trt.runtimes.base import Runtime
 from dspark_trt.runtimes.kv_cache import KVCache
 
 
@@ -32,41 +33,23 @@ class TorchRuntime(Runtime):
             self.block_size, self.has_confidence_head, self.tap_layers = 0, False, ()
         self._draft_states: dict[int, object] = {}
 
-    def allocate_slot(self) -> int:
-        slot = self.cache.allocate()
+    def _reset_draft_context(self, slot: int) -> None:
         if self.drafter is not None:
             self._draft_states[slot] = self.drafter.new_state()
-        return slot
-
-    def free_slot(self, slot: int) -> None:
-        self.cache.free(slot)
-        self._draft_states.pop(slot, None)
-
-    @property
-    def free_slots(self) -> int:
-        return self.cache.num_free
-
-    def cache_length(self, slot: int) -> int:
-        return int(self.cache.lengths[slot])
-
-    def rollback(self, slot: int, length: int) -> None:
-        self.cache.set_length(slot, length)
 
     @torch.inference_mode()
     def target_forward(self, input_ids, slots, query_lens, logits_rows: str) -> TargetStep:
         starts = self.cache.lengths[slots]
         positions = torch.cat([torch.arange(int(s), int(s) + int(q)) for s, q in zip(starts, query_lens)])
-        out = self.target(input_ids, positions, slots, query_lens, self.cache, tap_layers=self.tap_layers,
-                          logits_rows=logits_rows)
-        return TargetStep(logits=out.logits, taps=out.taps)
+        return self.target(input_ids, positions, slots, query_lens, self.cache, tap_layers=self.tap_layers,
+                           logits_rows=logits_rows)
 
     @torch.inference_mode()
     def draft(self, slots, new_features, anchors, temperature, top_k, top_p, uniforms) -> DraftStep:
         states = [self._draft_states[int(s)] for s in slots]
         empty = torch.zeros(0, len(self.tap_layers) * self.target.config.hidden_size)
         features = [f if f is not None else empty for f in new_features]
-        out = self.drafter.draft_batch(states, features, anchors, temperature, top_k, top_p, uniforms)
-        return DraftStep(tokens=out.tokens, probs=out.probs, confidence_logits=out.confidence_logits)
+        return self.drafter.draft_batch(states, features, anchors, temperature, top_k, top_p, uniforms)
 
 
 def _check_pair(target: TargetModel, drafter) -> None:

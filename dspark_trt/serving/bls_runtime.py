@@ -17,8 +17,12 @@ import numpy as np
 import torch
 
 from dspark_trt.errors import DSparkError
-from dspark_trt.runtimes.base import DraftStep, Runtime, TargetStep
+from dspark_trt.graphs.manifest import read_manifest
+from dspark_trt.models.drafter import DraftStep
+from dspark_trt.models.target import TargetConfig, TargetStep
+from dspark_trt.runtimes.base import Runtime
 from dspark_trt.runtimes.kv_cache import SlotTable
+from dspark_trt.spec.sampling import is_greedy
 from dspark_trt.spec.verify import VerifyResult
 
 TARGET_MODEL = "dspark_target"
@@ -39,9 +43,6 @@ class BlsRuntime(Runtime):
 
     def __init__(self, engine_dir: str | Path, call: Call, num_slots: int = 8, max_seq_len: int = 2048,
                  use_drafter: bool = True):
-        from dspark_trt.graphs.manifest import read_manifest
-        from dspark_trt.models.target import TargetConfig
-
         manifest = read_manifest(engine_dir)
         config = TargetConfig(**manifest["target"]["config"])
         self.call = call
@@ -52,27 +53,12 @@ class BlsRuntime(Runtime):
         draft = manifest["draft"] if use_drafter else None
         self.block_size = draft["block_size"] if draft else 0
         self.has_confidence_head = bool(draft and draft["confidence_head"])
-        self.slots = SlotTable(num_slots, self.max_seq_len)
-        self._lengths = self.slots.lengths.numpy()  # target K/V rows per slot (a view)
+        self.cache = SlotTable(num_slots, self.max_seq_len)  # the K/V buffers live in dspark_target
+        self._lengths = self.cache.lengths.numpy()  # target K/V rows per slot (a view)
         self._context = np.zeros(num_slots, np.int64)  # draft context rows per slot
 
-    def allocate_slot(self) -> int:
-        slot = self.slots.allocate()
+    def _reset_draft_context(self, slot: int) -> None:
         self._context[slot] = 0
-        return slot
-
-    def free_slot(self, slot: int) -> None:
-        self.slots.free(slot)
-
-    @property
-    def free_slots(self) -> int:
-        return self.slots.num_free
-
-    def cache_length(self, slot: int) -> int:
-        return int(self._lengths[slot])
-
-    def rollback(self, slot: int, length: int) -> None:
-        self.slots.set_length(slot, length)
 
     def target_forward(self, input_ids, slots, query_lens, logits_rows: str) -> TargetStep:
         slots_np, lens = np.asarray(slots, np.int64), np.asarray(query_lens, np.int64)
@@ -87,7 +73,7 @@ class BlsRuntime(Runtime):
     def target_verify(self, input_ids, slots, query_lens, draft_tokens, draft_probs, temperature, top_k, top_p,
                       uniforms, controls=None) -> tuple[TargetStep, VerifyResult]:
         """Verified in `dspark_target`'s graph: only the verdicts and taps come back, no logits. Greedy
-        rounds send no draft probabilities (the op ignores them at temperature 0). A pass with `controls`
+        rounds send no draft probabilities (the op ignores them for greedy requests). A pass with `controls`
         brings the logits back and is verified here, on the controlled logits (Runtime.target_verify)."""
         if controls is not None:
             return super().target_verify(input_ids, slots, query_lens, draft_tokens, draft_probs, temperature,
@@ -99,7 +85,7 @@ class BlsRuntime(Runtime):
             "input_ids": np.asarray(input_ids, np.int64), "slots": slots_np, "starts": self._lengths[slots_np],
             "query_lens": lens, "all_logits": np.array([True]),
             "draft_tokens": np.asarray(draft_tokens, np.int64),
-            "draft_probs": probs if (temperature > 0).any() else probs[:0],
+            "draft_probs": probs[:0] if is_greedy(temperature).all() else probs,
             "temperature": temperature, "top_k": np.asarray(top_k, np.int64),
             "top_p": np.asarray(top_p, np.float32), "uniforms": np.asarray(uniforms, np.float32),
         }, VERIFY_OUTPUTS)

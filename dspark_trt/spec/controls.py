@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from dspark_trt.spec.sampling import GREEDY_TEMPERATURE
+from dspark_trt.spec.sampling import is_greedy
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def apply_controls(logits: torch.Tensor, row_offsets: torch.Tensor, draft_tokens
         lo, hi = int(row_offsets[r]), int(row_offsets[r + 1])
         drafts = [int(t) for t in draft_tokens[lo - r: hi - 1 - r]]
         t = float(temperature[r])
-        _controlled_rows(out[lo:hi], history, drafts, t if t >= GREEDY_TEMPERATURE else 1.0)
+        _controlled_rows(out[lo:hi], history, drafts, 1.0 if is_greedy(t) else t)
     return logits if out is None else out
 
 

@@ -13,6 +13,12 @@ import torch
 GREEDY_TEMPERATURE = 1e-5  # below this a temperature means greedy (argmax), as in the reference
 
 
+def is_greedy(temperature):
+    """Whether a temperature (a number, or a tensor or array of them) means greedy decoding: the one place the
+    threshold is applied (the Triton kernel, which cannot call Python, takes GREEDY_TEMPERATURE as a constant)."""
+    return temperature < GREEDY_TEMPERATURE
+
+
 def warp_probs(
     logits: torch.Tensor,
     temperature: torch.Tensor | float = 1.0,
@@ -30,7 +36,7 @@ def warp_probs(
     temperature = torch.as_tensor(temperature, dtype=torch.float32).expand(n).reshape(n, 1)
     top_k = torch.as_tensor(top_k, dtype=torch.long).expand(n)
     top_p = torch.as_tensor(top_p, dtype=torch.float32).expand(n)
-    greedy = temperature.squeeze(1) < GREEDY_TEMPERATURE
+    greedy = is_greedy(temperature.squeeze(1))
     scaled = logits / torch.where(greedy.unsqueeze(1), torch.ones_like(temperature), temperature)
     if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
         scaled = _mask_top_k_top_p(scaled, top_k, top_p)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark_trt.spec.sampling import GREEDY_TEMPERATURE, sample_from_uniform, warp_probs
+from dspark_trt.spec.sampling import is_greedy, sample_from_uniform, warp_probs
 
 RESIDUAL_FLOOR = 1e-8
 
@@ -53,7 +53,7 @@ def dspark_verify(
     if draft_tokens.numel() != n_rows - n_req:
         raise ValueError(f"{draft_tokens.numel()} draft tokens for {n_rows} rows of {n_req} requests")
     request_of_row = torch.repeat_interleave(torch.arange(n_req), counts)
-    if bool((temperature < GREEDY_TEMPERATURE).all()):
+    if bool(is_greedy(temperature).all()):
         return greedy_verdict(target_logits.argmax(dim=-1), draft_tokens, row_offsets)
     p = warp_probs(target_logits, temperature[request_of_row], top_k[request_of_row], top_p[request_of_row])
 
