@@ -11,6 +11,7 @@ ask the same request. Writes a JSON report and prints one line per fault.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -20,7 +21,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from dspark_trt.serving.processes import python_stubs
 from dspark_trt.serving.tritonserver import _free_ports, http_status
@@ -49,19 +52,60 @@ def server_pid(serve_pid: int) -> int:
     raise RuntimeError("serve runs no tritonserver")
 
 
-def one_fault(serve: subprocess.Popen, victim: str, ports: dict[str, int], expected: str) -> dict:
-    pid = server_pid(serve.pid)
-    os.kill(pid if victim == "tritonserver" else python_stubs(pid)[f"{victim}_0_0"].pid, signal.SIGKILL)
-    began, not_ready, live_down = time.monotonic(), 0, 0
+@dataclass
+class Fault:
+    """One kill and the recovery after it (times from time.monotonic())."""
+
+    victim: str
+    pid: int
+    killed_at: float
+    ready_at: float
+    not_ready_samples: int
+    live_down_samples: int  # of the supervisor's /live, polled alongside
+    shm_regions: list[str]  # of the killed server's stubs: the restart must remove them
+
+
+def one_fault(serve: subprocess.Popen, victim: str, ports: dict[str, int]) -> Fault:
+    """SIGKILL victim (a model's python stub, or tritonserver itself), then poll readiness and the supervisor's
+    /live every 0.1 s until the server has been not ready and is ready again (the dead server still says ready
+    until the supervisor's next look)."""
+    server = server_pid(serve.pid)
+    stubs = python_stubs(server)
+    pid = server if victim == "tritonserver" else stubs[f"{victim}_0_0"].pid
+    killed_at, not_ready, live_down = time.monotonic(), 0, 0
+    os.kill(pid, signal.SIGKILL)
     while True:
         ready = http_status(f"http://127.0.0.1:{ports['http']}/v2/health/ready") == 200
         live_down += http_status(f"http://127.0.0.1:{ports['supervisor']}/live") != 200
         if ready and not_ready:
-            break
+            return Fault(victim, pid, killed_at, time.monotonic(), not_ready, live_down,
+                         [stub.shm_region for stub in stubs.values()])
+        if serve.poll() is not None:
+            raise RuntimeError(f"serve exited (code {serve.returncode}) after {victim} was killed")
         not_ready += not ready
         time.sleep(0.1)
-    return {"victim": victim, "ready_again_s": round(time.monotonic() - began, 1), "not_ready_samples": not_ready,
-            "supervisor_live_down_samples": live_down, "same_text_after": generate(ports["http"]) == expected}
+
+
+@contextlib.contextmanager
+def supervised(serve_args: list[str]) -> Iterator[tuple[subprocess.Popen, dict[str, int]]]:
+    """`dspark-trt serve` with serve_args on free ports (http, grpc, metrics, supervisor), from the moment it
+    is serving; SIGTERMed on exit."""
+    ports = dict(zip(("http", "grpc", "metrics", "supervisor"), _free_ports("127.0.0.1", 4)))
+    serve = subprocess.Popen([sys.executable, "-m", "dspark_trt", "serve", *serve_args,
+                              *(a for name, port in ports.items() for a in (f"--{name}-port", str(port)))],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        while "is serving" not in serve.stdout.readline():
+            if serve.poll() is not None:
+                raise RuntimeError("serve exited before it was serving")
+        yield serve, ports
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(60)
+
+
+def git_revision() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,26 +122,19 @@ def main(argv: list[str] | None = None) -> int:
 
         repo = str(package_repository(PackageOptions(engines=args.engines, out=tempfile.mkdtemp() + "/repo",
                                                      schedule=args.schedule)))
-    ports = dict(zip(("http", "grpc", "metrics", "supervisor"), _free_ports("127.0.0.1", 4)))
     began = time.monotonic()
-    serve = subprocess.Popen([sys.executable, "-m", "dspark_trt", "serve", "--repo", repo,
-                              *(a for name, port in ports.items() for a in (f"--{name}-port", str(port)))],
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        while "is serving" not in serve.stdout.readline():
-            if serve.poll() is not None:
-                raise RuntimeError("serve exited before it was serving")
-        revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+    with supervised(["--repo", repo]) as (serve, ports):
         report = {"command": sys.argv, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-                  "git_revision": revision.strip(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "git_revision": git_revision(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "first_start_s": round(time.monotonic() - began, 1), "faults": []}
         expected = generate(ports["http"])
         for victim in args.victims:
-            report["faults"].append(one_fault(serve, victim, ports, expected))
+            fault = one_fault(serve, victim, ports)
+            report["faults"].append({"victim": victim, "ready_again_s": round(fault.ready_at - fault.killed_at, 1),
+                                     "not_ready_samples": fault.not_ready_samples,
+                                     "supervisor_live_down_samples": fault.live_down_samples,
+                                     "same_text_after": generate(ports["http"]) == expected})
             print(json.dumps(report["faults"][-1]), flush=True)
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(60)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
