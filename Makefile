@@ -22,9 +22,11 @@ $(STAMP): pyproject.toml setup.py Makefile
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# optional: the onnxruntime-genai peer of `dspark-trt bench ar`
+# optional: the peers of `dspark-trt bench ar` / `bench speedup` (onnxruntime-genai; llama.cpp through
+# llama-cpp-python, compiled from its sdist for the CPU only: a few minutes once)
+LLAMA_CMAKE_ARGS ?= -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF
 peers: setup
-	$(PIP) install -e ".[peers]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -e ".[peers]"
 
 serve: setup
 	$(VENV)/bin/dspark-trt serve

@@ -1,6 +1,5 @@
 """bench load: the aggregation on hand-built records, mode parsing, and a tiny in-process sweep end to end
-(JSON internally consistent, greedy outputs of every mode equal mode off, valid PNGs); peer rows of
-bench speedup are checked on the printed table."""
+(JSON internally consistent, greedy outputs of every mode equal mode off, valid PNGs)."""
 import json
 
 import matplotlib.pyplot as plt
@@ -9,7 +8,6 @@ from test_triton_serving import engines, pair  # noqa: F401 - the tiny pair and 
 
 from dspark_trt.bench.load import (RequestRecord, greedy_mismatches, pareto_front, parse_concurrency, parse_modes,
                                    percentile, summarize)
-from dspark_trt.bench.speedup import speedup_table
 from dspark_trt.cli import main as cli_main
 from dspark_trt.errors import DSparkError
 
@@ -134,18 +132,6 @@ def test_load_command_names_bad_options(pair, tmp_path, capsys):  # noqa: F811
     assert "gamma must be in 0..4" in capsys.readouterr().err
     assert cli_main([*base, "--modes", "off", "--requests", "2", "--seconds", "1"]) == 2
     assert "exactly one of --requests and --seconds" in capsys.readouterr().err
-
-
-def test_speedup_table_lists_every_peer_and_skipped_ones():
-    result = {"ar_tokens_per_second": 10.0, "dspark_tokens_per_second": 15.0, "speedup": 1.5, "schedule": "fixed",
-              "all_token_identical": True, "mean_accepted_length": 2.0,
-              "peers": [{"name": "transformers generate", "tokens_per_second": 8.0, "ratio_to_ar": 0.8,
-                         "token_identical_to_ar": True},
-                        {"name": "llama.cpp (llama-cpp-python)", "skipped": "llama-cpp-python is not installed"}]}
-    lines = speedup_table(result).splitlines()
-    assert len(lines) == 5
-    assert lines[3].split()[-3:] == ["8.0", "0.80", "True"]
-    assert lines[4].endswith("skipped: llama-cpp-python is not installed")
 
 
 @pytest.mark.server

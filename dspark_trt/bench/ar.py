@@ -1,6 +1,7 @@
 """Our autoregressive decode (engine, schedule off) on torch and, optionally, on ONNX Runtime engines,
 vs transformers `generate` and, where installed, onnxruntime-genai's int4 model of the same weights
-(bench/peers.py): same prompt, same process, interleaved repeats.
+(bench/peers.py) and llama.cpp on the same GGUF (bench/llama_cpp_peer.py): same prompt, same process, same
+thread count, interleaved repeats.
 
 Every row reports tokens/s over the whole request (prefill included, the original `*_tokens_per_second`
 keys) and decode tokens/s after the first token (`*_decode_tokens_per_second`)."""
@@ -37,34 +38,20 @@ class _FirstTokenClock:
         pass
 
 
-def genai_peer(source, hf_model, accuracy_level: int | None, model_dir: str | None, threads: int, progress):
-    """(GenaiPeer, None) or (None, reason it is skipped)."""
-    from dspark_trt.bench import peers
-
-    try:
-        peers.import_genai()
-        if model_dir is None:
-            model_dir = peers.prepare_genai_model(source, accuracy_level, progress=progress, loaded=hf_model)
-        return peers.GenaiPeer(model_dir, threads=threads), None
-    except peers.GenaiUnavailable as exc:
-        return None, exc.reason
-    except DSparkError as exc:
-        if model_dir is not None:  # the user named the model: their error, not a skip
-            raise
-        return None, f"{peers.GENAI_NAME} model could not be built: {exc}"
-
-
 def bench_ar(target: str, prompt: str, max_tokens: int, repeats: int, progress=lambda msg: None,
              engines: str | None = None, genai: bool = True, genai_model: str | None = None,
-             genai_accuracy_level: int | None = None) -> dict:
+             genai_accuracy_level: int | None = None, llama_cpp: bool = True) -> dict:
     """Tokens/s of each contender, timed interleaved: our engine on torch, on ONNX Runtime when
     `engines` (a build-engines directory of this target) is given, onnxruntime-genai's int4 model of the
     same weights when `genai` and the package is installed (`genai_model`: its model directory, else the
-    one built and cached from the target), and transformers generate."""
+    one built and cached from the target), llama.cpp greedy on the target's GGUF when `llama_cpp` and
+    llama-cpp-python is installed, and transformers generate."""
     from transformers import AutoModelForCausalLM
 
     from dspark_trt.bench import peers
+    from dspark_trt.bench.llama_cpp_peer import LLAMA_NAME, llama_cpp_peer
 
+    threads = peers.pin_threads()  # every row, ours and the peers, on the same number of threads
     model, tokenizer = load_target(target)
     source = resolve_model(target)
     hf = AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file,
@@ -73,7 +60,6 @@ def bench_ar(target: str, prompt: str, max_tokens: int, repeats: int, progress=l
     # fixed length on every side: no stop token, exactly max_tokens new tokens
     params = SamplingParams(max_tokens=max_tokens)
     seq_len = len(prompt_ids) + max_tokens + 8
-    threads = peers.default_threads()  # our ONNX Runtime sessions' intra-op threads; the peer gets the same
 
     # each run returns (new token ids, seconds from its start to its first new token)
     def engine_run(runtime):
@@ -93,47 +79,56 @@ def bench_ar(target: str, prompt: str, max_tokens: int, repeats: int, progress=l
                               do_sample=False, pad_token_id=tokenizer.eos_token_id, streamer=clock)
         return out[0, len(prompt_ids):].tolist(), clock.first - start
 
+    def peer_run(peer):
+        def run():
+            got = peer.generate(prompt_ids, max_tokens)
+            return got.output_ids, got.first_token_seconds
+        return run
+
     contenders = {"ours": engine_run(TorchRuntime(model, num_slots=1, max_seq_len=seq_len))}
     if engines is not None:
         from dspark_trt.runtimes.ort_runtime import OrtRuntime
 
         contenders["onnxruntime"] = engine_run(OrtRuntime(engines, num_slots=1, max_seq_len=seq_len,
-                                                          use_drafter=False))
-    peer, skipped = None, "not requested (--no-genai)"
-    if genai:
-        peer, skipped = genai_peer(source, hf, genai_accuracy_level, genai_model, threads, progress)
+                                                          use_drafter=False, threads=threads))
+    # key -> (display name, peer or None, the reason it is skipped)
+    peer_slots = {
+        "onnxruntime_genai": (peers.GENAI_NAME, *(
+            peers.genai_peer(source, hf, genai_accuracy_level, genai_model, threads, progress) if genai
+            else (None, "not requested (--no-genai)"))),
+        "llama_cpp": (LLAMA_NAME, *(llama_cpp_peer(source, seq_len, threads) if llama_cpp
+                                    else (None, "not requested (--no-llama-cpp)"))),
+    }
+    for key, (name, peer, skipped) in peer_slots.items():
         if peer is None:
-            progress(f"{peers.GENAI_NAME} row skipped: {skipped}")
+            progress(f"{name} row skipped: {skipped}")
         else:
-            def genai_run():
-                run = peer.generate(prompt_ids, max_tokens)
-                return run.output_ids, run.first_token_seconds
-            contenders["onnxruntime_genai"] = genai_run
+            contenders[key] = peer_run(peer)
     contenders["transformers"] = transformers_run
     for run in contenders.values():  # warm-up
         run()
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
     decode_seconds: dict[str, list[float]] = {name: [] for name in contenders}
     same = True
-    peer_agreement: dict[str, dict] = {}
+    peer_agreement: dict[str, dict[str, dict]] = {key: {} for key in peer_slots}
     for i in range(repeats):
         outputs = {}
         for name, run in contenders.items():
             (outputs[name], first), elapsed = timed(run)
             seconds[name].append(elapsed)
             decode_seconds[name].append(elapsed - first)
-        # transformers' min_new_tokens (and the peer's min_length) mask EOS while ours runs through it:
-        # compare up to our first EOS
+        # transformers' min_new_tokens (and genai's min_length) mask EOS while ours and llama.cpp run through
+        # it: compare up to our first EOS
         ours = outputs["ours"]
         cut = next((k for k, t in enumerate(ours) if t in model.config.eos_token_ids), len(ours))
-        same &= all(ids[:cut] == ours[:cut] for name, ids in outputs.items() if name != "onnxruntime_genai")
-        if "onnxruntime_genai" in outputs:  # a different precision: agreement measured, not required
+        same &= all(ids[:cut] == ours[:cut] for name, ids in outputs.items() if name not in peer_slots)
+        for key in peer_slots.keys() & outputs.keys():  # other kernels or precision: agreement measured
             for ref in ("ours", "onnxruntime"):
                 if ref in outputs:
-                    got = peers.agreement(outputs[ref][:cut], outputs["onnxruntime_genai"][:cut])
-                    kept = peer_agreement.get(ref)
+                    got = peers.agreement(outputs[ref][:cut], outputs[key][:cut])
+                    kept = peer_agreement[key].get(ref)
                     if kept is None or got["agreeing_prefix_tokens"] < kept["agreeing_prefix_tokens"]:
-                        peer_agreement[ref] = got  # the worst repeat
+                        peer_agreement[key][ref] = got  # the worst repeat
         progress(f"repeat {i + 1}/{repeats}: " + ", ".join(
             f"{name} {max_tokens / s[-1]:.1f} tok/s (decode "
             f"{(max_tokens - 1) / max(decode_seconds[name][-1], 1e-9):.1f})" for name, s in seconds.items()))
@@ -146,34 +141,35 @@ def bench_ar(target: str, prompt: str, max_tokens: int, repeats: int, progress=l
               "token_identical": same, "environment": environment(),
               "ours_decode_tokens_per_second": decode_tps["ours"],
               "transformers_decode_tokens_per_second": decode_tps["transformers"],
-              "threads": {"torch": torch.get_num_threads(), "onnxruntime_intra_op": threads}}
+              "threads": {"torch": torch.get_num_threads(), "onnxruntime_intra_op": threads,
+                          "onnxruntime_genai_intra_op": threads, "llama_cpp_n_threads": threads}}
     if engines is not None:
         result.update(engines=str(engines), onnxruntime_tokens_per_second=tps["onnxruntime"],
                       onnxruntime_vs_torch=tps["onnxruntime"] / tps["ours"],
                       onnxruntime_decode_tokens_per_second=decode_tps["onnxruntime"])
-    result["peers"] = [_genai_row(peer, skipped, tps, decode_tps, peer_agreement)]
-    if peer is not None:
-        row = result["peers"][0]
-        result.update(onnxruntime_genai_decode_tokens_per_second=row["decode_tokens_per_second"],
-                      ours_vs_onnxruntime_genai=row["ours_decode_ratio"])
-        if engines is not None:
-            result["onnxruntime_vs_onnxruntime_genai"] = row["onnxruntime_decode_ratio"]
+    result["peers"] = []
+    for key, (name, peer, skipped) in peer_slots.items():
+        row = _peer_row(key, name, peer, skipped, tps, decode_tps, peer_agreement[key])
+        result["peers"].append(row)
+        if peer is not None:
+            result[f"{key}_decode_tokens_per_second"] = row["decode_tokens_per_second"]
+            result[f"ours_vs_{key}"] = row["ours_decode_ratio"]
+            if engines is not None:
+                result[f"onnxruntime_vs_{key}"] = row["onnxruntime_decode_ratio"]
     return result
 
 
-def _genai_row(peer, skipped: str | None, tps: dict, decode_tps: dict, agreement: dict) -> dict:
-    """The onnxruntime-genai row: ran (speeds, our decode speed over its own, agreement, what ran) or skipped."""
-    from dspark_trt.bench.peers import GENAI_NAME
-
+def _peer_row(key: str, name: str, peer, skipped: str | None, tps: dict, decode_tps: dict,
+              agreement: dict) -> dict:
+    """A peer's row: ran (speeds, our decode speed over its own, agreement, what ran) or skipped."""
     if peer is None:
-        return {"name": GENAI_NAME, "status": "skipped", "reason": skipped}
-    name = "onnxruntime_genai"
-    theirs = decode_tps[name]
+        return {"name": name, "status": "skipped", "reason": skipped}
+    theirs = decode_tps[key]
 
     def ratio(ours):
         return ours / theirs if ours and theirs else None
-    row = {"name": GENAI_NAME, "status": "ran", "description": peer.describe(),
-           "tokens_per_second": tps[name], "decode_tokens_per_second": theirs,
+    row = {"name": name, "status": "ran", "description": peer.describe(), "what_ran": peer.summary(),
+           "tokens_per_second": tps[key], "decode_tokens_per_second": theirs,
            # ours over theirs, decode after the first token: >= 1.0 means we are at least as fast
            "ours_decode_ratio": ratio(decode_tps["ours"]),
            "agreement_with_ours": agreement.get("ours")}
@@ -185,8 +181,6 @@ def _genai_row(peer, skipped: str | None, tps: dict, decode_tps: dict, agreement
 
 def ar_decode_table(result: dict) -> str:
     """Decode tok/s after the first token of every row of `bench ar`, and the peers' rows."""
-    from dspark_trt.bench.peers import describe_row
-
     def num(value):
         return "n/a" if value is None else f"{value:.2f}"
 
@@ -210,5 +204,5 @@ def ar_decode_table(result: dict) -> str:
         lines.append(f"  {peer['name']:<28} {peer_tps if peer_tps is not None else float('nan'):8.1f}   "
                      f"ours ({ref}) / peer {num(ratio)}x; greedy tokens {same} "
                      f"of {agreement.get('compared_tokens')} compared")
-        lines.append(f"  {'':<28} ran: {describe_row(peer['description'])}")
+        lines.append(f"  {'':<28} ran: {peer['what_ran']}")
     return "\n".join(lines)

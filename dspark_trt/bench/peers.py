@@ -1,4 +1,5 @@
-"""Optional peers for `bench ar`: decoders of the same model that are not ours, run in our process.
+"""Optional peers for `bench ar` and `bench speedup`: decoders of the same model that are not ours, run in
+our process. llama.cpp is in bench/llama_cpp_peer.py; onnxruntime-genai is here.
 
 onnxruntime-genai (`pip install -e '.[peers]'`): its model builder's int4 CPU model (GroupQueryAttention,
 MatMulNBits, fused norms) of the SAME weights our target comes from. The GGUF is written out as a Hugging
@@ -7,12 +8,13 @@ into `model.onnx` + `genai_config.json`, and the result is cached under `cache_d
 sha256 of the weights, so it is built once. onnxruntime-genai loads the `onnxruntime` package's own shared
 library, so it runs in this process next to our sessions.
 
-Nothing here is imported by the rest of the package; where the peer is absent, `GenaiUnavailable.reason`
+Nothing here is imported by the rest of the package; where a peer is absent, `PeerUnavailable.reason`
 says why and how to install it, and the benchmark reports the row as skipped with that reason.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -31,21 +33,24 @@ PEER_MANIFEST = "dspark_peer.json"  # written next to the builder's output once 
 BUILDER_LOG = "builder.log"
 
 
-class GenaiUnavailable(DSparkError):
-    """The onnxruntime-genai peer cannot run here; `reason` is one line for the benchmark row."""
+class PeerUnavailable(DSparkError):
+    """A peer cannot run here; `reason` is one line for the benchmark row."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
 
 
-def import_genai():
-    """The onnxruntime_genai module, or GenaiUnavailable with the install hint."""
+def import_peer(module: str, package: str):
+    """The peer's module, or PeerUnavailable naming its package and the install hint."""
     try:
-        import onnxruntime_genai
+        return importlib.import_module(module)
     except ImportError as exc:
-        raise GenaiUnavailable(f"{GENAI_NAME} not installed ({exc}): {INSTALL_HINT}") from exc
-    return onnxruntime_genai
+        raise PeerUnavailable(f"{package} not installed ({exc}): {INSTALL_HINT}") from exc
+
+
+def import_genai():
+    return import_peer("onnxruntime_genai", GENAI_NAME)
 
 
 def check_builder_dependencies() -> None:
@@ -54,13 +59,24 @@ def check_builder_dependencies() -> None:
     try:
         import onnx_ir  # noqa: F401
     except ImportError as exc:
-        raise GenaiUnavailable(f"onnx_ir not installed ({exc}); the {GENAI_NAME} model builder needs it: "
-                               f"{INSTALL_HINT}") from exc
+        raise PeerUnavailable(f"onnx_ir not installed ({exc}); the {GENAI_NAME} model builder needs it: "
+                              f"{INSTALL_HINT}") from exc
 
 
 def default_threads() -> int:
     """The intra-op threads our ONNX Runtime sessions use (graphs/ort_session.make_session)."""
     return len(os.sched_getaffinity(0))
+
+
+def pin_threads() -> int:
+    """The project's thread count (default_threads), torch's included, so that every row of a benchmark, ours
+    on torch or ONNX Runtime, transformers and each peer, computes on the same number of threads."""
+    import torch
+
+    threads = default_threads()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
 
 
 # --- the model, built once ---------------------------------------------------------------------------------
@@ -234,20 +250,23 @@ class GenaiPeer:
             "intra_op_num_threads": self.threads}}}}))
         self.model = self.og.Model(config)
 
-    def generate(self, prompt_ids: list[int], max_tokens: int) -> PeerRun:
-        """Exactly max_tokens greedy tokens (EOS masked until then, as transformers' min_new_tokens does)."""
+    def generate(self, prompt_ids: list[int], max_tokens: int, stop_ids: tuple[int, ...] = ()) -> PeerRun:
+        """Greedy new tokens. Without stop_ids exactly max_tokens (EOS masked until then, as transformers'
+        min_new_tokens does); with them up to and including the first stop id (as our engine counts them)."""
         length = len(prompt_ids) + max_tokens
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(do_sample=False, max_length=length, min_length=length, batch_size=1)
+        params.set_search_options(do_sample=False, max_length=length, batch_size=1,
+                                  **({} if stop_ids else {"min_length": length}))
         start = time.perf_counter()
         generator = self.og.Generator(self.model, params)
         generator.append_tokens(list(prompt_ids))
         generator.generate_next_token()
         first = time.perf_counter()
-        while not generator.is_done():
+        ids = [int(generator.get_next_tokens()[0])]
+        while not generator.is_done() and ids[-1] not in stop_ids:
             generator.generate_next_token()
+            ids.append(int(generator.get_next_tokens()[0]))
         end = time.perf_counter()
-        ids = [int(t) for t in generator.get_sequence(0)][len(prompt_ids):]
         return PeerRun(ids, end - start, first - start)
 
     def describe(self) -> dict:
@@ -263,13 +282,29 @@ class GenaiPeer:
                 "model_dir": str(self.model_dir), "source_sha256": manifest.get("source_sha256"),
                 "builder_command": manifest.get("builder_command")}
 
+    def summary(self) -> str:
+        """One line for the benchmark's table: what ran."""
+        described = self.describe()
+        acc = described.get("accuracy_level")
+        return (f"{GENAI_NAME} {described.get('onnxruntime_genai')}, {described.get('precision')} "
+                f"(block {described.get('block_size')}, accuracy level {acc if acc is not None else '?'}), "
+                f"{described.get('intra_op_num_threads')} threads")
 
-def describe_row(description: dict) -> str:
-    """One line for the summary: what ran."""
-    acc = description.get("accuracy_level")
-    return (f"{GENAI_NAME} {description.get('onnxruntime_genai')}, {description.get('precision')} "
-            f"(block {description.get('block_size')}, accuracy level {acc if acc is not None else '?'}), "
-            f"{description.get('intra_op_num_threads')} threads")
+
+def genai_peer(source, hf_model, accuracy_level: int | None, model_dir: str | None, threads: int, progress):
+    """(GenaiPeer, None) or (None, the reason the row is skipped). model_dir: the user's model directory, else
+    the one built and cached from `source` (`hf_model`: the source already loaded with transformers, fp32)."""
+    try:
+        import_genai()
+        if model_dir is None:
+            model_dir = prepare_genai_model(source, accuracy_level, progress=progress, loaded=hf_model)
+        return GenaiPeer(model_dir, threads=threads), None
+    except PeerUnavailable as exc:
+        return None, exc.reason
+    except DSparkError as exc:
+        if model_dir is not None:  # the user named the model: their error, not a skip
+            raise
+        return None, f"{GENAI_NAME} model could not be built: {exc}"
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:

@@ -1,7 +1,8 @@
 """Benchmarks, each a ratio measured side by side in one process:
 
-  ar       our AR decode vs transformers generate (same prompt, same machine)
-  speedup  batch-1 greedy DSpark vs AR on the same runtime, outputs checked token-identical
+  ar       our AR decode vs transformers generate and, where installed, onnxruntime-genai and llama.cpp
+  speedup  batch-1 greedy DSpark vs AR on the same runtime, outputs checked token-identical, with the peers,
+           over all prompts and per domain
   served   tokens/s through a real tritonserver vs the in-process engine on the same engines
   load     closed-loop concurrency sweep per schedule mode (in-process, or --served through tritonserver)
   precision  an engine's target vs the float32 torch reference on real prompts (KL, greedy divergence)
@@ -36,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ar.add_argument("--genai-model", help="onnxruntime-genai model directory to use instead of the cached build")
     ar.add_argument("--genai-accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
                     help="MatMulNBits accuracy level of the built int4 peer model (default: the builder's, 4 on CPU)")
+    ar.add_argument("--no-llama-cpp", action="store_true",
+                    help="skip the llama.cpp peer (by default it runs where llama-cpp-python is installed: "
+                    "pip install -e '.[peers]')")
     speedup = sub.add_parser("speedup", help="batch-1 greedy DSpark vs AR on the same runtime")
     speedup.add_argument("--target", default="smollm2")
     speedup.add_argument("--draft", required=True)
@@ -45,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     speedup.add_argument("--schedule", default="fixed")
     speedup.add_argument("--engines", help="build-engines directory of the pair: both decoders on ONNX Runtime")
     speedup.add_argument("--cost-table", help="SPS(B) table for --schedule dspark/async (`dspark-trt profile`)")
-    speedup.add_argument("--no-peers", action="store_true", help="skip transformers generate / prompt lookup")
+    speedup.add_argument("--no-peers", action="store_true",
+                         help="skip the peers (transformers, onnxruntime-genai, llama.cpp; plain and prompt lookup)")
     served = sub.add_parser("served", help="tritonserver (HTTP generate) vs the in-process engine, concurrency 1")
     served.add_argument("--target", default="smollm2")
     served.add_argument("--draft", help="drafter directory (default: speculation off)")
@@ -104,18 +109,19 @@ def run(args: argparse.Namespace) -> int:
             raise DSparkError("--genai-accuracy-level applies to the built peer model, not to --genai-model")
         result = bench_ar(args.target, args.prompt, args.max_tokens, args.repeats, progress, args.engines,
                           genai=not args.no_genai, genai_model=args.genai_model,
-                          genai_accuracy_level=args.genai_accuracy_level)
+                          genai_accuracy_level=args.genai_accuracy_level, llama_cpp=not args.no_llama_cpp)
         ort = (f", onnxruntime {result['onnxruntime_tokens_per_second']:.1f} tok/s "
                f"({result['onnxruntime_vs_torch']:.2f}x torch)" if args.engines else "")
         summary = (f"ours {result['ours_tokens_per_second']:.1f} tok/s{ort}, transformers "
                    f"{result['transformers_tokens_per_second']:.1f} tok/s, ratio {result['ratio']:.2f}x, "
                    f"token-identical: {result['token_identical']}\n" + ar_decode_table(result))
     elif args.benchmark == "speedup":
-        from dspark_trt.bench.speedup import bench_speedup, speedup_table
+        from dspark_trt.bench.speedup import bench_speedup, prompt_domain, speedup_table
 
-        prompts = [p for f in args.prompts_file for p in read_prompts_file(f, args.limit)]
-        result = bench_speedup(args.target, args.draft, prompts, args.max_tokens, args.schedule, progress,
-                               peers=not args.no_peers, engines=args.engines, cost_table=args.cost_table)
+        by_file = [(prompt_domain(f), read_prompts_file(f, args.limit)) for f in args.prompts_file]
+        result = bench_speedup(args.target, args.draft, [p for _, texts in by_file for p in texts], args.max_tokens,
+                               args.schedule, progress, peers=not args.no_peers, engines=args.engines,
+                               cost_table=args.cost_table, domains=[d for d, texts in by_file for _ in texts])
         summary = speedup_table(result)
     elif args.benchmark == "served":
         from dspark_trt.bench.served import bench_served
