@@ -279,6 +279,11 @@ def test_real_peer_generates_exactly_and_reports_what_ran():
     run = peer.generate(prompt, 6)
     assert len(run.output_ids) == 6 and 0 < run.first_token_seconds < run.seconds
     assert peer.generate(prompt, 6).output_ids == run.output_ids  # greedy
+    # as bench speedup runs it: up to and with EOS ("What is 2+2? Answer with one number." -> "2+2 = 4<|im_end|>")
+    short = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182,
+             2, 198, 1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 19842, 351, 582, 1230, 30, 2, 198, 1, 520, 9531, 198]
+    stopped = peer.generate(short, 48, (2,)).output_ids
+    assert len(stopped) < 48 and stopped[-1] == 2 and 2 not in stopped[:-1]
     described = peer.describe()
     assert described["intra_op_num_threads"] == 1 and described["precision"] == "int4"
     assert described["accuracy_level"] in (0, 1, 2, 3, 4) and described["block_size"] == 32
