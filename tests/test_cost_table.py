@@ -77,7 +77,7 @@ def test_missing_or_malformed_file_names_the_path_and_the_fix(tmp_path):
     missing = tmp_path / "nope.json"
     with pytest.raises(DSparkError, match=r"nope\.json does not exist.*dspark-trt profile"):
         CostTable.from_json(missing)
-    for text in ("{not json", '{"batch_sizes": [1]}', '{"batch_sizes": [1, 2], "steps_per_second": [1, -1]}'):
+    for text in ("{not json", '{"batch_sizes": [1]}', '{"batch_sizes": [1, 2], "steps_per_second": [1, -1]}', "[1, 2]"):
         bad = tmp_path / "bad.json"
         bad.write_text(text)
         with pytest.raises(DSparkError, match=r"bad\.json is malformed.*dspark-trt profile"):

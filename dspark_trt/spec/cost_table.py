@@ -125,7 +125,7 @@ class CostTable:
                     for row in data.get("by_requests", [])}
             return cls(data["batch_sizes"], data["steps_per_second"], data.get("draft_requests", []),
                        data.get("draft_seconds", []), data.get("metadata", {}), rows)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:  # any shape but the table's
             raise DSparkError(f"cost table {path} is malformed ({type(exc).__name__}: {exc}); {PROFILE_HINT}") from exc
 
 
