@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -25,13 +26,40 @@ def _median_seconds(fn: Callable[[], None], repeats: int) -> float:
     return statistics.median(times)
 
 
+@dataclass(frozen=True)
+class ProfilePlan:
+    """What a profile measures: the (R, B) target passes (SPS(B) on the diagonal R = min(B, slots), then
+    each per-R row from R to R·(block + 1) tokens) and the request counts of draft passes."""
+
+    slots: int  # requests prefilled and timed
+    verify: dict[int, int]  # B -> R of the headline SPS(B) curve
+    rows: dict[int, list[int]]  # R -> the B of its row
+    draft_requests: list[int]
+
+    @property
+    def measurements(self) -> int:
+        """Timed passes, each reported once to `progress`."""
+        passes = {(r, b) for b, r in self.verify.items()} | {(r, b) for r, sizes in self.rows.items() for b in sizes}
+        return len(passes) + len(self.draft_requests)
+
+
+def plan_profile(runtime: Runtime, batch_sizes=DEFAULT_BATCH_SIZES) -> ProfilePlan:
+    """What profile_runtime(runtime, batch_sizes) will time (its progress bar's length)."""
+    n_slots = min(runtime.free_slots, max(batch_sizes))
+    verify = {b: min(b, n_slots) for b in sorted(batch_sizes)}
+    request_counts = sorted(set(verify.values()))
+    tokens_per_request = range(1, (runtime.block_size or ROW_DRAFTS) + 2)
+    rows = {r: sorted({r * m for m in tokens_per_request if r * m <= max(batch_sizes)} | {r}) for r in request_counts}
+    return ProfilePlan(n_slots, verify, rows, request_counts if runtime.block_size else [])
+
+
 def profile_runtime(runtime: Runtime, batch_sizes=DEFAULT_BATCH_SIZES, context_len: int = 256,
                     repeats: int = 5, progress: Callable[[str], None] = lambda msg: None) -> CostTable:
     """Time target passes of B tokens spread over min(B, slots) requests with `context_len` cached
     tokens each (then rolled back), the same for each request count R with B = R..R·(block + 1) tokens
-    (the table's per-R rows), and draft passes for R requests."""
-    n_slots = min(runtime.free_slots, max(batch_sizes))
-    slots = [runtime.allocate_slot() for _ in range(n_slots)]
+    (the table's per-R rows), and draft passes for R requests (plan_profile)."""
+    plan = plan_profile(runtime, batch_sizes)
+    slots = [runtime.allocate_slot() for _ in range(plan.slots)]
     try:
         g = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, runtime.vocab_size, (context_len,), generator=g)
@@ -57,27 +85,21 @@ def profile_runtime(runtime: Runtime, batch_sizes=DEFAULT_BATCH_SIZES, context_l
                 progress(f"verify R={r} B={b}: {measured[r, b] * 1000:.1f} ms")
             return measured[r, b]
 
-        verify = {b: verify_seconds(min(b, n_slots), b) for b in batch_sizes}
-        request_counts = sorted({min(b, n_slots) for b in batch_sizes})
-        tokens_per_request = range(1, (runtime.block_size or ROW_DRAFTS) + 2)
-        rows = {}
-        for r in request_counts:
-            sizes = sorted({r * m for m in tokens_per_request if r * m <= max(batch_sizes)} | {r})
-            rows[r] = (sizes, [1.0 / verify_seconds(r, b) for b in sizes])
+        verify = {b: verify_seconds(r, b) for b, r in plan.verify.items()}
+        rows = {r: (sizes, [1.0 / verify_seconds(r, b) for b in sizes]) for r, sizes in plan.rows.items()}
         draft = {}
-        if runtime.block_size:
-            for r in request_counts:
-                used = torch.tensor(slots[:r])
-                features = [torch.zeros(0, taps_width)] * r
-                zeros = torch.zeros(r)
+        for r in plan.draft_requests:
+            used = torch.tensor(slots[:r])
+            features = [torch.zeros(0, taps_width)] * r
+            zeros = torch.zeros(r)
 
-                def draft_pass():
-                    runtime.draft(used, features, torch.zeros(r, dtype=torch.long), zeros,
-                                  torch.zeros(r, dtype=torch.long), torch.ones(r),
-                                  torch.zeros(r, runtime.block_size, dtype=torch.float64))
+            def draft_pass():
+                runtime.draft(used, features, torch.zeros(r, dtype=torch.long), zeros,
+                              torch.zeros(r, dtype=torch.long), torch.ones(r),
+                              torch.zeros(r, runtime.block_size, dtype=torch.float64))
 
-                draft[r] = _median_seconds(draft_pass, repeats)
-                progress(f"draft R={r}: {draft[r] * 1000:.1f} ms")
+            draft[r] = _median_seconds(draft_pass, repeats)
+            progress(f"draft R={r}: {draft[r] * 1000:.1f} ms")
     finally:
         for slot in slots:
             runtime.free_slot(slot)
