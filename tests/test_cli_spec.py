@@ -81,11 +81,53 @@ def test_every_schedule_gives_the_autoregressive_greedy_output(pair):
         assert all(len(r["accepted_lengths"]) >= 1 for r in spec)
 
 
-def test_dspark_schedule_without_cost_table_says_what_to_run(pair):
-    out = subprocess.run([sys.executable, "-m", "dspark_trt", "generate", "--target", str(pair / "target"),
-                          "--draft", str(pair / "draft"), "--schedule", "dspark", "--prompt", "w5"],
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "dspark-trt profile" in out.stderr
+def test_generate_defaults_to_dspark_with_a_table_profiled_once_on_this_machine(pair, tmp_path, monkeypatch, capsys):
+    """No --schedule, no --cost-table: the dspark schedule, its table profiled by the first run and read from the
+    cache by the next (broken entries: test_cost_cache.py); --cost-table overrides; always the --no-spec tokens."""
+    from dspark_trt.cli import main
+    from dspark_trt.spec.cost_table import CostTable
+
+    monkeypatch.setenv("DSPARK_TRT_CACHE", str(tmp_path))
+    common = ["--target", str(pair / "target"), "--prompts-file", str(pair / "prompts.jsonl"), "--limit", "3",
+              "--max-tokens", "12", "--json"]
+    draft = ["--draft", str(pair / "draft")]
+
+    def generate(*extra):
+        assert main(["generate", *common, *extra]) == 0
+        out, err = capsys.readouterr()
+        return [json.loads(line)["token_ids"] for line in out.splitlines()], err
+
+    plain, _ = generate("--no-spec")
+    ids, err = generate(*draft)
+    [entry] = (tmp_path / "cost-tables").glob("*.json")
+    assert ids == plain and f"schedule dspark, cost table {entry} (freshly profiled)" in err
+    table = CostTable.from_json(entry)
+    assert table.metadata["runtime"] == "torch" and sorted(table.by_requests) == [1, 2, 4, 8]
+    stamp = entry.stat().st_mtime_ns
+    ids, err = generate(*draft)
+    assert ids == plain and f"cost table {entry} (cached)" in err and "profil" not in err
+    assert entry.stat().st_mtime_ns == stamp
+    given = tmp_path / "given.json"
+    CostTable.synthetic().to_json(given)
+    ids, err = generate(*draft, "--cost-table", str(given))
+    assert ids == plain and "cost table" not in err and entry.stat().st_mtime_ns == stamp
+    assert main(["generate", *common, *draft, "--cost-table", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json does not exist" in capsys.readouterr().err
+
+
+def test_the_default_schedule_is_dspark_fixed_without_a_confidence_head_and_off_without_a_drafter(pair, tmp_path):
+    from dspark_trt.engine.factory import default_schedule
+    from dspark_trt.graphs.manifest import FORMAT
+
+    assert default_schedule(str(pair / "draft"), None) == default_schedule("default", None) == "dspark"
+    blind = tmp_path / "draft"
+    blind.mkdir()
+    config = json.loads((pair / "draft" / "config.json").read_text())
+    (blind / "config.json").write_text(json.dumps({**config, "enable_confidence_head": False}))
+    assert default_schedule(str(blind), None) == "fixed"
+    assert default_schedule(None, None) == "off"
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": FORMAT, "graphs": {}, "draft": None}))
+    assert default_schedule(None, str(tmp_path)) == "off"
 
 
 def test_generate_with_logit_controls_speculates_to_the_plain_tokens_and_prints_logprobs(pair, capsys):
@@ -96,7 +138,7 @@ def test_generate_with_logit_controls_speculates_to_the_plain_tokens_and_prints_
     controls = ["--repetition-penalty", "1.5", "--frequency-penalty", "0.3", "--min-tokens", "6", "--bad-word", "w7",
                 "--logprobs", *common]
     records = {}
-    for mode in (["--no-spec"], ["--draft", str(pair / "draft")]):
+    for mode in (["--no-spec"], ["--draft", str(pair / "draft"), "--schedule", "fixed"]):  # fixed: every step drafts
         assert main(["generate", *mode, *controls]) == 0
         records[mode[0]] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     plain, spec = records["--no-spec"], records["--draft"]

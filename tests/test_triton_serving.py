@@ -367,8 +367,8 @@ def wait_for_cancelled(server, count: int) -> None:
 @pytest.mark.server
 def test_greedy_served_text_equals_generate_over_grpc_and_http(server, pair, capsys):  # noqa: F811
     prompts = [json.loads(line)["turns"][0] for line in (pair / "prompts.jsonl").read_text().splitlines()][:4]
-    assert cli_main(["generate", "--target", str(pair / "target"), "--draft", str(pair / "draft"),
-                     "--max-tokens", "12", "--json", *[a for p in prompts for a in ("--prompt", p)]]) == 0
+    assert cli_main(["generate", "--target", str(pair / "target"), "--draft", str(pair / "draft"), "--schedule",
+                     "fixed", "--max-tokens", "12", "--json", *[a for p in prompts for a in ("--prompt", p)]]) == 0
     expected = [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()]
     streamed = grpc_stream(server, {str(i): dict(text=p, max_tokens=12, stream=True) for i, p in enumerate(prompts)})
     unary = grpc_stream(server, {str(i): dict(text=p, max_tokens=12) for i, p in enumerate(prompts)})

@@ -5,6 +5,10 @@ entry per verification round, bonus token included), mean_accepted_length, secon
 tokens_per_second, and with --logprobs `logprobs` (each output token's log-probability under the
 target's raw logits). Greedy unless --temperature > 0. The logit controls (--repetition-penalty,
 --presence-penalty, --frequency-penalty, --min-tokens, --bad-word) are those of dspark_trt/spec/controls.py.
+
+With a drafter the default schedule is dspark, whose draft gate decodes plainly where drafting cannot pay.
+Without --cost-table its cost table is profiled for these engines on this machine on the first run and
+reused after (dspark_trt/engine/cost_cache.py).
 """
 from __future__ import annotations
 
@@ -13,12 +17,13 @@ import json
 import sys
 import time
 
-from dspark_trt.engine.factory import EngineOptions, build_engine
+from dspark_trt.engine.cost_cache import default_cost_table
+from dspark_trt.engine.factory import EngineOptions, build_engine, default_schedule
 from dspark_trt.engine.prompts import chat_prompt_ids, read_prompts_file
 from dspark_trt.engine.request import Request, SamplingParams
 from dspark_trt.errors import DSparkError
 from dspark_trt.serving.text import decode_word_list, encode_word_list
-from dspark_trt.spec.scheduler import SCHEDULE_MODES
+from dspark_trt.spec.scheduler import COST_AWARE_MODES, SCHEDULE_MODES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,11 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engines", help="engine directory from `dspark-trt build-engines` (ONNX Runtime); "
                                           "replaces --target/--draft")
     parser.add_argument("--no-spec", action="store_true", help="plain autoregressive decoding")
-    parser.add_argument("--schedule", choices=SCHEDULE_MODES, default="fixed",
-                        help="how many drafts each request verifies per round (default fixed = block size)")
+    parser.add_argument("--schedule", choices=SCHEDULE_MODES,
+                        help="how many drafts each request verifies per round (default dspark: Algorithm 1 with the "
+                             "draft gate; fixed for a drafter without a confidence head)")
     parser.add_argument("--gamma", type=int, help="fixed schedule: drafts verified per round")
     parser.add_argument("--threshold", type=float, default=0.5, help="threshold schedule: confidence cut")
-    parser.add_argument("--cost-table", help="cost table JSON from `dspark-trt profile` (dspark/async)")
+    parser.add_argument("--cost-table", help="cost table JSON from `dspark-trt profile` (dspark/async; default: "
+                                             "profiled once for these engines on this machine, then cached)")
     parser.add_argument("--calibration", help="STS calibration JSON from `dspark-trt calibrate`")
     parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     parser.add_argument("--prompts-file", help="JSONL with {'turns': [...]} lines (first turn is used)")
@@ -61,11 +68,16 @@ def run(args: argparse.Namespace) -> int:
         raise DSparkError("speculative decoding needs --draft PATH or --engines DIR (or pass --no-spec)")
     if args.concurrency < 1:
         raise DSparkError(f"--concurrency must be >= 1, got {args.concurrency}")
+    schedule = "off" if args.no_spec else args.schedule or default_schedule(args.draft, args.engines)
     options = EngineOptions(
         target=args.target, draft=None if args.no_spec else args.draft, engines=args.engines,
-        schedule="off" if args.no_spec else args.schedule, gamma=args.gamma, threshold=args.threshold,
+        schedule=schedule, gamma=args.gamma, threshold=args.threshold,
         cost_table=args.cost_table, calibration=args.calibration, num_slots=args.concurrency,
     )
+    if schedule in COST_AWARE_MODES and options.cost_table is None:
+        cached = default_cost_table(options, log=_say)
+        options.cost_table = str(cached.path)
+        _say(f"schedule {schedule}, {cached.describe()}")
     engine, tokenizer = build_engine(options)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop_ids=tuple(engine.runtime.eos_token_ids),
@@ -83,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"[{record['num_tokens']} tokens, {record['tokens_per_second']:.1f} tok/s, "
                   f"mean accepted length {record['mean_accepted_length']:.2f}]", file=sys.stderr)
     return 1 if any(r.error for r in requests) else 0
+
+
+def _say(message: str) -> None:
+    print(f"generate: {message}", file=sys.stderr, flush=True)
 
 
 def _bad_word_ids(tokenizer, words: list[str]) -> tuple[tuple[int, ...], ...]:

@@ -1,6 +1,7 @@
 """Build a runtime and an engine from user-facing options (shared by generate, bench, eval, serve)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -78,3 +79,25 @@ def _engine_dir_runtime(options: EngineOptions):
 
         runtime = OrtRuntime(options.engines, **kwargs)
     return runtime, load_engine_tokenizer(options.engines)
+
+
+def default_schedule(draft: str | None, engines: str | None) -> str:
+    """The schedule when none is asked for: 'dspark' (Algorithm 1 with the draft gate, which decodes plainly
+    where drafting cannot pay) for a drafter with a confidence head, 'fixed' for one without, 'off' for
+    engines without a drafter."""
+    if engines is not None:
+        from dspark_trt.graphs.manifest import read_manifest
+
+        draft_info = read_manifest(engines)["draft"]
+        if draft_info is None:
+            return "off"
+        return "dspark" if draft_info["confidence_head"] else "fixed"
+    if draft is None:
+        return "off"
+    from dspark_trt.models.drafter_checkpoint import resolve_drafter
+
+    try:
+        confident = json.loads((resolve_drafter(draft) / "config.json").read_text())["enable_confidence_head"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "dspark"  # loading the drafter names what is wrong with its checkpoint
+    return "dspark" if confident else "fixed"

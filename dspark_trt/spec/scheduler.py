@@ -23,6 +23,7 @@ from dspark_trt.spec.cost_table import PROFILE_HINT, CostTable
 Scheduler = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
 MIN_PREDICTED_GAIN = 0.04  # TensorRT-LLM's DSparkDecodingConfig.confidence_min_predicted_gain default
 SCHEDULE_MODES = ("off", "fixed", "threshold", "dspark", "async")
+COST_AWARE_MODES = ("dspark", "async")  # they read a cost table and come with the draft gate
 
 
 def survival(conf: torch.Tensor, max_lengths: torch.Tensor) -> torch.Tensor:
