@@ -28,8 +28,9 @@ LLAMA_CMAKE_ARGS ?= -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BL
 peers: setup
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -e ".[peers]"
 
+# the shipped DSpark pair with the dspark schedule; e.g. SERVE_ARGS=--no-spec serves the target alone
 serve: setup
-	$(VENV)/bin/dspark-trt serve
+	$(VENV)/bin/dspark-trt serve $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) build/__pycache__ .pytest_cache

@@ -562,3 +562,54 @@ def test_serve_prints_how_to_call_it_and_stops_cleanly_on_sigterm(engines, tmp_p
         assert "stopping tritonserver" in process.stderr.read()
     finally:
         process.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_serve_without_repo_speculates_with_dspark_and_profiles_its_cost_table_once(  # noqa: F811
+        pair, tmp_path, monkeypatch, capsys):
+    """What `make serve` runs, on the tiny pair: the engines built, the dspark schedule with a cost table profiled
+    on the first start and said so, greedy served text = plain decoding; the next start reads the table from the
+    cache; --no-spec packages the target alone."""
+    import signal
+    import subprocess
+    import sys
+
+    from dspark_trt.serving.default_pair import default_repository
+    from dspark_trt.serving.tritonserver import _free_ports
+
+    monkeypatch.setenv("DSPARK_TRT_CACHE", str(tmp_path / "cache"))
+    prompts = [json.loads(line)["turns"][0] for line in (pair / "prompts.jsonl").read_text().splitlines()][:3]
+    assert cli_main(["generate", "--no-spec", "--target", str(pair / "target"), "--max-tokens", "12", "--json",
+                     *[a for p in prompts for a in ("--prompt", p)]]) == 0
+    expected = [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()]
+    target, draft, cache_dir = str(pair / "target"), str(pair / "draft"), str(tmp_path / "serve")
+    http, grpc, metrics_port, supervisor = _free_ports("127.0.0.1", 4)
+    process = subprocess.Popen([sys.executable, "-m", "dspark_trt", "serve", "--target", target, "--draft", draft,
+                                "--cache-dir", cache_dir, "--http-port", str(http),
+                                "--grpc-port", str(grpc), "--metrics-port", str(metrics_port),
+                                "--supervisor-port", str(supervisor)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = [process.stdout.readline() for _ in range(8)]
+        assert any("is serving model 'ensemble'" in line for line in banner), banner
+        for prompt, text in zip(prompts, expected):
+            status, body = http_post(f"127.0.0.1:{http}", "generate", {"text_input": prompt, "max_tokens": 12})
+            assert status == 200 and json.loads(body)["text_output"] == text
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        log = process.stderr.read()
+    finally:
+        process.kill()
+    [entry] = (tmp_path / "cache" / "cost-tables").glob("*.json")
+    assert "schedule dspark with the draft gate (steps where drafting cannot pay decode plainly); " \
+           f"cost table {entry} (freshly profiled)" in log
+    [config] = (tmp_path / "serve").glob("repo-*/dspark_bls/config.pbtxt")
+    assert 'key: "schedule" value { string_value: "dspark" }' in config.read_text()
+    assert f'key: "cost_table" value {{ string_value: "{entry}" }}' in config.read_text()
+    stamp = entry.stat().st_mtime_ns
+    default_repository(target, draft, cache_dir)  # the next start
+    assert f"cost table {entry} (cached)" in capsys.readouterr().err and entry.stat().st_mtime_ns == stamp
+    repo = default_repository(target, draft, cache_dir, "off")  # --no-spec
+    assert "SPECULATION OFF" in capsys.readouterr().err and not (repo / "dspark_draft").exists()
+    assert 'key: "schedule" value { string_value: "off" }' in (repo / "dspark_bls" / "config.pbtxt").read_text()

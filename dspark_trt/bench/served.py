@@ -21,7 +21,7 @@ from dspark_trt.spec.scheduler import make_scheduler
 def bench_served(target: str, draft: str | None, prompts: list[str], max_tokens: int, cache_dir: str | None,
                  progress=lambda msg: None) -> dict:
     engines = default_engines(target, draft, cache_dir)
-    repo = default_repository(target, draft, cache_dir)
+    repo = default_repository(target, draft, cache_dir, "fixed" if draft else "off")  # the in-process schedule
     tokenizer = load_engine_tokenizer(engines)
     runtime = OrtRuntime(engines, num_slots=1, use_drafter=draft is not None)
     scheduler = make_scheduler("fixed", runtime.block_size) if draft else None

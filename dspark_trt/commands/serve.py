@@ -2,10 +2,12 @@
 faults: a supervisor (serving/supervisor.py) restarts the server when one of its model processes or the
 server itself dies; `--supervisor-port` serves /live and the fault metrics (serving/health_endpoint.py).
 
-Without --repo (what `make serve` runs) the default pair is built into a cache directory the first
-time (build-engines), packaged afresh, and served. The shipped drafter (`--draft default`) is lossless
-but does not pay on a few CPU cores (docs/benchmarks.md), so the default serves the target with
-speculation off unless --draft names one.
+Without --repo (what `make serve` runs) the default pair, SmolLM2 and the shipped drafter (`--draft default`),
+is built into a cache directory the first time (build-engines), packaged afresh, and served with the dspark
+schedule: its draft gate decodes plainly on the steps where drafting cannot pay (on a few CPU cores, most of
+them: docs/benchmarks.md), so speculation costs nothing where it does not help. Its cost table is profiled
+for these engines on this machine on the first start and cached (dspark_trt/engine/cost_cache.py);
+--cost-table overrides it, --no-spec (or --schedule off) serves the target alone.
 """
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ import sys
 from pathlib import Path
 
 from dspark_trt.errors import DSparkError
-from dspark_trt.serving.default_pair import default_repository
+from dspark_trt.serving.default_pair import DEFAULT_DRAFTS, default_repository
 from dspark_trt.serving.health_endpoint import HealthEndpoint
 from dspark_trt.serving.package import ENTRY_MODEL
 from dspark_trt.serving.supervisor import Supervisor
 from dspark_trt.serving.tritonserver import TritonServer
+from dspark_trt.spec.scheduler import SCHEDULE_MODES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and tritonserver's own metrics)")
     parser.add_argument("--address", default="127.0.0.1", help="interface to listen on (default localhost only)")
     parser.add_argument("--target", default="smollm2", help="without --repo: target alias or path")
-    parser.add_argument("--draft", help="without --repo: DSpark drafter directory (default: none, speculation off)")
+    parser.add_argument("--draft", help="without --repo: DSpark drafter directory ('default', the shipped one, for "
+                                        "the default target; none for another target)")
+    parser.add_argument("--schedule", choices=SCHEDULE_MODES,
+                        help="without --repo: verification schedule (default dspark, with the draft gate; fixed for "
+                             "a drafter without a confidence head)")
+    parser.add_argument("--no-spec", action="store_true", help="without --repo: serve the target alone "
+                        "(plain autoregressive decoding; same as --schedule off)")
+    parser.add_argument("--cost-table", help="without --repo: cost table JSON for dspark/async (default: profiled "
+                        "once for these engines on this machine, then cached)")
     parser.add_argument("--cache-dir", help="without --repo: where engines and the repository go "
                         "(default ~/.cache/dspark-trt/serve)")
     parser.add_argument("--log-verbose", action="store_true", help="tritonserver verbose logging")
@@ -43,7 +54,12 @@ def run(args: argparse.Namespace) -> int:
     for name in ("http_port", "grpc_port", "metrics_port", "supervisor_port"):
         if not 0 < getattr(args, name) < 65536:
             raise DSparkError(f"--{name.replace('_', '-')} must be in 1..65535, got {getattr(args, name)}")
-    repo = Path(args.repo) if args.repo else default_repository(args.target, args.draft, args.cache_dir)
+    if args.repo:
+        repo = Path(args.repo)
+    else:
+        draft = args.draft if args.draft is not None else DEFAULT_DRAFTS.get(args.target)
+        repo = default_repository(args.target, draft, args.cache_dir, "off" if args.no_spec else args.schedule,
+                                  args.cost_table)
     if not (repo / ENTRY_MODEL / "config.pbtxt").is_file():
         raise DSparkError(f"{repo} is not a dspark-trt model repository (no {ENTRY_MODEL}/config.pbtxt); "
                           "make one with `dspark-trt package`")
