@@ -103,6 +103,7 @@ def test_generate_defaults_to_dspark_with_a_table_profiled_once_on_this_machine(
     assert ids == plain and f"schedule dspark, cost table {entry} (freshly profiled)" in err
     table = CostTable.from_json(entry)
     assert table.metadata["runtime"] == "torch" and sorted(table.by_requests) == [1, 2, 4, 8]
+    assert table.by_requests[8][0] == [8, 16, 32, 40]  # the reduced grid: 1, 2, 4 and block + 1 tokens a request
     stamp = entry.stat().st_mtime_ns
     ids, err = generate(*draft)
     assert ids == plain and f"cost table {entry} (cached)" in err and "profil" not in err

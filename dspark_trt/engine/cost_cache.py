@@ -6,7 +6,7 @@ both: an engine directory's manifest (it carries every graph's sha256), or for t
 target's and drafter's weight files (path, size, modification time: hashing gigabytes on every run would
 cost more than it saves); and the machine (CPU model, cores, thread counts, runtime library versions, GPU).
 Entries live in `cache_root()/cost-tables`. The first run profiles a reduced grid (AUTO_REQUESTS requests,
-AUTO_REPEATS repeats: about a minute on two busy cores) with a progress bar; concurrent first runs queue on
+AUTO_ROW_TOKENS tokens each, AUTO_REPEATS repeats: under a minute for the default engines on two busy cores) with a progress bar; concurrent first runs queue on
 a lock instead of profiling at once (each would time the other's load), and a table is written to a
 temporary file and renamed, so no reader ever sees half of one. An entry that does not parse, or whose
 stored identity is not the one asked for, is profiled again.
@@ -36,6 +36,7 @@ from dspark_trt.spec.cost_table import CostTable
 
 FORMAT = 1  # bump when the profile or the identity changes meaning: older entries then miss
 AUTO_REQUESTS = (1, 2, 4, 8)  # per-R rows for passes of up to 8 requests (the served slots); more are clamped
+AUTO_ROW_TOKENS = (1, 2, 4)  # tokens per request in a row, and block + 1; linear between them
 AUTO_CONTEXT_LEN = 128
 AUTO_REPEATS = 3
 LIBRARIES = ("torch", "numpy", "onnxruntime", "onnxruntime-extensions", "tensorrt")
@@ -66,7 +67,8 @@ def default_cost_table(options: EngineOptions, log: Log) -> CachedCostTable:
     """The cached cost table of the engines `options` name (engines, or target + draft) on this machine,
     profiled first when there is none yet."""
     identity = {"format": FORMAT, "engines": engines_identity(options), "machine": machine_identity(),
-                "grid": {"requests": list(AUTO_REQUESTS), "context_len": AUTO_CONTEXT_LEN, "repeats": AUTO_REPEATS}}
+                "grid": {"requests": list(AUTO_REQUESTS), "row_tokens": list(AUTO_ROW_TOKENS),
+                         "context_len": AUTO_CONTEXT_LEN, "repeats": AUTO_REPEATS}}
     return cached_cost_table(identity, lambda: _profile(options), log)
 
 
@@ -129,14 +131,16 @@ def _profile(options: EngineOptions) -> CostTable:
     engine, _ = build_engine(dataclasses.replace(options, schedule="fixed", cost_table=None,
                                                  num_slots=max(AUTO_REQUESTS), max_seq_len=AUTO_CONTEXT_LEN + 256))
     runtime = engine.runtime
-    sizes = sorted(set(AUTO_REQUESTS) | {max(AUTO_REQUESTS) * (runtime.block_size + 1)})
-    with tqdm(total=plan_profile(runtime, sizes).measurements, desc="profile", unit="pass", file=sys.stderr,
-              dynamic_ncols=True) as bar:
+    most = runtime.block_size + 1  # tokens a request verifies at most
+    sizes = sorted(set(AUTO_REQUESTS) | {max(AUTO_REQUESTS) * most})
+    row_tokens = sorted({m for m in AUTO_ROW_TOKENS if m < most} | {most})
+    with tqdm(total=plan_profile(runtime, sizes, row_tokens).measurements, desc="profile", unit="pass",
+              file=sys.stderr, dynamic_ncols=True) as bar:
         def progress(message: str) -> None:
             bar.set_postfix_str(message, refresh=False)
             bar.update()
 
-        return profile_runtime(runtime, sizes, AUTO_CONTEXT_LEN, AUTO_REPEATS, progress=progress)
+        return profile_runtime(runtime, sizes, AUTO_CONTEXT_LEN, AUTO_REPEATS, progress, row_tokens)
 
 
 def _read(path: Path, identity: dict, log: Log) -> CostTable | None:

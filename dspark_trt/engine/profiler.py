@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -43,22 +43,25 @@ class ProfilePlan:
         return len(passes) + len(self.draft_requests)
 
 
-def plan_profile(runtime: Runtime, batch_sizes=DEFAULT_BATCH_SIZES) -> ProfilePlan:
-    """What profile_runtime(runtime, batch_sizes) will time (its progress bar's length)."""
+def plan_profile(runtime: Runtime, batch_sizes=DEFAULT_BATCH_SIZES, row_tokens: Sequence[int] | None = None
+                 ) -> ProfilePlan:
+    """What profile_runtime(runtime, batch_sizes, row_tokens=...) will time (its progress bar's length).
+    row_tokens: tokens per request in the per-R rows (default every count from 1 to block + 1)."""
     n_slots = min(runtime.free_slots, max(batch_sizes))
     verify = {b: min(b, n_slots) for b in sorted(batch_sizes)}
     request_counts = sorted(set(verify.values()))
-    tokens_per_request = range(1, (runtime.block_size or ROW_DRAFTS) + 2)
+    tokens_per_request = row_tokens or range(1, (runtime.block_size or ROW_DRAFTS) + 2)
     rows = {r: sorted({r * m for m in tokens_per_request if r * m <= max(batch_sizes)} | {r}) for r in request_counts}
     return ProfilePlan(n_slots, verify, rows, request_counts if runtime.block_size else [])
 
 
 def profile_runtime(runtime: Runtime, batch_sizes=DEFAULT_BATCH_SIZES, context_len: int = 256,
-                    repeats: int = 5, progress: Callable[[str], None] = lambda msg: None) -> CostTable:
+                    repeats: int = 5, progress: Callable[[str], None] = lambda msg: None,
+                    row_tokens: Sequence[int] | None = None) -> CostTable:
     """Time target passes of B tokens spread over min(B, slots) requests with `context_len` cached
     tokens each (then rolled back), the same for each request count R with B = R..R·(block + 1) tokens
-    (the table's per-R rows), and draft passes for R requests (plan_profile)."""
-    plan = plan_profile(runtime, batch_sizes)
+    (the table's per-R rows; R·row_tokens when given), and draft passes for R requests (plan_profile)."""
+    plan = plan_profile(runtime, batch_sizes, row_tokens)
     slots = [runtime.allocate_slot() for _ in range(plan.slots)]
     try:
         g = torch.Generator().manual_seed(0)
