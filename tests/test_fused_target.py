@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_drafter
 from dspark_trt.engine.engine import Engine
 from dspark_trt.engine.request import SamplingParams
+from dspark_trt.errors import DSparkError
 from dspark_trt.export.engines import export_engines
 from dspark_trt.models.gguf_blocks import decode_blocks
 from dspark_trt.models.target import TargetConfig, TargetModel
@@ -134,6 +135,27 @@ def test_accuracy_level_4_is_batch_invariant(tmp_path, fmt):
         rows.append(step.logits[:lens[0]])
         fed += lens[0]
     assert torch.equal(torch.cat(rows), single)
+
+
+def test_a_slot_fills_to_the_limit_with_the_padding_rows_position_kept(tmp_path):
+    """The padding row of a one-token query takes the position after it, so the pool keeps one: the
+    runtime's limit is the graph's less one, and the last token appended alone still equals the same
+    token inside one long pass (its padding rows never disturbed a later token)."""
+    model, blocks = quantized_target("Q4_1")
+    export_quantized(tmp_path, model, blocks, accuracy_level=4)  # rotary table and limit: 256 positions
+    runtime = OrtRuntime(tmp_path, num_slots=1, max_seq_len=4096)
+    assert runtime.max_seq_len == 255
+    tokens = torch.randint(0, 40, (255,), generator=torch.Generator().manual_seed(4))
+    slot = runtime.allocate_slot()
+    runtime.target_forward(tokens[:250], torch.tensor([slot]), torch.tensor([250]), "all")
+    alone = torch.cat([runtime.target_forward(t.reshape(1), torch.tensor([slot]), torch.tensor([1]), "all").logits
+                       for t in tokens[250:]])
+    assert runtime.cache_length(slot) == 255
+    with pytest.raises(DSparkError, match="cache limit"):
+        runtime.target_forward(tokens[:1], torch.tensor([slot]), torch.tensor([1]), "all")
+    whole = OrtRuntime(tmp_path, num_slots=1, max_seq_len=4096)
+    logits = whole.target_forward(tokens, torch.tensor([whole.allocate_slot()]), torch.tensor([255]), "all").logits
+    assert torch.equal(alone, logits[250:])
 
 
 def test_greedy_speculation_equals_ar_on_an_int4_engine(tmp_path):

@@ -42,10 +42,12 @@ class FusedFeeds:
 
 
 def fused_feeds(input_ids, slots, starts, query_lens, capacity: int,
-                logits_rows: str | np.ndarray = "last") -> FusedFeeds:
+                logits_rows: str | np.ndarray = "last", min_query_len: int = 1) -> FusedFeeds:
     """Feeds for appending query_lens[r] tokens to slots[r], whose caches hold starts[r] positions.
 
     logits_rows: "last" (each request's last row), "all", or packed row indices.
+    min_query_len: attention's query of a request has at least this many rows; the padding rows after
+    its tokens (a copy of packed row 0) write K/V rows past the request's end that no real row reads.
     """
     ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
     slots = np.asarray(slots, dtype=np.int64)
@@ -55,8 +57,9 @@ def fused_feeds(input_ids, slots, starts, query_lens, capacity: int,
         raise DSparkError(f"query lengths {lens.tolist()} must be positive and sum to {ids.size} tokens")
     if len(set(slots.tolist())) != slots.size:
         raise DSparkError(f"a pass takes each slot once, got slots {slots.tolist()}")
-    s = int(lens.max())
-    if (starts + lens > capacity).any() or s + 1 > capacity:
+    attended = np.maximum(lens, min_query_len)  # query rows inside attention, padding included
+    s = int(attended.max())
+    if (starts + attended > capacity).any() or s + 1 > capacity:
         raise DSparkError(f"a request exceeds the cache limit {capacity}")
     batch = int(slots.max()) + 1
     first = np.concatenate([[0], np.cumsum(lens)[:-1]])
@@ -67,9 +70,9 @@ def fused_feeds(input_ids, slots, starts, query_lens, capacity: int,
     positions = np.zeros((batch, s), dtype=np.int64)
     positions[slots] = starts[:, None] + np.arange(s)
     seqlens_k = np.zeros(batch, dtype=np.int32)  # an idle slot: no query, one (ignored) past row
-    seqlens_k[slots] = starts + lens - 1
+    seqlens_k[slots] = starts + attended - 1
     q_lens = np.zeros(batch, dtype=np.int32)
-    q_lens[slots] = lens
+    q_lens[slots] = attended
     if isinstance(logits_rows, str):
         rows = first + lens - 1 if logits_rows == "last" else np.arange(ids.size)
     else:

@@ -25,7 +25,7 @@ from dspark_trt.models.target import TargetConfig, TargetStep
 from dspark_trt.runtimes.base import Runtime
 from dspark_trt.runtimes.kv_cache import KVCache
 from dspark_trt.runtimes.ort_drafter import OrtDrafter
-from dspark_trt.runtimes.target_graphs import FusedTargetGraph, PortableTargetGraph
+from dspark_trt.runtimes.target_graphs import PADDING_ROWS, FusedTargetGraph, PortableTargetGraph
 from dspark_trt.spec.sampling import is_greedy
 from dspark_trt.spec.verify import VerifyResult, greedy_verdict
 from dspark_trt_plugins import ort_op
@@ -41,13 +41,15 @@ class OrtRuntime(Runtime):
         self.config = TargetConfig(**manifest["target"]["config"])
         self.vocab_size = self.config.vocab_size
         self.eos_token_ids = list(self.config.eos_token_ids)
-        self.max_seq_len = min(max_seq_len, manifest.get("max_seq_len") or max_seq_len,
-                               self.config.max_position_embeddings)
+        fused = manifest["target"].get("graph") == "fused"
+        pad = PADDING_ROWS if fused and batch_invariant else 0  # positions a padding row may take past the end
+        self.max_seq_len = min(max_seq_len, (manifest.get("max_seq_len") or max_seq_len) - pad,
+                               self.config.max_position_embeddings - pad)
         self.num_slots = num_slots
         self.tap_layers: tuple[int, ...] = ()
-        self.cache = KVCache(self.config, num_slots=num_slots, max_seq_len=self.max_seq_len)
+        self.cache = KVCache(self.config, num_slots=num_slots, max_seq_len=self.max_seq_len + pad)
         self.sessions = {"target": self._make_session(engine_dir, "target", threads)}
-        if manifest["target"].get("graph") == "fused":
+        if fused:
             self._target = FusedTargetGraph(self.sessions["target"], self.cache, batch_invariant=batch_invariant)
         else:
             self._target = PortableTargetGraph(self.sessions["target"], self.cache)

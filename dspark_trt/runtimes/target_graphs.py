@@ -2,12 +2,15 @@
 
 - `FusedTargetGraph` (ONNX Runtime's fused operators, graphs/fused_target.py): the pool's per-layer
   buffers are bound (IO binding) as both past and present K/V, so GroupQueryAttention appends the new
-  rows in place; nothing of the cache crosses the Python boundary. A request appending one token also
-  feeds its previous token again (same position, same K/V rewritten): GroupQueryAttention's CPU kernel
-  computes a one-row query with another matrix kernel (MLAS's M = 1 path) than a longer one, so without
-  this a token's logits would depend on whether it came alone (plain decoding) or with drafts
-  (verification), and greedy speculation would not equal greedy decoding. Plain decoding that never
-  speculates (gen-data) may turn this off (`batch_invariant=False`): it halves the rows of a decode step.
+  rows in place; nothing of the cache crosses the Python boundary. GroupQueryAttention's CPU kernel
+  computes a one-row query with another matrix kernel (MLAS's M = 1 path) than a longer one, so a
+  token's logits would depend on whether it came alone (plain decoding) or with drafts (verification),
+  and greedy speculation would not equal greedy decoding. So attention sees every one-token query with
+  a padding row after it (`min_query_len`): the padding row only exists inside attention (the matmuls
+  and norms see the real rows alone), it writes a K/V row one position past the request's end, which
+  the next token overwrites and no query reads, and the real row is the same as in a longer query. The
+  pool keeps that one position (`PADDING_ROWS`). Plain decoding that never speculates (gen-data) may
+  turn the padding off (`batch_invariant=False`).
 - `PortableTargetGraph` (standard ONNX, graphs/target_graph.py, what TensorRT compiles): the batch's
   past window is gathered into the feeds and the returned new rows are written back on the host.
 
@@ -23,6 +26,8 @@ from dspark_trt.graphs.ort_session import run
 from dspark_trt.graphs.target_graph import step_inputs
 from dspark_trt.runtimes.kv_cache import KVCache
 
+PADDING_ROWS = 1  # a one-token query gets one padding row inside attention (batch invariance)
+
 
 class FusedTargetGraph:
     """A fused target session whose K/V live in `cache`'s buffers, bound in place."""
@@ -36,7 +41,6 @@ class FusedTargetGraph:
         self.outputs = [o.name for o in session.get_outputs() if not o.name.startswith("present_")]
         self._inputs = [i.name for i in session.get_inputs() if not i.name.startswith("past_")]
         self._bindings: dict[int, ort.IOBinding] = {}
-        self._tokens = np.zeros((cache.num_slots, cache.max_seq_len), dtype=np.int64)  # ids by position
 
     def _binding(self, batch: int) -> ort.IOBinding:
         """The binding of slots [0, batch): small outputs first (so their results come first), then the
@@ -56,12 +60,9 @@ class FusedTargetGraph:
         return binding
 
     def __call__(self, input_ids, slots: np.ndarray, query_lens, logits_rows: str, extra: dict) -> dict:
-        ids, starts, lens = np.asarray(input_ids, dtype=np.int64), self.cache.lengths.numpy()[slots], query_lens
-        for slot, start, ids_of_slot in zip(slots, starts, np.split(ids, np.cumsum(lens)[:-1])):
-            self._tokens[slot, start:start + len(ids_of_slot)] = ids_of_slot
-        ids, starts, lens, fed = self._refeed(ids, slots, starts, np.asarray(lens))
-        rows = np.flatnonzero(fed) if logits_rows == "all" else logits_rows
-        inputs = fused_feeds(ids, slots, starts, lens, self.cache.max_seq_len, rows)
+        starts = self.cache.lengths.numpy()[slots]
+        inputs = fused_feeds(input_ids, slots, starts, query_lens, self.cache.max_seq_len, logits_rows,
+                             min_query_len=1 + PADDING_ROWS if self.batch_invariant else 1)
         binding = self._binding(inputs.batch)
         for name in self.outputs:  # rebound every run: a bound result would fix the next run's shape
             binding.bind_output(name, "cpu")
@@ -71,20 +72,7 @@ class FusedTargetGraph:
         self.session.run_with_iobinding(binding)
         values = binding.get_outputs()
         outputs = {name: values[i].numpy() for i, name in enumerate(self.outputs)}
-        if "taps" in outputs:
-            outputs["taps"] = outputs["taps"][fed]
         return outputs
-
-    def _refeed(self, ids, slots, starts, lens):
-        """Prepend each one-token request's previous token: (ids, starts, lens, mask of the rows asked for)."""
-        again = (lens == 1) & (starts > 0) & self.batch_invariant
-        if not again.any():
-            return ids, starts, lens, np.ones(ids.size, dtype=bool)
-        first = np.cumsum(lens) - lens
-        previous = self._tokens[slots[again], starts[again] - 1]
-        ids = np.insert(ids, first[again], previous)
-        fed = np.insert(np.ones(lens.sum(), dtype=bool), first[again], False)
-        return ids, starts - again, lens + again, fed
 
 
 class PortableTargetGraph:
