@@ -20,7 +20,7 @@ import yaml
 from test_cli_spec import pair  # noqa: F401 - the tiny target + drafter fixture, shared
 from test_triton_serving import NEVER, ensemble_inputs, http_post
 
-from dspark_trt.serving.bls_runtime import RECOVERING, STOPPING
+from dspark_trt.serving.bls_services import RECOVERING, STOPPING
 from dspark_trt.serving.health_endpoint import HealthEndpoint
 from dspark_trt.serving.package import PackageOptions, package_repository
 from dspark_trt.serving.processes import SHM_DIR, python_stubs

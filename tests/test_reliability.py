@@ -15,14 +15,15 @@ from hypothesis import strategies as st
 from test_triton_serving import NEVER, TIMEOUT_S, engines, pair  # noqa: F401 - the tiny engines, shared
 
 from dspark_trt.engine.engine import EngineOverloadedError
+from dspark_trt.engine.factory import EngineOptions, build_engine
 from dspark_trt.engine.request import InvalidRequestError, SamplingParams, Status
 from dspark_trt.errors import DSparkError
-from dspark_trt.serving.bls_runtime import DraftService, TargetService
-from dspark_trt.serving.integrity import CorruptEngineError
-from dspark_trt.serving.orchestrator import Job, Orchestrator, ServingOptions, build_served_engine
-from dspark_trt.serving.text import encode_word_list
+from dspark_trt.graphs.integrity import CorruptEngineError
+from dspark_trt.serving.bls_services import DraftService, TargetService
+from dspark_trt.serving.orchestrator import Job, Orchestrator
 from dspark_trt.serving.request_parsing import (NEUTRAL_OPTIONS, GenerationRequest, Limits, TextRequest,
                                                 parse_generation_request, parse_text_request)
+from dspark_trt.serving.text import encode_word_list
 
 VOCAB, CONTEXT = 12, 128  # the tiny engines' vocabulary (w0..w11) and context limit
 LIMITS = Limits(vocab_size=VOCAB, max_seq_len=CONTEXT, eos_ids=(1,))
@@ -239,8 +240,8 @@ def serving(engines):  # noqa: F811
     loops = []
 
     def start(num_slots=4, max_queue_size=1024, run=True):
-        engine, _ = build_served_engine(ServingOptions(engine_dir=str(engines), num_slots=num_slots,
-                                                       max_queue_size=max_queue_size))
+        engine, _ = build_engine(EngineOptions(engines=str(engines), num_slots=num_slots,
+                                               max_queue_size=max_queue_size, check_files=True))
         loop = Orchestrator(engine, respond, lambda job: job.sender.cancelled)
         if run:
             loop.start()
@@ -258,7 +259,7 @@ PROMPTS = [[2, 5 + i % 6, 6 + i % 5, 3, 4][: 3 + i % 3] for i in range(10)]
 @pytest.fixture(scope="module")
 def reference(engines):  # noqa: F811
     """Each PROMPTS entry's greedy 12 tokens, with no cancellations or faults around."""
-    engine, _ = build_served_engine(ServingOptions(engine_dir=str(engines), num_slots=len(PROMPTS)))
+    engine, _ = build_engine(EngineOptions(engines=str(engines), num_slots=len(PROMPTS), check_files=True))
     return [r.output_ids for r in engine.generate(PROMPTS, SamplingParams(max_tokens=12, stop_ids=(NEVER,)))]
 
 
@@ -370,7 +371,7 @@ def test_a_truncated_graph_or_a_manifest_hash_mismatch_fails_at_load_naming_the_
     graph = truncated / "target.onnx"
     graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
     named = rf"^{re.escape(str(graph))}: graph 'target' does not match .*manifest.json: sha256 \w+\.\.\. "
-    for load in (lambda: build_served_engine(ServingOptions(engine_dir=str(truncated))),
+    for load in (lambda: build_engine(EngineOptions(engines=str(truncated), check_files=True)),
                  lambda: TargetService(truncated, num_slots=1)):
         with pytest.raises(CorruptEngineError, match=named + rf"\({graph.stat().st_size} bytes\)"):
             load()

@@ -12,11 +12,12 @@ import pytest
 from test_cli_spec import pair  # noqa: F401 - the tiny target + drafter fixture, shared
 
 from dspark_trt.cli import main as cli_main
+from dspark_trt.engine.factory import EngineOptions, build_engine
 from dspark_trt.engine.request import InvalidRequestError, SamplingParams, Status
 from dspark_trt.errors import DSparkError
-from dspark_trt.serving.bls_runtime import DraftService, TargetService
+from dspark_trt.serving.bls_services import DraftService, TargetService
 from dspark_trt.serving.cancellation import StopForwarder, new_request_key
-from dspark_trt.serving.orchestrator import Job, Orchestrator, ServingOptions, build_served_engine
+from dspark_trt.serving.orchestrator import Job, Orchestrator
 from dspark_trt.serving.package import MODELS, PackageOptions, package_repository
 from dspark_trt.serving.request_parsing import parse_stop_request
 from dspark_trt.serving.text import REPLACEMENT, decode_word_list, encode_word_list, new_text, stream_window
@@ -90,7 +91,7 @@ def engines(pair, tmp_path_factory):  # noqa: F811
 
 @pytest.fixture
 def orchestrator(engines):
-    engine, _ = build_served_engine(ServingOptions(engine_dir=str(engines), num_slots=2))
+    engine, _ = build_engine(EngineOptions(engines=str(engines), num_slots=2, check_files=True))
     loop = Orchestrator(engine, respond, lambda job: job.sender.cancelled)
     loop.start()
     yield loop
@@ -193,9 +194,9 @@ def test_split_runtime_gives_the_in_process_tokens(engines):
         calls.append((model, set(inputs)))
         return services[model]({k: v.copy() for k, v in inputs.items()})
 
-    options = ServingOptions(engine_dir=str(engines), num_slots=2)
-    split, _ = build_served_engine(options, call=call)
-    local, _ = build_served_engine(options)
+    options = EngineOptions(engines=str(engines), num_slots=2, check_files=True)
+    split, _ = build_engine(options, call=call)
+    local, _ = build_engine(options)
     prompts = [[5, 6, 7], [8, 9], [10, 5, 6, 7]]
     controlled = dict(repetition_penalty=1.4, min_tokens=4, bad_words=((6, 7),), return_log_probs=True)
     for params in (SamplingParams(max_tokens=20, stop_ids=(NEVER,)),
@@ -424,7 +425,7 @@ def test_each_logit_control_and_log_probs_over_grpc_and_http(server, engines):
     gives in-process with the same controls (and not the uncontrolled text); log-probs match it too."""
     from dspark_trt.engine.prompts import chat_prompt_ids
 
-    local, tokenizer = build_served_engine(ServingOptions(engine_dir=str(engines), schedule="off"))
+    local, tokenizer = build_engine(EngineOptions(engines=str(engines), schedule="off", check_files=True))
 
     def plain_decoding(end_id=NEVER, bad_words=(), **controls):
         words = decode_word_list(encode_word_list(tokenizer, list(bad_words), "bad_words"))

@@ -1,4 +1,6 @@
-"""Build a runtime and an engine from user-facing options (shared by generate, bench, eval, serve)."""
+"""The one place an engine is built: its runtime (torch, ONNX Runtime, TensorRT, or the BLS split across Triton
+models), scheduler, calibration and tokenizer, from options (generate, bench, eval, profile, calibrate, and the
+served `dspark_bls` model)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +11,8 @@ import torch
 from dspark_trt.engine.engine import Engine
 from dspark_trt.errors import DSparkError
 from dspark_trt.models.weights import load_target
+from dspark_trt.runtimes.base import Runtime
+from dspark_trt.runtimes.bls_runtime import BlsRuntime, Call
 from dspark_trt.runtimes.torch_runtime import TorchRuntime
 from dspark_trt.spec.scheduler import SCHEDULE_MODES
 
@@ -26,22 +30,27 @@ class EngineOptions:
     num_slots: int = 8
     max_seq_len: int = 2048
     max_batch_tokens: int = 512
+    max_queue_size: int = 1024  # requests waiting for a slot before new ones are refused
+    check_files: bool = False  # check the engine files against their manifest's sha256 first (served models do)
 
 
-def build_engine(options: EngineOptions) -> tuple[Engine, object]:
-    """(engine, tokenizer) for the options; raises DSparkError naming a bad option."""
+def build_engine(options: EngineOptions, call: Call | None = None) -> tuple[Engine, object]:
+    """(engine, tokenizer) for the options; raises DSparkError naming a bad option.
+
+    The runtime: with `call`, the BLS runtime reaching options.engines' graphs in the dspark_target/dspark_draft
+    models through it; else over options.engines, TensorRT when the directory holds plans, ONNX Runtime
+    otherwise; without engines, the torch reference on options.target and options.draft."""
     if options.schedule not in SCHEDULE_MODES:
         raise DSparkError(f"unknown schedule '{options.schedule}': choose from {', '.join(SCHEDULE_MODES)}")
     if options.engines is not None:
-        runtime, tokenizer = _engine_dir_runtime(options)
+        runtime, tokenizer = _engine_dir_runtime(options, call)
     else:
         runtime, tokenizer = _torch_runtime(options)
     scheduler, temps = None, None
     if runtime.block_size > 0:
-        from dspark_trt.spec.scheduler import make_scheduler
-
         from dspark_trt.models.drafter_checkpoint import stored_calibration
         from dspark_trt.spec.calibration import load_calibration
+        from dspark_trt.spec.scheduler import make_scheduler
 
         calibration = options.calibration or stored_calibration(options.draft)
         if calibration:
@@ -50,11 +59,12 @@ def build_engine(options: EngineOptions) -> tuple[Engine, object]:
                                    threshold=options.threshold, cost_table=options.cost_table,
                                    has_confidence=runtime.has_confidence_head)
     engine = Engine(runtime, scheduler, sts_temperatures=temps, max_batch_tokens=options.max_batch_tokens,
+                    max_queue_size=options.max_queue_size,
                     detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
     return engine, tokenizer
 
 
-def _torch_runtime(options: EngineOptions):
+def _torch_runtime(options: EngineOptions) -> tuple[Runtime, object]:
     target, tokenizer = load_target(options.target)
     drafter = None
     if options.draft is not None and options.schedule != "off":
@@ -64,13 +74,19 @@ def _torch_runtime(options: EngineOptions):
     return TorchRuntime(target, drafter, num_slots=options.num_slots, max_seq_len=options.max_seq_len), tokenizer
 
 
-def _engine_dir_runtime(options: EngineOptions):
-    """TrtRuntime when the engine directory holds TensorRT plans (an error names what is missing where
-    they cannot run), else OrtRuntime."""
+def _engine_dir_runtime(options: EngineOptions, call: Call | None) -> tuple[Runtime, object]:
+    """BlsRuntime over `call`; else TrtRuntime when the engine directory holds TensorRT plans (an error names
+    what is missing where they cannot run), else OrtRuntime. With check_files, the files this process loads
+    (all of them; with `call` the tokenizer only, the graphs are the models') are checked first."""
+    from dspark_trt.graphs.integrity import check_engine_files
     from dspark_trt.graphs.manifest import load_engine_tokenizer, read_manifest
 
+    manifest = (check_engine_files(options.engines, graphs=None if call is None else ()) if options.check_files
+                else read_manifest(options.engines))
     kwargs = dict(num_slots=options.num_slots, max_seq_len=options.max_seq_len, use_drafter=options.schedule != "off")
-    if read_manifest(options.engines).get("plans"):
+    if call is not None:
+        runtime = BlsRuntime(options.engines, call, **kwargs)
+    elif manifest.get("plans"):
         from dspark_trt.runtimes.trt_runtime import TrtRuntime
 
         runtime = TrtRuntime(options.engines, **kwargs)

@@ -1,1 +1,1 @@
-"""Runtimes the engine can drive: torch (reference), ONNX Runtime, TensorRT."""
+"""Runtimes the engine can drive: torch (reference), ONNX Runtime, TensorRT, and the BLS split across Triton models."""

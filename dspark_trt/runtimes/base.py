@@ -22,8 +22,8 @@ from dspark_trt.spec.verify import VerifyResult, dspark_verify
 class Runtime(ABC):
     """Target + drafter behind slots. Positions are implicit: a slot's tokens are appended in order."""
 
-    cache: SlotTable  # which slots are taken and how many target positions each holds (a KVCache if the K/V
-    # live in this process)
+    # which slots are taken and how many target positions each holds (a KVCache where the K/V live in this process)
+    cache: SlotTable
     vocab_size: int
     eos_token_ids: list[int]  # the target's stop ids, the default stop condition of a request
     max_seq_len: int

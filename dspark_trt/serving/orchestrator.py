@@ -14,16 +14,15 @@ import queue
 import threading
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from dspark_trt.engine.engine import Engine, EngineOverloadedError
+from dspark_trt.engine.factory import EngineOptions
 from dspark_trt.engine.request import Request, SamplingParams, Status
 from dspark_trt.errors import DSparkError
-from dspark_trt.serving.bls_runtime import STOPPING, BlsRuntime, Call
+from dspark_trt.serving.bls_services import STOPPING
 from dspark_trt.serving.cancellation import new_request_key
 from dspark_trt.serving.request_parsing import Limits
 from dspark_trt.serving.text import stream_window
@@ -222,70 +221,25 @@ def _drain(inbox: queue.Queue) -> list:
             return items
 
 
-# ---- building the served engine ------------------------------------------------------------------
-@dataclass
-class ServingOptions:
-    """The `dspark_bls` model parameters `dspark-trt package` writes into its config.pbtxt."""
-
-    engine_dir: str
-    schedule: str = "fixed"  # "off" serves the target alone
-    gamma: int | None = None  # fixed schedule: drafts verified per round (default: the block size)
-    cost_table: str | None = None
-    calibration: str | None = None
-    num_slots: int = 8
-    max_batch_tokens: int = 512
-    max_queue_size: int = 1024
-
-    @classmethod
-    def from_model_config(cls, model_config: dict) -> ServingOptions:
-        """From Triton's model config JSON (`parameters { key: ... value { string_value: ... } }`)."""
-        raw = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
-        if "engine_dir" not in raw:
-            raise DSparkError("dspark_bls config has no 'engine_dir' parameter (fill it with `dspark-trt package`)")
-        options = cls(engine_dir=raw["engine_dir"])
-        for name in ("schedule", "cost_table", "calibration"):
-            if raw.get(name):
-                setattr(options, name, raw[name])
-        for name in ("gamma", "num_slots", "max_batch_tokens", "max_queue_size"):
-            if raw.get(name):
-                try:
-                    setattr(options, name, int(raw[name]))
-                except ValueError:
-                    raise DSparkError(f"dspark_bls parameter {name} must be an integer, got {raw[name]!r}") from None
-        return options
-
-
-def build_served_engine(options: ServingOptions, call: Call | None = None) -> tuple[Engine, object]:
-    """(engine over options.engine_dir, its tokenizer); DSparkError naming a bad option.
-
-    With `call` the engine reaches dspark_target/dspark_draft through it (BlsRuntime); without, it runs
-    the graphs in this process (OrtRuntime).
-    """
-    from transformers import AutoTokenizer
-
-    from dspark_trt.runtimes.ort_runtime import OrtRuntime
-    from dspark_trt.serving.integrity import check_engine_files
-    from dspark_trt.spec.scheduler import make_scheduler
-
-    manifest = check_engine_files(options.engine_dir, graphs=None if call is None else ())  # graphs: BLS models'
-    speculate = options.schedule != "off" and manifest["draft"] is not None
-    if call is None:
-        runtime = OrtRuntime(options.engine_dir, num_slots=options.num_slots, use_drafter=speculate)
-    else:
-        runtime = BlsRuntime(options.engine_dir, call, num_slots=options.num_slots, use_drafter=speculate)
-    scheduler, temps = None, None
-    if speculate:
-        scheduler = make_scheduler(options.schedule, block_size=runtime.block_size, gamma=options.gamma,
-                                   cost_table=options.cost_table, has_confidence=runtime.has_confidence_head)
-        if options.calibration:
-            from dspark_trt.spec.calibration import load_calibration
-
-            temps = torch.as_tensor(load_calibration(options.calibration).temperatures)
-    tokenizer = AutoTokenizer.from_pretrained(str(Path(options.engine_dir) / "tokenizer"))
-    engine = Engine(runtime, scheduler, sts_temperatures=temps, max_batch_tokens=options.max_batch_tokens,
-                    max_queue_size=options.max_queue_size,
-                    detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
-    return engine, tokenizer
+# ---- the served engine ---------------------------------------------------------------------------
+def engine_options(model_config: dict) -> EngineOptions:
+    """The engine the `dspark_bls` model serves, from the parameters `dspark-trt package` writes into its
+    config.pbtxt (Triton's model config JSON: `parameters { key: ... value { string_value: ... } }`); its
+    engine files are checked against their manifest when it is built."""
+    raw = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+    if "engine_dir" not in raw:
+        raise DSparkError("dspark_bls config has no 'engine_dir' parameter (fill it with `dspark-trt package`)")
+    options = EngineOptions(engines=raw["engine_dir"], check_files=True)
+    for name in ("schedule", "cost_table", "calibration"):
+        if raw.get(name):
+            setattr(options, name, raw[name])
+    for name in ("gamma", "num_slots", "max_batch_tokens", "max_queue_size"):
+        if raw.get(name):
+            try:
+                setattr(options, name, int(raw[name]))
+            except ValueError:
+                raise DSparkError(f"dspark_bls parameter {name} must be an integer, got {raw[name]!r}") from None
+    return options
 
 
 def served_limits(engine: Engine) -> Limits:
@@ -295,6 +249,6 @@ def served_limits(engine: Engine) -> Limits:
                   eos_ids=tuple(runtime.eos_token_ids))
 
 
-def describe(options: ServingOptions) -> str:
-    """One line for logs: what is served and how."""
-    return json.dumps({k: v for k, v in vars(options).items() if v is not None})
+def describe(options: EngineOptions) -> str:
+    """One line for logs: what is served and how (the engine directory, not a target name, says what)."""
+    return json.dumps({k: v for k, v in vars(options).items() if v is not None and k not in ("target", "draft")})

@@ -6,10 +6,10 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from dspark_trt.engine.engine import EngineOverloadedError
+from dspark_trt.engine.factory import build_engine
 from dspark_trt.errors import DSparkError
-from dspark_trt.serving.bls_runtime import bls_call
-from dspark_trt.serving.orchestrator import (Job, Orchestrator, ServingOptions, build_served_engine, describe,
-                                             served_limits)
+from dspark_trt.serving.bls_services import bls_call
+from dspark_trt.serving.orchestrator import Job, Orchestrator, describe, engine_options, served_limits
 from dspark_trt.serving.request_parsing import parse_generation_request, parse_stop_request
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -86,8 +86,8 @@ class Metrics:
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.options = ServingOptions.from_model_config(json.loads(args["model_config"]))
-        self.engine, self.tokenizer = build_served_engine(self.options, call=bls_call(pb_utils))
+        self.options = engine_options(json.loads(args["model_config"]))
+        self.engine, self.tokenizer = build_engine(self.options, call=bls_call(pb_utils))
         runtime = self.engine.runtime
         pb_utils.Logger.log_info(f"dspark_bls: {describe(self.options)}; speculation "
                                  f"{'on, block size ' + str(runtime.block_size) if self.engine.speculate else 'off'}")
