@@ -2,6 +2,7 @@
 and (marked server) the packaged tiny pair on a real tritonserver over gRPC and HTTP."""
 import json
 import queue
+import re
 import threading
 import time
 import urllib.error
@@ -18,7 +19,8 @@ from dspark_trt.errors import DSparkError
 from dspark_trt.serving.bls_services import DraftService, TargetService
 from dspark_trt.serving.cancellation import StopForwarder, new_request_key
 from dspark_trt.serving.orchestrator import Job, Orchestrator
-from dspark_trt.serving.package import MODELS, PackageOptions, package_repository
+from dspark_trt.serving.ensemble import STEPS, client_fields, ensemble_steps
+from dspark_trt.serving.package import MODELS, TEMPLATES, PackageOptions, package_repository
 from dspark_trt.serving.request_parsing import parse_stop_request
 from dspark_trt.serving.text import REPLACEMENT, decode_word_list, encode_word_list, new_text, stream_window
 
@@ -239,6 +241,23 @@ def test_package_fills_every_template_and_rejects_bad_options(engines, tmp_path)
     bad("--calibration .* does not exist", calibration=str(tmp_path / "none.json"))
     bad("--num-slots must be >= 1", num_slots=0)
     bad("no manifest.json", engines=str(tmp_path))
+
+
+def test_the_ensemble_steps_follow_the_one_rename_table():
+    """The ensemble's steps come from serving/ensemble.py's table: a client tensor a step reads or writes is one
+    the ensemble declares, a tensor between steps is made by an earlier step, and errors name client fields."""
+    config = (TEMPLATES / "ensemble" / "config.pbtxt").read_text()
+    declared = set(re.findall(r'\{ name: "(\w+)"', config))
+    made = set()
+    for model, inputs, outputs in STEPS:
+        for tensor in inputs.values():
+            assert tensor in (made if tensor.startswith("_") else declared), (model, tensor)
+        assert all(t in declared for t in outputs.values() if not t.startswith("_")), model
+        made |= set(outputs.values())
+    assert "${ensemble_steps}" in config and 'input_map { key: "request_output_len" value: "max_tokens" }' in \
+        ensemble_steps()
+    assert client_fields("dspark_bls")["input_ids"] == "text_input"
+    assert client_fields("preprocessing")["STOP_WORDS_DICT"] == "stop_words"
 
 
 # ---- a real tritonserver ---------------------------------------------------------------------------------

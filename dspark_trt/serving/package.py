@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dspark_trt.errors import DSparkError
+from dspark_trt.serving.ensemble import ensemble_steps
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "triton_repo"
 ENTRY_MODEL = "ensemble"  # the model clients call
@@ -66,7 +67,8 @@ def package_repository(options: PackageOptions) -> Path:
         source = TEMPLATES / model
         template = string.Template((source / "config.pbtxt").read_text())
         try:
-            config = template.substitute({k: _pbtxt_string(str(v)) for k, v in fields.items()})
+            config = template.substitute({k: _pbtxt_string(str(v)) for k, v in fields.items()}
+                                         | {"ensemble_steps": ensemble_steps()})
         except (KeyError, ValueError) as exc:
             raise DSparkError(f"template {source / 'config.pbtxt'}: bad or unknown field {exc}") from exc
         (out / model / "1").mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from dspark_trt.engine.request import InvalidRequestError, SamplingParams
+from dspark_trt.serving.ensemble import client_fields
 from dspark_trt.serving.text import decode_word_list
 
 Inputs = Mapping[str, "np.ndarray | None"]
@@ -30,10 +31,8 @@ NEUTRAL_OPTIONS = {
     "return_generation_logits": (False, "[output tokens, vocabulary] logits per request are too costly to "
                                         "return; return_log_probs gives each output token's log-probability"),
 }
-# dspark_bls input -> the ensemble field a client sent
-CLIENT_NAMES = {"input_ids": "text_input", "request_output_len": "max_tokens", "runtime_top_p": "top_p",
-                "runtime_top_k": "top_k", "streaming": "stream", "stop_words_list": "stop_words",
-                "bad_words_list": "bad_words"}
+# dspark_bls input -> the ensemble field a client sent, where the names differ
+CLIENT_NAMES = {name: field for name, field in client_fields("dspark_bls").items() if name != field}
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,11 @@ from transformers import AutoTokenizer
 
 from dspark_trt.engine.prompts import chat_prompt_ids
 from dspark_trt.errors import DSparkError
-from dspark_trt.serving.request_parsing import NEUTRAL_OPTIONS, parse_text_request
+from dspark_trt.serving.ensemble import client_fields
+from dspark_trt.serving.request_parsing import parse_text_request
 from dspark_trt.serving.text import encode_word_list
 
-# this model's input -> the ensemble field the client sent (errors name the latter)
-FIELDS = {"QUERY": "text_input", "STOP_WORDS_DICT": "stop_words", "BAD_WORDS_DICT": "bad_words",
-          "END_ID": "end_id", "PAD_ID": "pad_id", **{name: name for name in NEUTRAL_OPTIONS}}
+FIELDS = client_fields("preprocessing")  # this model's input -> the ensemble field the client sent (errors name it)
 
 
 class TritonPythonModel:
