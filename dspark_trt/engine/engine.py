@@ -63,7 +63,6 @@ class Engine:
     # ---- request lifecycle -------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     on_tokens: StreamCallback | None = None) -> Request:
-        params.validate()
         if not prompt_ids:
             raise DSparkError("prompt is empty: at least one token is needed")
         if len(prompt_ids) + 1 > self.runtime.max_seq_len:

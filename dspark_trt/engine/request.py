@@ -42,11 +42,11 @@ class SamplingParams:
         """Whether its verification needs the target's logits on the host (controls or log-probs)."""
         return self.return_log_probs or self.controls.active
 
-    def validate(self, max_tokens_limit: int | None = None) -> None:
+    def __post_init__(self) -> None:
+        """Every SamplingParams is valid: a request is checked once, where it is parsed into one (the served
+        request parser, the CLI's arguments), not again by the engine."""
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if max_tokens_limit is not None and self.max_tokens > max_tokens_limit:
-            raise InvalidRequestError(f"max_tokens {self.max_tokens} exceeds the limit {max_tokens_limit}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:

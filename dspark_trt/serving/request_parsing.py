@@ -4,8 +4,8 @@ Pure (no Triton import) so it is fuzzed without a server. Two Triton models use 
 `preprocessing` parses the ensemble's text inputs (`parse_text_request`) and `dspark_bls` the token
 ids and sampling parameters (`parse_generation_request`). Every rejection is an `InvalidRequestError`
 whose message starts with the client-facing field name (the ensemble's, e.g. `max_tokens` for
-dspark_bls's `request_output_len`). Range checks on sampling parameters are `SamplingParams.validate`'s,
-not repeated here. Triton itself already refuses undeclared inputs and wrong dtypes/shapes for the
+dspark_bls's `request_output_len`). Range checks on sampling parameters are SamplingParams' own, made when
+one is built here; the engine does not check them again. Triton itself already refuses undeclared inputs and wrong dtypes/shapes for the
 declared ones; the same checks here keep direct callers and the fuzz tests honest.
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ def parse_generation_request(inputs: Inputs, limits: Limits,
         else:
             stop_strings += (decode(word),)
     seed = _scalar(inputs, "seed", int, None)
-    params = SamplingParams(
+    fields = dict(
         max_tokens=_scalar(inputs, "request_output_len", int, None),
         temperature=_scalar(inputs, "temperature", float, 0.0),
         top_k=_scalar(inputs, "runtime_top_k", int, 0),
@@ -112,9 +112,12 @@ def parse_generation_request(inputs: Inputs, limits: Limits,
         bad_words=tuple(tuple(w) for w in _word_list(inputs, "bad_words_list", limits.vocab_size)),
         return_log_probs=_scalar(inputs, "return_log_probs", bool, False),
     )
-    if params.max_tokens is None:
+    if fields["max_tokens"] is None:
         raise InvalidRequestError("max_tokens is missing: send how many tokens to generate")
-    params.validate(max_tokens_limit=limits.max_seq_len - len(ids))
+    params = SamplingParams(**fields)
+    limit = limits.max_seq_len - len(ids)
+    if params.max_tokens > limit:
+        raise InvalidRequestError(f"max_tokens {params.max_tokens} exceeds the limit {limit}")
     return GenerationRequest(prompt_ids=ids, params=params, stream=_scalar(inputs, "streaming", bool, False),
                              perf_metrics=_scalar(inputs, "return_perf_metrics", bool, False))
 
