@@ -236,9 +236,9 @@ class Sampler(nn.Module):
 
 
 class DraftPass(nn.Module):
-    """The whole pass: backbone, then left to right ℓ_k = U_k + B_k(x_{k-1}), x_k drawn from warp(ℓ_k) (as
-    DSparkDrafter._sample_block), then the confidence logits from the drawn prefix. With a reduced draft
-    vocabulary x_k is drawn as a draft id and mapped to its target id (draft_ids) before it goes on."""
+    """The whole pass: backbone, then the drafter's own Markov loop (DSparkDrafter.markov_loop), each x_k drawn
+    from warp(ℓ_k) by the Sample placeholder (If nodes over the Sampler variants in the saved graph). With a
+    reduced draft vocabulary x_k is drawn as a draft id and mapped to its target id (draft_ids) before it goes on."""
 
     def __init__(self, drafter: DSparkDrafter):
         super().__init__()
@@ -258,26 +258,14 @@ class DraftPass(nn.Module):
         any_sampling = sampling.any()
         any_filter = (sampling & ((top_k > 0) | (top_p < 1.0))).any()
         any_nucleus = (sampling & (top_k == 0) & (top_p < 1.0)).any()
-        head = d.markov_head
-        state = head.initial_state(hidden.shape[0], hidden) if head is not None else None
-        prev, prevs, tokens, probs = anchors, [], [], []
-        for k in range(d.config.block_size):
-            logit = base_logits[:, k]
-            if head is not None:
-                bias, state = head.step(prev, hidden[:, k], state)
-                logit = logit + bias.float()
+
+        def draw(k: int, logit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             token, q = _Sample.apply(any_sampling, any_filter, any_nucleus, logit, temperature, top_k, top_p,
                                      uniforms[:, k], *([self.full_index] if self.reduced else []))
-            if self.reduced:
-                token = self.draft_ids[token]
-            prevs.append(prev)
-            tokens.append(token)
-            probs.append(q)
-            prev = token
-        outputs = [torch.stack(tokens, 1), torch.stack(probs, 1)]
-        if d.confidence_head is not None:
-            outputs.append(d.confidence_logits(hidden, torch.stack(prevs, 1)))
-        return (*outputs, new_k, new_v)
+            return (self.draft_ids[token] if self.reduced else token), q
+
+        tokens, probs, _, conf = d.markov_loop(anchors, hidden, base_logits, draw)
+        return (tokens, probs, *([] if conf is None else [conf]), new_k, new_v)
 
 
 def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], axes: dict) -> onnx.ModelProto:

@@ -11,6 +11,7 @@ from, left to right.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -329,10 +330,30 @@ class DSparkDrafter(nn.Module):
             uniforms = torch.zeros(r, b, dtype=torch.float64)
         return self._sample_block(anchor_ids, hidden, base_logits, temperature, top_k, top_p, uniforms)
 
-    def _sample_block(self, anchor_ids, hidden, base_logits, temperature, top_k, top_p, uniforms):
-        """Left-to-right: ℓ_k = U_k + B_k(x_{k-1}); x_k ~ warp(ℓ_k); then confidences from the drawn prefix."""
+    def _sample_block(self, anchor_ids, hidden, base_logits, temperature, top_k, top_p, uniforms) -> DraftStep:
+        """The Markov loop drawing x_k from warp(ℓ_k) (spec.sampling) over the draft vocabulary, as a target id,
+        with q spread over the target vocabulary (zero mass outside the draft vocabulary)."""
+        draft_ids = self.draft_ids
+
+        def draw(k: int, logit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            q = warp_probs(logit, temperature, top_k, top_p)
+            token = sample_from_uniform(q, uniforms[:, k])
+            if draft_ids is None:
+                return token, q
+            return draft_ids[token], q.new_zeros(q.shape[0], self.config.vocab_size).index_copy_(1, draft_ids, q)
+
+        tokens, probs, logits, conf = self.markov_loop(anchor_ids, hidden, base_logits, draw)
+        return DraftStep(tokens=tokens, probs=probs, confidence_logits=conf, logits=logits, base_logits=base_logits,
+                         block_hidden=hidden)
+
+    def markov_loop(self, anchor_ids: torch.Tensor, hidden: torch.Tensor, base_logits: torch.Tensor,
+                    draw: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
+        """The block left to right, the one loop of a draft pass (the exported graph runs it with its own `draw`):
+        ℓ_k = U_k + B_k(x_{k-1}); (x_k, q_k) = draw(k, ℓ_k), x_k a target id and q_k over the target vocabulary;
+        then the confidences from the drawn prefix. Returns tokens [R, B], q [R, B, V], ℓ [R, B, N] and the
+        confidence logits [R, B] (None without a confidence head)."""
         r, b, _ = base_logits.shape
-        head, draft_ids = self.markov_head, self.draft_ids
+        head = self.markov_head
         state = head.initial_state(r, hidden) if head is not None else None
         prev = anchor_ids
         prevs, tokens, logits, probs = [], [], [], []
@@ -341,16 +362,11 @@ class DSparkDrafter(nn.Module):
             if head is not None:
                 bias, state = head.step(prev, hidden[:, k], state)
                 logit_k = logit_k + bias.float()
-            q = warp_probs(logit_k, temperature, top_k, top_p)
-            token = sample_from_uniform(q, uniforms[:, k])
-            if draft_ids is not None:  # back to target ids, q with zero mass outside the draft vocabulary
-                token = draft_ids[token]
-                q = q.new_zeros(r, self.config.vocab_size).index_copy_(1, draft_ids, q)
+            token, q = draw(k, logit_k)
             prevs.append(prev)
             tokens.append(token)
             logits.append(logit_k)
             probs.append(q)
             prev = token
         conf = self.confidence_logits(hidden, torch.stack(prevs, dim=1))
-        return DraftStep(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1), confidence_logits=conf,
-                         logits=torch.stack(logits, 1), base_logits=base_logits, block_hidden=hidden)
+        return torch.stack(tokens, 1), torch.stack(probs, 1), torch.stack(logits, 1), conf
