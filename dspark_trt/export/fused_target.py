@@ -9,7 +9,6 @@ for the projections and the LM head, carrying the GGUF's own blocks:
 - Q4_0 / Q8_0 blocks are MatMulNBits weights as they are (w = d·(q − z), integer z).
 - Q4_1 blocks (w = d·q + m) are MatMulNBits with zero point 0 plus the blocks' minimums times the
   activations' block sums: W·x = (d·q)·x + m·blocksum(x), which is what llama.cpp's q4_1 dot does
-  (block sums as a MatMul by a 0/1 matrix, the minimums' product added by one Gemm).
   MatMulNBits also takes float zero points, z = −m/d, but ONNX Runtime 1.32 has no fast kernel for
   them: 80 ms instead of 0.8 ms for the LM head, measured here. Moving each minimum to the nearest
   multiple of d (an integer zero point, no block sums) saves about 2 ms a step but is far off: mean KL
@@ -82,7 +81,6 @@ class _Linear:
         self.accuracy_level = accuracy_level
         self.bytes = 0
         self.formats: dict[str, int] = {}
-        self._indicators: dict[int, str] = {}  # K -> its block-sum matrix, shared by every Q4_1 weight of that K
 
     def __call__(self, x: str, weight, stem: str) -> str:
         g = self.g
@@ -91,13 +89,6 @@ class _Linear:
         w = np.asarray(weight, dtype=np.float32)
         self._count("fp32", w.nbytes)
         return g.op1("MatMul", [x, g.const(f"{stem}_wt", w.T)])
-
-    def _block_indicator(self, k: int) -> str:
-        """[K, K / 32] of ones where row i lies in block j: x · it sums x over each block."""
-        if k not in self._indicators:
-            self._indicators[k] = self.g.const(f"block_sum_{k}", np.kron(np.eye(k // BLOCK, dtype=np.float32),
-                                                                          np.ones((BLOCK, 1), dtype=np.float32)))
-        return self._indicators[k]
 
     def _count(self, fmt: str, nbytes: int) -> None:
         self.formats[fmt] = self.formats.get(fmt, 0) + 1
@@ -117,9 +108,10 @@ class _Linear:
         y = g.op1("MatMulNBits", inputs, domain=MS, K=k, N=n, bits=w.bits, block_size=BLOCK,
                   accuracy_level=self.accuracy_level)
         nbytes = packed.nbytes + w.scales.nbytes
-        if w.mins is not None:  # Q4_1: + m · blocksum(x), two nodes (their per-node cost is most of theirs)
-            sums = g.op1("MatMul", [x, self._block_indicator(k)])
-            y = g.op1("Gemm", [sums, g.const(f"{stem}_mins", w.mins.T), y])
+        if w.mins is not None:  # Q4_1: + m · blocksum(x)
+            sums = g.op1("ReduceSum", [g.op1("Reshape", [x, g.const("blocks_shape", np.array([-1, blocks, BLOCK]))]),
+                                       g.const("axis2", np.array([2]))], keepdims=0)
+            y = g.op1("Add", [y, g.op1("MatMul", [sums, g.const(f"{stem}_mins", w.mins.T)])])
             nbytes += w.mins.nbytes
         self._count(w.format, nbytes)
         return y
@@ -216,7 +208,7 @@ def build_fused_target(config: TargetConfig, weights: dict, max_positions: int, 
     head = weights.get("lm_head.weight", weights["embed_tokens.weight"]) if not cfg.tie_word_embeddings \
         else weights["embed_tokens.weight"]
     linear(g.op1("Gather", [final[0], "logits_rows"], axis=0), head, "lm_head")
-    g.nodes[-1].output[0] = "logits"  # the last node written is the head's (MatMul/MatMulNBits/Gemm)
+    g.nodes[-1].output[0] = "logits"  # the last node written is the head's (MatMul/MatMulNBits/Add)
     model = step_graph_model(g, cfg, tapped, "capacity", "dspark_target_fused", [helper.make_opsetid(MS, 1)])
     report = {"matmul_formats": dict(sorted(linear.formats.items())), "matmul_weight_bytes": int(linear.bytes),
               "accuracy_level": accuracy_level}
