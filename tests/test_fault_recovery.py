@@ -174,8 +174,10 @@ def wait_slots_free(served: Served, timeout_s: float = 60) -> None:
 CLOSED = "Stream removed"  # gRPC's words for a stream whose connection closed (reset or GOAWAY)
 # victim -> what the error that ends the running stream may say (whichever comes first)
 FAULTS = {
-    "dspark_target": (RECOVERING,),  # the orchestrator's next pass meets the dead process
-    "dspark_draft": (RECOVERING,),
+    # the orchestrator's next pass meets the dead process, or, when the supervisor's restart gets there first, the
+    # other one of the pair, already stopping (both seen on a loaded machine)
+    "dspark_target": (RECOVERING, STOPPING),
+    "dspark_draft": (RECOVERING, STOPPING),
     # the stream's windows wait on the dead postprocessing, or it is past the dead preprocessing: it ends when the
     # restart stops the server, with the orchestrator's words if they get out before the connection closes
     "postprocessing": ("Stub process 'postprocessing_0_0' is not healthy", STOPPING, CLOSED),

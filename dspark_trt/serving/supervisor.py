@@ -10,8 +10,8 @@ supervisor restarts the whole server: one path for every fault, every process an
 
 `dspark-trt serve` runs it beside the server. It polls the server process and its stubs every POLL_S and
 on a death: SIGTERMs the server (requests in flight end: with "the server is recovering" when dspark_target
-or dspark_draft died, else with "the server is restarting or stopping" from the orchestrator or with their
-connection closing, always so for the streams of a dead dspark_bls), SIGKILLs what is left after GRACE_S
+or dspark_draft died and the orchestrator met it first, else with "the server is restarting or stopping" from
+the orchestrator or with their connection closing, always so for the streams of a dead dspark_bls), SIGKILLs what is left after GRACE_S
 (TritonServer removes the shared memory of its stubs), and starts it again on the same ports. Until it is
 ready again its endpoints do not answer, so every readiness probe fails; serve's own /live
 (health_endpoint.py) stays up. A restart that fails `max_failed_restarts` times in a row gives up
