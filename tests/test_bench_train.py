@@ -16,14 +16,14 @@ def test_bench_train_times_each_vocabulary_on_the_same_blocks(smollm2, tmp_path,
     responses = tmp_path / "responses.jsonl"
     responses.write_text("\n".join(rows) + "\n")
     out = tmp_path / "train.json"
-    assert main(["bench", "train", "--responses", str(responses), "--steps", "1", "--draft-vocab", "0", "512",
+    assert main(["bench", "train", "--responses", str(responses), "--steps", "1", "--draft-vocab", "256", "512",
                  "--precision", "fp32", "bf16", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = result["drafter_step"]
-    assert sorted(rows) == ["512 bf16", "512 fp32", "full bf16", "full fp32"]
-    assert len({row["positions_per_step"] for row in rows.values()}) == 1 and rows["full fp32"]["positions_per_step"] > 0
-    for size in ("full", "512"):  # same blocks, same initial drafter: the same first loss to bfloat16's precision
+    assert sorted(rows) == ["256 bf16", "256 fp32", "512 bf16", "512 fp32"]
+    assert len({row["positions_per_step"] for row in rows.values()}) == 1 and rows["256 fp32"]["positions_per_step"] > 0
+    for size in ("256", "512"):  # same blocks, same initial drafter: the same first loss to bfloat16's precision
         assert rows[f"{size} bf16"]["loss_first_step"] == pytest.approx(rows[f"{size} fp32"]["loss_first_step"], rel=2e-2)
-    assert rows["full fp32"]["loss_first_step"] != rows["512 fp32"]["loss_first_step"]  # another vocabulary
+    assert rows["256 fp32"]["loss_first_step"] != rows["512 fp32"]["loss_first_step"]  # another vocabulary
     assert result["features"]["tokens_per_second"] > 0
     assert "| 512 bf16 |" in capsys.readouterr().out
