@@ -22,7 +22,8 @@ from dspark_trt.bench import ar, peers
 from dspark_trt.bench.llama_cpp_peer import LLAMA_NAME, LlamaCppPeer, llama_cpp_peer, peer_name
 from dspark_trt.bench.speedup import AR, DSPARK, prompt_domain, speedup_table, summarize
 from dspark_trt.errors import DSparkError
-from dspark_trt.models.sources import ModelSource, cache_dir
+from dspark_trt.cache import cache_dir
+from dspark_trt.models.sources import ModelSource
 
 REAL_PEERS = cache_dir() / "peers"  # where `bench ar` caches the real model (read before any test moves it)
 

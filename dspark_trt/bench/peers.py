@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dspark_trt.errors import DSparkError
-from dspark_trt.models.sources import ModelSource, cache_dir
+from dspark_trt.cache import cache_dir
+from dspark_trt.models.sources import ModelSource
 
 GENAI_NAME = "onnxruntime-genai"
 INSTALL_HINT = "pip install -e '.[peers]'  (or `make peers`)"

@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
+from dspark_trt.cache import cache_dir
 from dspark_trt.errors import DSparkError
 
-DEFAULT_OUT = Path.home() / ".cache" / "dspark-trt" / "data" / "responses.jsonl"
+DEFAULT_OUT = cache_dir("data", "responses.jsonl")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ A cost table is only true of the engines it timed on the machine that timed them
 both: an engine directory's manifest (it carries every graph's sha256), or for the torch runtime the
 target's and drafter's weight files (path, size, modification time: hashing gigabytes on every run would
 cost more than it saves); and the machine (CPU model, cores, thread counts, runtime library versions, GPU).
-Entries live in `cache_root()/cost-tables`. The first run profiles a reduced grid (AUTO_REQUESTS requests,
+Entries live in `cache_dir()/cost-tables`. The first run profiles a reduced grid (AUTO_REQUESTS requests,
 AUTO_ROW_TOKENS tokens each, AUTO_REPEATS repeats: under a minute for the default engines on two busy cores) with a progress bar; concurrent first runs queue on
 a lock instead of profiling at once (each would time the other's load), and a table is written to a
 temporary file and renamed, so no reader ever sees half of one. An entry that does not parse, or whose
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from dspark_trt import __version__
+from dspark_trt.cache import cache_dir
 from dspark_trt.engine.factory import EngineOptions, build_engine
 from dspark_trt.engine.profiler import plan_profile, profile_runtime
 from dspark_trt.errors import DSparkError, ModelNotFoundError
@@ -56,13 +57,6 @@ class CachedCostTable:
         return f"cost table {self.path} ({'freshly profiled' if self.fresh else 'cached'})"
 
 
-def cache_root() -> Path:
-    """$DSPARK_TRT_CACHE, else $XDG_CACHE_HOME/dspark-trt (~/.cache/dspark-trt)."""
-    if os.environ.get("DSPARK_TRT_CACHE"):
-        return Path(os.environ["DSPARK_TRT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dspark-trt"
-
-
 def default_cost_table(options: EngineOptions, log: Log) -> CachedCostTable:
     """The cached cost table of the engines `options` name (engines, or target + draft) on this machine,
     profiled first when there is none yet."""
@@ -76,7 +70,7 @@ def cached_cost_table(identity: dict, profile: Callable[[], CostTable], log: Log
     """The entry for `identity`, or profile() written as it (one process at a time per entry)."""
     identity = json.loads(json.dumps(identity))  # as it reads back from JSON, so the two compare equal
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    directory = cache_root() / "cost-tables"
+    directory = cache_dir("cost-tables")
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{key}.json"
     with _locked(directory / f"{key}.lock", log):

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dspark_trt.cache import cache_dir
 from dspark_trt.errors import ModelNotFoundError, UnsupportedModelError
 
 # alias -> (python package that ships the file, file name inside the package, install hint)
@@ -108,14 +109,6 @@ def read_safetensors_dir(directory: Path) -> dict:
     return state
 
 
-def cache_dir() -> Path:
-    """Per-user cache for derived files (converted tokenizers); override with DSPARK_TRT_CACHE."""
-    root = os.environ.get("DSPARK_TRT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dspark_trt"
-    )
-    return Path(root)
-
-
 def load_config(source: ModelSource):
     """The model's transformers config (from config.json or the GGUF metadata)."""
     from transformers import AutoConfig
@@ -135,7 +128,7 @@ def load_tokenizer(source: ModelSource):
         return AutoTokenizer.from_pretrained(source.path)
     stat = source.path.stat()
     key = hashlib.sha256(f"{source.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = cache_dir() / "tokenizers" / key
+    cached = cache_dir("tokenizers", key)
     if (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(cached)
     tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)

@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from dspark_trt import cache
 from dspark_trt.errors import DSparkError
 
 DEFAULT_DRAFTS = {"smollm2": "default"}  # target alias -> the drafter that ships for it
@@ -70,8 +71,7 @@ def default_repository(target: str, draft: str | None, cache_dir: str | None, sc
 
 
 def _cache(cache_dir: str | None) -> Path:
-    return Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
-        / "dspark-trt" / "serve"
+    return Path(cache_dir) if cache_dir else cache.cache_dir("serve")
 
 
 def _key(target: str, draft: str | None) -> str:

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from dspark_trt.cache import cache_dir
 from dspark_trt.errors import DSparkError
 from dspark_trt.serving.processes import STUB_NAME, Stub, python_stubs, remove_shm_regions
 
@@ -121,8 +122,7 @@ def prepare_backend_directory(install: TritonInstall, root: Path | None = None) 
     sources = [install.stub, *(install.backends_dir / "python" / f for f in _PYTHON_BACKEND_FILES)]
     if root is None:
         stat_key = "|".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sources)
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dspark-trt"
-        root = cache / f"tritonserver-py{sys.version_info.major}.{sys.version_info.minor}-" \
+        root = cache_dir() / f"tritonserver-py{sys.version_info.major}.{sys.version_info.minor}-" \
                        f"{hashlib.sha256(stat_key.encode()).hexdigest()[:12]}"
     backends = Path(root) / "backends"
     if (backends / "python" / STUB_NAME).is_file():
