@@ -1,5 +1,6 @@
 """build-engines end to end on the tiny Qwen3 pair: graphs, checks, validation, manifest, errors."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,10 +25,18 @@ def _script(*args):
                           text=True)
 
 
+CALIBRATED_TEMPERATURES = [0.5, 1.0, 1.5, 2.0]  # one per block position of the pair's drafter (block 4)
+
+
 @pytest.fixture(scope="module")
 def built(pair, tmp_path_factory):  # noqa: F811
-    out = tmp_path_factory.mktemp("engines")
-    result = _script("--target", str(pair / "target"), "--draft", str(pair / "draft"), "--out", str(out),
+    """Engines of the pair, built from a copy of its drafter that has a stored STS calibration."""
+    from dspark_trt.spec.calibration import Calibration, save_calibration
+
+    out, draft = tmp_path_factory.mktemp("engines"), tmp_path_factory.mktemp("calibrated") / "draft"
+    shutil.copytree(pair / "draft", draft)
+    save_calibration(Calibration(temperatures=CALIBRATED_TEMPERATURES), draft / "calibration.json")
+    result = _script("--target", str(pair / "target"), "--draft", str(draft), "--out", str(out),
                      "--max-seq-len", "256", "--max-batch-tokens", "64", "--draft-weights", "fp32")
     assert result.returncode == 0, result.stderr
     return out, result.stderr
@@ -156,3 +165,26 @@ def test_generate_on_engines_equals_generate_on_torch(built, pair):  # noqa: F81
     torch_ids = generate("--target", str(pair / "target"), "--draft", str(pair / "draft"), "--schedule", "fixed")
     assert generate("--engines", str(out), "--schedule", "fixed") == torch_ids
     assert generate("--engines", str(out), "--no-spec") == torch_ids
+
+
+def test_the_drafters_calibration_travels_with_its_engines(built, tmp_path, monkeypatch):
+    """generate --engines and package read the drafter's STS calibration from the engines (build-engines copies
+    it in), and package fills the schedule and cost table as serve does: dspark with the cost table cached
+    for these engines on this machine."""
+    from dspark_trt.engine.factory import EngineOptions, build_engine
+    from dspark_trt.serving.package import PackageOptions, package_repository
+
+    out, _ = built
+    entry = json.loads((out / "manifest.json").read_text())["calibration"]
+    assert entry == {"file": "calibration.json", "sha256": sha256(out / "calibration.json")}
+    engine, _ = build_engine(EngineOptions(engines=str(out), schedule="fixed", max_seq_len=256))
+    assert engine.sts_temperatures.tolist() == CALIBRATED_TEMPERATURES
+    monkeypatch.setenv("DSPARK_TRT_CACHE", str(tmp_path / "cache"))
+    said = []
+    repo = package_repository(PackageOptions(engines=str(out), out=str(tmp_path / "repo")), log=said.append)
+    bls = (repo / "dspark_bls" / "config.pbtxt").read_text()
+    tables = list((tmp_path / "cache" / "cost-tables").glob("*.json"))
+    assert len(tables) == 1 and 'key: "schedule" value { string_value: "dspark" }' in bls
+    assert f'key: "cost_table" value {{ string_value: "{tables[0]}" }}' in bls
+    assert f'key: "calibration" value {{ string_value: "{out / "calibration.json"}" }}' in bls
+    assert any("schedule dspark with the draft gate" in line and "calibration" in line for line in said)

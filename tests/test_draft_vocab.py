@@ -148,8 +148,14 @@ def test_init_from_a_full_drafter_cuts_its_output_rows_to_the_draft_vocabulary()
         assert torch.equal(fresh.state_dict()[key], value), key
     with pytest.raises(UnsupportedModelError, match="'layers.0.mlp.*has shape"):
         init_from(tiny_drafter(target, block_size=4, intermediate_size=12), full)
-    with pytest.raises(UnsupportedModelError, match="lacks tokens"):
-        init_from(tiny_drafter(target, block_size=4, seed=9, draft_ids=[1, 2]), reference)
+    # a token the initial drafter does not predict keeps the fresh rows (the target's LM head row)
+    other = tiny_drafter(target, block_size=4, seed=9, draft_ids=[1, 2, 3])  # 3 is the reference's row 1
+    fresh_rows = {k: other.state_dict()[k].clone() for k in ("lm_head.weight", "markov_head.markov_w2.weight")}
+    init_from(other, reference)
+    for key, rows in fresh_rows.items():
+        got, theirs = other.state_dict()[key], reference.state_dict()[key]
+        assert torch.equal(got[:2], rows[:2]) and torch.equal(got[2], theirs[1]), key
+    assert torch.equal(other.state_dict()["fc.weight"], reference.state_dict()["fc.weight"])
 
 
 def test_kl_warm_start_replaces_the_l1_term_and_reaches_zero_at_the_target():

@@ -55,7 +55,8 @@ def served(pair, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("faults")
     build_engines(BuildOptions(out=str(root / "engines"), target=str(pair / "target"), draft=str(pair / "draft"),
                                max_seq_len=512), progress=lambda message: None)
-    repo = package_repository(PackageOptions(engines=str(root / "engines"), out=str(root / "repo"), num_slots=2))
+    repo = package_repository(PackageOptions(engines=str(root / "engines"), out=str(root / "repo"), schedule="fixed",
+                                             num_slots=2))
     server = TritonServer(repo, workdir=root / "work")
     supervisor = Supervisor(server, log=lambda message: print(f"supervisor: {message}"))
     endpoint = HealthEndpoint(supervisor)

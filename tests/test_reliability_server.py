@@ -15,7 +15,8 @@ pytestmark = pytest.mark.server
 
 @pytest.fixture(scope="module")
 def server(engines, tmp_path_factory):  # noqa: F811
-    with packaged_server(engines, tmp_path_factory.mktemp("reliability"), num_slots=1, max_queue_size=1) as running:
+    with packaged_server(engines, tmp_path_factory.mktemp("reliability"), schedule="fixed", num_slots=1,
+                         max_queue_size=1) as running:
         yield running
 
 

@@ -215,8 +215,8 @@ def test_split_runtime_gives_the_in_process_tokens(engines):
 
 # ---- package -------------------------------------------------------------------------------------------
 def test_package_fills_every_template_and_rejects_bad_options(engines, tmp_path):
-    repo = package_repository(PackageOptions(engines=str(engines), out=str(tmp_path / "repo"), block_size=2,
-                                             num_slots=3, max_queue_size=7))
+    repo = package_repository(PackageOptions(engines=str(engines), out=str(tmp_path / "repo"), schedule="fixed",
+                                             block_size=2, num_slots=3, max_queue_size=7))
     assert sorted(p.name for p in repo.iterdir()) == sorted(MODELS)
     for model in MODELS:
         config = (repo / model / "config.pbtxt").read_text()
@@ -231,13 +231,13 @@ def test_package_fills_every_template_and_rejects_bad_options(engines, tmp_path)
     assert not (plain / "dspark_draft").exists()  # target alone: no drafter model to load
 
     def bad(match, **changes):
-        options = dict(engines=str(engines), out=str(tmp_path / "other")) | changes
+        options = dict(engines=str(engines), out=str(tmp_path / "other"), schedule="fixed") | changes
         with pytest.raises(DSparkError, match=match):
             package_repository(PackageOptions(**options))
 
     bad("already exists", out=str(repo))
     bad("gamma must be in 0..4", block_size=9)
-    bad("needs a cost table", schedule="dspark")
+    bad("cost-table .* does not exist", schedule="dspark", cost_table=str(tmp_path / "missing.json"))
     bad("--calibration .* does not exist", calibration=str(tmp_path / "none.json"))
     bad("--num-slots must be >= 1", num_slots=0)
     bad("no manifest.json", engines=str(tmp_path))
@@ -288,7 +288,8 @@ def server(engines, tmp_path_factory):
     from dspark_trt.serving.tritonserver import TritonServer
 
     root = tmp_path_factory.mktemp("served")
-    repo = package_repository(PackageOptions(engines=str(engines), out=str(root / "repo"), num_slots=4))
+    repo = package_repository(PackageOptions(engines=str(engines), out=str(root / "repo"), schedule="fixed",
+                                                      num_slots=4))
     with TritonServer(repo, workdir=root / "work") as running:
         yield running
 

@@ -5,6 +5,7 @@ TensorRT backend needs the `tensorrt` package (NVIDIA GPU hosts only) and fails 
 """
 from __future__ import annotations
 
+import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from dspark_trt.export.engines import export_engines
 from dspark_trt.export.fused_target import fused_supported
 from dspark_trt.export.tensorrt_build import build_plans, require_tensorrt
 from dspark_trt.export.weight_quant import WEIGHT_FORMATS
-from dspark_trt.graphs.manifest import sha256, write_manifest
+from dspark_trt.graphs.manifest import CALIBRATION, sha256, write_manifest
 
 BACKENDS = ("onnxruntime", "tensorrt")
 DTYPES = ("float32",)
@@ -142,6 +143,7 @@ def build_engines(options: BuildOptions, progress: Callable[[str], None] = _stde
     with _step("tokenizer", progress):
         tokenizer.save_pretrained(str(out / "tokenizer"))
         files = sorted(p for p in (out / "tokenizer").iterdir() if p.is_file())
+    calibration = _copy_calibration(options.draft, out)
     with _step("manifest", progress):
         manifest.update({
             "sources": {"target": options.target, "draft": options.draft},
@@ -149,9 +151,22 @@ def build_engines(options: BuildOptions, progress: Callable[[str], None] = _stde
             "max_batch_tokens": options.max_batch_tokens,
             "validation": {"tolerance": options.tolerance, "results": report},
             "tokenizer": {"files": [{"file": p.relative_to(out).as_posix(), "sha256": sha256(p)} for p in files]},
+            "calibration": calibration,
         })
         write_manifest(out, manifest)
     if options.backend == "tensorrt":
         manifest = build_plans(out, manifest, options.max_batch_tokens, progress=progress)
     progress(f"wrote {out / 'manifest.json'}")
     return manifest
+
+
+def _copy_calibration(draft: str | None, out: Path) -> dict | None:
+    """The drafter's stored STS calibration travels with its engines (generate --engines, package and serve
+    read it from there); its manifest entry, or None when the drafter has none."""
+    from dspark_trt.models.drafter_checkpoint import stored_calibration
+
+    stored = stored_calibration(draft)
+    if stored is None:
+        return None
+    shutil.copyfile(stored, out / CALIBRATION)
+    return {"file": CALIBRATION, "sha256": sha256(out / CALIBRATION)}

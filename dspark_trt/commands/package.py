@@ -11,12 +11,15 @@ from dspark_trt.serving.package import PackageOptions, package_repository
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engines", required=True, help="engine directory written by build-engines")
     parser.add_argument("--out", required=True, help="model repository to write (must not exist or be empty)")
-    parser.add_argument("--schedule", choices=SCHEDULE_MODES, default="fixed",
-                        help="verification schedule ('off' serves the target alone; default fixed)")
+    parser.add_argument("--schedule", choices=SCHEDULE_MODES,
+                        help="verification schedule ('off' serves the target alone; default: dspark with the draft "
+                        "gate for a drafter with a confidence head, as generate and serve)")
     parser.add_argument("--block-size", type=int,
                         help="fixed schedule: drafts verified per round (default: the drafter's block size)")
-    parser.add_argument("--cost-table", help="cost table JSON from `dspark-trt profile` (dspark/async)")
-    parser.add_argument("--calibration", help="STS calibration JSON from `dspark-trt calibrate`")
+    parser.add_argument("--cost-table", help="cost table JSON from `dspark-trt profile` (dspark/async; default: the one "
+                        "cached for these engines on this machine, profiled on first use)")
+    parser.add_argument("--calibration", help="STS calibration JSON from `dspark-trt calibrate` (default: the "
+                        "drafter's, stored in the engines)")
     parser.add_argument("--num-slots", type=int, default=8, help="requests decoded at once (KV slots)")
     parser.add_argument("--max-batch-tokens", type=int, help="tokens per target pass (default: the engines')")
     parser.add_argument("--max-queue-size", type=int, default=1024, help="waiting requests before refusing")

@@ -26,7 +26,7 @@ class EngineOptions:
     gamma: int | None = None  # fixed mode: drafts verified per round (default: block size)
     threshold: float = 0.5  # threshold mode
     cost_table: str | None = None  # dspark / async modes
-    calibration: str | None = None  # default: the one stored next to the drafter, if any
+    calibration: str | None = None  # default: the one stored next to the drafter or in the engines, if any
     num_slots: int = 8
     max_seq_len: int = 2048
     max_batch_tokens: int = 512
@@ -48,11 +48,12 @@ def build_engine(options: EngineOptions, call: Call | None = None) -> tuple[Engi
         runtime, tokenizer = _torch_runtime(options)
     scheduler, temps = None, None
     if runtime.block_size > 0:
+        from dspark_trt.graphs.manifest import engines_calibration
         from dspark_trt.models.drafter_checkpoint import stored_calibration
         from dspark_trt.spec.calibration import load_calibration
         from dspark_trt.spec.scheduler import make_scheduler
 
-        calibration = options.calibration or stored_calibration(options.draft)
+        calibration = options.calibration or stored_calibration(options.draft) or engines_calibration(options.engines)
         if calibration:
             temps = torch.as_tensor(load_calibration(calibration).temperatures)
         scheduler = make_scheduler(options.schedule, block_size=runtime.block_size, gamma=options.gamma,

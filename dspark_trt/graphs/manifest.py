@@ -4,7 +4,8 @@ The manifest is all a runtime needs besides the graph files: the model configs (
 drafter config), tap layers, block size, mask token, a reduced draft vocabulary's size
 (`draft_vocab_size`, only when the drafter has one), the DSparkVerify node ending the target graph
 (`verify`: graph, node, op, the library that runs it), each graph's file, I/O names/shapes/dtypes and
-sha256, and the versions that produced them. `build-engines` adds validation results and tokenizer files.
+sha256, and the versions that produced them. `build-engines` adds validation results, tokenizer files and the
+drafter's STS calibration when the drafter has one stored (`calibration`: its file and sha256).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from dspark_trt.errors import DSparkError
 
 MANIFEST = "manifest.json"
+CALIBRATION = "calibration.json"  # the drafter's STS calibration, copied in by build-engines
 FORMAT = "dspark-trt-engines/1"
 
 
@@ -47,6 +49,14 @@ def read_manifest(engine_dir: str | Path) -> dict:
         if not (Path(engine_dir) / graph["file"]).is_file():
             raise DSparkError(f"{engine_dir}: graph '{name}' file {graph['file']} is missing")
     return manifest
+
+
+def engines_calibration(engine_dir: str | Path | None) -> Path | None:
+    """The drafter calibration build-engines copied into the engine directory, if its drafter had one."""
+    if engine_dir is None:
+        return None
+    entry = read_manifest(engine_dir).get("calibration")
+    return Path(engine_dir) / entry["file"] if entry else None
 
 
 def load_engine_tokenizer(engine_dir: str | Path):

@@ -182,14 +182,13 @@ def random_drafter(config: DrafterConfig, seed: int = 0, target: nn.Module | Non
 
 def init_from(drafter: DSparkDrafter, source: DSparkDrafter) -> None:
     """Copy `source`'s weights into `drafter` (same architecture), the output rows of `drafter`'s draft vocabulary
-    taken from `source`'s (which must predict them all); `drafter`'s own vocabulary mapping is kept."""
+    taken from `source`'s; `drafter`'s own vocabulary mapping is kept. A token `source` does not predict (a
+    draft vocabulary chosen again on more data) keeps `drafter`'s fresh rows: the LM head's is the target's
+    (frozen, spec 1.6), the Markov head's a fresh initialisation."""
     ours, theirs = drafter.state_dict(), source.state_dict()
-    rows = drafter.draft_ids if drafter.draft_ids is not None else torch.arange(drafter.config.vocab_size)
-    if source.draft_ids is not None:
-        index = source.to_draft_ids(rows)
-        if bool((index < 0).any()):
-            raise UnsupportedModelError("the initial drafter's vocabulary lacks tokens of the new draft vocabulary")
-        rows = index
+    tokens = drafter.draft_ids if drafter.draft_ids is not None else torch.arange(drafter.config.vocab_size)
+    index = source.to_draft_ids(tokens) if source.draft_ids is not None else tokens
+    known = index >= 0  # rows of `drafter` that `source` predicts
     state = {}
     for key, value in ours.items():
         if key in ("d2t", "t2d"):
@@ -197,12 +196,21 @@ def init_from(drafter: DSparkDrafter, source: DSparkDrafter) -> None:
             continue
         if key not in theirs:
             raise UnsupportedModelError(f"the initial drafter has no tensor '{key}' (another architecture)")
-        source_value = theirs[key][rows] if key in ("lm_head.weight", "markov_head.markov_w2.weight") else theirs[key]
+        source_value = theirs[key]
+        if key in OUTPUT_ROWS:
+            if source_value.shape[1:] != value.shape[1:]:
+                raise UnsupportedModelError(f"the initial drafter's '{key}' has shape {tuple(source_value.shape)}; "
+                                            f"this drafter needs rows of {tuple(value.shape[1:])}")
+            source_value = value.clone()
+            source_value[known] = theirs[key][index[known]]
         if source_value.shape != value.shape:
             raise UnsupportedModelError(f"the initial drafter's '{key}' has shape {tuple(theirs[key].shape)}; this "
                                         f"drafter needs {tuple(value.shape)}")
         state[key] = source_value
     drafter.load_state_dict(state)
+
+
+OUTPUT_ROWS = ("lm_head.weight", "markov_head.markov_w2.weight")  # one row per draft-vocabulary token
 
 
 def _head_rows(weight: torch.Tensor, draft_ids: torch.Tensor | None) -> torch.Tensor:

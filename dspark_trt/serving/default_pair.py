@@ -37,37 +37,18 @@ def default_repository(target: str, draft: str | None, cache_dir: str | None, sc
                        cost_table: str | None = None) -> Path:
     """The cached engines of (target, draft), re-packaged into a fresh repository every start with `schedule`
     (default: default_schedule's) and, for dspark/async, `cost_table` or the cached one of these engines."""
-    from dspark_trt.engine.cost_cache import default_cost_table
-    from dspark_trt.engine.factory import EngineOptions, default_schedule
-    from dspark_trt.models.drafter_checkpoint import stored_calibration
     from dspark_trt.serving.package import PackageOptions, package_repository
-    from dspark_trt.spec.scheduler import COST_AWARE_MODES
 
     if draft is None and schedule not in (None, "off"):
         raise DSparkError(f"--schedule {schedule} needs a drafter: pass --draft DIR")
     engines = default_engines(target, draft, cache_dir)
-    options = PackageOptions(engines=str(engines), out=str(_cache(cache_dir) / f"repo-{_key(target, draft)}"),
-                             schedule=schedule or default_schedule(None, str(engines)), cost_table=cost_table)
-    if options.schedule == "off":
+    out = _cache(cache_dir) / f"repo-{_key(target, draft)}"
+    if schedule == "off" or draft is None:
         _say("SPECULATION OFF: serving the target alone (plain autoregressive decoding)"
              + ("" if draft else f"; no drafter ships for target {target!r}: pass --draft DIR"))
-    else:
-        calibration = stored_calibration(draft)  # the drafter's own STS, if it has one
-        options.calibration = str(calibration) if calibration else None
-        said = [f"schedule {options.schedule}"]
-        if options.schedule in COST_AWARE_MODES:
-            said[0] += " with the draft gate (steps where drafting cannot pay decode plainly)"
-            if cost_table is None:
-                cached = default_cost_table(EngineOptions(engines=str(engines)), log=_say)
-                options.cost_table = str(cached.path)
-                said.append(cached.describe())
-            else:
-                said.append(f"cost table {cost_table} (--cost-table)")
-        if calibration:
-            said.append(f"calibration {calibration}")
-        _say("; ".join(said))
-    shutil.rmtree(options.out, ignore_errors=True)
-    return package_repository(options)
+    shutil.rmtree(out, ignore_errors=True)
+    return package_repository(PackageOptions(engines=str(engines), out=str(out), schedule=schedule,
+                                             cost_table=cost_table), log=_say)
 
 
 def _cache(cache_dir: str | None) -> Path:

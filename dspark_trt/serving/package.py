@@ -7,10 +7,12 @@ manifest, so a bad one fails at package time and not when tritonserver loads the
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from dspark_trt.errors import DSparkError
 from dspark_trt.serving.ensemble import ensemble_steps
@@ -27,27 +29,30 @@ MAX_BATCH_SIZE = 1
 class PackageOptions:
     engines: str
     out: str
-    schedule: str = "fixed"  # "off" serves the target alone
+    schedule: str | None = None  # default: default_schedule's for the engines; "off" serves the target alone
     block_size: int | None = None  # drafts verified per round with the fixed schedule (default: drafter's block)
-    cost_table: str | None = None
-    calibration: str | None = None
+    cost_table: str | None = None  # default for dspark/async: the one cached for these engines on this machine
+    calibration: str | None = None  # default: the drafter's, copied into the engines by build-engines
     num_slots: int = 8
     max_batch_tokens: int | None = None  # default: the engines' own
     max_queue_size: int = 1024
 
 
-def package_repository(options: PackageOptions) -> Path:
-    """Write the model repository options.out (which must not exist or be empty); returns its path."""
+def package_repository(options: PackageOptions, log: Callable[[str], None] = print) -> Path:
+    """Write the model repository options.out (which must not exist or be empty); returns its path. What the
+    options leave open is filled the way `generate` and `serve` fill it (resolve_defaults), and `log` says how."""
     from dspark_trt.graphs.manifest import read_manifest
 
     engines = Path(options.engines).resolve()
     manifest = read_manifest(engines)
     if not (engines / "tokenizer").is_dir():
         raise DSparkError(f"{engines}: no tokenizer/ directory (rebuild it with `dspark-trt build-engines`)")
-    _check(options, manifest)
     out = Path(options.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DSparkError(f"--out {out} already exists and is not an empty directory")
+    _check_values(options)
+    options = resolve_defaults(options, manifest, log)  # after the cheap checks: it may profile
+    _check_speculation(options, manifest)
     fields = {
         "max_batch_size": MAX_BATCH_SIZE,
         "engine_dir": engines,
@@ -78,9 +83,37 @@ def package_repository(options: PackageOptions) -> Path:
     return out
 
 
-def _check(options: PackageOptions, manifest: dict) -> None:
-    from dspark_trt.spec.scheduler import make_scheduler
+def resolve_defaults(options: PackageOptions, manifest: dict, log: Callable[[str], None]) -> PackageOptions:
+    """options with the schedule (dspark for a drafter with a confidence head), for dspark/async the cost table
+    cached for these engines on this machine (profiled on first use) and the engines' calibration filled in."""
+    from dspark_trt.engine.factory import EngineOptions, default_schedule
+    from dspark_trt.graphs.manifest import engines_calibration
+    from dspark_trt.spec.scheduler import COST_AWARE_MODES
 
+    options = dataclasses.replace(options, schedule=options.schedule or default_schedule(None, options.engines))
+    if manifest["draft"] is None or options.schedule == "off":
+        return options
+    said = [f"schedule {options.schedule}"]
+    if options.schedule in COST_AWARE_MODES:
+        said[0] += " with the draft gate (steps where drafting cannot pay decode plainly)"
+        if options.cost_table is None:
+            from dspark_trt.engine.cost_cache import default_cost_table
+
+            cached = default_cost_table(EngineOptions(engines=options.engines), log=log)
+            options.cost_table = str(cached.path)
+            said.append(cached.describe())
+        else:
+            said.append(f"cost table {options.cost_table} (--cost-table)")
+    if options.calibration is None:
+        stored = engines_calibration(options.engines)
+        options.calibration = str(stored) if stored else None
+    if options.calibration:
+        said.append(f"calibration {options.calibration}")
+    log("; ".join(said))
+    return options
+
+
+def _check_values(options: PackageOptions) -> None:
     for name in ("num_slots", "max_queue_size"):
         if getattr(options, name) < 1:
             raise DSparkError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(options, name)}")
@@ -90,6 +123,11 @@ def _check(options: PackageOptions, manifest: dict) -> None:
         path = getattr(options, name)
         if path and not Path(path).is_file():
             raise DSparkError(f"--{name.replace('_', '-')} {path} does not exist")
+
+
+def _check_speculation(options: PackageOptions, manifest: dict) -> None:
+    from dspark_trt.spec.scheduler import make_scheduler
+
     draft = manifest["draft"]
     if draft is None:
         if options.schedule not in ("off", "fixed") or options.block_size or options.cost_table or options.calibration:
