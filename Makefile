@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-done
 # CPU build of torch; on these machines pip takes it from local disk. A GPU host may override it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test serve clean peers
+.PHONY: setup test serve clean peers aiperf
 
 setup: $(STAMP)
 
@@ -27,6 +27,12 @@ test: setup
 LLAMA_CMAKE_ARGS ?= -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF
 peers: setup
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -e ".[peers]"
+
+# optional: NVIDIA AIPerf for `dspark-trt bench aiperf`, in its own venv (it needs numpy 2; the serving stack pins < 2)
+AIPERF_VENV ?= .venv-aiperf
+aiperf:
+	test -x $(AIPERF_VENV)/bin/python || $(PYTHON) -m venv $(AIPERF_VENV)
+	$(AIPERF_VENV)/bin/pip install "aiperf==0.13.0"
 
 # the shipped DSpark pair with the dspark schedule; e.g. SERVE_ARGS=--no-spec serves the target alone
 serve: setup

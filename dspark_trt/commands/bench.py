@@ -76,6 +76,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for p in (ar, speedup, served, precision, train, draft):
         p.add_argument("--json", action="store_true")
         p.add_argument("--out", help="also write the result JSON here")
+    aiperf = sub.add_parser("aiperf", help="NVIDIA AIPerf against a running `dspark-trt serve` (HTTP generate_stream)")
+    aiperf.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP address")
+    aiperf.add_argument("--tokenizer", required=True, help="the served engines' tokenizer directory (AIPerf counts "
+                        "tokens with it), e.g. ~/.cache/dspark-trt/serve/engines-*/tokenizer")
+    aiperf.add_argument("--prompts-file", action="append", required=True)
+    aiperf.add_argument("--limit", type=int, default=16, help="prompts per file")
+    aiperf.add_argument("--concurrency", default="1,16", help="concurrent streams, comma separated")
+    aiperf.add_argument("--requests", type=int, default=32, help="requests per concurrency")
+    aiperf.add_argument("--max-tokens", type=int, default=128)
+    aiperf.add_argument("--aiperf", help="the aiperf executable (default: .venv-aiperf's from `make aiperf`)")
+    aiperf.add_argument("--artifacts", required=True, help="directory for AIPerf's inputs and exports")
     load = sub.add_parser("load", help="closed-loop concurrency sweep per schedule mode (Pareto frontier)")
     load.add_argument("--target", default="smollm2")
     load.add_argument("--draft", help="drafter directory (needed by every mode but off)")
@@ -153,10 +164,20 @@ def run(args: argparse.Namespace) -> int:
 
         result = bench_draft(args.engines, rounds=args.rounds, progress=progress)
         summary = draft_table(result)
+    elif args.benchmark == "aiperf":
+        from dspark_trt.bench.aiperf import aiperf_table, bench_aiperf
+        from dspark_trt.bench.load import parse_concurrency
+
+        if args.requests < 1 or args.max_tokens < 1:
+            raise DSparkError("--requests and --max-tokens must be >= 1")
+        prompts = [p for f in args.prompts_file for p in read_prompts_file(f, args.limit)]
+        result = bench_aiperf(args.url, args.tokenizer, prompts, parse_concurrency(args.concurrency), args.requests,
+                              args.max_tokens, Path(args.artifacts), args.aiperf, progress)
+        summary = aiperf_table(result)
     elif args.benchmark == "load":
         return _run_load(args, progress)
     else:
-        raise DSparkError("choose a benchmark: ar, speedup, served, precision, train, draft or load "
+        raise DSparkError("choose a benchmark: ar, speedup, served, precision, train, draft, aiperf or load "
                           "(see `dspark-trt bench --help`)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

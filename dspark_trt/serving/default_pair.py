@@ -37,6 +37,7 @@ def default_repository(target: str, draft: str | None, cache_dir: str | None, sc
                        cost_table: str | None = None) -> Path:
     """The cached engines of (target, draft), re-packaged into a fresh repository every start with `schedule`
     (default: default_schedule's) and, for dspark/async, `cost_table` or the cached one of these engines."""
+    from dspark_trt.models.drafter_checkpoint import stored_calibration
     from dspark_trt.serving.package import PackageOptions, package_repository
 
     if draft is None and schedule not in (None, "off"):
@@ -47,8 +48,10 @@ def default_repository(target: str, draft: str | None, cache_dir: str | None, sc
         _say("SPECULATION OFF: serving the target alone (plain autoregressive decoding)"
              + ("" if draft else f"; no drafter ships for target {target!r}: pass --draft DIR"))
     shutil.rmtree(out, ignore_errors=True)
+    calibration = stored_calibration(draft)  # the drafter's own, also for engines cached before they carried it
     return package_repository(PackageOptions(engines=str(engines), out=str(out), schedule=schedule,
-                                             cost_table=cost_table), log=_say)
+                                             cost_table=cost_table, calibration=calibration and str(calibration)),
+                              log=_say)
 
 
 def _cache(cache_dir: str | None) -> Path:
