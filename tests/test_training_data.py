@@ -2,6 +2,7 @@
 prompt hash, the loss mask covers exactly the response, target features equal a plain per-sequence
 target forward, anchors and block targets follow spec 6.2/6.3."""
 import json
+import lzma
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from dspark_trt.training.blocks import build_blocks, sample_anchors
 from dspark_trt.training.code_prompts import other_language_prompts, stdlib_prompts
 from dspark_trt.training.data import (FeatureExtractor, Prompt, Sample, finished_keys, load_samples, make_sample,
                                       read_training_prompts, regenerate_responses)
+from dspark_trt.training.draft_vocab import count_response_tokens
 from dspark_trt.training.losses import position_weights
 
 from conftest import tiny_target
@@ -129,6 +131,10 @@ def test_loss_mask_covers_the_response_and_short_samples_are_dropped(tmp_path):
     path.write_text("\n".join(json.dumps({"prompt_ids": [1, 2], "response_ids": list(range(n))}) for n in (3, 20)))
     samples = load_samples(path, max_length=64, min_loss_tokens=14)
     assert [len(s) for s in samples] == [22]
+    packed = tmp_path / "r.jsonl.xz"  # a finished set as committed: read as it is
+    packed.write_bytes(lzma.compress(path.read_bytes()))
+    assert [s.input_ids.tolist() for s in load_samples(packed, 64, 14)] == [s.input_ids.tolist() for s in samples]
+    assert count_response_tokens(packed) == count_response_tokens(path)
 
 
 def test_features_equal_a_plain_target_forward():

@@ -67,6 +67,16 @@ def read_training_prompts(paths: Iterable[str | Path], limit_per_file: int | Non
     return prompts
 
 
+def response_lines(path: str | Path) -> list[str]:
+    """The lines of a responses file, plain or xz-compressed (`.xz`: a finished set as committed)."""
+    path = Path(path)
+    if path.suffix == ".xz":
+        import lzma
+
+        return lzma.decompress(path.read_bytes()).decode().split("\n")
+    return path.read_text().split("\n")
+
+
 def finished_keys(path: str | Path) -> set[str]:
     """Prompt hashes already in a responses file (a torn last line from a crash is ignored)."""
     path = Path(path)
@@ -179,7 +189,7 @@ def load_samples(path: str | Path, max_length: int = 2048, min_loss_tokens: int 
     if not path.is_file():
         raise DSparkError(f"responses file not found: {path}")
     samples = []
-    for line in path.read_text().split("\n"):
+    for line in response_lines(path):
         try:
             row = json.loads(line)
         except ValueError:

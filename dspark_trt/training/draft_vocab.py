@@ -12,13 +12,15 @@ from pathlib import Path
 
 import torch
 
+from dspark_trt.training.data import response_lines
+
 COVERAGE_SIZES = (1024, 2048, 4096, 8192, 16384, 32768)
 
 
 def count_response_tokens(responses: str | Path, folds: int = 1) -> list[Counter]:
     """Token counts of the responses in a responses.jsonl, one Counter per fold (row i in fold i % folds)."""
     counts = [Counter() for _ in range(folds)]
-    for i, line in enumerate(Path(responses).read_text().split("\n")):
+    for i, line in enumerate(response_lines(responses)):
         try:
             counts[i % folds].update(json.loads(line)["response_ids"])
         except ValueError:
