@@ -3,9 +3,9 @@ the fast engines at high concurrency (continuous batching), greedy plus a sample
 DSpark's data), appended to a JSONL file that a rerun resumes. `train-draft --responses FILE` trains on it
 (plain, or xz-compressed as a finished set is committed). Each prompt's decoding (greedy or sampled, and its
 seed) depends on the prompt alone; which prompts share a pass depends on the schedule, and a row's logits may
-change with its batch in the last bits, so a rerun reproduces the same set of responses but not always bit for bit, and
-an interrupted and resumed file differs more: keep the finished file. No speculation happens here, so the
-target graph drops verification's padding row (target_graphs.py: batch invariance is not needed).
+change with its batch in the last bits, so a rerun reproduces the same set of responses but not always bit for
+bit, and an interrupted and resumed file differs more: keep the finished file. No speculation happens here, so
+the target graph drops verification's padding row (target_graphs.py: batch invariance is not needed).
 """
 from __future__ import annotations
 
