@@ -137,6 +137,17 @@ def test_loss_mask_covers_the_response_and_short_samples_are_dropped(tmp_path):
     assert count_response_tokens(packed) == count_response_tokens(path)
 
 
+def test_bf16_features_are_computed_in_bfloat16_and_stay_close():
+    target = tiny_target(vocab_size=16, seed=5, num_layers=3)
+    batch = [Sample(torch.tensor([1, 4, 2, 9, 3, 7]), torch.ones(6, dtype=torch.bool))]
+    exact = FeatureExtractor(target, [0, 1], max_batch=1, max_length=32)(batch)
+    fast = FeatureExtractor(target, [0, 1], max_batch=1, max_length=32, precision="bf16")(batch)
+    for name in ("taps", "last_hidden", "target_lse"):
+        a, b = getattr(exact, name), getattr(fast, name)
+        assert b.dtype == torch.float32 and not torch.equal(a, b), name  # really computed in bfloat16
+        assert torch.allclose(a, b, rtol=0.05, atol=0.05), name
+
+
 def test_features_equal_a_plain_target_forward():
     target = tiny_target(vocab_size=16, seed=5, num_layers=3)
     seqs = [torch.tensor([1, 4, 2, 9, 3]), torch.tensor([5, 6, 7])]

@@ -107,7 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="bf16: the drafter's forward and backward under bfloat16 autocast (weights and optimizer "
-                        "stay float32; `bench train --precision` measures it)")
+                        "stay float32; `bench train --precision` measures it), and the target's feature forward "
+                        "too (the reference's bf16 target cache; cached features are float16 either way)")
     g.add_argument("--kl-warmup", type=float, default=0.0, metavar="FRAC",
                    help="train the first FRAC of the steps with forward KL to the target in place of the L1 term")
     g.add_argument("--feature-cache", help="directory caching the target's features per sequence (float16), so later "
@@ -201,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     target, tokenizer = load_target(args.target)
     config = _drafter_config(args, target, out)
     extractor = FeatureExtractor(target, config.target_layer_ids, max_batch=args.batch_size,
-                                 max_length=args.max_length)
+                                 max_length=args.max_length, precision=args.precision)
     if args.responses:
         responses = Path(args.responses)
     else:

