@@ -211,6 +211,39 @@ def test_split_runtime_gives_the_in_process_tokens(engines):
     assert {"dspark_target", "dspark_draft"} <= {model for model, _ in calls} and split.runtime.free_slots == 2
     # decode passes were verified inside dspark_target (its graph's DSparkVerify node)
     assert any(model == "dspark_target" and "draft_tokens" in names for model, names in calls)
+    # each model loads its own graphs only (issue #18: lean serving)
+    target = services["dspark_target"].runtime
+    assert set(target.sessions) == {"target"} and target.drafter is None and target.tap_layers
+    assert set(services["dspark_draft"].drafter.sessions) == {"draft"}
+
+
+STUB_IMPORTS = """
+import importlib.util, json, sys
+sys.path.insert(0, sys.argv[1])  # triton_python_backend_utils, as the stub has it
+spec = importlib.util.spec_from_file_location("model", sys.argv[2])
+model = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(model)
+config = {"parameters": {"tokenizer_dir": {"string_value": sys.argv[3]}}}
+model.TritonPythonModel().initialize({"model_config": json.dumps(config)})
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+@pytest.mark.parametrize("model", ["preprocessing", "postprocessing"])
+def test_the_tokenizing_models_load_without_torch(engines, model):
+    """Lean serving (issue #18): a Python stub that only tokenizes imports no torch (about 250 MB each).
+    Its model.py is imported and initialized the way Triton's stub does, in a process of its own."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dspark_trt.serving.tritonserver import find_tritonserver
+
+    model_py = Path(__file__).parents[1] / "triton_repo" / model / "1" / "model.py"
+    out = subprocess.run([sys.executable, "-c", STUB_IMPORTS, str(find_tritonserver().backends_dir / "python"),
+                          str(model_py), str(engines / "tokenizer")], capture_output=True, text=True, check=True)
+    modules = set(json.loads(out.stdout.splitlines()[-1]))
+    assert "transformers" in modules and "torch" not in modules
 
 
 # ---- package -------------------------------------------------------------------------------------------

@@ -4,12 +4,14 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from dspark_trt.errors import InvalidRequestError
-from dspark_trt.spec.controls import LogitControls
+
+if TYPE_CHECKING:  # torch only types fields here: preprocessing parses requests without importing it
+    import torch
+
+    from dspark_trt.spec.controls import LogitControls
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class SamplingParams:
 
     @property
     def controls(self) -> LogitControls:
+        from dspark_trt.spec.controls import LogitControls
+
         return LogitControls(repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
                              frequency_penalty=self.frequency_penalty, min_tokens=self.min_tokens,
                              end_ids=self.stop_ids, bad_words=self.bad_words)

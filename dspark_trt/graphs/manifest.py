@@ -61,9 +61,16 @@ def engines_calibration(engine_dir: str | Path | None) -> Path | None:
 
 def load_engine_tokenizer(engine_dir: str | Path):
     """The tokenizer (with its chat template) that build-engines copied into the engine directory."""
-    from transformers import AutoTokenizer
-
     path = Path(engine_dir) / "tokenizer"
     if not path.is_dir():
         raise DSparkError(f"{engine_dir}: no tokenizer/ directory (built by `dspark-trt build-engines`)")
-    return AutoTokenizer.from_pretrained(str(path))
+    return load_tokenizer_dir(path)
+
+
+def load_tokenizer_dir(path: str | Path):
+    """A tokenizer directory build-engines saved (tokenizer.json + chat template), as transformers' fast
+    tokenizer: the class AutoTokenizer resolves for it too, but AutoTokenizer imports torch on the way
+    (transformers' config modules), about 250 MB in each Triton model process that only tokenizes."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(path))

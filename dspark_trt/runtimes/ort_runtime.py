@@ -35,16 +35,17 @@ class OrtRuntime(Runtime):
     name = "onnxruntime"
 
     def __init__(self, engine_dir: str | Path, num_slots: int = 8, max_seq_len: int = 2048,
-                 threads: int | None = None, use_drafter: bool = True, batch_invariant: bool = True):
+                 threads: int | None = None, use_drafter: bool = True, batch_invariant: bool = True,
+                 taps: bool = False):
+        """use_drafter: load the drafter's graph and context caches; taps: return the target's taps even
+        without it (`dspark_target`, whose drafter runs in `dspark_draft`)."""
         engine_dir = Path(engine_dir)
         self.manifest = manifest = read_manifest(engine_dir)
         self.config = TargetConfig(**manifest["target"]["config"])
         self.vocab_size = self.config.vocab_size
         self.eos_token_ids = list(self.config.eos_token_ids)
         fused = manifest["target"].get("graph") == "fused"
-        pad = PADDING_ROWS if fused and batch_invariant else 0  # positions a padding row may take past the end
-        self.max_seq_len = min(max_seq_len, (manifest.get("max_seq_len") or max_seq_len) - pad,
-                               self.config.max_position_embeddings - pad)
+        self.max_seq_len, pad = context_limit(manifest, max_seq_len, batch_invariant)
         self.num_slots = num_slots
         self.tap_layers: tuple[int, ...] = ()
         self.cache = KVCache(self.config, num_slots=num_slots, max_seq_len=self.max_seq_len + pad)
@@ -62,6 +63,7 @@ class OrtRuntime(Runtime):
                                       make_graph_session=lambda name: self._make_session(engine_dir, name, threads))
             self.draft_config = self.drafter.config
             self.block_size, self.has_confidence_head = self.drafter.block_size, self.drafter.has_confidence_head
+        if manifest["draft"] is not None and (use_drafter or taps):
             self.tap_layers = tuple(manifest["taps"])
 
     def _make_session(self, engine_dir: Path, graph: str, threads: int | None):
@@ -106,10 +108,20 @@ class OrtRuntime(Runtime):
         extra = (verify or no_verify_feeds(self.vocab_size)) if self.verify_in_graph else {}
         outputs = self._target(np.asarray(input_ids), slots_np, lens, logits_rows, extra)
         self.cache.lengths[torch.as_tensor(slots_np)] += torch.as_tensor(lens)
-        taps = torch.from_numpy(outputs["taps"]) if "taps" in outputs and self.draft_config is not None else None
+        taps = torch.from_numpy(outputs["taps"]) if "taps" in outputs and self.tap_layers else None
         return TargetStep(logits=torch.from_numpy(outputs["logits"]), taps=taps), outputs
 
     def draft(self, slots, new_features, anchors, temperature, top_k, top_p, uniforms) -> DraftStep:
         if self.drafter is None:
             raise DSparkError("this runtime has no drafter")
         return self.drafter.draft(slots, new_features, anchors, temperature, top_k, top_p, uniforms)
+
+
+def context_limit(manifest: dict, max_seq_len: int = 2048, batch_invariant: bool = True) -> tuple[int, int]:
+    """(the positions a slot may hold, the padding rows its target cache keeps past them) for an engine
+    directory's manifest: the target and the drafter's context caches (in one process or two) agree on it."""
+    fused = manifest["target"].get("graph") == "fused"
+    pad = PADDING_ROWS if fused and batch_invariant else 0  # positions a padding row may take past the end
+    limit = min(max_seq_len, (manifest.get("max_seq_len") or max_seq_len) - pad,
+                manifest["target"]["config"]["max_position_embeddings"] - pad)
+    return limit, pad

@@ -1,6 +1,7 @@
 """What the `dspark_target` and `dspark_draft` Triton models run (TargetService, DraftService: one graph
-pass per BLS request from dspark_bls's BlsRuntime, runtimes/bls_runtime.py, at the lengths it states, over an
-OrtRuntime on CPU), the python model class around them, and the BLS transport dspark_bls gives BlsRuntime.
+pass per BLS request from dspark_bls's BlsRuntime, runtimes/bls_runtime.py, at the lengths it states: the target
+graph alone on an OrtRuntime, the drafter's graph alone on an OrtDrafter, on CPU), the python model class around
+them, and the BLS transport dspark_bls gives BlsRuntime.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ class TargetService:
         from dspark_trt.runtimes.ort_runtime import OrtRuntime
 
         check_engine_files(engine_dir, graphs=["target"])
-        self.runtime = OrtRuntime(engine_dir, num_slots=num_slots)  # with its drafter's taps, when it has one
+        # the target graph alone, with its drafter's taps when it has one (the drafter runs in dspark_draft)
+        self.runtime = OrtRuntime(engine_dir, num_slots=num_slots, use_drafter=False, taps=True)
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rt = self.runtime
@@ -54,27 +56,31 @@ def _taps(step: TargetStep) -> np.ndarray:
 
 
 class DraftService:
-    """What `dspark_draft` runs: extend each slot's draft context at the stated length, draft one block."""
+    """What `dspark_draft` runs: extend each slot's draft context at the stated length, draft one block.
+    It loads the drafter's graph and context caches only: the target graph and its K/V live in dspark_target."""
 
     def __init__(self, engine_dir: str | Path, num_slots: int):
         from dspark_trt.graphs.draft_graph import GRAPH_NAMES
         from dspark_trt.graphs.integrity import check_engine_files
-        from dspark_trt.runtimes.ort_runtime import OrtRuntime
+        from dspark_trt.graphs.manifest import read_manifest
+        from dspark_trt.runtimes.ort_drafter import OrtDrafter
+        from dspark_trt.runtimes.ort_runtime import context_limit
 
-        check_engine_files(engine_dir, graphs=GRAPH_NAMES)
-        self.runtime = OrtRuntime(engine_dir, num_slots=num_slots)
-        if self.runtime.draft_config is None:
+        manifest = read_manifest(engine_dir)
+        if manifest["draft"] is None:
             raise DSparkError(f"{engine_dir}: the engines have no drafter for dspark_draft to run")
+        check_engine_files(engine_dir, graphs=GRAPH_NAMES)
+        self.drafter = OrtDrafter(engine_dir, manifest, num_slots, context_limit(manifest)[0])
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rt = self.runtime
+        drafter = self.drafter
         slots = torch.as_tensor(inputs["slots"])
-        rt.drafter.context.lengths[slots] = torch.as_tensor(inputs["context_starts"])
+        drafter.context.lengths[slots] = torch.as_tensor(inputs["context_starts"])
         features = torch.from_numpy(inputs["features"])
         ends = np.cumsum(inputs["feature_counts"])
         per_slot = [features[end - count: end] if count else None
                     for end, count in zip(ends, inputs["feature_counts"])]
-        step = rt.draft(slots, per_slot, torch.as_tensor(inputs["anchors"]), torch.as_tensor(inputs["temperature"]),
+        step = drafter.draft(slots, per_slot, torch.as_tensor(inputs["anchors"]), torch.as_tensor(inputs["temperature"]),
                         torch.as_tensor(inputs["top_k"]), torch.as_tensor(inputs["top_p"]),
                         torch.as_tensor(inputs["uniforms"]))
         conf = step.confidence_logits

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from transformers import AutoTokenizer
 
+from dspark_trt.graphs.manifest import load_tokenizer_dir
 from dspark_trt.serving.cancellation import StopForwarder, bls_stop
 from dspark_trt.serving.text import new_text
 
@@ -15,7 +15,7 @@ from dspark_trt.serving.text import new_text
 class TritonPythonModel:
     def initialize(self, args):
         params = json.loads(args["model_config"])["parameters"]
-        self.tokenizer = AutoTokenizer.from_pretrained(params["tokenizer_dir"]["string_value"])
+        self.tokenizer = load_tokenizer_dir(params["tokenizer_dir"]["string_value"])
         self.stops = StopForwarder(bls_stop(pb_utils))
 
     def execute(self, requests):

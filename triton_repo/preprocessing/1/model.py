@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from transformers import AutoTokenizer
 
 from dspark_trt.engine.prompts import chat_prompt_ids
 from dspark_trt.errors import DSparkError
+from dspark_trt.graphs.manifest import load_tokenizer_dir
 from dspark_trt.serving.ensemble import client_fields
 from dspark_trt.serving.request_parsing import parse_text_request
 from dspark_trt.serving.text import encode_word_list
@@ -18,7 +18,7 @@ FIELDS = client_fields("preprocessing")  # this model's input -> the ensemble fi
 class TritonPythonModel:
     def initialize(self, args):
         params = json.loads(args["model_config"])["parameters"]
-        self.tokenizer = AutoTokenizer.from_pretrained(params["tokenizer_dir"]["string_value"])
+        self.tokenizer = load_tokenizer_dir(params["tokenizer_dir"]["string_value"])
 
     def execute(self, requests):
         return [self._one(request) for request in requests]
