@@ -19,6 +19,7 @@ from dspark_trt.graphs.draft_graph import GRAPH_NAMES, METADATA_WEIGHTS, draft_f
 from dspark_trt.graphs.ort_session import make_session, run
 from dspark_trt.models.drafter import DraftStep
 from dspark_trt.runtimes.kv_cache import KVCache
+from dspark_trt.spec.sampling import greedy_probs
 
 
 class OrtDrafter:
@@ -83,8 +84,7 @@ class OrtDrafter:
             lengths[slots_np] += new_lens
         tokens, probs = out["tokens"], out["probs"]
         if probs.shape[-1] == 0:  # every request greedy: q is the one-hot of each token (target ids, target vocab)
-            probs = np.zeros((*tokens.shape, self.config.vocab_size), np.float32)  # calloc: pages stay untouched
-            np.put_along_axis(probs, tokens[..., None], 1.0, axis=-1)
+            probs = greedy_probs(tokens, self.config.vocab_size)
         conf = out.get("confidence_logits")
         return DraftStep(tokens=torch.from_numpy(tokens), probs=torch.from_numpy(probs),
                          confidence_logits=None if conf is None else torch.from_numpy(conf))
