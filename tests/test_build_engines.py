@@ -46,7 +46,7 @@ def test_manifest_describes_every_graph(built, pair):  # noqa: F811
     out, stderr = built
     manifest = json.loads((out / "manifest.json").read_text())
     draft_cfg = json.loads((pair / "draft" / "config.json").read_text())
-    assert set(manifest["graphs"]) == {"target", "draft"}
+    assert set(manifest["graphs"]) == {"target", "draft", "context"}
     for name, graph in manifest["graphs"].items():
         path = out / graph["file"]
         assert graph["sha256"] == sha256(path)
@@ -70,6 +70,7 @@ def test_manifest_describes_every_graph(built, pair):  # noqa: F811
                                           "dspark_trt", "opset"}
     results = manifest["validation"]["results"]
     assert results["draft_tokens_identical"] is True and results["target:logits"]["greedy_identical"] is True
+    assert {"context:new_k", "context:new_v", "draft:new_k", "draft:new_v"} <= set(results)
     assert results["verify_identical"] is True
     assert all(r["max_abs_error"] < 1e-4 * max(1, r["scale"]) for r in results.values() if isinstance(r, dict))
     files = {Path(f["file"]).name: f["sha256"] for f in manifest["tokenizer"]["files"]}

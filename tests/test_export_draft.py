@@ -20,8 +20,9 @@ PROBS_TOL = 1e-5
 
 def _runtime(drafter, tmp_path, weights="fp32", num_slots=4, max_seq_len=64) -> OrtDrafter:
     paths = export_drafter(drafter, tmp_path, weights=weights)
-    assert set(paths) == set(GRAPH_NAMES) == {"draft"}
-    onnx.checker.check_model(str(paths["draft"]), full_check=True)
+    assert set(paths) == set(GRAPH_NAMES) == {"draft", "context"}
+    for path in paths.values():
+        onnx.checker.check_model(str(path), full_check=True)
     manifest = {"draft": {"config": config_to_dict(drafter.config)},
                 "graphs": {name: {"file": path.name} for name, path in paths.items()}}
     return OrtDrafter(tmp_path, manifest, num_slots=num_slots, max_seq_len=max_seq_len)
@@ -125,14 +126,63 @@ def test_heads_absent_means_outputs_absent(tmp_path):
     assert out.confidence_logits is None and out.tokens.shape == (1, 3)
 
 
+def _wide_target(**sizes):
+    """A target with hidden 64 (a multiple of the quantization block) and a 2048-token vocabulary, or `sizes`."""
+    from dspark_trt.models.target import TargetConfig, TargetModel
+
+    config = TargetConfig(**dict(arch="llama", vocab_size=2048, hidden_size=64, intermediate_size=96, num_layers=2,
+                                 num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
+                                 max_position_embeddings=128, tie_word_embeddings=False, eos_token_ids=[]) | sizes)
+    torch.manual_seed(0)
+    return TargetModel(config).eval()
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8", "int4"])
+def test_a_context_extended_step_by_step_drafts_as_if_shipped_as_a_backlog(weights, tmp_path):
+    """One semantics for the two drafter graphs: slot 0's context is extended by the `context` graph over three
+    skipped steps and it resumes drafting with one step's rows; slot 1 gets all of those rows with its draft,
+    as a backlog. Their cached K/V are identical, and so are their drafts (tokens, q, confidence)."""
+    # context projections big enough to be quantized (fc 512 x 256, k/v 256 x 256)
+    drafter = _variant_drafter(_wide_target(vocab_size=64, hidden_size=256, num_kv_heads=4, head_dim=64), block_size=4)
+    rt = _runtime(drafter, tmp_path, weights=weights, num_slots=2)
+    if weights != "fp32":
+        model = onnx.load(str(tmp_path / "context.onnx"))
+        assert not [n for n in model.graph.node if n.op_type == "MatMul"]  # fc, k_proj and v_proj quantized
+    g = torch.Generator().manual_seed(0)
+    steps = [torch.randn(n, 2 * 256, generator=g) for n in (7, 3, 1, 5)]  # a prompt, then rounds of 3, 1, 5 rows
+    rt.extend_context(torch.tensor([0]), steps[:1])
+    rt.extend_context(torch.tensor([0, 1]), [steps[1], steps[0]])  # batched with another slot's rows
+    rt.extend_context(torch.tensor([0]), steps[2:3])
+    anchors, uniforms = torch.tensor([5]), torch.rand(1, 4, generator=g, dtype=torch.float64)
+    for t, k, p in [(0.0, 0, 1.0), (0.8, 5, 0.9)]:
+        sampling = (torch.tensor([t]), torch.tensor([k]), torch.tensor([p]))
+        resumed = rt.draft(torch.tensor([0]), [steps[3] if t == 0 else None], anchors, *sampling, uniforms)
+        rows = torch.cat(steps[1:]) if t == 0 else None  # slot 1 already holds the prompt rows
+        backlog = rt.draft(torch.tensor([1]), [rows], anchors, *sampling, uniforms)
+        assert torch.equal(resumed.tokens, backlog.tokens)
+        assert torch.equal(resumed.probs, backlog.probs)
+        assert torch.equal(resumed.confidence_logits, backlog.confidence_logits)
+    assert rt.context.lengths.tolist() == [16, 16]
+    for layer in range(drafter.config.num_hidden_layers):
+        assert np.array_equal(rt._ctx_k[layer][0, :, :16], rt._ctx_k[layer][1, :, :16])
+        assert np.array_equal(rt._ctx_v[layer][0, :, :16], rt._ctx_v[layer][1, :, :16])
+    state = drafter.new_state()
+    drafter.extend_context(state, torch.cat(steps))
+    if weights == "fp32":
+        _assert_cache_equals(rt, [0, 1], [state, state])
+
+
 def test_context_limit_is_checked(tmp_path):
     target = tiny_target(vocab_size=24)
     rt = _runtime(tiny_drafter(target, block_size=4), tmp_path, max_seq_len=16)
     greedy = (torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.ones(1))
     rt.draft(torch.tensor([0]), [torch.randn(12, 32)], torch.tensor([1]), *greedy, None)
-    with pytest.raises(Exception, match="slot 0: 12 context rows \\+ 1 new"):
+    with pytest.raises(Exception, match="slot 0: 12 context rows \\+ 1 new \\+ a block of 4 exceed"):
         rt.draft(torch.tensor([0]), [torch.randn(1, 32)], torch.tensor([1]), *greedy, None)
-    assert int(rt.context.lengths[0]) == 12
+    with pytest.raises(Exception, match="slot 0: 12 context rows \\+ 5 new exceed the draft context limit 16"):
+        rt.extend_context(torch.tensor([0]), [torch.randn(5, 32)])
+    rt.extend_context(torch.tensor([0]), [torch.randn(4, 32)])  # a block's room is not needed to extend
+    assert int(rt.context.lengths[0]) == 16
 
 
 def test_weight_quantization_round_trips():
@@ -193,17 +243,6 @@ def test_nucleus_bound_holds_the_top_p_set():
     assert (bound[16:] < 500).all()  # the peaked half: a partial sort
 
 
-def _wide_target():
-    """A target with hidden 64 (a multiple of the quantization block) and a 2048-token vocabulary."""
-    from dspark_trt.models.target import TargetConfig, TargetModel
-
-    config = TargetConfig(arch="llama", vocab_size=2048, hidden_size=64, intermediate_size=96, num_layers=2,
-                          num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
-                          max_position_embeddings=128, tie_word_embeddings=False, eos_token_ids=[])
-    torch.manual_seed(0)
-    return TargetModel(config).eval()
-
-
 @pytest.mark.parametrize("weights, op, min_agreement", [("int8", "MatMulIntegerToFloat", 0.9),
                                                         ("int4", "MatMulNBits", 0.6)])
 def test_quantized_weights_draft_like_fp32(weights, op, min_agreement, tmp_path):
@@ -260,15 +299,15 @@ def test_drafts_do_not_depend_on_the_batch(weights, tmp_path):
 
 @pytest.mark.parametrize("weights", ["fp32", "int8"])
 def test_validation_of_the_draft_graph(weights, tmp_path):
-    """build-engines' check of the draft graph: fp32 is compared output by output (and the cache row by row),
-    a quantized graph by its token agreement only."""
+    """build-engines' check of the drafter graphs: fp32 is compared output by output (and the cache row by row,
+    the rows each graph wrote under its own name), a quantized graph by its token agreement only."""
     from types import SimpleNamespace
 
     from dspark_trt.build.validate import _validate_draft
 
     drafter = _variant_drafter(_wide_target(), block_size=5, markov_rank=32)
     rt = _runtime(drafter, tmp_path, weights=weights, num_slots=3)
-    ort_rt = SimpleNamespace(drafter=rt, draft=rt.draft)
+    ort_rt = SimpleNamespace(drafter=rt, draft=rt.draft, extend_context=rt.extend_context)
     g = torch.Generator().manual_seed(0)
     states = [drafter.new_state() for _ in range(3)]
     report = {}
@@ -279,7 +318,8 @@ def test_validation_of_the_draft_graph(weights, tmp_path):
         assert total == 3 * 3 * 5 and agree >= 0.8 * total
     if weights == "fp32":
         assert agree == total
-        assert set(report) == {"draft:probs", "draft:confidence_logits", "draft:new_k", "draft:new_v"}
+        assert set(report) == {"draft:probs", "draft:confidence_logits", "draft:new_k", "draft:new_v",
+                               "context:new_k", "context:new_v"}
         assert all(entry["max_abs_error"] < 1e-4 * max(1, entry["scale"]) for entry in report.values())
     else:
         assert report == {}

@@ -17,7 +17,7 @@ from dspark_trt.errors import DSparkError
 from dspark_trt.export.engines import export_engines
 from dspark_trt.export.tensorrt_build import (TENSORRT_MISSING, dim_bounds, profile_shapes, require_tensorrt,
                                               tensorrt_graph)
-from dspark_trt.graphs.draft_graph import draft_feeds
+from dspark_trt.graphs.draft_graph import CONTEXT_INPUTS, draft_feeds, new_rows
 from dspark_trt.graphs.fused_target import fused_feeds
 from dspark_trt.graphs.manifest import read_manifest, write_manifest
 from dspark_trt.graphs.target_graph import step_inputs
@@ -90,13 +90,18 @@ def test_profiles_admit_the_runtimes_feeds(exported):
     d = drafter.config
     ctx = [np.zeros((MAX_REQUESTS, d.num_key_value_heads, MAX_SEQ_LEN, d.head_dim), np.float32)] * d.num_hidden_layers
     draft_profile = profile_shapes(manifest["graphs"]["draft"]["inputs"], _bounds(manifest))
+    context_profile = profile_shapes(manifest["graphs"]["context"]["inputs"], _bounds(manifest))
     width, requests = d.num_taps * d.hidden_size, np.arange(MAX_REQUESTS)
     for ctx_len, new in ((MAX_SEQ_LEN - 2 * block - 1, block + 1), (0, 0)):  # a decode step; no new rows at all
-        feeds, _, _ = draft_feeds(requests, np.zeros(MAX_REQUESTS), [ctx_len] * MAX_REQUESTS, ctx, ctx,
-                                  [np.zeros((new, width))] * MAX_REQUESTS, width, np.ones(MAX_REQUESTS),
-                                  np.zeros(MAX_REQUESTS), np.ones(MAX_REQUESTS), np.zeros((MAX_REQUESTS, block)))
+        rows = new_rows(requests, [ctx_len] * MAX_REQUESTS, [np.zeros((new, width))] * MAX_REQUESTS, width)
+        feeds = draft_feeds(requests, np.zeros(MAX_REQUESTS), [ctx_len] * MAX_REQUESTS, ctx, ctx, rows,
+                            np.ones(MAX_REQUESTS), np.zeros(MAX_REQUESTS), np.ones(MAX_REQUESTS),
+                            np.zeros((MAX_REQUESTS, block)))
         for name, array in feeds.items():
             assert _fits(array.shape, draft_profile[name]), name
+        if new:  # the requests that do not draft: the same rows through the context graph
+            for name in CONTEXT_INPUTS:
+                assert _fits(getattr(rows, name).shape, context_profile[name]), name
 
 
 def test_unbounded_dynamic_dim_is_named():

@@ -214,7 +214,7 @@ def test_split_runtime_gives_the_in_process_tokens(engines):
     # each model loads its own graphs only (issue #18: lean serving)
     target = services["dspark_target"].runtime
     assert set(target.sessions) == {"target"} and target.drafter is None and target.tap_layers
-    assert set(services["dspark_draft"].drafter.sessions) == {"draft"}
+    assert set(services["dspark_draft"].drafter.sessions) == {"draft", "context"}
 
 
 STUB_IMPORTS = """

@@ -1,10 +1,11 @@
 """ONNX Runtime against the torch reference on random inputs, per graph of an engine directory.
 
 The target is checked through both runtimes (two ragged passes of three requests, the second over
-a non-empty cache, so the cache I/O is covered). The drafter's one-call graph is checked
-through OrtRuntime on the target's taps (greedy, then at T>0 with and without top-k/top-p, the same
-uniforms): its tokens, probabilities q, confidence logits and the context K/V it adds to the cache (a
-quantized drafter graph: its token agreement with torch). The target graph's DSparkVerify tail
+a non-empty cache, so the cache I/O is covered). The drafter's graphs are checked through OrtRuntime on
+the target's taps: the `context` graph extends each request's context with the first half of its new
+rows, then the one-call `draft` graph takes the rest and drafts (greedy, then at T>0 with and without
+top-k/top-p, the same uniforms): its tokens, probabilities q, confidence logits, and the context K/V each
+graph adds to the cache (a quantized drafter graph: its token agreement with torch). The target graph's DSparkVerify tail
 is checked on a final pass at T>0 with top-k/top-p and random drafts: its accepted counts and tokens
 must equal the torch reference's on the torch logits. Errors are max abs differences; `scale`
 is the largest reference magnitude (float32 rounding grows with it). Entries are keyed "graph:output".
@@ -115,6 +116,13 @@ def validate_verify(report: dict, vocab: int, ref_rt, our_rt, slots: torch.Tenso
                                       and torch.equal(ours.next_token, ref.next_token))
 
 
+def context_split(features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each request's new rows in two (both non-empty from two rows on): the first half extends the draft contexts
+    through the `context` graph (Runtime.extend_context), the rest goes with the draft pass (the `draft` graph)."""
+    heads = [f[: (f.shape[0] + 1) // 2] for f in features]
+    return heads, [f[h.shape[0]:] for f, h in zip(features, heads)]
+
+
 def draft_sampling(r: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(temperature, top_k, top_p) of r requests for the draft passes that validation compares: greedy, then
     temperature only, then top-p alone, top-k with top-p and greedy mixed (each sampler branch of the graph,
@@ -126,13 +134,22 @@ def draft_sampling(r: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def _validate_draft(report, drafter, ort_rt: OrtRuntime, slots, states, features, anchors, g) -> tuple[int, int]:
-    """The draft graph through OrtRuntime against DSparkDrafter.draft_batch: greedy on the new features (which
-    also extends both context caches, compared row for row), then on the same context at T>0, temperature
-    only and with top-k/top-p, with the same uniforms. Returns (tokens equal to torch's, tokens drafted); a
-    quantized graph (int8/int4 weights) cannot equal torch, so only that count is taken from it."""
+    """The drafter graphs through OrtRuntime against DSparkDrafter: the first rows of each request through the
+    context graph (extend_context), then the draft graph greedy on the rest (which also extends both context
+    caches; each graph's rows compared row for row), then on the same context at T>0, temperature only and
+    with top-k/top-p, with the same uniforms. Returns (tokens equal to torch's, tokens drafted); a quantized
+    graph (int8/int4 weights) cannot equal torch, so only that count is taken from it."""
     r, b = len(slots), drafter.config.block_size
-    none = [torch.zeros(0, f.shape[1]) for f in features]
     exact = ort_rt.drafter.weights == "fp32"
+    heads, features = context_split(features)
+    none = [torch.zeros(0, f.shape[1]) for f in features]
+    starts = [state.length for state in states]
+    ort_rt.extend_context(slots, heads)
+    for state, rows in zip(states, heads):
+        drafter.extend_context(state, rows)
+    if exact:
+        _compare_context(report, "context", drafter, ort_rt, slots, states, starts)
+    starts = [state.length for state in states]
     agree = total = 0
     for i, sampling in enumerate(draft_sampling(r)):
         new = features if i == 0 else none
@@ -145,12 +162,18 @@ def _validate_draft(report, drafter, ort_rt: OrtRuntime, slots, states, features
             if drafter.confidence_head is not None:
                 compare(report, "draft:confidence_logits", ours.confidence_logits, ref.confidence_logits)
     if exact:
-        for slot, state in zip(slots.tolist(), states):
-            for layer in range(drafter.config.num_hidden_layers):
-                compare(report, "draft:new_k", ort_rt.drafter._ctx_k[layer][slot, :, :state.length], state.keys[layer])
-                compare(report, "draft:new_v", ort_rt.drafter._ctx_v[layer][slot, :, :state.length],
-                         state.values[layer])
+        _compare_context(report, "draft", drafter, ort_rt, slots, states, starts)
     return agree, total
+
+
+def _compare_context(report, graph: str, drafter, ort_rt: OrtRuntime, slots, states, starts: list[int]) -> None:
+    """The context K/V rows `graph` added to OrtRuntime's cache (from starts[r] on) against the torch drafter's."""
+    for slot, state, start in zip(slots.tolist(), states, starts):
+        rows = slice(start, state.length)
+        for layer in range(drafter.config.num_hidden_layers if state.length > start else 0):
+            compare(report, f"{graph}:new_k", ort_rt.drafter._ctx_k[layer][slot, :, rows], state.keys[layer][:, rows])
+            compare(report, f"{graph}:new_v", ort_rt.drafter._ctx_v[layer][slot, :, rows],
+                    state.values[layer][:, rows])
 
 
 # a quantized target passes when its next-token distributions on the random validation tokens stay this close

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from dspark_trt.build.validate import compare, draft_sampling, validate_verify
+from dspark_trt.build.validate import compare, context_split, draft_sampling, validate_verify
 from dspark_trt.errors import DSparkError
 from dspark_trt.runtimes.torch_runtime import TorchRuntime
 from dspark_trt.runtimes.trt_runtime import TrtEmulationRuntime
@@ -21,8 +21,9 @@ def validate_trt_engines(engine_dir: str | Path, target, drafter=None, seed: int
     """A TensorRT-flavour engine directory on ONNX Runtime (TrtEmulationRuntime: TensorRT's KV-cache update
     and attention emulated) against the torch reference: the target's logits and taps over ragged passes,
     a rollback, a pass with its slots out of order and one beside idle slots ("target:logits",
-    "target:taps"); with a drafter, its draft passes on the reference taps, greedy and sampled as
-    build/validate.py's (draft_sampling: "draft:probs", draft_tokens_identical); the
+    "target:taps"); with a drafter, the context graph on the first half of each pass's reference taps
+    (context_split), then its draft passes on the rest, greedy and sampled as build/validate.py's
+    (draft_sampling: "draft:probs", draft_tokens_identical: they read the context both graphs wrote); the
     DSparkVerify tail on a pass at T > 0 with top-k/top-p (verify_identical). The torch model holds the
     GGUF blocks' exact dequantization, so int4 weights are compared at float32 tolerance too. Same
     report format as build/validate.py (its `failures` reads it)."""
@@ -47,8 +48,11 @@ def validate_trt_engines(engine_dir: str | Path, target, drafter=None, seed: int
             compare(report, "target:taps", ours.taps, ref.taps)
             r, b = len(slots), drafter.config.block_size
             anchors = torch.randint(0, vocab, (r,), generator=g)
-            for i, sampling in enumerate(draft_sampling(r)):  # the new features with the first pass only
-                new = list(ref.taps.split(lens.tolist())) if i == 0 else [None] * r
+            heads, tails = context_split(list(ref.taps.split(lens.tolist())))
+            for rt in (ref_rt, our_rt):
+                rt.extend_context(slots, heads)
+            for i, sampling in enumerate(draft_sampling(r)):  # the other new features with the first pass only
+                new = tails if i == 0 else [None] * r
                 uniforms = torch.rand(r, b, generator=g, dtype=torch.float64)
                 ref_d, our_d = (rt.draft(slots, new, anchors, *sampling, uniforms) for rt in (ref_rt, our_rt))
                 compare(report, "draft:probs", our_d.probs, ref_d.probs)

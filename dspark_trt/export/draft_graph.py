@@ -1,7 +1,9 @@
-"""The DSpark drafter as one ONNX graph: a whole draft pass (context extension, block backbone, the
-left-to-right Markov loop with sampling, the confidence head) in one ONNX Runtime call.
+"""The DSpark drafter as ONNX graphs: `draft`, a whole draft pass (context extension, block backbone, the
+left-to-right Markov loop with sampling, the confidence head) in one ONNX Runtime call, and `context`, the
+context extension alone (a request's new rows when it does not draft). Both compute the new rows' K/V with
+one module, `ContextKV` (the torch drafter's own `context_kv`), so they write the same K/V for the same rows.
 
-Its inputs and outputs are graphs/draft_graph.py's.
+Their inputs and outputs are graphs/draft_graph.py's.
 
 The block attends to [cached context ; new context ; block]; the Markov loop is unrolled over the block
 with every weight at the top level of the graph (so ONNX Runtime prepacks them once). At each block
@@ -30,7 +32,7 @@ from torch import nn
 
 from dspark_trt.export.weight_quant import (ACCURACY_LEVEL, BLOCK_SIZE, WEIGHT_FORMATS, inline_initializer_identities,
                                             quantize_matmuls)
-from dspark_trt.graphs.draft_graph import INPUTS, METADATA_WEIGHTS
+from dspark_trt.graphs.draft_graph import CONTEXT_INPUTS, CONTEXT_OUTPUTS, INPUTS, METADATA_WEIGHTS
 from dspark_trt.models.drafter import DSparkDrafter
 from dspark_trt.models.layers import apply_rotary
 from dspark_trt.spec.sampling import is_greedy, sample_from_uniform, warp_probs
@@ -59,18 +61,39 @@ def _attention(q, keys, values, mask, att, b: int):
     return out.reshape(-1, kv, g, b, d).permute(0, 3, 1, 2, 4).reshape(-1, b, h * d)
 
 
+class ContextKV(nn.Module):
+    """New context rows' K/V: features [N, taps*H] at positions [N] -> per draft layer k, v [N, kv, d], by
+    DSparkDrafter.context_kv (the torch reference's code). The `context` graph is this module alone; the `draft`
+    graph's Backbone runs it too."""
+
+    def __init__(self, drafter: DSparkDrafter):
+        super().__init__()
+        self.drafter = drafter
+
+    def layers(self, features, positions) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(k.transpose(0, 1), v.transpose(0, 1)) for k, v in self.drafter.context_kv(features, positions)]
+
+    def forward(self, features, positions):
+        """new_k, new_v [L, N, kv, d]."""
+        return _stacked(self.layers(features, positions))
+
+
+def _stacked(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
+
+
 class Backbone(nn.Module):
     """The parallel stage: the new rows' context K/V, then the block over [cached ; new ; block] -> hidden, U."""
 
     def __init__(self, drafter: DSparkDrafter):
         super().__init__()
         self.drafter = drafter
+        self.context = ContextKV(drafter)
 
     def forward(self, anchors, ctx_lens, ctx_k, ctx_v, features, positions, new_rows, new_lens):
         d, cfg = self.drafter, self.drafter.config
         b, p, m = cfg.block_size, ctx_k.shape[3], new_rows.shape[1]
-        ctx = d.hidden_norm(d.fc(features))
-        ctx_cos, ctx_sin = d.rotary(positions, ctx.dtype)
+        context = self.context.layers(features, positions)
         block_ids = torch.cat([anchors.unsqueeze(1), torch.full_like(anchors, cfg.mask_token_id).unsqueeze(1)
                                .expand(-1, b - 1)], dim=1)
         x = d.embed_tokens(block_ids)
@@ -78,13 +101,8 @@ class Backbone(nn.Module):
         mask = torch.cat([torch.arange(p).unsqueeze(0) < ctx_lens.unsqueeze(1),
                           torch.arange(m).unsqueeze(0) < new_lens.unsqueeze(1),
                           torch.ones_like(anchors, dtype=torch.bool).unsqueeze(1).expand(-1, b)], dim=1)
-        new_k, new_v = [], []
-        for i, layer in enumerate(d.layers):
+        for i, (layer, (ck, cv)) in enumerate(zip(d.layers, context)):
             att = layer.self_attn
-            ck = apply_rotary(att.k_norm(att.k_proj(ctx).view(-1, att.n_kv, att.head_dim)), ctx_cos, ctx_sin)
-            cv = att.v_proj(ctx).view(-1, att.n_kv, att.head_dim)
-            new_k.append(ck)
-            new_v.append(cv)
             a = layer.input_layernorm(x)
             q = apply_rotary(att.q_norm(att.q_proj(a).view(-1, b, att.n_heads, att.head_dim)), cos, sin)
             k = apply_rotary(att.k_norm(att.k_proj(a).view(-1, b, att.n_kv, att.head_dim)), cos, sin)
@@ -94,7 +112,7 @@ class Backbone(nn.Module):
             x = x + att.o_proj(_attention(q, keys, values, mask, att, b))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         hidden = d.norm(x)
-        return hidden, d.lm_head(hidden).float(), torch.stack(new_k), torch.stack(new_v)
+        return (hidden, d.lm_head(hidden).float(), *_stacked(context))
 
 
 class _TopK(torch.autograd.Function):
@@ -290,22 +308,23 @@ def _example(drafter: DSparkDrafter) -> dict[str, torch.Tensor]:
 
 
 def export_drafter(drafter: DSparkDrafter, out_dir: str | Path, weights: str = "fp32") -> dict[str, Path]:
-    """Write the drafter's graph into out_dir as draft.onnx; returns {"draft": path}.
+    """Write the drafter's graphs into out_dir as draft.onnx and context.onnx; returns {name: path}.
 
     weights: "fp32" (exactly the torch drafter), "int8" or "int4": the big MatMuls on quantized weights
-    (export/weight_quant.py; int8 is the faster of the two from R = 4 on, and as fast at R = 1)."""
+    (export/weight_quant.py; int8 is the faster of the two from R = 4 on, and as fast at R = 1), the same in
+    both graphs, so that their context K/V stay equal."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ex = _example(drafter)
     outputs = ["tokens", "probs"] + (["confidence_logits"] if drafter.confidence_head is not None else [])
-    outputs += ["new_k", "new_v"]
-    requests = {0: "requests"}
-    axes = {name: requests for name in INPUTS + outputs} | {
-        "ctx_k": {1: "requests", 3: "context"}, "ctx_v": {1: "requests", 3: "context"}, "features": {0: "tokens"},
-        "positions": {0: "tokens"}, "new_rows": {0: "requests", 1: "query"}, "probs": {0: "requests", 2: "vocab"},
-        "new_k": {1: "tokens"}, "new_v": {1: "tokens"}}
+    outputs += CONTEXT_OUTPUTS
+    requests, rows = {0: "requests"}, {0: "tokens"}
+    context_axes = {"features": rows, "positions": rows, "new_k": {1: "tokens"}, "new_v": {1: "tokens"}}
+    axes = {name: requests for name in INPUTS + outputs} | context_axes | {
+        "ctx_k": {1: "requests", 3: "context"}, "ctx_v": {1: "requests", 3: "context"},
+        "new_rows": {0: "requests", 1: "query"}, "probs": {0: "requests", 2: "vocab"}}
     draft_pass = DraftPass(drafter)
     model = _export(draft_pass, tuple(ex[n] for n in INPUTS), INPUTS, outputs, axes)
     vocab = drafter.config.output_vocab_size
@@ -317,6 +336,14 @@ def export_drafter(drafter: DSparkDrafter, out_dir: str | Path, weights: str = "
                            {name: requests for name in SAMPLER_INPUTS})
                 for v in VARIANTS}
     _expand_sampling(model.graph, {v: m.graph for v, m in samplers.items()})
+    context = _export(ContextKV(drafter), tuple(ex[n] for n in CONTEXT_INPUTS), CONTEXT_INPUTS, CONTEXT_OUTPUTS,
+                      context_axes)
+    return {"draft": _save(model, weights, out_dir / "draft.onnx"),
+            "context": _save(context, weights, out_dir / "context.onnx")}
+
+
+def _save(model: onnx.ModelProto, weights: str, path: Path) -> Path:
+    """Write an exported graph with its MatMuls in the `weights` format, named in the model's metadata."""
     inline_initializer_identities(model)
     props = {METADATA_WEIGHTS: weights}
     if weights != "fp32":
@@ -324,9 +351,8 @@ def export_drafter(drafter: DSparkDrafter, out_dir: str | Path, weights: str = "
         if weights == "int4":
             props.update({"dspark.weight_block_size": str(BLOCK_SIZE), "dspark.accuracy_level": str(ACCURACY_LEVEL)})
     helper.set_model_props(model, props)
-    path = out_dir / "draft.onnx"
     onnx.save(model, str(path))
-    return {"draft": path}
+    return path
 
 
 def _expand_sampling(graph: onnx.GraphProto, samplers: dict[str, onnx.GraphProto]) -> None:

@@ -107,10 +107,10 @@ class DraftAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def context_kv(self, ctx: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V [n_kv, n, d] of projected context features [n, H] at their positions."""
-        n = ctx.shape[0]
-        k = apply_rotary(self.k_norm(self.k_proj(ctx).view(n, self.n_kv, self.head_dim)), cos, sin)
-        v = self.v_proj(ctx).view(n, self.n_kv, self.head_dim)
+        """K/V [n_kv, n, d] of projected context features [n, H] at their positions (the exported graphs run
+        this code: only n is left to -1, so they hold constant shapes)."""
+        k = apply_rotary(self.k_norm(self.k_proj(ctx).view(-1, self.n_kv, self.head_dim)), cos, sin)
+        v = self.v_proj(ctx).view(-1, self.n_kv, self.head_dim)
         return k.transpose(0, 1), v.transpose(0, 1)
 
     def forward(self, a: torch.Tensor, cos, sin, contexts: list[tuple[torch.Tensor, torch.Tensor]],
@@ -205,6 +205,7 @@ class DSparkDrafter(nn.Module):
         n = self.config.num_hidden_layers
         return DraftState(keys=[empty] * n, values=[empty] * n)
 
+    @torch.no_grad()
     def extend_context(self, state: DraftState, features: torch.Tensor) -> None:
         """Project new target features [n, taps*H] once and append their K/V to every layer's cache."""
         n = features.shape[0]

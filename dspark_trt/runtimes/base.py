@@ -87,7 +87,13 @@ class Runtime(ABC):
                                    uniforms)
 
     @abstractmethod
-    def draft(self, slots: torch.Tensor, new_features: list[torch.Tensor], anchors: torch.Tensor,
+    def extend_context(self, slots: torch.Tensor, new_features: list[torch.Tensor]) -> None:
+        """Append each slot's new context features (at least one row each) to its draft cache, without drafting:
+        a request that does not draft this step, so that its next draft carries one step's rows, not a backlog.
+        The K/V appended are those `draft` would append for the same rows."""
+
+    @abstractmethod
+    def draft(self, slots: torch.Tensor, new_features: list[torch.Tensor | None], anchors: torch.Tensor,
               temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
               uniforms: torch.Tensor) -> DraftStep:
         """Append each slot's new context features to its draft cache, then draft one block per slot."""

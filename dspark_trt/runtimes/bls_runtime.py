@@ -88,20 +88,32 @@ class BlsRuntime(Runtime):
         verdict = VerifyResult(accepted=torch.from_numpy(out["accepted"]), next_token=torch.from_numpy(out["next_token"]))
         return TargetStep(logits=torch.zeros(0, self.vocab_size), taps=taps), verdict
 
+    def extend_context(self, slots, new_features) -> None:
+        """An extend-only call of `dspark_draft` (no anchors: nothing is drafted, nothing comes back)."""
+        inputs = self._context_inputs(slots, new_features)
+        self.call(DRAFT_MODEL, inputs, [])
+        self._context[inputs["slots"]] += inputs["feature_counts"]
+
     def draft(self, slots, new_features, anchors, temperature, top_k, top_p, uniforms) -> DraftStep:
+        inputs = self._context_inputs(slots, new_features)
+        out = self.call(DRAFT_MODEL, inputs | {
+            "anchors": np.asarray(anchors, np.int64), "temperature": np.asarray(temperature, np.float32),
+            "top_k": np.asarray(top_k, np.int64), "top_p": np.asarray(top_p, np.float32),
+            "uniforms": np.asarray(uniforms, np.float64),
+        }, DRAFT_OUTPUTS)
+        self._context[inputs["slots"]] += inputs["feature_counts"]
+        conf = out.get("confidence_logits")
+        probs = out["probs"] if out["probs"].shape[-1] else greedy_probs(out["tokens"], self.vocab_size)  # all greedy
+        return DraftStep(tokens=torch.from_numpy(out["tokens"]), probs=torch.from_numpy(probs),
+                         confidence_logits=torch.from_numpy(conf) if conf is not None and conf.size else None)
+
+    def _context_inputs(self, slots, new_features) -> dict[str, np.ndarray]:
+        """`dspark_draft`'s context inputs: the slots, the context rows each holds, their new rows (request-major)
+        and how many each has."""
         slots_np = np.asarray(slots, np.int64)
         counts = np.array([0 if f is None else f.shape[0] for f in new_features], np.int64)
         width = next((f.shape[1] for f in new_features if f is not None), 0)
         features = np.concatenate([f.float().numpy() for f in new_features if f is not None and f.shape[0]]) \
             if counts.any() else np.zeros((0, width), np.float32)
-        out = self.call(DRAFT_MODEL, {
-            "slots": slots_np, "context_starts": self._context[slots_np], "features": features,
-            "feature_counts": counts, "anchors": np.asarray(anchors, np.int64),
-            "temperature": np.asarray(temperature, np.float32), "top_k": np.asarray(top_k, np.int64),
-            "top_p": np.asarray(top_p, np.float32), "uniforms": np.asarray(uniforms, np.float64),
-        }, DRAFT_OUTPUTS)
-        self._context[slots_np] += counts
-        conf = out.get("confidence_logits")
-        probs = out["probs"] if out["probs"].shape[-1] else greedy_probs(out["tokens"], self.vocab_size)  # all greedy
-        return DraftStep(tokens=torch.from_numpy(out["tokens"]), probs=torch.from_numpy(probs),
-                         confidence_logits=torch.from_numpy(conf) if conf is not None and conf.size else None)
+        return {"slots": slots_np, "context_starts": self._context[slots_np], "features": features,
+                "feature_counts": counts}

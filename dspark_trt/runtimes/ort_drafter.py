@@ -5,6 +5,7 @@ addressed by the target runtime's slot number and its length says how many conte
 A draft pass is one call of the `draft` graph (graphs/draft_graph.py): it takes the slots' cached
 context windows, their new target features and the engine's uniforms, and returns the drafted block
 (tokens, q, confidence logits) with the new rows' context K/V, which are written into the cache here.
+Slots that do not draft get their new rows' K/V from the small `context` graph (`extend_context`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 
 from dspark_trt.errors import DSparkError
-from dspark_trt.graphs.draft_graph import GRAPH_NAMES, METADATA_WEIGHTS, draft_feeds
+from dspark_trt.graphs.draft_graph import (CONTEXT_INPUTS, GRAPH_NAMES, METADATA_WEIGHTS, NewRows, draft_feeds,
+                                           missing_graphs, new_rows)
 from dspark_trt.graphs.ort_session import make_session, run
 from dspark_trt.models.drafter import DraftStep
 from dspark_trt.runtimes.kv_cache import KVCache
@@ -35,7 +37,7 @@ class OrtDrafter:
         self.has_confidence_head = cfg.enable_confidence_head
         self.max_seq_len = max_seq_len
         self.feature_width = cfg.num_taps * cfg.hidden_size
-        missing = [name for name in GRAPH_NAMES if name not in manifest["graphs"]]
+        missing = missing_graphs(manifest)
         if missing:
             raise DSparkError(f"{engine_dir}: the manifest has no drafter graph {missing} (engines built by an older "
                               "dspark-trt: rebuild them with `dspark-trt build-engines`)")
@@ -57,37 +59,52 @@ class OrtDrafter:
         """Forget a slot's context (a new request starts in it)."""
         self.context.lengths[slot] = 0
 
+    def extend_context(self, slots, new_features) -> None:
+        """Append each slot's new context features (each at least one row) to its cache: one `context` call."""
+        rows = self._new_rows(slots, new_features, room=0)
+        out = run(self.sessions["context"], {name: getattr(rows, name) for name in CONTEXT_INPUTS})
+        self._store(rows, *out)
+
     def draft(self, slots, new_features, anchors, temperature, top_k, top_p, uniforms) -> DraftStep:
-        """Append each slot's new context features, then draft one block per slot: one graph call."""
+        """Append each slot's new context features, then draft one block per slot: one `draft` call."""
         slots_np = np.asarray(slots, dtype=np.int64)
-        r = len(slots_np)
-        lengths = self.context.lengths.numpy()
-        ctx_lens = lengths[slots_np].copy()
-        new_lens = np.array([0 if f is None else f.shape[0] for f in new_features], dtype=np.int64)
-        too_long = ctx_lens + new_lens + self.block_size > self.max_seq_len
-        if too_long.any():
-            i = int(np.flatnonzero(too_long)[0])
-            raise DSparkError(f"slot {int(slots_np[i])}: {ctx_lens[i]} context rows + {new_lens[i]} new + a block of "
-                              f"{self.block_size} exceed the draft context limit {self.max_seq_len}")
+        rows = self._new_rows(slots_np, new_features, room=self.block_size)
         if uniforms is None:
-            uniforms = np.zeros((r, self.block_size), np.float32)
-        features = [None if f is None else _numpy(f, np.float32) for f in new_features]
-        feeds, row_slots, positions = draft_feeds(
-            slots_np, _numpy(anchors, np.int64), ctx_lens, self._ctx_k, self._ctx_v, features, self.feature_width,
-            _numpy(temperature, np.float32), _numpy(top_k, np.int64), _numpy(top_p, np.float32),
-            _numpy(uniforms, np.float32))
+            uniforms = np.zeros((len(slots_np), self.block_size), np.float32)
+        feeds = draft_feeds(slots_np, _numpy(anchors, np.int64), self.context.lengths.numpy()[slots_np], self._ctx_k,
+                            self._ctx_v, rows, _numpy(temperature, np.float32), _numpy(top_k, np.int64),
+                            _numpy(top_p, np.float32), _numpy(uniforms, np.float32))
         out = dict(zip(self._outputs, run(self.sessions["draft"], feeds)))
-        if new_lens.any():
-            for layer, (k, v) in enumerate(zip(out["new_k"], out["new_v"])):
-                self._ctx_k[layer][row_slots, :, positions] = k
-                self._ctx_v[layer][row_slots, :, positions] = v
-            lengths[slots_np] += new_lens
+        self._store(rows, out["new_k"], out["new_v"])
         tokens, probs = out["tokens"], out["probs"]
         if probs.shape[-1] == 0:  # every request greedy: q is the one-hot of each token (target ids, target vocab)
             probs = greedy_probs(tokens, self.config.vocab_size)
         conf = out.get("confidence_logits")
         return DraftStep(tokens=torch.from_numpy(tokens), probs=torch.from_numpy(probs),
                          confidence_logits=None if conf is None else torch.from_numpy(conf))
+
+    def _new_rows(self, slots, new_features, room: int) -> NewRows:
+        """The slots' new rows, once they fit in the cache with `room` positions to spare (a block's)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        ctx_lens = self.context.lengths.numpy()[slots]
+        rows = new_rows(slots, ctx_lens, [None if f is None else _numpy(f, np.float32) for f in new_features],
+                        self.feature_width)
+        too_long = ctx_lens + rows.lens + room > self.max_seq_len
+        if too_long.any():
+            i = int(np.flatnonzero(too_long)[0])
+            block = f" + a block of {room}" if room else ""
+            raise DSparkError(f"slot {int(slots[i])}: {ctx_lens[i]} context rows + {rows.lens[i]} new{block} exceed "
+                              f"the draft context limit {self.max_seq_len}")
+        return rows
+
+    def _store(self, rows: NewRows, new_k: np.ndarray, new_v: np.ndarray) -> None:
+        """Cache the rows' K/V [L, N, kv, d] at (slot, position) and count them."""
+        if not len(rows.positions):
+            return
+        for layer, (k, v) in enumerate(zip(new_k, new_v)):
+            self._ctx_k[layer][rows.slots, :, rows.positions] = k
+            self._ctx_v[layer][rows.slots, :, rows.positions] = v
+        np.add.at(self.context.lengths.numpy(), rows.slots, 1)
 
 
 def _numpy(x, dtype) -> np.ndarray:

@@ -111,10 +111,16 @@ class OrtRuntime(Runtime):
         taps = torch.from_numpy(outputs["taps"]) if "taps" in outputs and self.tap_layers else None
         return TargetStep(logits=torch.from_numpy(outputs["logits"]), taps=taps), outputs
 
+    def extend_context(self, slots, new_features) -> None:
+        self._drafter().extend_context(slots, new_features)
+
     def draft(self, slots, new_features, anchors, temperature, top_k, top_p, uniforms) -> DraftStep:
+        return self._drafter().draft(slots, new_features, anchors, temperature, top_k, top_p, uniforms)
+
+    def _drafter(self) -> OrtDrafter:
         if self.drafter is None:
             raise DSparkError("this runtime has no drafter")
-        return self.drafter.draft(slots, new_features, anchors, temperature, top_k, top_p, uniforms)
+        return self.drafter
 
 
 def context_limit(manifest: dict, max_seq_len: int = 2048, batch_invariant: bool = True) -> tuple[int, int]:

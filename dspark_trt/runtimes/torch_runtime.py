@@ -45,6 +45,11 @@ class TorchRuntime(Runtime):
                            logits_rows=logits_rows)
 
     @torch.inference_mode()
+    def extend_context(self, slots, new_features) -> None:
+        for slot, features in zip(slots, new_features):
+            self.drafter.extend_context(self._draft_states[int(slot)], features)
+
+    @torch.inference_mode()
     def draft(self, slots, new_features, anchors, temperature, top_k, top_p, uniforms) -> DraftStep:
         states = [self._draft_states[int(s)] for s in slots]
         empty = torch.zeros(0, len(self.tap_layers) * self.target.config.hidden_size)

@@ -2,8 +2,8 @@
 and the same TensorRT-flavour target graph emulated on ONNX Runtime (CPU) for validation.
 
 `TrtRuntime` is OrtRuntime with a `TrtSession` in place of each ONNX Runtime session (get_inputs,
-get_outputs, run), so slots, rollback, the drafter's pass and in-graph verification are the ONNX
-Runtime path's own code. The target step depends on the graph the plans were built from:
+get_outputs, run), so slots, rollback, the drafter's passes (`draft.plan`, and `context.plan` extending the
+context of requests that do not draft) and in-graph verification are the ONNX Runtime path's own code. The target step depends on the graph the plans were built from:
 
 - graph "trt" (export/trt_target.py, what `build-engines --backend tensorrt` exports): `TrtTargetGraph`
   keeps each layer's K and V cache as a persistent CUDA tensor [slots, kv_heads, capacity, head_dim],

@@ -57,8 +57,10 @@ def _taps(step: TargetStep) -> np.ndarray:
 
 
 class DraftService:
-    """What `dspark_draft` runs: extend each slot's draft context at the stated length, draft one block.
-    It loads the drafter's graph and context caches only: the target graph and its K/V live in dspark_target."""
+    """What `dspark_draft` runs: extend each slot's draft context at the stated length, then draft one block; a
+    call without anchors only extends (`context` graph: a request that does not draft this step, so that no
+    backlog of rows is ever shipped) and returns nothing. It loads the drafter's graphs and context caches only:
+    the target graph and its K/V live in dspark_target."""
 
     def __init__(self, engine_dir: str | Path, num_slots: int):
         from dspark_trt.graphs.draft_graph import GRAPH_NAMES
@@ -81,9 +83,12 @@ class DraftService:
         ends = np.cumsum(inputs["feature_counts"])
         per_slot = [features[end - count: end] if count else None
                     for end, count in zip(ends, inputs["feature_counts"])]
+        if "anchors" not in inputs:
+            drafter.extend_context(slots, per_slot)
+            return {}
         step = drafter.draft(slots, per_slot, torch.as_tensor(inputs["anchors"]), torch.as_tensor(inputs["temperature"]),
-                        torch.as_tensor(inputs["top_k"]), torch.as_tensor(inputs["top_p"]),
-                        torch.as_tensor(inputs["uniforms"]))
+                             torch.as_tensor(inputs["top_k"]), torch.as_tensor(inputs["top_p"]),
+                             torch.as_tensor(inputs["uniforms"]))
         conf = step.confidence_logits
         probs = step.probs.float().numpy()
         if is_greedy(inputs["temperature"]).all():  # q is each token's one-hot: BlsRuntime rebuilds it
