@@ -98,6 +98,8 @@ def test_measured_step_times_correct_a_cost_table_that_is_too_optimistic():
 
 
 def test_an_engine_whose_gate_skips_drafts_keeps_the_drafter_context_whole_and_greedy_exact():
+    """A request that does not draft has its new target features appended to the drafter's context in the
+    step's one extension call, so every draft or extension carries one step's rows and never a backlog."""
     target = tiny_target(vocab_size=4, seed=3, scale=3.0)
     drafter = tiny_drafter(target, 4, seed=3)
     prompts = [[3, 1, 2, 1, 0, 2, 3], [2, 1], [1, 3, 2, 0, 2, 3, 3, 1, 0, 0, 2]]
@@ -109,27 +111,46 @@ def test_an_engine_whose_gate_skips_drafts_keeps_the_drafter_context_whole_and_g
         assert isinstance(scheduler, GatedScheduler)
         scheduler.gate.smoothing = 0.0  # no learning of step times: the tiny model's would make drafting free
         engine = Engine(runtime, scheduler)
-        draft, calls = runtime.draft, []
+        draft, extend = runtime.draft, runtime.extend_context
+        calls, drafted, extended = [], {}, {}  # slots per draft call; slots drafting / extended at each step
+
+        def check_rows(slots, new_features):
+            for slot, features in zip(slots.tolist(), new_features):
+                rows = 0 if features is None else features.shape[0]
+                state = runtime._draft_states[slot]
+                # the drafter sees every cached target position, skipped steps' included...
+                assert state.length + rows == runtime.cache_length(slot)
+                # ...a step at a time: after the prompt, at most a verified block and the bonus token
+                assert state.length == 0 or rows <= 4 + 1
 
         def checked_draft(slots, new_features, *args):
-            for slot, features in zip(slots.tolist(), new_features):
-                # the drafter sees every cached target position, skipped steps' included
-                rows = 0 if features is None else features.shape[0]
-                assert runtime._draft_states[slot].length + rows == runtime.cache_length(slot)
+            check_rows(slots, new_features)
             calls.append(slots.tolist())
+            drafted[engine.steps] = slots.tolist()
             return draft(slots, new_features, *args)
 
-        runtime.draft = checked_draft
+        def checked_extend(slots, new_features):
+            check_rows(slots, new_features)
+            assert all(f.shape[0] > 0 for f in new_features)
+            assert engine.steps not in extended  # one call a step
+            extended[engine.steps] = slots.tolist()
+            return extend(slots, new_features)
+
+        runtime.draft, runtime.extend_context = checked_draft, checked_extend
         requests = engine.generate(prompts, params)
         assert [r.output_ids for r in requests] == ar
         rounds = sum(len(r.stats.round_verified) for r in requests)
         drafted_rows = sum(len(c) for c in calls)
         decisions = scheduler.gate.decisions
         assert decisions["draft"] + decisions["probe"] == len(calls) > 0
+        assert not any(set(slots) & set(drafted.get(step, [])) for step, slots in extended.items())
         if draft_seconds:
             assert decisions["skip"] > 2 * len(calls) and drafted_rows < rounds / 4
             probed = [c[0] for c in calls if len(c) == 1]  # a probe drafts for one request...
             assert len(probed) == decisions["probe"] and len(set(probed)) == 3  # ...each in turn
+            # every step extended the requests that did not draft: probes resumed after skipped steps
+            assert sum(len(slots) for slots in extended.values()) == rounds - drafted_rows
         else:  # after the first step's probe, every round of every request drafted
             assert decisions["skip"] == 0 and decisions["probe"] == 1 and calls[0] == [calls[1][0]]
             assert drafted_rows == rounds - 2
+            assert list(extended.values()) == [calls[1][1:]]  # the two that did not probe, in the first step

@@ -77,6 +77,36 @@ def test_logit_controls_and_log_probs_give_the_torch_runtimes_tokens(tmp_path, t
     assert sum(r.stats.draft_tokens_accepted for r in ort) > 0
 
 
+def test_a_gated_engine_extends_the_drafter_context_as_torch_does(tmp_path):
+    """A draft gate that finds drafting never pays skips most steps and probes one request at a time: on ONNX
+    Runtime the skipped steps' features reach the drafter through the `context` graph, one call a step, and each
+    probe drafts what the torch reference drafts (the same accepted drafts every round), greedy = plain."""
+    from dspark_trt.spec.cost_table import CostTable
+
+    target = tiny_target(vocab_size=6, seed=2, scale=3.0)
+    drafter = tiny_drafter(target, block_size=4, seed=2)
+    export_engines(target, drafter, tmp_path)
+    table = CostTable([1, 8], [10.0, 10.0], draft_requests=[1, 8], draft_seconds=[10.0, 10.0])
+    params = SamplingParams(max_tokens=30)
+
+    def gated(runtime):
+        scheduler = make_scheduler("dspark", 4, cost_table=table, min_predicted_gain=0.0)
+        scheduler.gate.smoothing = 0.0  # no learning of step times: both engines take the same decisions
+        return Engine(runtime, scheduler)
+
+    ref = gated(TorchRuntime(target, drafter, num_slots=4, max_seq_len=64)).generate(PROMPTS, params)
+    runtime = OrtRuntime(tmp_path, num_slots=4, max_seq_len=64)
+    extensions = []
+    extend = runtime.drafter.extend_context
+    runtime.drafter.extend_context = lambda slots, features: extensions.append(len(slots)) or extend(slots, features)
+    ort = gated(runtime).generate(PROMPTS, params)
+    plain = _run(OrtRuntime(tmp_path, num_slots=4, max_seq_len=64, use_drafter=False), PROMPTS, params, False)
+    assert [r.output_ids for r in ort] == [r.output_ids for r in ref] == [r.output_ids for r in plain]
+    assert [r.stats.round_accepted for r in ort] == [r.stats.round_accepted for r in ref]
+    assert sum(r.stats.draft_tokens_accepted for r in ort) > 0  # probes resumed drafting and were accepted
+    assert len(extensions) > 10 and max(extensions) == 3  # skipped steps of all three requests, one call each
+
+
 def test_slots_are_recycled_and_rolled_back(tmp_path):
     """More requests than slots: a freed slot's stale K/V and context must never leak into the next."""
     target = tiny_target(vocab_size=4, seed=5, scale=3.0)

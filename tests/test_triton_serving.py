@@ -217,6 +217,50 @@ def test_split_runtime_gives_the_in_process_tokens(engines):
     assert set(services["dspark_draft"].drafter.sessions) == {"draft", "context"}
 
 
+def test_a_split_request_resuming_drafting_ships_one_steps_rows(engines):
+    """Under a draft gate that finds drafting never pays, dspark_draft gets one extend-only call a step (no anchors,
+    nothing back) for the requests that do not draft, so a probe that resumes drafting after skipped steps carries
+    only the last step's rows, never their backlog; the tokens are the in-process engine's and plain decoding's."""
+    from dspark_trt.engine.engine import Engine
+    from dspark_trt.runtimes.bls_runtime import BlsRuntime
+    from dspark_trt.runtimes.ort_runtime import OrtRuntime
+    from dspark_trt.spec.cost_table import CostTable
+    from dspark_trt.spec.scheduler import make_scheduler
+
+    services = {"dspark_target": TargetService(engines, num_slots=2), "dspark_draft": DraftService(engines, 2)}
+    draft_calls = []
+
+    def call(model, inputs, outputs):
+        result = services[model]({k: v.copy() for k, v in inputs.items()})
+        if model == "dspark_draft":
+            draft_calls.append((inputs, result))
+        return result
+
+    table = CostTable([1, 8], [10.0, 10.0], draft_requests=[1, 8], draft_seconds=[10.0, 10.0])
+
+    def gated(runtime):
+        scheduler = make_scheduler("dspark", runtime.block_size, cost_table=table, min_predicted_gain=0.0)
+        scheduler.gate.smoothing = 0.0  # no learning of step times: both engines take the same decisions
+        return Engine(runtime, scheduler)
+
+    prompts, params = [[5, 6, 7], [8, 9, 10, 5, 6, 7, 8]], SamplingParams(max_tokens=24, stop_ids=(NEVER,))
+    runtime = BlsRuntime(engines, call, num_slots=2)
+    split = gated(runtime).generate(prompts, params)
+    local = gated(OrtRuntime(engines, num_slots=2)).generate(prompts, params)
+    plain = Engine(OrtRuntime(engines, num_slots=2, use_drafter=False)).generate(prompts, params)
+    assert [r.output_ids for r in split] == [r.output_ids for r in local] == [r.output_ids for r in plain]
+    assert [r.stats.round_accepted for r in split] == [r.stats.round_accepted for r in local]
+    last, resumed = {}, 0  # each slot's latest call; drafts right after an extension
+    for inputs, result in draft_calls:
+        extend_only = "anchors" not in inputs
+        assert (result == {}) == extend_only
+        for slot, start, rows in zip(inputs["slots"], inputs["context_starts"], inputs["feature_counts"]):
+            assert start == 0 or 0 < rows <= runtime.block_size + 1  # after the prompt: one step's rows at most
+            resumed += not extend_only and last.get(slot) == "extended"
+            last[slot] = "extended" if extend_only else "drafted"
+    assert resumed >= 2 and sum("anchors" not in inputs for inputs, _ in draft_calls) > 10
+
+
 STUB_IMPORTS = """
 import importlib.util, json, sys
 sys.path.insert(0, sys.argv[1])  # triton_python_backend_utils, as the stub has it
@@ -435,6 +479,35 @@ def test_greedy_served_text_equals_generate_over_grpc_and_http(server, pair, cap
                                  {"text_input": prompt, "max_tokens": 12, "stream": True})
         chunks = [json.loads(line[len("data: "):]) for line in body.splitlines() if line.startswith("data: ")]
         assert status == 200 and "".join(c["text_output"] for c in chunks) == expected[i]
+
+
+@pytest.mark.server
+def test_a_gated_server_gives_the_drafter_its_context_in_extend_only_calls(engines, pair, tmp_path, capsys):  # noqa: F811
+    """Served under a draft gate that finds drafting never pays: at the steps it skips, dspark_bls extends the
+    drafter's context by extend-only dspark_draft calls (no anchors, no outputs), which Triton takes; a probe then
+    drafts from a whole context, and greedy text equals plain decoding."""
+    from conftest import packaged_server
+    from dspark_trt.spec.cost_table import CostTable
+
+    table = tmp_path / "never_pays.json"
+    CostTable([1, 8], [10.0, 10.0], draft_requests=[1, 8], draft_seconds=[10.0, 10.0]).to_json(table)
+    prompts = [json.loads(line)["turns"][0] for line in (pair / "prompts.jsonl").read_text().splitlines()][:3]
+    assert cli_main(["generate", "--no-spec", "--target", str(pair / "target"), "--max-tokens", "24", "--min-tokens",
+                     "24", "--json", *[a for p in prompts for a in ("--prompt", p)]]) == 0  # no early end
+    expected = [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()]
+    with packaged_server(engines, tmp_path, schedule="dspark", cost_table=str(table), num_slots=4) as served:
+        got = grpc_stream(served, {str(i): dict(text=p, max_tokens=24, min_tokens=24, stream=True)
+                                   for i, p in enumerate(prompts)})
+        gate = metrics(served)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        triton = opener.open(served.metrics_url, timeout=10).read().decode()
+    assert [text_of(got[str(i)]) for i in range(len(prompts))] == expected
+    [calls] = [float(line.rsplit(" ", 1)[1]) for line in triton.splitlines()
+               if line.startswith('nv_inference_request_success{model="dspark_draft"')]
+    drafts = sum(gate[f'dspark_draft_gate_steps{{decision="{d}"}}'] for d in ("draft", "probe"))
+    assert gate['dspark_draft_gate_steps{decision="skip"}'] > 5 and drafts > 0
+    assert calls > drafts + 5  # the skipped steps' extend-only calls, besides the probes' draft calls
+    assert 'nv_inference_request_failure{model="dspark_draft",reason="BACKEND",version="1"} 0' in triton
 
 
 @pytest.mark.server

@@ -1,10 +1,13 @@
 """Continuous-batching DSpark engine: admit, prefill, draft, schedule, verify, commit, stream.
 
 Each step (1) admits waiting requests into free slots, (2) prefills prompts in chunks, (3) drafts a
-block for every decoding request in one draft pass, (4) lets the scheduler pick each request's
-verification length from calibrated confidences, (5) verifies all prefixes in one target pass with
-the DSparkVerify semantics, and (6) commits accepted tokens, rolls back rejected K/V and streams the
-new tokens. The engine knows nothing about the backend: it talks to a `Runtime`.
+block for every decoding request in one draft pass (or, with the draft gate, for one or none of them),
+having first extended the drafter's context of every request that does not draft this step with its
+new target features, in one call, (4) lets the scheduler pick each request's verification length from
+calibrated confidences, (5) verifies all prefixes in one target pass with the DSparkVerify semantics,
+and (6) commits accepted tokens, rolls back rejected K/V and streams the new tokens. So the drafter
+always holds a request's context but the last step's rows, which its next draft pass or context
+extension carries. The engine knows nothing about the backend: it talks to a `Runtime`.
 """
 from __future__ import annotations
 
@@ -104,9 +107,16 @@ class Engine:
         prefilling = [r for r in self.running if r.prefilled < len(r.prompt_ids)]
         if prefilling:
             self._guard(prefilling, self._prefill, prefilling)
+        started = time.perf_counter()  # a decode step's seconds, for the draft gate, include the extension
         decoding = [r for r in self.running if r.anchor is not None and not r.done]
         if decoding:
-            self._guard(decoding, self._decode, decoding)
+            self._guard(decoding, self._plan_drafts, decoding)
+        extending = [r for r in self.running if r.pending_features is not None and r.last_draft_step != self.steps]
+        if extending:
+            self._guard(extending, self._extend_contexts, extending)
+        decoding = [r for r in decoding if not r.done]
+        if decoding:
+            self._guard(decoding, self._decode, decoding, started)
         self.running = [r for r in self.running if not r.done]
 
     def _guard(self, requests: list[Request], fn, *args) -> None:
@@ -151,8 +161,8 @@ class Engine:
         out = self.runtime.target_forward(ids, slots, lens, logits_rows="last")
         row = 0
         for i, (request, chunk) in enumerate(batch):
-            if out.taps is not None:
-                request.pending_features.append(out.taps[row: row + len(chunk)])
+            if self.speculate and out.taps is not None:
+                request.pending_features = out.taps[row: row + len(chunk)]
             row += len(chunk)
             request.prefilled += len(chunk)
             if request.prefilled < len(request.prompt_ids):
@@ -167,8 +177,13 @@ class Engine:
             request.stats.first_token_time = time.perf_counter()
             self._commit(request, [token], _logprobs(request, raw, [token]))
 
-    def _decode(self, requests: list[Request]) -> None:
-        started = time.perf_counter()
+    def _extend_contexts(self, requests: list[Request]) -> None:
+        """Give the drafter the new target features of requests that do not draft this step, in one call."""
+        self.runtime.extend_context(torch.tensor([r.slot for r in requests], dtype=torch.long),
+                                    [self._take_features(r) for r in requests])
+
+    def _decode(self, requests: list[Request], started: float) -> None:
+        """One decode step of `requests`; those whose last_draft_step is this step draft first."""
         rt = self.runtime
         n = len(requests)
         temperature = torch.tensor([r.params.temperature for r in requests], dtype=torch.float32)
@@ -176,16 +191,11 @@ class Engine:
         top_p = torch.tensor([r.params.top_p for r in requests], dtype=torch.float32)
         slots = torch.tensor([r.slot for r in requests], dtype=torch.long)
         anchors = torch.tensor([r.anchor for r in requests], dtype=torch.long)
-        # the most draft tokens each request may verify: block size, output budget, context limit
-        max_lengths = torch.tensor([
-            max(0, min(rt.block_size, r.params.max_tokens - len(r.output_ids) - 1,
-                       rt.max_seq_len - r.context_length - 1))
-            for r in requests
-        ], dtype=torch.long)
+        max_lengths = self._max_lengths(requests)
 
         draft, conf, row_of = None, None, {}
         lengths = torch.zeros(n, dtype=torch.long)
-        drafting = self._drafting(requests, max_lengths)
+        drafting = [i for i, r in enumerate(requests) if r.last_draft_step == self.steps]
         if drafting:
             rows = torch.tensor(drafting)
             row_of = {i: row for row, i in enumerate(drafting)}  # request index -> its row in the draft
@@ -194,13 +204,8 @@ class Engine:
                              temperature[rows], top_k[rows], top_p[rows], draft_uniforms)
             for i in drafting:
                 requests[i].stats.draft_tokens_proposed += rt.block_size
-                requests[i].last_draft_step = self.steps
             conf = self._calibrated(draft.confidence_logits)
             lengths = self._schedule(conf, rows, max_lengths)
-        elif not self.speculate:
-            for request in requests:
-                request.pending_features.clear()
-        # else the gate skipped this step's draft: the features stay pending for the next one
 
         # one target pass over [anchor, d_0 .. d_{l-1}] of every request
         rows_per_request = lengths + 1
@@ -240,20 +245,29 @@ class Engine:
             else:
                 gate.observe_draft(conf, n, lengths[rows], torch.as_tensor(result.accepted)[rows], seconds)
 
-    def _drafting(self, requests: list[Request], max_lengths: torch.Tensor) -> list[int]:
-        """Indices of the requests that draft this step: all of them, none (the gate skips the pass), or
-        the gate's probe, one request (the one longest without a draft), so that a probe costs a draft
-        for one request rather than for all and sees every request in turn."""
+    def _max_lengths(self, requests: list[Request]) -> torch.Tensor:
+        """The most draft tokens each request may verify: block size, output budget, context limit."""
+        rt = self.runtime
+        return torch.tensor([max(0, min(rt.block_size, r.params.max_tokens - len(r.output_ids) - 1,
+                                        rt.max_seq_len - r.context_length - 1))
+                             for r in requests], dtype=torch.long)
+
+    def _plan_drafts(self, requests: list[Request]) -> None:
+        """Mark (last_draft_step) the decoding requests that draft this step: all of them, none (the gate skips
+        the pass), or the gate's probe, one request (the one longest without a draft), so that a probe costs a
+        draft for one request rather than for all and sees every request in turn."""
         if not self.speculate:
-            return []
-        everyone = list(range(len(requests)))
+            return
+        max_lengths = self._max_lengths(requests)
         plan = "draft" if self.draft_gate is None else self.draft_gate.plan(max_lengths)
-        if plan == "draft":
-            return everyone
         if plan == "skip":
-            return []
-        candidates = [i for i in everyone if max_lengths[i] > 0] or everyone
-        return [min(candidates, key=lambda i: requests[i].last_draft_step)]
+            return
+        drafting = requests
+        if plan == "probe":
+            candidates = [r for r, m in zip(requests, max_lengths.tolist()) if m > 0] or requests
+            drafting = [min(candidates, key=lambda r: r.last_draft_step)]
+        for request in drafting:
+            request.last_draft_step = self.steps
 
     def _schedule(self, conf: torch.Tensor | None, rows: torch.Tensor, max_lengths: torch.Tensor) -> torch.Tensor:
         """ℓ of every request: the scheduler sees all of them (each one's anchor is in the target pass);
@@ -281,8 +295,8 @@ class Engine:
         stats.accepted_lengths.append(len(_cut_at_stop(new_ids, request.params.stop_ids)[0]))
         # the target cache keeps the anchor and the accepted drafts; the new anchor is not cached yet
         self.runtime.rollback(request.slot, start + accepted + 1)
-        if out.taps is not None:
-            request.pending_features.append(out.taps[row0: row0 + accepted + 1])
+        if self.speculate and out.taps is not None:
+            request.pending_features = out.taps[row0: row0 + accepted + 1]
         self._commit(request, new_ids, _logprobs(request, out.logits[row0: row0 + accepted + 1], new_ids))
 
     def _commit(self, request: Request, new_ids: list[int], logprobs: list[float] | None = None) -> None:
@@ -317,7 +331,7 @@ class Engine:
                 error: str | None = None) -> None:
         request.status, request.finish_reason, request.error = status, reason, error
         request.finish_time = time.perf_counter()
-        request.pending_features.clear()
+        request.pending_features = None
         if request.slot is not None:
             self.runtime.free_slot(request.slot)
             request.slot = None
@@ -327,11 +341,10 @@ class Engine:
         if request.on_tokens is not None:
             request.on_tokens(request, new_ids, finished)
 
-    def _take_features(self, request: Request) -> torch.Tensor | None:
-        """The target taps the drafter has not seen yet, as one tensor (None if there are none)."""
-        chunks = request.pending_features
-        features = None if not chunks else chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-        chunks.clear()
+    @staticmethod
+    def _take_features(request: Request) -> torch.Tensor | None:
+        """The target taps the drafter has not seen yet (None if there are none)."""
+        features, request.pending_features = request.pending_features, None
         return features
 
     def _calibrated(self, confidence_logits: torch.Tensor | None) -> torch.Tensor | None:

@@ -17,8 +17,8 @@ one-request draft, so new requests or a change in their confidences are noticed 
 concurrency.
 
 Lossless: the decision rests on earlier steps only, and a step that does not draft is plain decoding
-from the target. The engine keeps a skipped step's target features pending, so the drafter's context
-stays complete for the next draft.
+from the target. The engine extends the drafter's context with a skipped step's target features
+(Runtime.extend_context), so it stays complete for the next draft, which carries one step's rows only.
 """
 from __future__ import annotations
 
