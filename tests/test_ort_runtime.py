@@ -130,6 +130,24 @@ def test_bad_engine_dirs_are_named(tmp_path):
         OrtRuntime(tmp_path)
 
 
+def test_engines_of_an_older_dspark_trt_ask_to_be_rebuilt(tmp_path):
+    """A manifest without the `context` graph (engines built before it existed) fails the drafter's load with
+    the fix; the target alone still runs, and a cache of builds sees it is not current."""
+    from dspark_trt.graphs.manifest import is_current_build, read_manifest, write_manifest
+
+    target = tiny_target(vocab_size=6, seed=2)
+    export_engines(target, tiny_drafter(target, block_size=4, seed=2), tmp_path)
+    assert is_current_build(tmp_path)
+    manifest = read_manifest(tmp_path)
+    del manifest["graphs"]["context"]
+    write_manifest(tmp_path, manifest)
+    assert not is_current_build(tmp_path)
+    with pytest.raises(DSparkError, match=r"no drafter graph \['context'\] \(engines built by an older dspark-trt: "
+                                          r"rebuild them with `dspark-trt build-engines`\)"):
+        OrtRuntime(tmp_path)
+    assert OrtRuntime(tmp_path, use_drafter=False).block_size == 0
+
+
 @pytest.mark.slow
 def test_smollm2_default_pair_greedy_identical(smollm2, tmp_path):
     from dspark_trt.engine.prompts import chat_prompt_ids

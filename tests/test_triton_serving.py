@@ -691,6 +691,31 @@ def test_serve_prints_how_to_call_it_and_stops_cleanly_on_sigterm(engines, tmp_p
         process.kill()
 
 
+def test_a_cached_default_build_of_an_older_dspark_trt_is_rebuilt(engines, tmp_path, monkeypatch, capsys):
+    """`serve`'s cached default engines: a current build is reused; one an older dspark-trt made (its manifest
+    lacks a graph this one runs: the drafter's `context`) is built afresh, not reused to fail at load."""
+    import shutil
+
+    from dspark_trt.graphs.manifest import read_manifest, write_manifest
+    from dspark_trt.serving.default_pair import default_engines
+
+    builds = []
+
+    def build(options, progress=None):  # build-engines, as fast as a copy
+        builds.append(options.out)
+        shutil.copytree(engines, options.out)
+
+    monkeypatch.setattr("dspark_trt.build.pipeline.build_engines", build)
+    cached = default_engines("smollm2", "default", str(tmp_path))
+    assert "building engines" in capsys.readouterr().err and len(builds) == 1
+    assert default_engines("smollm2", "default", str(tmp_path)) == cached and len(builds) == 1
+    manifest = read_manifest(cached)
+    del manifest["graphs"]["context"]
+    write_manifest(cached, manifest)
+    assert default_engines("smollm2", "default", str(tmp_path)) == cached and len(builds) == 2
+    assert "building engines" in capsys.readouterr().err and "context" in read_manifest(cached)["graphs"]
+
+
 @pytest.mark.slow
 @pytest.mark.server
 def test_serve_without_repo_speculates_with_dspark_and_profiles_its_cost_table_once(  # noqa: F811

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from dspark_trt.errors import DSparkError
+from dspark_trt.graphs.draft_graph import missing_graphs
 
 MANIFEST = "manifest.json"
 CALIBRATION = "calibration.json"  # the drafter's STS calibration, copied in by build-engines
@@ -57,6 +58,15 @@ def engines_calibration(engine_dir: str | Path | None) -> Path | None:
         return None
     entry = read_manifest(engine_dir).get("calibration")
     return Path(engine_dir) / entry["file"] if entry else None
+
+
+def is_current_build(engine_dir: str | Path) -> bool:
+    """Whether engine_dir holds a build this dspark-trt runs: a manifest it reads, naming every graph it loads
+    (engines an older version built may lack one and must be rebuilt; a cache of builds checks this)."""
+    try:
+        return not missing_graphs(read_manifest(engine_dir))
+    except DSparkError:
+        return False
 
 
 def load_engine_tokenizer(engine_dir: str | Path):

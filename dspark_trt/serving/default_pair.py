@@ -16,15 +16,17 @@ DEFAULT_DRAFTS = {"smollm2": "default"}  # target alias -> the drafter that ship
 
 
 def default_engines(target: str, draft: str | None, cache_dir: str | None) -> Path:
-    """Engines for (target, draft), built once into the cache directory."""
+    """Engines for (target, draft), built once into the cache directory (again over a build that an older
+    dspark-trt made, which lacks a graph this one runs)."""
     from dspark_trt.build.pipeline import BuildOptions, build_engines
+    from dspark_trt.graphs.manifest import is_current_build
 
     cache = _cache(cache_dir)
     key = _key(target, draft)
     engines = cache / f"engines-{key}"
-    if not (engines / "manifest.json").is_file():
+    if not is_current_build(engines):  # none yet, or built by an older dspark-trt
         _say(f"building engines for target {target!r}" + (f" and drafter {draft!r}" if draft else "")
-             + f" into {engines} (first start only)")
+             + f" into {engines} (first start, or engines of an older dspark-trt)")
         staging = cache / f".engines-{key}-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         build_engines(BuildOptions(out=str(staging), target=target, draft=draft))
