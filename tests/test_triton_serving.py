@@ -691,7 +691,8 @@ def test_serve_prints_how_to_call_it_and_stops_cleanly_on_sigterm(engines, tmp_p
         process.kill()
 
 
-def test_a_cached_default_build_of_an_older_dspark_trt_is_rebuilt(engines, tmp_path, monkeypatch, capsys):
+def test_a_cached_default_build_of_an_older_dspark_trt_is_rebuilt(engines, pair, tmp_path, monkeypatch,  # noqa: F811
+                                                                   capsys):
     """`serve`'s cached default engines: a current build is reused; one an older dspark-trt made (its manifest
     lacks a graph this one runs: the drafter's `context`) is built afresh, not reused to fail at load."""
     import shutil
@@ -714,6 +715,11 @@ def test_a_cached_default_build_of_an_older_dspark_trt_is_rebuilt(engines, tmp_p
     write_manifest(cached, manifest)
     assert default_engines("smollm2", "default", str(tmp_path)) == cached and len(builds) == 2
     assert "building engines" in capsys.readouterr().err and "context" in read_manifest(cached)["graphs"]
+    drafter = tmp_path / "drafter"  # a drafter whose weights change (a new shipped `default`) is built afresh
+    shutil.copytree(pair / "draft", drafter)
+    first = default_engines("smollm2", str(drafter), str(tmp_path))
+    (drafter / "model.safetensors").write_bytes((drafter / "model.safetensors").read_bytes() + b" ")
+    assert default_engines("smollm2", str(drafter), str(tmp_path)) != first and len(builds) == 4
 
 
 @pytest.mark.slow

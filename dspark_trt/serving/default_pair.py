@@ -61,7 +61,14 @@ def _cache(cache_dir: str | None) -> Path:
 
 
 def _key(target: str, draft: str | None) -> str:
-    return hashlib.sha256(f"{target}|{draft}".encode()).hexdigest()[:12]
+    """The cache key of (target, draft): their names plus the drafter's weights, so that a new shipped drafter
+    (`default` names whatever this version ships) is built afresh."""
+    from dspark_trt.graphs.manifest import sha256
+    from dspark_trt.models.drafter_checkpoint import resolve_drafter
+
+    weights = resolve_drafter(draft) / "model.safetensors" if draft is not None else None
+    digest = sha256(weights) if weights is not None and weights.is_file() else ""
+    return hashlib.sha256(f"{target}|{draft}|{digest}".encode()).hexdigest()[:12]
 
 
 def _say(message: str) -> None:
