@@ -8,7 +8,7 @@ import triton_python_backend_utils as pb_utils
 from dspark_trt.engine.engine import EngineOverloadedError
 from dspark_trt.engine.factory import build_engine
 from dspark_trt.errors import DSparkError
-from dspark_trt.serving.bls_services import bls_call
+from dspark_trt.serving.bls_services import bls_call, single_threaded_torch
 from dspark_trt.serving.orchestrator import Job, Orchestrator, describe, engine_options, served_limits
 from dspark_trt.serving.request_parsing import parse_generation_request, parse_stop_request
 
@@ -86,6 +86,7 @@ class Metrics:
 
 class TritonPythonModel:
     def initialize(self, args):
+        single_threaded_torch()
         self.options = engine_options(json.loads(args["model_config"]))
         self.engine, self.tokenizer = build_engine(self.options, call=bls_call(pb_utils))
         runtime = self.engine.runtime
