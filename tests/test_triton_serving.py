@@ -261,6 +261,60 @@ def test_a_split_request_resuming_drafting_ships_one_steps_rows(engines):
     assert resumed >= 2 and sum("anchors" not in inputs for inputs, _ in draft_calls) > 10
 
 
+def test_extend_only_calls_overlap_the_target_pass_but_never_a_draft_call(engines):
+    """BlsRuntime sends an extend-only call without waiting for it; the next dspark_draft call waits for it, so
+    calls of dspark_draft never overlap and run in the order sent; one that fails fails the next drafting pass
+    with a message naming it, and the engine serves on."""
+    import threading
+    import time
+
+    from dspark_trt.engine.engine import Engine
+    from dspark_trt.runtimes.bls_runtime import BlsRuntime
+    from dspark_trt.spec.cost_table import CostTable
+    from dspark_trt.spec.scheduler import make_scheduler
+
+    services = {"dspark_target": TargetService(engines, num_slots=2), "dspark_draft": DraftService(engines, 2)}
+    spans, overlapped, lock, fail, target_spans = [], [], threading.Lock(), {"at": None}, []
+
+    def call(model, inputs, outputs):
+        if model == "dspark_target":
+            start = time.perf_counter()
+            result = services[model]({k: v.copy() for k, v in inputs.items()})
+            target_spans.append((start, time.perf_counter()))
+            return result
+        start = time.perf_counter()
+        with lock:
+            extend_only = "anchors" not in inputs
+            if extend_only and len([s for s in spans if s[0]]) + 1 == fail["at"]:
+                spans.append((True, start, start))
+                raise RuntimeError("stub died")
+        if extend_only:
+            time.sleep(0.02)  # slower than a target pass of these tiny engines: the overlap must show
+        result = services[model]({k: v.copy() for k, v in inputs.items()})
+        with lock:
+            overlapped.append(any(end > start for _, _, end in spans))
+            spans.append((extend_only, start, time.perf_counter()))
+        return result
+
+    table = CostTable([1, 8], [10.0, 10.0], draft_requests=[1, 8], draft_seconds=[10.0, 10.0])
+    scheduler = make_scheduler("dspark", 7, cost_table=table, min_predicted_gain=0.0)
+    engine = Engine(BlsRuntime(engines, call, num_slots=2), scheduler)
+    params = SamplingParams(max_tokens=16, stop_ids=(NEVER,))
+    plain = Engine(BlsRuntime(engines, call, num_slots=2, use_drafter=False)).generate([[5, 6, 7]], params)
+    got = engine.generate([[5, 6, 7]], params)
+    assert got[0].output_ids == plain[0].output_ids and not any(overlapped)
+    extensions = [(start, end) for extend_only, start, end in spans if extend_only]
+    assert len(extensions) > 3  # the gate skipped: contexts were extended, while the target ran its next pass
+    overlapping = [any(t0 < end and start < t1 for t0, t1 in target_spans) for start, end in extensions]
+    assert sum(overlapping) >= len(extensions) - 1
+
+    spans.clear()
+    fail["at"] = 2
+    failed, after = engine.generate([[5, 6, 7], [8, 9]], params), engine.generate([[5, 6, 7]], params)
+    assert any("extending the drafter's context failed: stub died" in (r.error or "") for r in failed)
+    assert after[0].output_ids == plain[0].output_ids and engine.runtime.free_slots == 2
+
+
 STUB_IMPORTS = """
 import importlib.util, json, sys
 sys.path.insert(0, sys.argv[1])  # triton_python_backend_utils, as the stub has it
