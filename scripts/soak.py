@@ -50,40 +50,12 @@ from typing import Callable
 import numpy as np
 from recovery_times import generate, git_revision, one_fault, server_pid, supervised
 
-from dspark_trt.serving.processes import SHM_DIR, python_stubs
+from dspark_trt.serving.processes import SHM_DIR, python_stubs, rss_mb, tree_rss_mb
 from dspark_trt.serving.supervisor import SERVER
 
 VICTIMS = ("dspark_target", "dspark_draft", "preprocessing", "postprocessing", "dspark_bls", SERVER)
 PROMPTS = ["Write a haiku about the sea.", "What is 17 times 23?", "Name three prime numbers.",
            "Explain speculative decoding in one sentence.", "Say hello in French."]
-
-
-def rss_mb(pid: int) -> float:
-    """Resident set size of one process, in MB (0 if it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def descendants(pid: int) -> list[int]:
-    """pid and every process below it (the python backend stubs are the server's children)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        out.append(current)
-        todo += children.get(current, [])
-    return out
 
 
 def one_request(grpc_url: str, index: int, max_tokens: int, timeout_s: float,
@@ -270,7 +242,7 @@ def soak(grpc_url: str, current_pid: Callable[[], int | None], minutes: float, c
         pid = current_pid()
         if pid is not None:
             sample["rss_server_mb"] = round(rss_mb(pid), 1)
-            sample["rss_total_mb"] = round(sum(rss_mb(p) for p in descendants(pid)), 1)
+            sample["rss_total_mb"] = round(tree_rss_mb(pid), 1)
         samples.append(sample)
         print(json.dumps(sample), file=sys.stderr, flush=True)
         time.sleep(sample_s)

@@ -34,6 +34,7 @@ def test_the_command_streams_from_generate_stream_with_the_template_in_a_file(tm
     templates = [a for a in command if a.startswith("payload_template:")]
     assert templates == [f"payload_template:{tmp_path / 'template.json'}"]  # inline, AIPerf splits it at commas
     assert "response_field:text_output" in command
+    assert "--no-server-metrics" in command and flag["--workers-max"] == "1"
 
 
 def test_a_real_export_becomes_one_row_of_the_table():
@@ -45,8 +46,9 @@ def test_a_real_export_becomes_one_row_of_the_table():
     assert row["requests"] == export["request_count"]["avg"] and row["errors"] == 0
     with_errors = dict(export, error_summary=[{"error_details": {"message": "x"}, "count": 3}])
     assert summarize(with_errors)["errors"] == 3
-    table = aiperf_table({"rows": [{"concurrency": 1, **row}]})
+    table = aiperf_table({"rows": [{"concurrency": 1, **row, "aiperf_wall_seconds": 4.0, "aiperf_cpu_seconds": 3.0}]})
     assert table.splitlines()[2].startswith(f"| 1 | {row['ttft_ms']['avg']:.0f} / ")
+    assert table.splitlines()[2].endswith("| 0 | 0.75 |")
     with pytest.raises(DSparkError, match="no 'inter_token_latency'"):
         summarize({k: v for k, v in export.items() if k != "inter_token_latency"})
 
@@ -68,3 +70,4 @@ def test_aiperf_drives_the_served_ensemble(engines, tmp_path):  # noqa: F811 (te
     assert [row["concurrency"] for row in result["rows"]] == [1, 2]
     for row in result["rows"]:
         assert row["errors"] == 0 and row["requests"] == 4 and row["ttft_ms"]["avg"] > 0
+        assert 0 < row["aiperf_cpu_seconds"] and 0 < row["aiperf_wall_seconds"]

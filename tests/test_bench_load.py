@@ -150,3 +150,43 @@ def test_served_sweep_through_tritonserver_matches_mode_off(engines, pair, tmp_p
     assert result["greedy_mismatches_vs_off"] == []
     for name in ("load_served_frontier.png", "load_served_budget.png"):
         _valid_png(tmp_path / name)
+
+
+def test_served_and_in_process_outputs_are_compared_per_prompt():
+    from dspark_trt.bench.served import mismatched_prompts
+
+    def record(prompt, digest):
+        return RequestRecord(prompt=prompt, submit=0.0, first_token=0.1, finish=1.0, tokens=4, output_digest=digest)
+
+    local = [record(0, "a"), record(1, "b"), record(0, "a")]
+    assert mismatched_prompts(local, [record(0, "a"), record(1, "b"), record(2, "z")]) == []  # 2: not run locally
+    assert mismatched_prompts(local, [record(0, "a"), record(1, "c")]) == [1]
+    assert mismatched_prompts(local + [record(1, "d")], [record(0, "a")]) == [1]  # in-process differed from itself
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_bench_served_runs_both_paths_per_concurrency_on_one_schedule(pair, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """bench served on the tiny pair: what `serve` would pick (dspark, a cost table profiled for these engines),
+    in-process and served closed loops at each concurrency, greedy texts equal, the server's RSS sampled."""
+    from pathlib import Path
+
+    monkeypatch.setenv("DSPARK_TRT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "served.json"
+    assert cli_main(["bench", "served", "--target", str(pair / "target"), "--draft", str(pair / "draft"),
+                     "--cache-dir", str(tmp_path / "serve"), "--prompts-file", str(pair / "prompts.jsonl"),
+                     "--limit", "3", "--concurrency", "2,1", "--seconds", "1", "--rounds", "2", "--max-tokens", "8",
+                     "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["schedule"] == "dspark" and Path(result["cost_table"]).parent == tmp_path / "cache" / "cost-tables"
+    assert [p["concurrency"] for p in result["points"]] == [1, 2] and result["server_rss_mb_idle"] > 50
+    for point in result["points"]:
+        local, served = point["in_process"], point["served"]
+        assert len(local["rounds"]) == len(served["rounds"]) == 2 and point["mismatched_prompts"] == []
+        assert local["tokens"] == sum(r["tokens"] for r in local["rounds"]) and served["requests"] >= 2
+        assert point["ratio"] == pytest.approx(served["aggregate_tokens_per_second"]
+                                               / local["aggregate_tokens_per_second"])
+        assert point["server_rss_mb_mean"] <= point["server_rss_mb_max"] < 4 * result["server_rss_mb_idle"]
+    assert "served text equal to in-process: yes" in capsys.readouterr().out
+    assert cli_main(["bench", "served", "--seconds", "0"]) == 2
+    assert "--seconds must be > 0 and --rounds >= 1" in capsys.readouterr().err

@@ -8,8 +8,10 @@ dashboards and data tools that the serving stack (nvidia-pytriton pins numpy < 2
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -40,7 +42,10 @@ def find_aiperf(path: str | None) -> Path:
 def aiperf_command(aiperf: Path, url: str, tokenizer: str, inputs: Path, concurrency: int, requests: int,
                    max_tokens: int, artifacts: Path) -> list[str]:
     """One AIPerf profile of the served ensemble at `concurrency`, on our prompts: `inputs` holds prompts.jsonl
-    (single-turn JSONL) and template.json (PAYLOAD_TEMPLATE: AIPerf splits an inline template at its commas)."""
+    (single-turn JSONL) and template.json (PAYLOAD_TEMPLATE: AIPerf splits an inline template at its commas).
+    AIPerf runs beside the server on the same cores, so it runs lean: one worker (its requests are asyncio
+    streams; more workers only add processes), and no server-metrics scraping, which looks for /metrics on the
+    HTTP port (Triton serves it on the metrics port) and, starved of CPU, missed its heartbeats and was reaped."""
     return [str(aiperf), "profile", "--model", ENTRY_MODEL, "--url", url, "--endpoint-type", "template",
             "--custom-endpoint", f"/v2/models/{ENTRY_MODEL}/generate_stream", "--streaming",
             "--extra-inputs", f"payload_template:{inputs / 'template.json'}", "--extra-inputs", "response_field:text_output",
@@ -48,6 +53,7 @@ def aiperf_command(aiperf: Path, url: str, tokenizer: str, inputs: Path, concurr
             "--output-tokens-mean", str(max_tokens), "--output-tokens-stddev", "0",
             "--concurrency", str(concurrency), "--request-count", str(requests),
             "--warmup-request-count", str(concurrency), "--random-seed", "0", "--no-gpu-telemetry",
+            "--no-server-metrics", "--workers-max", "1",
             "--ui-type", "none", "--artifact-dir", str(artifacts)]
 
 
@@ -80,12 +86,17 @@ def bench_aiperf(url: str, tokenizer: str, prompts: list[str], concurrency: list
         artifacts = out / f"concurrency-{c}"
         command = aiperf_command(binary, url, tokenizer, out, c, requests, max_tokens, artifacts)
         progress(f"concurrency {c}: {requests} requests")
+        before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
         result = subprocess.run(command, capture_output=True, text=True)
+        wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
         export = artifacts / "profile_export_aiperf.json"
         if result.returncode != 0 or not export.is_file():
             raise DSparkError(f"aiperf failed at concurrency {c} (exit {result.returncode}): "
                               f"{(result.stderr or result.stdout)[-2000:]}")
-        rows.append({"concurrency": c, **summarize(json.loads(export.read_text()))})
+        # AIPerf's own processes share the cores with the server: what they took is part of the reading
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        rows.append({"concurrency": c, **summarize(json.loads(export.read_text())), "aiperf_wall_seconds": wall,
+                     "aiperf_cpu_seconds": cpu})
     version = subprocess.run([str(binary), "--version"], capture_output=True, text=True).stdout.strip()
     return {"benchmark": "aiperf", "url": url, "aiperf": version or str(binary), "prompts": len(prompts),
             "max_tokens": max_tokens, "requests_per_point": requests, "payload_template": PAYLOAD_TEMPLATE,
@@ -95,12 +106,13 @@ def bench_aiperf(url: str, tokenizer: str, prompts: list[str], concurrency: list
 def aiperf_table(result: dict) -> str:
     """The markdown table of docs/benchmarks.md: TTFT, inter-token latency and throughput per concurrency."""
     lines = ["| concurrency | TTFT ms avg / p50 / p99 | ITL ms avg / p50 / p99 | output tok/s | tok/s per user "
-             "| requests/s | errors |", "|---|---|---|---|---|---|---|"]
+             "| requests/s | errors | AIPerf's CPU (cores) |", "|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         ttft, itl = row["ttft_ms"], row["itl_ms"]
         lines.append(f"| {row['concurrency']} | {ttft['avg']:.0f} / {ttft['p50']:.0f} / {ttft['p99']:.0f} "
                      f"| {itl['avg']:.1f} / {itl['p50']:.1f} / {itl['p99']:.1f} "
                      f"| {row['output_tokens_per_second']['avg']:.1f} "
                      f"| {row['output_tokens_per_second_per_user']['avg']:.1f} "
-                     f"| {row['requests_per_second']['avg']:.2f} | {row['errors']} |")
+                     f"| {row['requests_per_second']['avg']:.2f} | {row['errors']} "
+                     f"| {row['aiperf_cpu_seconds'] / row['aiperf_wall_seconds']:.2f} |")
     return "\n".join(lines)

@@ -148,9 +148,10 @@ def digest(values) -> str:
 
 # ---- the closed loop over the in-process engine ------------------------------------------------------
 def closed_loop_engine(engine, prompts: list[list[int]], params, concurrency: int, num_requests: int | None,
-                       duration_s: float | None) -> list[RequestRecord]:
+                       duration_s: float | None, digest_of: Callable[[list[int]], str] = digest) -> list[RequestRecord]:
     """Drive `engine` with `concurrency` client slots until num_requests finished or duration_s passed
-    (in-flight requests then run to their end). Prompts are taken round robin."""
+    (in-flight requests then run to their end). Prompts are taken round robin; digest_of(output ids) is each
+    record's output_digest (the served driver's digest the text: pass one that decodes to compare them)."""
     finished: list = []
     prompt_of: dict[str, int] = {}  # request id -> prompt index
     records: list[RequestRecord] = []
@@ -185,7 +186,7 @@ def closed_loop_engine(engine, prompts: list[list[int]], params, concurrency: in
             records.append(RequestRecord(
                 prompt=prompt_of[request.request_id], submit=request.arrival_time, first_token=stats.first_token_time,
                 finish=request.finish_time, tokens=len(request.output_ids), verified=list(stats.round_verified),
-                accepted=list(stats.accepted_lengths), output_digest=digest(request.output_ids)))
+                accepted=list(stats.accepted_lengths), output_digest=digest_of(request.output_ids)))
             if more():
                 submit()
         finished.clear()
@@ -399,6 +400,7 @@ def bench_load(options, modes: list[Mode], concurrency: list[int], prompts: list
                served: bool = False, cache_dir: str | None = None, progress: Progress = lambda msg: None) -> dict:
     """Run the sweep, write <out>/load[_served].json and its two PNGs; returns the result dict."""
     import json
+    import tempfile
 
     from dspark_trt.bench.common import environment
     from dspark_trt.bench.load_plots import budget_plot, frontier_plot
@@ -414,10 +416,11 @@ def bench_load(options, modes: list[Mode], concurrency: list[int], prompts: list
     out.mkdir(parents=True, exist_ok=True)
     name = "load_served" if served else "load"
     profile_out = out / f"{name}_cost_table.json"
-    if served:
-        points, cost_table = sweep_served(options, modes, concurrency, prompts, max_tokens, num_requests,
-                                          duration_s, cost_table, cache_dir, out / f"{name}_work", profile_out,
-                                          progress)
+    if served:  # the repositories and server logs of the sweep go away with it (a failure quotes the log)
+        with tempfile.TemporaryDirectory(prefix="dspark-load-served-") as workdir:
+            points, cost_table = sweep_served(options, modes, concurrency, prompts, max_tokens, num_requests,
+                                              duration_s, cost_table, cache_dir, Path(workdir), profile_out,
+                                              progress)
     else:
         points, cost_table = sweep_engine(options, modes, concurrency, prompts, max_tokens, num_requests,
                                           duration_s, cost_table, profile_out, progress)

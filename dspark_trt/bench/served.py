@@ -1,54 +1,121 @@
-"""Served tokens/s through a real tritonserver (HTTP generate on the ensemble) vs the in-process
-engine on the same engine directory, concurrency 1, interleaved per prompt; greedy outputs are
-checked to be the same text."""
+"""Served vs in-process throughput on the same engines, schedule, cost table and calibration, side by side:
+at each concurrency the in-process engine's closed loop runs, then the same closed loop through a real
+tritonserver (tritonclient gRPC streams to the ensemble), while the server's resident memory (tritonserver
+plus every Python stub) is sampled; `rounds` such pairs alternate, so drift in the machine's speed (two
+shared cores move by ±10% within minutes) falls on both sides alike. Greedy decoding is lossless and the engines are batch-invariant, so
+every served text must equal the in-process engine's decoded output for the same prompt."""
 from __future__ import annotations
 
-import json
-import urllib.request
+import threading
 
-from dspark_trt.bench.common import environment, timed
-from dspark_trt.engine.engine import Engine
+from dspark_trt.bench.common import environment
+from dspark_trt.bench.load import closed_loop_engine, closed_loop_served, digest, summarize
+from dspark_trt.engine.factory import EngineOptions, build_engine
 from dspark_trt.engine.prompts import chat_prompt_ids
 from dspark_trt.engine.request import SamplingParams
-from dspark_trt.graphs.manifest import load_engine_tokenizer
-from dspark_trt.runtimes.ort_runtime import OrtRuntime
+from dspark_trt.graphs.manifest import load_engine_tokenizer, read_manifest
 from dspark_trt.serving.default_pair import default_engines, default_repository
-from dspark_trt.serving.package import ENTRY_MODEL
+from dspark_trt.serving.package import PackageOptions, resolve_defaults
+from dspark_trt.serving.processes import tree_rss_mb
 from dspark_trt.serving.tritonserver import TritonServer
-from dspark_trt.spec.scheduler import make_scheduler
+
+RSS_EVERY_S = 1.0
 
 
-def bench_served(target: str, draft: str | None, prompts: list[str], max_tokens: int, cache_dir: str | None,
-                 progress=lambda msg: None) -> dict:
+class RssSampler:
+    """Samples the resident memory of a process tree every RSS_EVERY_S seconds while in its `with` block."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append(tree_rss_mb(self.pid))
+            if self._stop.wait(RSS_EVERY_S):
+                return
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bench_served(target: str, draft: str | None, prompts: list[str], max_tokens: int, concurrency: list[int],
+                 seconds: float, rounds: int, cache_dir: str | None, progress=lambda msg: None) -> dict:
+    """One point per concurrency: in-process and served aggregate tokens/s, their ratio, and the server's RSS."""
     engines = default_engines(target, draft, cache_dir)
-    repo = default_repository(target, draft, cache_dir, "fixed" if draft else "off")  # the in-process schedule
+    # what `serve` would pick (schedule, cost table, calibration), fixed here so that both sides get the same
+    options = resolve_defaults(PackageOptions(engines=str(engines), out=""), read_manifest(engines), progress)
+    repo = default_repository(target, draft, cache_dir, options.schedule, options.cost_table)
+    engine, _ = build_engine(EngineOptions(engines=str(engines), schedule=options.schedule or "off",
+                                           cost_table=options.cost_table, calibration=options.calibration,
+                                           num_slots=options.num_slots, max_queue_size=options.max_queue_size))
     tokenizer = load_engine_tokenizer(engines)
-    runtime = OrtRuntime(engines, num_slots=1, use_drafter=draft is not None)
-    scheduler = make_scheduler("fixed", runtime.block_size) if draft else None
-    engine = Engine(runtime, scheduler)
-    params = SamplingParams(max_tokens=max_tokens, stop_ids=tuple(runtime.eos_token_ids))
+    ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    params = SamplingParams(max_tokens=max_tokens, stop_ids=tuple(engine.runtime.eos_token_ids))
+    text_digest = lambda out: digest(tokenizer.decode(out, skip_special_tokens=True))  # noqa: E731
+    count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    points = []
     with TritonServer(repo) as server:  # starts the server and waits until it is ready
-        url = f"http://{server.http_url}/v2/models/{ENTRY_MODEL}/generate"
+        idle_rss = tree_rss_mb(server.pid)
+        closed_loop_served(server.grpc_url, prompts[:1], 4, 1, 1, None, count)  # warm-up both paths
+        engine.generate([ids[0]], SamplingParams(max_tokens=4))
+        for c in concurrency:
+            local, remote, rss = [], [], []
+            for _ in range(rounds):
+                local.append(closed_loop_engine(engine, ids, params, c, None, seconds, text_digest))
+                with RssSampler(server.pid) as sampler:
+                    remote.append(closed_loop_served(server.grpc_url, prompts, max_tokens, c, None, seconds, count))
+                rss += sampler.samples
+            point = {"concurrency": c, "in_process": combined(local), "served": combined(remote),
+                     "server_rss_mb_max": max(rss), "server_rss_mb_mean": sum(rss) / len(rss),
+                     "mismatched_prompts": mismatched_prompts(sum(local, []), sum(remote, []))}
+            point["ratio"] = (point["served"]["aggregate_tokens_per_second"]
+                              / point["in_process"]["aggregate_tokens_per_second"])
+            progress(f"C={c}: in-process {point['in_process']['aggregate_tokens_per_second']:.1f} tok/s, served "
+                     f"{point['served']['aggregate_tokens_per_second']:.1f} tok/s ({point['ratio']:.2f}x; by round "
+                     + ", ".join(f"{b['aggregate_tokens_per_second'] / a['aggregate_tokens_per_second']:.2f}"
+                                 for a, b in zip(point["in_process"]["rounds"], point["served"]["rounds"]))
+                     + f"), server RSS max {point['server_rss_mb_max']:.0f} MB")
+            points.append(point)
+    return {"benchmark": "served", "target": target, "draft": draft, "engines": str(engines),
+            "schedule": options.schedule, "cost_table": options.cost_table, "calibration": options.calibration,
+            "num_slots": options.num_slots, "prompts": len(prompts), "max_tokens": max_tokens, "seconds": seconds,
+            "rounds": rounds,
+            "server_rss_mb_idle": idle_rss, "points": points,
+            "transport": "tritonclient gRPC streaming to the ensemble", "environment": environment()}
 
-        def served(prompt: str) -> str:
-            body = json.dumps({"text_input": prompt, "max_tokens": max_tokens}).encode()
-            request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=600) as response:
-                return json.loads(response.read())["text_output"]
 
-        served(prompts[0])  # warm-up both paths
-        engine.generate([chat_prompt_ids(tokenizer, prompts[0])], params)
-        tokens, served_s, local_s, same = 0, 0.0, 0.0, True
-        for i, prompt in enumerate(prompts):
-            local, l_s = timed(lambda: engine.generate([chat_prompt_ids(tokenizer, prompt)], params)[0])
-            text, s_s = timed(lambda: served(prompt))
-            tokens += len(local.output_ids)
-            local_s += l_s
-            served_s += s_s
-            same &= text == tokenizer.decode(local.output_ids, skip_special_tokens=True)
-            progress(f"prompt {i + 1}/{len(prompts)}: in-process {len(local.output_ids) / l_s:.1f} tok/s, "
-                     f"served {len(local.output_ids) / s_s:.1f} tok/s")
-    return {"benchmark": "served", "target": target, "draft": draft, "prompts": len(prompts),
-            "max_tokens": max_tokens, "tokens": tokens, "in_process_tokens_per_second": tokens / local_s,
-            "served_tokens_per_second": tokens / served_s, "ratio": local_s / served_s, "same_text": same,
-            "transport": "HTTP generate on the ensemble, concurrency 1", "environment": environment()}
+def combined(rounds: list[list]) -> dict:
+    """One side of a point over its rounds: tokens over the rounds' summed seconds, and each round's summary."""
+    summaries = [summarize(records) for records in rounds]
+    tokens, seconds = sum(s["tokens"] for s in summaries), sum(s["seconds"] for s in summaries)
+    return {"requests": sum(s["requests"] for s in summaries), "tokens": tokens, "seconds": seconds,
+            "aggregate_tokens_per_second": tokens / seconds, "rounds": summaries}
+
+
+def mismatched_prompts(local: list, remote: list) -> list[int]:
+    """Prompts whose served output differs from the in-process one (each side's digest of the decoded text)."""
+    local_digests: dict[int, set[str]] = {}
+    for record in local:
+        local_digests.setdefault(record.prompt, set()).add(record.output_digest)
+    served_differs = {r.prompt for r in remote
+                      if r.prompt in local_digests and r.output_digest not in local_digests[r.prompt]}
+    return sorted(served_differs | {p for p, digests in local_digests.items() if len(digests) > 1})
+
+
+def served_table(result: dict) -> str:
+    """The markdown table of docs/benchmarks.md."""
+    lines = ["| C | in-process tok/s | served tok/s | served / in-process | server RSS (max, MB) |",
+             "|---|---|---|---|---|"]
+    for p in result["points"]:
+        lines.append(f"| {p['concurrency']} | {p['in_process']['aggregate_tokens_per_second']:.1f} | "
+                     f"{p['served']['aggregate_tokens_per_second']:.1f} | {p['ratio']:.2f} | "
+                     f"{p['server_rss_mb_max']:,.0f} |")
+    return "\n".join(lines)

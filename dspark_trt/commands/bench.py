@@ -51,11 +51,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     speedup.add_argument("--cost-table", help="SPS(B) table for --schedule dspark/async (`dspark-trt profile`)")
     speedup.add_argument("--no-peers", action="store_true",
                          help="skip the peers (transformers, onnxruntime-genai, llama.cpp; plain and prompt lookup)")
-    served = sub.add_parser("served", help="tritonserver (HTTP generate) vs the in-process engine, concurrency 1")
+    served = sub.add_parser("served", help="tritonserver vs the in-process engine per concurrency, with server RSS")
     served.add_argument("--target", default="smollm2")
-    served.add_argument("--draft", help="drafter directory (default: speculation off)")
-    served.add_argument("--prompt", action="append", help="prompt text (repeatable; default: three built-in ones)")
-    served.add_argument("--max-tokens", type=int, default=64)
+    served.add_argument("--draft", default="default", help="drafter directory or 'default' (the shipped one); "
+                        "'none': speculation off")
+    served.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    served.add_argument("--prompts-file", action="append", help="JSONL prompts (repeatable)")
+    served.add_argument("--limit", type=int, default=8, help="prompts per file")
+    served.add_argument("--concurrency", default="1,16", help="concurrent client streams, comma separated")
+    served.add_argument("--seconds", type=float, default=30, help="seconds of submitting per round and side")
+    served.add_argument("--rounds", type=int, default=2, help="alternating (in-process, served) rounds per point")
+    served.add_argument("--max-tokens", type=int, default=128)
     served.add_argument("--cache-dir", help="where engines and the repository are built (as for `serve`)")
     precision = sub.add_parser("precision", help="an engine's target vs the float32 torch reference (KL, greedy)")
     precision.add_argument("--target", default="smollm2")
@@ -73,9 +79,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     draft = sub.add_parser("draft", help="draft pass cost of engine directories, interleaved")
     draft.add_argument("--engines", nargs="+", required=True, help="build-engines directories with drafters")
     draft.add_argument("--rounds", type=int, default=15)
-    for p in (ar, speedup, served, precision, train, draft):
-        p.add_argument("--json", action="store_true")
-        p.add_argument("--out", help="also write the result JSON here")
     aiperf = sub.add_parser("aiperf", help="NVIDIA AIPerf against a running `dspark-trt serve` (HTTP generate_stream)")
     aiperf.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP address")
     aiperf.add_argument("--tokenizer", required=True, help="the served engines' tokenizer directory (AIPerf counts "
@@ -87,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     aiperf.add_argument("--max-tokens", type=int, default=128)
     aiperf.add_argument("--aiperf", help="the aiperf executable (default: .venv-aiperf's from `make aiperf`)")
     aiperf.add_argument("--artifacts", required=True, help="directory for AIPerf's inputs and exports")
+    for p in (ar, speedup, served, precision, train, draft, aiperf):
+        p.add_argument("--json", action="store_true")
+        p.add_argument("--out", help="also write the result JSON here")
     load = sub.add_parser("load", help="closed-loop concurrency sweep per schedule mode (Pareto frontier)")
     load.add_argument("--target", default="smollm2")
     load.add_argument("--draft", help="drafter directory (needed by every mode but off)")
@@ -135,13 +141,20 @@ def run(args: argparse.Namespace) -> int:
                                cost_table=args.cost_table, domains=[d for d, texts in by_file for _ in texts])
         summary = speedup_table(result)
     elif args.benchmark == "served":
-        from dspark_trt.bench.served import bench_served
+        from dspark_trt.bench.load import parse_concurrency
+        from dspark_trt.bench.served import bench_served, served_table
 
-        prompts = args.prompt or [DEFAULT_PROMPT, "List three uses of a paperclip.", "What is 17 times 23?"]
-        result = bench_served(args.target, args.draft, prompts, args.max_tokens, args.cache_dir, progress)
-        summary = (f"in-process {result['in_process_tokens_per_second']:.1f} tok/s, served "
-                   f"{result['served_tokens_per_second']:.1f} tok/s, served/in-process {result['ratio']:.2f}, "
-                   f"same text: {result['same_text']}")
+        prompts = (args.prompt or []) + [p for f in args.prompts_file or [] for p in read_prompts_file(f, args.limit)]
+        prompts = prompts or [DEFAULT_PROMPT, "List three uses of a paperclip.", "What is 17 times 23?"]
+        if args.seconds <= 0 or args.rounds < 1:
+            raise DSparkError(f"--seconds must be > 0 and --rounds >= 1, got {args.seconds} and {args.rounds}")
+        draft = None if args.draft == "none" else args.draft
+        result = bench_served(args.target, draft, prompts, args.max_tokens, parse_concurrency(args.concurrency),
+                              args.seconds, args.rounds, args.cache_dir, progress)
+        mismatched = sorted({i for p in result["points"] for i in p["mismatched_prompts"]})
+        summary = (served_table(result) + f"\nschedule {result['schedule']}; idle server RSS "
+                   f"{result['server_rss_mb_idle']:,.0f} MB; served text equal to in-process: "
+                   + ("yes" if not mismatched else f"NO for prompts {mismatched}"))
     elif args.benchmark == "precision":
         from dspark_trt.bench.precision import measure_precision, precision_table
         from dspark_trt.engine.prompts import chat_prompt_ids

@@ -53,3 +53,36 @@ def remove_shm_regions(stubs: list[Stub]) -> None:
         if "/" not in stub.shm_region:
             with contextlib.suppress(FileNotFoundError):
                 (SHM_DIR / stub.shm_region).unlink()
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of one process, in MB (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and every process below it (the python backend stubs are the server's children)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo += children.get(current, [])
+    return out
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident set size of pid and every process below it, in MB: a tritonserver with all its stubs."""
+    return sum(rss_mb(p) for p in descendants(pid))
