@@ -109,14 +109,16 @@ class Engine:
             self._guard(prefilling, self._prefill, prefilling)
         started = time.perf_counter()  # a decode step's seconds, for the draft gate, include the extension
         decoding = [r for r in self.running if r.anchor is not None and not r.done]
+        max_lengths = self._max_lengths(decoding)  # nothing below changes them before the decode pass
         if decoding:
-            self._guard(decoding, self._plan_drafts, decoding)
+            self._guard(decoding, self._plan_drafts, decoding, max_lengths)
         extending = [r for r in self.running if r.pending_features is not None and r.last_draft_step != self.steps]
         if extending:
             self._guard(extending, self._extend_contexts, extending)
-        decoding = [r for r in decoding if not r.done]
-        if decoding:
-            self._guard(decoding, self._decode, decoding, started)
+        live = [i for i, r in enumerate(decoding) if not r.done]
+        if live:
+            decoding = [decoding[i] for i in live]
+            self._guard(decoding, self._decode, decoding, max_lengths[live], started)
         self.running = [r for r in self.running if not r.done]
 
     def _guard(self, requests: list[Request], fn, *args) -> None:
@@ -182,8 +184,9 @@ class Engine:
         self.runtime.extend_context(torch.tensor([r.slot for r in requests], dtype=torch.long),
                                     [self._take_features(r) for r in requests])
 
-    def _decode(self, requests: list[Request], started: float) -> None:
-        """One decode step of `requests`; those whose last_draft_step is this step draft first."""
+    def _decode(self, requests: list[Request], max_lengths: torch.Tensor, started: float) -> None:
+        """One decode step of `requests` (max_lengths: _max_lengths's); those whose last_draft_step is this step
+        draft first."""
         rt = self.runtime
         n = len(requests)
         temperature = torch.tensor([r.params.temperature for r in requests], dtype=torch.float32)
@@ -191,7 +194,6 @@ class Engine:
         top_p = torch.tensor([r.params.top_p for r in requests], dtype=torch.float32)
         slots = torch.tensor([r.slot for r in requests], dtype=torch.long)
         anchors = torch.tensor([r.anchor for r in requests], dtype=torch.long)
-        max_lengths = self._max_lengths(requests)
 
         draft, conf, row_of = None, None, {}
         lengths = torch.zeros(n, dtype=torch.long)
@@ -252,13 +254,12 @@ class Engine:
                                         rt.max_seq_len - r.context_length - 1))
                              for r in requests], dtype=torch.long)
 
-    def _plan_drafts(self, requests: list[Request]) -> None:
+    def _plan_drafts(self, requests: list[Request], max_lengths: torch.Tensor) -> None:
         """Mark (last_draft_step) the decoding requests that draft this step: all of them, none (the gate skips
         the pass), or the gate's probe, one request (the one longest without a draft), so that a probe costs a
         draft for one request rather than for all and sees every request in turn."""
         if not self.speculate:
             return
-        max_lengths = self._max_lengths(requests)
         plan = "draft" if self.draft_gate is None else self.draft_gate.plan(max_lengths)
         if plan == "skip":
             return

@@ -105,10 +105,7 @@ def default_schedule(draft: str | None, engines: str | None) -> str:
     if engines is not None:
         from dspark_trt.graphs.manifest import read_manifest
 
-        draft_info = read_manifest(engines)["draft"]
-        if draft_info is None:
-            return "off"
-        return "dspark" if draft_info["confidence_head"] else "fixed"
+        return engines_schedule(read_manifest(engines))
     if draft is None:
         return "off"
     from dspark_trt.models.drafter_checkpoint import resolve_drafter
@@ -118,3 +115,11 @@ def default_schedule(draft: str | None, engines: str | None) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         return "dspark"  # loading the drafter names what is wrong with its checkpoint
     return "dspark" if confident else "fixed"
+
+
+def engines_schedule(manifest: dict) -> str:
+    """default_schedule of an engine directory, from its manifest."""
+    draft_info = manifest["draft"]
+    if draft_info is None:
+        return "off"
+    return "dspark" if draft_info["confidence_head"] else "fixed"

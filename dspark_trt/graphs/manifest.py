@@ -52,11 +52,12 @@ def read_manifest(engine_dir: str | Path) -> dict:
     return manifest
 
 
-def engines_calibration(engine_dir: str | Path | None) -> Path | None:
-    """The drafter calibration build-engines copied into the engine directory, if its drafter had one."""
+def engines_calibration(engine_dir: str | Path | None, manifest: dict | None = None) -> Path | None:
+    """The drafter calibration build-engines copied into the engine directory, if its drafter had one
+    (`manifest`: the directory's, when the caller has read it already)."""
     if engine_dir is None:
         return None
-    entry = read_manifest(engine_dir).get("calibration")
+    entry = (manifest or read_manifest(engine_dir)).get("calibration")
     return Path(engine_dir) / entry["file"] if entry else None
 
 

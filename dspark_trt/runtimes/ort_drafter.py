@@ -66,7 +66,16 @@ class OrtDrafter:
         self._store(rows, *out)
 
     def draft(self, slots, new_features, anchors, temperature, top_k, top_p, uniforms) -> DraftStep:
-        """Append each slot's new context features, then draft one block per slot: one `draft` call."""
+        """draft_compact, with q spelled out as one-hots where it came back empty (the engine verifies with it)."""
+        step = self.draft_compact(slots, new_features, anchors, temperature, top_k, top_p, uniforms)
+        if step.probs.shape[-1] == 0:
+            step.probs = torch.from_numpy(greedy_probs(step.tokens.numpy(), self.config.vocab_size))
+        return step
+
+    def draft_compact(self, slots, new_features, anchors, temperature, top_k, top_p, uniforms) -> DraftStep:
+        """Append each slot's new context features, then draft one block per slot: one `draft` call. When every
+        request is greedy, q comes back empty ([R, B, 0]): it is the one-hot of each token (target ids, target
+        vocabulary), which dspark_draft does not ship over BLS (BlsRuntime builds it where it is used)."""
         slots_np = np.asarray(slots, dtype=np.int64)
         rows = self._new_rows(slots_np, new_features, room=self.block_size)
         if uniforms is None:
@@ -76,11 +85,8 @@ class OrtDrafter:
                             _numpy(top_p, np.float32), _numpy(uniforms, np.float32))
         out = dict(zip(self._outputs, run(self.sessions["draft"], feeds)))
         self._store(rows, out["new_k"], out["new_v"])
-        tokens, probs = out["tokens"], out["probs"]
-        if probs.shape[-1] == 0:  # every request greedy: q is the one-hot of each token (target ids, target vocab)
-            probs = greedy_probs(tokens, self.config.vocab_size)
         conf = out.get("confidence_logits")
-        return DraftStep(tokens=torch.from_numpy(tokens), probs=torch.from_numpy(probs),
+        return DraftStep(tokens=torch.from_numpy(out["tokens"]), probs=torch.from_numpy(out["probs"]),
                          confidence_logits=None if conf is None else torch.from_numpy(conf))
 
     def _new_rows(self, slots, new_features, room: int) -> NewRows:

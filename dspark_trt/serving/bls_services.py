@@ -13,7 +13,6 @@ import torch
 from dspark_trt.errors import DSparkError
 from dspark_trt.models.target import TargetStep
 from dspark_trt.runtimes.bls_runtime import Call
-from dspark_trt.spec.sampling import is_greedy
 
 DEAD_STUB = "is not healthy"  # tritonserver's words for a model whose process died...
 SERVER_STOPPING = "Server not ready"  # ... and for a call made while it stops
@@ -94,14 +93,11 @@ class DraftService:
         if "anchors" not in inputs:
             drafter.extend_context(slots, per_slot)
             return {}
-        step = drafter.draft(slots, per_slot, torch.as_tensor(inputs["anchors"]), torch.as_tensor(inputs["temperature"]),
-                             torch.as_tensor(inputs["top_k"]), torch.as_tensor(inputs["top_p"]),
-                             torch.as_tensor(inputs["uniforms"]))
+        step = drafter.draft_compact(slots, per_slot, torch.as_tensor(inputs["anchors"]),
+                                     torch.as_tensor(inputs["temperature"]), torch.as_tensor(inputs["top_k"]),
+                                     torch.as_tensor(inputs["top_p"]), torch.as_tensor(inputs["uniforms"]))
         conf = step.confidence_logits
-        probs = step.probs.float().numpy()
-        if is_greedy(inputs["temperature"]).all():  # q is each token's one-hot: BlsRuntime rebuilds it
-            probs = probs[..., :0]
-        return {"tokens": step.tokens.numpy().astype(np.int64), "probs": probs,
+        return {"tokens": step.tokens.numpy().astype(np.int64), "probs": step.probs.float().numpy(),
                 "confidence_logits": np.zeros((0, 0), np.float32) if conf is None else conf.float().numpy()}
 
 

@@ -3,6 +3,7 @@ directory (build-engines), re-packaged into a fresh model repository every start
 schedule and the cost table of these engines on this machine (profiled on the first start, then cached)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -63,12 +64,23 @@ def _cache(cache_dir: str | None) -> Path:
 def _key(target: str, draft: str | None) -> str:
     """The cache key of (target, draft): their names plus the drafter's weights, so that a new shipped drafter
     (`default` names whatever this version ships) is built afresh."""
-    from dspark_trt.graphs.manifest import sha256
     from dspark_trt.models.drafter_checkpoint import resolve_drafter
 
     weights = resolve_drafter(draft) / "model.safetensors" if draft is not None else None
-    digest = sha256(weights) if weights is not None and weights.is_file() else ""
+    digest = ""
+    if weights is not None and weights.is_file():
+        stat = weights.stat()
+        digest = _file_digest(str(weights.resolve()), stat.st_size, stat.st_mtime_ns)
     return hashlib.sha256(f"{target}|{draft}|{digest}".encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, once per (path, size, modification time) in a process: a start asks for the key of the
+    same drafter several times, and its weights are tens of MB."""
+    from dspark_trt.graphs.manifest import sha256
+
+    return sha256(Path(path))
 
 
 def _say(message: str) -> None:

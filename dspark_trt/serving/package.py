@@ -86,11 +86,11 @@ def package_repository(options: PackageOptions, log: Callable[[str], None] = pri
 def resolve_defaults(options: PackageOptions, manifest: dict, log: Callable[[str], None]) -> PackageOptions:
     """options with the schedule (dspark for a drafter with a confidence head), for dspark/async the cost table
     cached for these engines on this machine (profiled on first use) and the engines' calibration filled in."""
-    from dspark_trt.engine.factory import EngineOptions, default_schedule
+    from dspark_trt.engine.factory import EngineOptions, engines_schedule
     from dspark_trt.graphs.manifest import engines_calibration
     from dspark_trt.spec.scheduler import COST_AWARE_MODES
 
-    options = dataclasses.replace(options, schedule=options.schedule or default_schedule(None, options.engines))
+    options = dataclasses.replace(options, schedule=options.schedule or engines_schedule(manifest))
     if manifest["draft"] is None or options.schedule == "off":
         return options
     said = [f"schedule {options.schedule}"]
@@ -105,7 +105,7 @@ def resolve_defaults(options: PackageOptions, manifest: dict, log: Callable[[str
         else:
             said.append(f"cost table {options.cost_table} (--cost-table)")
     if options.calibration is None:
-        stored = engines_calibration(options.engines)
+        stored = engines_calibration(options.engines, manifest)
         options.calibration = str(stored) if stored else None
     if options.calibration:
         said.append(f"calibration {options.calibration}")
