@@ -608,6 +608,10 @@ def test_eight_concurrent_streams_arrive_in_pieces_with_perf_metrics_and_final_f
     assert after['dspark_requests{outcome="finished"}'] - before.get('dspark_requests{outcome="finished"}', 0) == 8
     assert after["dspark_generation_tokens"] - before.get("dspark_generation_tokens", 0) == 8 * 24
     assert after["dspark_spec_decode_num_draft_tokens"] > before.get("dspark_spec_decode_num_draft_tokens", 0)
+    grew = lambda name: after.get(name, 0) - before.get(name, 0)  # noqa: E731
+    per_pos = [grew(f'dspark_spec_decode_num_accepted_tokens_per_pos{{position="{k}"}}') for k in range(4)]
+    # an accepted draft at position k counts once at k: the positions add up to the accepted drafts
+    assert sum(per_pos) == grew("dspark_spec_decode_num_accepted_tokens") > 0 and per_pos == sorted(per_pos)[::-1]
     for model in ("dspark_target", "dspark_draft"):  # the orchestrator reached both by BLS
         assert model_stats(server, model)["execution_count"] > 0
 

@@ -62,9 +62,11 @@ class Metrics:
         self.plain["proposed"].increment(stats.draft_tokens_proposed)
         self.plain["verified"].increment(stats.draft_tokens_verified)
         self.plain["accepted"].increment(stats.draft_tokens_accepted)
-        for accepted in stats.round_accepted:
-            for k in range(min(accepted, len(self.per_pos))):
-                self.per_pos[k].increment(1)
+        # each increment is a blocking round trip to tritonserver: one per position, not one per accepted draft
+        per_pos = [sum(accepted > k for accepted in stats.round_accepted) for k in range(len(self.per_pos))]
+        for metric, count in zip(self.per_pos, per_pos):
+            if count:
+                metric.increment(count)
         if stats.accepted_lengths:
             self.length.observe(stats.mean_accepted_length)
 
@@ -75,8 +77,9 @@ class Metrics:
     def gate_decisions(self, decisions: dict[str, int]) -> None:
         """Bring the gate counters up to the engine's DraftGate.decisions (engine thread only)."""
         for decision, count in decisions.items():
-            self.gate[decision].increment(count - self._gate_seen[decision])
-            self._gate_seen[decision] = count
+            if count > self._gate_seen[decision]:
+                self.gate[decision].increment(count - self._gate_seen[decision])
+                self._gate_seen[decision] = count
 
     def close(self) -> None:
         """Metrics go before their families (the python backend's rule)."""
