@@ -105,8 +105,9 @@ class BlsRuntime(Runtime):
         self._context[inputs["slots"]] += inputs["feature_counts"]
 
     def _await_extension(self) -> None:
-        """Wait for the extend-only call in flight; its failure fails the caller's pass (the drafter's context
-        of those slots is then incomplete)."""
+        """Wait for the extend-only call in flight; its failure fails the caller's pass. No request of its own
+        can make it fail (its rows always fit: the target already holds them), so a failure is dspark_draft's
+        (its process died, the server stops), and every pass after it would fail as well."""
         extending, self._extending = self._extending, None
         if extending is not None:
             try:
