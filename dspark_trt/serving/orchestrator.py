@@ -12,7 +12,6 @@ import functools
 import json
 import queue
 import threading
-import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,12 +28,6 @@ from dspark_trt.serving.request_parsing import Limits
 from dspark_trt.serving.text import stream_window
 
 IDLE_WAIT_S = 0.05  # how often an idle loop wakes to poll for cancellations and shutdown
-# How often the senders are asked whether their clients cancelled. Asking is a blocking round trip from the stub
-# to tritonserver per request (python backend's IsRequestCancelled), 16 of them a step at 16 streams, and
-# requests through the ensemble never answer yes (Triton 2.51 does not cancel a running dspark_bls step; their
-# cancellations arrive as stop requests, serving/cancellation.py, checked every step). So a client of dspark_bls
-# itself is heard within this long plus a step.
-SENDER_POLL_S = 0.1
 
 
 @dataclass
@@ -68,7 +61,6 @@ class Orchestrator:
         self._inbox: queue.Queue[Job] = queue.Queue()
         self._stop_keys: queue.Queue[int] = queue.Queue()
         self._live: list[Job] = []
-        self._next_sender_poll = 0.0  # time.monotonic() when the senders are asked again
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dspark-engine", daemon=True)
 
@@ -139,12 +131,9 @@ class Orchestrator:
 
     def _poll_cancelled(self) -> None:
         stopped = set(_drain(self._stop_keys))
-        ask = time.monotonic() >= self._next_sender_poll
-        if ask:
-            self._next_sender_poll = time.monotonic() + SENDER_POLL_S
         for job in self._live:
-            if not job.closed and not job.request.cancel_requested and (
-                    job.key in stopped or ask and self._asks_to_cancel(job)):
+            if not job.closed and not job.request.cancel_requested and (job.key in stopped
+                                                                        or self._asks_to_cancel(job)):
                 self.engine.cancel(job.request)
 
     def _asks_to_cancel(self, job: Job) -> bool:
