@@ -792,7 +792,7 @@ def test_serve_without_repo_speculates_with_dspark_and_profiles_its_cost_table_o
     import subprocess
     import sys
 
-    from dspark_trt.serving.default_pair import default_repository
+    from dspark_trt.serving.default_pair import default_options, default_repository
     from dspark_trt.serving.tritonserver import _free_ports
 
     monkeypatch.setenv("DSPARK_TRT_CACHE", str(tmp_path / "cache"))
@@ -825,8 +825,8 @@ def test_serve_without_repo_speculates_with_dspark_and_profiles_its_cost_table_o
     assert 'key: "schedule" value { string_value: "dspark" }' in config.read_text()
     assert f'key: "cost_table" value {{ string_value: "{entry}" }}' in config.read_text()
     stamp = entry.stat().st_mtime_ns
-    default_repository(target, draft, cache_dir)  # the next start
+    default_repository(default_options(target, draft, cache_dir))  # the next start
     assert f"cost table {entry} (cached)" in capsys.readouterr().err and entry.stat().st_mtime_ns == stamp
-    repo = default_repository(target, draft, cache_dir, "off")  # --no-spec
+    repo = default_repository(default_options(target, draft, cache_dir, "off"))  # --no-spec
     assert "SPECULATION OFF" in capsys.readouterr().err and not (repo / "dspark_draft").exists()
     assert 'key: "schedule" value { string_value: "off" }' in (repo / "dspark_bls" / "config.pbtxt").read_text()

@@ -13,9 +13,8 @@ from dspark_trt.bench.load import closed_loop_engine, closed_loop_served, digest
 from dspark_trt.engine.factory import EngineOptions, build_engine
 from dspark_trt.engine.prompts import chat_prompt_ids
 from dspark_trt.engine.request import SamplingParams
-from dspark_trt.graphs.manifest import load_engine_tokenizer, read_manifest
-from dspark_trt.serving.default_pair import default_engines, default_repository
-from dspark_trt.serving.package import PackageOptions, resolve_defaults
+from dspark_trt.graphs.manifest import load_engine_tokenizer
+from dspark_trt.serving.default_pair import default_options, default_repository
 from dspark_trt.serving.processes import tree_rss_mb
 from dspark_trt.serving.tritonserver import TritonServer
 
@@ -49,11 +48,10 @@ class RssSampler:
 def bench_served(target: str, draft: str | None, prompts: list[str], max_tokens: int, concurrency: list[int],
                  seconds: float, rounds: int, cache_dir: str | None, progress=lambda msg: None) -> dict:
     """One point per concurrency: in-process and served aggregate tokens/s, their ratio, and the server's RSS."""
-    engines = default_engines(target, draft, cache_dir)
-    # what `serve` would pick (schedule, cost table, calibration), fixed here so that both sides get the same
-    options = resolve_defaults(PackageOptions(engines=str(engines), out=""), read_manifest(engines), progress)
-    repo = default_repository(target, draft, cache_dir, options.schedule, options.cost_table)
-    engine, _ = build_engine(EngineOptions(engines=str(engines), schedule=options.schedule or "off",
+    options = default_options(target, draft, cache_dir)  # what `serve` packages; the in-process engine gets the same
+    repo = default_repository(options)
+    engines = options.engines
+    engine, _ = build_engine(EngineOptions(engines=engines, schedule=options.schedule,
                                            cost_table=options.cost_table, calibration=options.calibration,
                                            num_slots=options.num_slots, max_queue_size=options.max_queue_size))
     tokenizer = load_engine_tokenizer(engines)

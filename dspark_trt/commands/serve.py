@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from dspark_trt.errors import DSparkError
-from dspark_trt.serving.default_pair import DEFAULT_DRAFTS, default_repository
+from dspark_trt.serving.default_pair import DEFAULT_DRAFTS, default_options, default_repository
 from dspark_trt.serving.health_endpoint import HealthEndpoint
 from dspark_trt.serving.package import ENTRY_MODEL
 from dspark_trt.serving.supervisor import Supervisor
@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
         repo = Path(args.repo)
     else:
         draft = args.draft if args.draft is not None else DEFAULT_DRAFTS.get(args.target)
-        repo = default_repository(args.target, draft, args.cache_dir, "off" if args.no_spec else args.schedule,
-                                  args.cost_table)
+        repo = default_repository(default_options(args.target, draft, args.cache_dir,
+                                                  "off" if args.no_spec else args.schedule, args.cost_table))
     if not (repo / ENTRY_MODEL / "config.pbtxt").is_file():
         raise DSparkError(f"{repo} is not a dspark-trt model repository (no {ENTRY_MODEL}/config.pbtxt); "
                           "make one with `dspark-trt package`")

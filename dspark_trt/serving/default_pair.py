@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dspark_trt import cache
 from dspark_trt.errors import DSparkError
+from dspark_trt.serving.package import PackageOptions
 
 DEFAULT_DRAFTS = {"smollm2": "default"}  # target alias -> the drafter that ships for it
 
@@ -36,25 +37,33 @@ def default_engines(target: str, draft: str | None, cache_dir: str | None) -> Pa
     return engines
 
 
-def default_repository(target: str, draft: str | None, cache_dir: str | None, schedule: str | None = None,
-                       cost_table: str | None = None) -> Path:
-    """The cached engines of (target, draft), re-packaged into a fresh repository every start with `schedule`
-    (default: default_schedule's) and, for dspark/async, `cost_table` or the cached one of these engines."""
+def default_options(target: str, draft: str | None, cache_dir: str | None, schedule: str | None = None,
+                    cost_table: str | None = None) -> PackageOptions:
+    """What `serve` packages for (target, draft): its cached engines, `schedule` (default: default_schedule's),
+    for dspark/async `cost_table` or the cached one of these engines, and the drafter's own calibration (also for
+    engines cached before they carried it). The served benchmarks run their in-process engine on the same."""
+    from dspark_trt.graphs.manifest import read_manifest
     from dspark_trt.models.drafter_checkpoint import stored_calibration
-    from dspark_trt.serving.package import PackageOptions, package_repository
+    from dspark_trt.serving.package import resolve_defaults
 
     if draft is None and schedule not in (None, "off"):
         raise DSparkError(f"--schedule {schedule} needs a drafter: pass --draft DIR")
     engines = default_engines(target, draft, cache_dir)
-    out = _cache(cache_dir) / f"repo-{_key(target, draft)}"
     if schedule == "off" or draft is None:
         _say("SPECULATION OFF: serving the target alone (plain autoregressive decoding)"
              + ("" if draft else f"; no drafter ships for target {target!r}: pass --draft DIR"))
-    shutil.rmtree(out, ignore_errors=True)
-    calibration = stored_calibration(draft)  # the drafter's own, also for engines cached before they carried it
-    return package_repository(PackageOptions(engines=str(engines), out=str(out), schedule=schedule,
-                                             cost_table=cost_table, calibration=calibration and str(calibration)),
-                              log=_say)
+    calibration = stored_calibration(draft)
+    options = PackageOptions(engines=str(engines), out=str(_cache(cache_dir) / f"repo-{_key(target, draft)}"),
+                             schedule=schedule, cost_table=cost_table, calibration=calibration and str(calibration))
+    return resolve_defaults(options, read_manifest(engines), log=_say)
+
+
+def default_repository(options: PackageOptions) -> Path:
+    """A fresh repository at options.out (default_options'), written again on every start."""
+    from dspark_trt.serving.package import package_repository
+
+    shutil.rmtree(options.out, ignore_errors=True)
+    return package_repository(options, log=_say)
 
 
 def _cache(cache_dir: str | None) -> Path:

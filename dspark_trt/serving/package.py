@@ -85,11 +85,13 @@ def package_repository(options: PackageOptions, log: Callable[[str], None] = pri
 
 def resolve_defaults(options: PackageOptions, manifest: dict, log: Callable[[str], None]) -> PackageOptions:
     """options with the schedule (dspark for a drafter with a confidence head), for dspark/async the cost table
-    cached for these engines on this machine (profiled on first use) and the engines' calibration filled in."""
+    cached for these engines on this machine (profiled on first use) and the engines' calibration filled in;
+    `log` hears what was filled in (nothing, for options resolved before)."""
     from dspark_trt.engine.factory import EngineOptions, engines_schedule
     from dspark_trt.graphs.manifest import engines_calibration
     from dspark_trt.spec.scheduler import COST_AWARE_MODES
 
+    filled = options.schedule is None
     options = dataclasses.replace(options, schedule=options.schedule or engines_schedule(manifest))
     if manifest["draft"] is None or options.schedule == "off":
         return options
@@ -100,16 +102,17 @@ def resolve_defaults(options: PackageOptions, manifest: dict, log: Callable[[str
             from dspark_trt.engine.cost_cache import default_cost_table
 
             cached = default_cost_table(EngineOptions(engines=options.engines), log=log)
-            options.cost_table = str(cached.path)
+            options.cost_table, filled = str(cached.path), True
             said.append(cached.describe())
         else:
             said.append(f"cost table {options.cost_table} (--cost-table)")
     if options.calibration is None:
         stored = engines_calibration(options.engines, manifest)
-        options.calibration = str(stored) if stored else None
+        options.calibration, filled = (str(stored), True) if stored else (None, filled)
     if options.calibration:
         said.append(f"calibration {options.calibration}")
-    log("; ".join(said))
+    if filled:
+        log("; ".join(said))
     return options
 
 
