@@ -164,6 +164,35 @@ def test_served_and_in_process_outputs_are_compared_per_prompt():
     assert mismatched_prompts(local + [record(1, "d")], [record(0, "a")]) == [1]  # in-process differed from itself
 
 
+def test_cpu_meter_counts_this_process_and_a_server_tree_apart(tmp_path):
+    """CpuMeter: this process's busy loop is its own CPU, a busy child of the `server` pid is the server's."""
+    import subprocess
+    import sys
+    import time
+
+    from dspark_trt.bench.served import CpuMeter
+
+    burn = "import time\ntime.sleep(0.5)\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass\n" \
+           "open(__import__('sys').argv[1], 'w').close()\ntime.sleep(60)"
+    done = tmp_path / "burnt"
+    child = subprocess.Popen([sys.executable, "-c", burn, str(done)])  # sleeps first: its burn falls in the meter
+    try:
+        with CpuMeter(child.pid) as meter:
+            end = time.process_time() + 0.3
+            while time.process_time() < end:
+                pass
+            deadline = time.time() + 30
+            while not done.exists() and time.time() < deadline:
+                time.sleep(0.02)
+        assert 0.28 <= meter.own_s < 0.5 and 0.35 <= meter.server_s < 1.0
+        with CpuMeter() as idle:
+            time.sleep(0.2)
+        assert idle.own_s < 0.1 and idle.server_s == 0.0
+    finally:
+        child.kill()
+        child.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.server
 def test_bench_served_runs_both_paths_per_concurrency_on_one_schedule(pair, tmp_path, monkeypatch, capsys):  # noqa: F811
@@ -187,6 +216,7 @@ def test_bench_served_runs_both_paths_per_concurrency_on_one_schedule(pair, tmp_
         assert point["ratio"] == pytest.approx(served["aggregate_tokens_per_second"]
                                                / local["aggregate_tokens_per_second"])
         assert point["server_rss_mb_mean"] <= point["server_rss_mb_max"] < 4 * result["server_rss_mb_idle"]
+        assert all(point["cpu_ms_per_token"][side] > 0 for side in ("in_process", "server", "client"))
     assert "served text equal to in-process: yes" in capsys.readouterr().out
     assert cli_main(["bench", "served", "--seconds", "0"]) == 2
     assert "--seconds must be > 0 and --rounds >= 1" in capsys.readouterr().err

@@ -6,6 +6,7 @@ shared cores move by ±10% within minutes) falls on both sides alike. Greedy dec
 every served text must equal the in-process engine's decoded output for the same prompt."""
 from __future__ import annotations
 
+import os
 import threading
 
 from dspark_trt.bench.common import environment
@@ -15,7 +16,7 @@ from dspark_trt.engine.prompts import chat_prompt_ids
 from dspark_trt.engine.request import SamplingParams
 from dspark_trt.graphs.manifest import load_engine_tokenizer
 from dspark_trt.serving.default_pair import default_options, default_repository
-from dspark_trt.serving.processes import tree_rss_mb
+from dspark_trt.serving.processes import cpu_seconds, tree_cpu_seconds, tree_rss_mb
 from dspark_trt.serving.tritonserver import TritonServer
 
 RSS_EVERY_S = 1.0
@@ -45,6 +46,25 @@ class RssSampler:
         self._thread.join()
 
 
+class CpuMeter:
+    """CPU seconds used in its `with` block by this process (the in-process engine, or the served side's client)
+    and, given a server pid, by tritonserver with all its stubs: on 2 shared cores the client's and the server's
+    CPU come out of the same budget, so each side's CPU per token says where served throughput goes."""
+
+    def __init__(self, server_pid: int | None = None):
+        self.server_pid = server_pid
+        self.own_s = self.server_s = 0.0
+
+    def __enter__(self) -> CpuMeter:
+        self._own0 = cpu_seconds(os.getpid())
+        self._server0 = tree_cpu_seconds(self.server_pid) if self.server_pid else 0.0
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.own_s = cpu_seconds(os.getpid()) - self._own0
+        self.server_s = tree_cpu_seconds(self.server_pid) - self._server0 if self.server_pid else 0.0
+
+
 def bench_served(target: str, draft: str | None, prompts: list[str], max_tokens: int, concurrency: list[int],
                  seconds: float, rounds: int, cache_dir: str | None, progress=lambda msg: None) -> dict:
     """One point per concurrency: in-process and served aggregate tokens/s, their ratio, and the server's RSS."""
@@ -65,22 +85,31 @@ def bench_served(target: str, draft: str | None, prompts: list[str], max_tokens:
         closed_loop_served(server.grpc_url, prompts[:1], 4, 1, 1, None, count)  # warm-up both paths
         engine.generate([ids[0]], SamplingParams(max_tokens=4))
         for c in concurrency:
-            local, remote, rss = [], [], []
+            local, remote, rss, cpu = [], [], [], {"in_process": 0.0, "server": 0.0, "client": 0.0}
             for _ in range(rounds):
-                local.append(closed_loop_engine(engine, ids, params, c, None, seconds, text_digest))
-                with RssSampler(server.pid) as sampler:
+                with CpuMeter() as meter:
+                    local.append(closed_loop_engine(engine, ids, params, c, None, seconds, text_digest))
+                cpu["in_process"] += meter.own_s
+                with RssSampler(server.pid) as sampler, CpuMeter(server.pid) as meter:
                     remote.append(closed_loop_served(server.grpc_url, prompts, max_tokens, c, None, seconds, count))
+                cpu["server"] += meter.server_s
+                cpu["client"] += meter.own_s
                 rss += sampler.samples
             point = {"concurrency": c, "in_process": combined(local), "served": combined(remote),
                      "server_rss_mb_max": max(rss), "server_rss_mb_mean": sum(rss) / len(rss),
                      "mismatched_prompts": mismatched_prompts(sum(local, []), sum(remote, []))}
             point["ratio"] = (point["served"]["aggregate_tokens_per_second"]
                               / point["in_process"]["aggregate_tokens_per_second"])
+            point["cpu_ms_per_token"] = {
+                "in_process": 1e3 * cpu["in_process"] / point["in_process"]["tokens"],
+                "server": 1e3 * cpu["server"] / point["served"]["tokens"],
+                "client": 1e3 * cpu["client"] / point["served"]["tokens"]}
             progress(f"C={c}: in-process {point['in_process']['aggregate_tokens_per_second']:.1f} tok/s, served "
                      f"{point['served']['aggregate_tokens_per_second']:.1f} tok/s ({point['ratio']:.2f}x; by round "
                      + ", ".join(f"{b['aggregate_tokens_per_second'] / a['aggregate_tokens_per_second']:.2f}"
                                  for a, b in zip(point["in_process"]["rounds"], point["served"]["rounds"]))
-                     + f"), server RSS max {point['server_rss_mb_max']:.0f} MB")
+                     + f"), server RSS max {point['server_rss_mb_max']:.0f} MB; CPU ms per token: in-process "
+                     + "{in_process:.1f}, server {server:.1f}, client {client:.1f}".format(**point["cpu_ms_per_token"]))
             points.append(point)
     return {"benchmark": "served", "target": target, "draft": draft, "engines": str(engines),
             "schedule": options.schedule, "cost_table": options.cost_table, "calibration": options.calibration,
@@ -110,10 +139,12 @@ def mismatched_prompts(local: list, remote: list) -> list[int]:
 
 def served_table(result: dict) -> str:
     """The markdown table of docs/benchmarks.md."""
-    lines = ["| C | in-process tok/s | served tok/s | served / in-process | server RSS (max, MB) |",
-             "|---|---|---|---|---|"]
+    lines = ["| C | in-process tok/s | served tok/s | served / in-process | server RSS (max, MB) "
+             "| CPU ms per token: in-process / server / client |",
+             "|---|---|---|---|---|---|"]
     for p in result["points"]:
         lines.append(f"| {p['concurrency']} | {p['in_process']['aggregate_tokens_per_second']:.1f} | "
                      f"{p['served']['aggregate_tokens_per_second']:.1f} | {p['ratio']:.2f} | "
-                     f"{p['server_rss_mb_max']:,.0f} |")
+                     f"{p['server_rss_mb_max']:,.0f} | "
+                     + "{in_process:.1f} / {server:.1f} / {client:.1f} |".format(**p["cpu_ms_per_token"]))
     return "\n".join(lines)

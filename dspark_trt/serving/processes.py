@@ -8,6 +8,7 @@ of killed processes stay in /dev/shm unless someone removes them (TritonServer d
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,20 @@ def descendants(pid: int) -> list[int]:
         out.append(current)
         todo += children.get(current, [])
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time one process has used so far, in seconds (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15 of stat
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of pid and every live process below it: a tritonserver with all its stubs."""
+    return sum(cpu_seconds(p) for p in descendants(pid))
 
 
 def tree_rss_mb(pid: int) -> float:
