@@ -20,6 +20,7 @@ from dspark_trt.serving.processes import cpu_seconds, tree_cpu_seconds, tree_rss
 from dspark_trt.serving.tritonserver import TritonServer
 
 RSS_EVERY_S = 1.0
+WARMUP_TOKENS = 16  # per request of the untimed warm-up before each concurrency
 
 
 class RssSampler:
@@ -82,9 +83,11 @@ def bench_served(target: str, draft: str | None, prompts: list[str], max_tokens:
     points = []
     with TritonServer(repo) as server:  # starts the server and waits until it is ready
         idle_rss = tree_rss_mb(server.pid)
-        closed_loop_served(server.grpc_url, prompts[:1], 4, 1, 1, None, count)  # warm-up both paths
-        engine.generate([ids[0]], SamplingParams(max_tokens=4))
         for c in concurrency:
+            # warm-up at this concurrency, untimed, both sides: a server's first batch of a new size grows its
+            # stubs' shared memory and ONNX Runtime's buffers once (a first C = 16 round ran at 0.64x, later 0.9x)
+            closed_loop_served(server.grpc_url, prompts, WARMUP_TOKENS, c, c, None, count)
+            closed_loop_engine(engine, ids, SamplingParams(max_tokens=WARMUP_TOKENS), c, c, None)
             local, remote, rss, cpu = [], [], [], {"in_process": 0.0, "server": 0.0, "client": 0.0}
             for _ in range(rounds):
                 with CpuMeter() as meter:
