@@ -1,8 +1,8 @@
 """The serving loop behind the `dspark_bls` model: one engine, one thread, every in-flight request.
 
 Triton's `execute` only parses a request into a `Job` and submits it; the engine thread admits jobs
-between engine steps (continuous batching), streams each request's committed tokens through its
-response sender, and polls the sender for cancellation. Nothing here imports Triton: the model
+between engine steps (continuous batching), hands each request's committed tokens to a sender thread that
+streams them through its response sender, and polls the sender for cancellation. Nothing here imports Triton: the model
 passes `respond` (build and send a response) and `is_cancelled` callables, so the loop is tested
 with plain fakes.
 """
@@ -63,9 +63,13 @@ class Orchestrator:
         self._live: list[Job] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dspark-engine", daemon=True)
+        # (job, outputs, error, final) for the sender thread; None ends it
+        self._outbox: queue.Queue[tuple | None] = queue.Queue()
+        self._sender = threading.Thread(target=self._send_loop, name="dspark-responses", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        self._sender.start()
 
     def stop(self, timeout_s: float = 10) -> None:
         """Stop the loop; requests still open get an error so their clients are not left waiting."""
@@ -73,6 +77,11 @@ class Orchestrator:
         self._thread.join(timeout_s)
         for job in self._live + _drain(self._inbox):
             self._close(job, None, f"{STOPPING}, retry in a few seconds")
+        self._outbox.put(None)
+        if self._sender.is_alive():
+            self._sender.join(timeout_s)
+        else:  # never started: send what is queued here
+            self._send_loop()
 
     def submit(self, job: Job) -> None:
         """Queue job for the engine thread; EngineOverloadedError at once when max_queue_size requests
@@ -179,13 +188,22 @@ class Orchestrator:
         self._send(job, outputs, error, True)
 
     def _send(self, job: Job, outputs: dict[str, np.ndarray] | None, error: str | None, final: bool) -> None:
-        """respond, with a failure kept to this job: its request is cancelled, no one else notices."""
-        try:
-            self._respond(job, outputs, error, final)
-        except Exception:  # noqa: BLE001 - a broken sender (client gone) costs only its own request
-            job.closed = True
-            if job.request is not None and not job.request.done:
-                self.engine.cancel(job.request)
+        """Queue a response for the sender thread. A send is a round trip to tritonserver (150-280 µs, measured
+        by scripts/python_backend_costs.py; the python backend releases the GIL while it waits), so at 16
+        streams the engine thread would wait 2-4 ms a step; one thread keeps each job's responses in order."""
+        self._outbox.put((job, outputs, error, final))
+
+    def _send_loop(self) -> None:
+        """respond to each queued response, with a failure kept to its job: its request is cancelled (a flag the
+        engine reads at its next step), no one else notices."""
+        while (item := self._outbox.get()) is not None:
+            job, outputs, error, final = item
+            try:
+                self._respond(job, outputs, error, final)
+            except Exception:  # noqa: BLE001 - a broken sender (client gone) costs only its own request
+                job.closed = True
+                if job.request is not None and not job.request.done:
+                    self.engine.cancel(job.request)
 
     def _fail_all(self, message: str) -> None:
         for job in self._live:
