@@ -1,11 +1,11 @@
-"""The serving loop behind the `dspark_bls` model: one engine, one thread, every in-flight request.
+"""The serving loop behind the `dspark_bls` model: one engine, one engine thread, every in-flight request.
 
 Triton's `execute` only parses a request into a `Job` and submits it; the engine thread admits jobs
 between engine steps (continuous batching) and hands each request's committed tokens to a sender thread
 that streams them through its response sender; a poller thread asks the senders, once per engine step,
-whether their clients cancelled. Both are round trips to tritonserver the engine thread does not wait for. Nothing here imports Triton: the model
-passes `respond` (build and send a response) and `is_cancelled` callables, so the loop is tested
-with plain fakes.
+whether their clients cancelled. Both are round trips to tritonserver that the engine thread does not
+wait for. Nothing here imports Triton: the model passes `respond` (build and send a response) and
+`is_cancelled` callables, so the loop is tested with plain fakes.
 """
 from __future__ import annotations
 
