@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from dspark_trt.serving.processes import python_stubs
+from dspark_trt.serving.processes import python_stubs, stat_fields
 from dspark_trt.serving.tritonserver import _free_ports, http_status
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -44,7 +44,7 @@ def server_pid(serve_pid: int) -> int:
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             binary = (proc / "cmdline").read_bytes().split(b"\0")[0]
-            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            parent = int(stat_fields(proc / "stat")[1])
         except (OSError, IndexError, ValueError):
             continue
         if parent == serve_pid and binary.endswith(b"/tritonserver"):

@@ -32,6 +32,12 @@ class Stub:
         return self.instance.rsplit("_", 2)[0]
 
 
+def stat_fields(stat: Path) -> list[str]:
+    """The fields of a /proc/PID/stat file after the command name (which may hold spaces and parentheses):
+    [0] state, [1] parent pid, [11] utime, [12] stime. OSError if the process is gone."""
+    return stat.read_text().rsplit(")", 1)[1].split()
+
+
 def python_stubs(server_pid: int) -> dict[str, Stub]:
     """The live stub processes whose parent is server_pid, by instance name (zombies have no command line,
     so a killed stub drops out at once)."""
@@ -39,7 +45,7 @@ def python_stubs(server_pid: int) -> dict[str, Stub]:
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
-            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            parent = int(stat_fields(proc / "stat")[1])
         except (OSError, IndexError, ValueError):  # the process ended while we looked
             continue
         if parent == server_pid and Path(argv[0].decode()).name == STUB_NAME and len(argv) > _INSTANCE_ARG:
@@ -72,7 +78,7 @@ def descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = stat_fields(stat)
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
@@ -87,7 +93,7 @@ def descendants(pid: int) -> list[int]:
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time one process has used so far, in seconds (0 if it is gone)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = stat_fields(Path(f"/proc/{pid}/stat"))
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15 of stat
