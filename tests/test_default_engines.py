@@ -1,6 +1,7 @@
 """Losslessness on the engines that ship by default: `build-engines --draft default` for SmolLM2 (the fused
 ONNX Runtime graph, int4 weights from the GGUF's blocks, the shipped drafter). Greedy speculation equals
-greedy plain decoding on them, token for token, alone and in a batch; at T > 0 speculative samples follow
+greedy plain decoding on them, token for token, alone and in a batch, and plain decoding alone equals plain
+decoding in a batch; at T > 0 speculative samples follow
 the engine's own next-token distribution (chi-square against its exact enumeration)."""
 import pytest
 import torch
@@ -48,6 +49,10 @@ def test_greedy_speculation_equals_plain_decoding_on_the_default_engines(default
     assert sum(r.stats.draft_tokens_accepted for r in together) > 0
     alone = [_generate(default_engines, [p], params, speculate=True, slots=1)[0].output_ids for p in prompts[:2]]
     assert alone == plain[:2]
+    # a lone request decodes one token per pass: every matmul's M = 1 case (a different kernel on AVX2 CPUs)
+    plain_alone = [_generate(default_engines, [p], params, speculate=False, slots=1)[0].output_ids
+                   for p in prompts[:2]]
+    assert plain_alone == plain[:2]
 
 
 def _exact_distribution(engines, prompt, n_tokens, params):

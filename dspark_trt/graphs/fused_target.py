@@ -39,6 +39,8 @@ def cache_names(layer: int) -> tuple[str, str, str, str]:
 class FusedFeeds:
     feeds: dict[str, np.ndarray]
     batch: int  # B: the pass binds cache slots [0, B)
+    tokens: int  # the pass's real packed rows: per-row outputs (taps) beyond them are padding
+    logits: int  # the real logits rows: those beyond them (and their argmax) are padding
 
 
 def fused_feeds(input_ids, slots, starts, query_lens, capacity: int,
@@ -48,6 +50,11 @@ def fused_feeds(input_ids, slots, starts, query_lens, capacity: int,
     logits_rows: "last" (each request's last row), "all", or packed row indices.
     min_query_len: attention's query of a request has at least this many rows; the padding rows after
     its tokens (a copy of packed row 0) write K/V rows past the request's end that no real row reads.
+    With min_query_len > 1 no matmul sees one row: MatMulNBits' M = 1 kernel differs from its M >= 2
+    one on some CPUs (AVX2 without AVX-512: 6e-7, amplified to about 1 in a logit over 30 layers of int8
+    activations). A pass of one token feeds a copy of it as the row that attention's padding row reads,
+    and one logits row is gathered twice; the copies' outputs are padding (`tokens` and `logits` count
+    the real rows).
     """
     ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
     slots = np.asarray(slots, dtype=np.int64)
@@ -77,10 +84,18 @@ def fused_feeds(input_ids, slots, starts, query_lens, capacity: int,
         rows = first + lens - 1 if logits_rows == "last" else np.arange(ids.size)
     else:
         rows = np.asarray(logits_rows)
+    logits = rows.size
+    if logits == 1 and min_query_len > 1:
+        rows = np.repeat(rows, 2)
+    row_slots = slots[request_of_row] * s + offset
+    tokens = ids.size
+    if tokens == 1 and min_query_len > 1:  # the matmuls' second row: attention's padding row of the request
+        ids, row_slots = np.repeat(ids, 2), np.array([row_slots[0], row_slots[0] + 1])
+        gather_rows[slots[0], 1] = 1
     feeds = {
-        "input_ids": ids, "gather_rows": gather_rows, "row_slots": slots[request_of_row] * s + offset,
+        "input_ids": ids, "gather_rows": gather_rows, "row_slots": row_slots,
         "positions_padded": positions, "seqlens_k": seqlens_k, "query_lens": q_lens,
         "total_sequence_length": np.array(int(seqlens_k.max()) + 1, dtype=np.int32),
         "logits_rows": rows.astype(np.int64),
     }
-    return FusedFeeds(feeds, batch)
+    return FusedFeeds(feeds, batch, tokens, logits)

@@ -6,11 +6,13 @@
   computes a one-row query with another matrix kernel (MLAS's M = 1 path) than a longer one, so a
   token's logits would depend on whether it came alone (plain decoding) or with drafts (verification),
   and greedy speculation would not equal greedy decoding. So attention sees every one-token query with
-  a padding row after it (`min_query_len`): the padding row only exists inside attention (the matmuls
-  and norms see the real rows alone), it writes a K/V row one position past the request's end, which
-  the next token overwrites and no query reads, and the real row is the same as in a longer query. The
-  pool keeps that one position (`PADDING_ROWS`). Plain decoding that never speculates (gen-data) may
-  turn the padding off (`batch_invariant=False`).
+  a padding row after it (`min_query_len`): it writes a K/V row one position past the request's end,
+  which the next token overwrites and no query reads, and the real row is the same as in a longer query.
+  The pool keeps that one position (`PADDING_ROWS`). MatMulNBits has the same M = 1 kernel on some CPUs
+  (AVX2 without AVX-512), so no matmul sees one row either: a pass of a single token feeds that padding
+  row through the matmuls too, and a single logits row is computed twice (graphs/fused_target.py,
+  `fused_feeds`). Plain decoding that never speculates (gen-data) may turn the padding off
+  (`batch_invariant=False`).
 - `PortableTargetGraph` (standard ONNX, graphs/target_graph.py, what TensorRT compiles): the batch's
   past window is gathered into the feeds and the returned new rows are written back on the host.
 
@@ -72,6 +74,9 @@ class FusedTargetGraph:
         self.session.run_with_iobinding(binding)
         values = binding.get_outputs()
         outputs = {name: values[i].numpy() for i, name in enumerate(self.outputs)}
+        for name, real in (("taps", inputs.tokens), ("logits", inputs.logits), ("argmax", inputs.logits)):
+            if name in outputs:
+                outputs[name] = outputs[name][:real]
         return outputs
 
 
