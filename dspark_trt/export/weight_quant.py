@@ -1,9 +1,12 @@
 """Quantized weights for an exported graph's MatMuls, on ONNX Runtime's integer kernels.
 
-- "int8": weights int8, one scale per output column; the activations are quantized in the graph, one
-  scale per row (uint8, zero point 128), and `com.microsoft::MatMulIntegerToFloat` accumulates in int32
-  (MLAS's VNNI GEMM) before the scales are applied. A row's result does not depend on the other rows of
-  the pass (integer sums are exact; no scale is shared across rows), so drafts are batch-invariant.
+- "int8": weights int8 in -63..63 (7 bits), one scale per output column; the activations are quantized
+  in the graph, one scale per row (uint8, zero point 128), and `com.microsoft::MatMulIntegerToFloat`
+  accumulates in int32 before the scales are applied. A row's result does not depend on the other rows
+  of the pass (integer sums are exact; no scale is shared across rows), so drafts are batch-invariant.
+  7 bits because CPUs without VNNI (AVX2) multiply uint8 by int8 in pairs summed into int16, which
+  saturates beyond 255 · 63 · 2: with full-range weights the int32 sums were off by up to 1e5 on such a
+  CPU (ONNX Runtime's quantizer calls the same remedy `reduce_range`).
 - "int4": `com.microsoft::MatMulNBits`, symmetric blocks of `BLOCK_SIZE` along K with one float32 scale
   each and no zero-point input (the operator's default, 8, is the symmetric one), accuracy level 4 (int8
   activations per block). Float zero points would take ONNX Runtime's slow fallback.
@@ -21,6 +24,7 @@ from onnx import helper, numpy_helper
 WEIGHT_FORMATS = ("fp32", "int8", "int4")
 BLOCK_SIZE = 32  # int4: weights per scale along K
 ACCURACY_LEVEL = 4  # int4: int8 activations, ONNX Runtime's fast MatMulNBits kernels on CPU
+WEIGHT_QMAX = 63  # int8: 7-bit weights, exact on CPUs without VNNI too (see above)
 MIN_ELEMENTS = 1 << 16  # smaller weights stay float32 (they cost nothing measurable)
 MS_DOMAIN = "com.microsoft"
 CONSTANTS = {"wq/one": np.array(1.0, np.float32), "wq/zero_point": np.array(128, np.uint8),
@@ -28,10 +32,10 @@ CONSTANTS = {"wq/one": np.array(1.0, np.float32), "wq/zero_point": np.array(128,
 
 
 def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int8 weight [K, N] (symmetric, -127..127) and its scales [N]: w ≈ q * scale."""
-    scales = np.abs(w).max(axis=0) / 127
+    """int8 weight [K, N] (symmetric, -WEIGHT_QMAX..WEIGHT_QMAX) and its scales [N]: w ≈ q * scale."""
+    scales = np.abs(w).max(axis=0) / WEIGHT_QMAX
     scales[scales == 0] = 1.0
-    q = np.clip(np.rint(w / scales), -127, 127).astype(np.int8)
+    q = np.clip(np.rint(w / scales), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
     return q, scales.astype(np.float32)
 
 
