@@ -11,7 +11,7 @@ def test_bench_train_times_each_vocabulary_on_the_same_blocks(smollm2, tmp_path,
     rows = []
     for i in range(8):
         prompt = tokenizer.encode(f"Question {i}: what is {i} plus {i + 1}?")
-        response = tokenizer.encode(f"{i} plus {i + 1} is {2 * i + 1}. " * 6)
+        response = tokenizer.encode(f"{i} plus {i + 1} is {2 * i + 1}. " * 2)
         rows.append(json.dumps({"key": str(i), "prompt_ids": prompt, "response_ids": response}))
     responses = tmp_path / "responses.jsonl"
     responses.write_text("\n".join(rows) + "\n")
