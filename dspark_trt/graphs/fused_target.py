@@ -44,17 +44,16 @@ class FusedFeeds:
 
 
 def fused_feeds(input_ids, slots, starts, query_lens, capacity: int,
-                logits_rows: str | np.ndarray = "last", min_query_len: int = 1) -> FusedFeeds:
+                logits_rows: str | np.ndarray = "last", min_query_len: int = 1, min_rows: int = 1) -> FusedFeeds:
     """Feeds for appending query_lens[r] tokens to slots[r], whose caches hold starts[r] positions.
 
     logits_rows: "last" (each request's last row), "all", or packed row indices.
     min_query_len: attention's query of a request has at least this many rows; the padding rows after
     its tokens (a copy of packed row 0) write K/V rows past the request's end that no real row reads.
-    With min_query_len > 1 no matmul sees one row: MatMulNBits' M = 1 kernel differs from its M >= 2
-    one on some CPUs (AVX2 without AVX-512: 6e-7, amplified to about 1 in a logit over 30 layers of int8
-    activations). A pass of one token feeds a copy of it as the row that attention's padding row reads,
-    and one logits row is gathered twice; the copies' outputs are padding (`tokens` and `logits` count
-    the real rows).
+    min_rows (1 or 2, the latter with min_query_len > 1): no matmul sees fewer rows, for CPUs where
+    MatMulNBits' M = 1 kernel differs from its M >= 2 one (graphs/one_row_matmuls.py). A pass of one token
+    feeds a copy of it as the row that attention's padding row reads, and one logits row is gathered
+    twice; the copies' outputs are padding (`tokens` and `logits` count the real rows).
     """
     ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
     slots = np.asarray(slots, dtype=np.int64)
@@ -84,12 +83,14 @@ def fused_feeds(input_ids, slots, starts, query_lens, capacity: int,
         rows = first + lens - 1 if logits_rows == "last" else np.arange(ids.size)
     else:
         rows = np.asarray(logits_rows)
+    if min_rows > 1 and min_query_len < 2:
+        raise DSparkError("a matmul padding row needs attention's padding row (min_query_len >= 2)")
     logits = rows.size
-    if logits == 1 and min_query_len > 1:
+    if logits == 1 and min_rows > 1:
         rows = np.repeat(rows, 2)
     row_slots = slots[request_of_row] * s + offset
     tokens = ids.size
-    if tokens == 1 and min_query_len > 1:  # the matmuls' second row: attention's padding row of the request
+    if tokens == 1 and min_rows > 1:  # the matmuls' second row: attention's padding row of the request
         ids, row_slots = np.repeat(ids, 2), np.array([row_slots[0], row_slots[0] + 1])
         gather_rows[slots[0], 1] = 1
     feeds = {

@@ -11,6 +11,7 @@ verified by the torch reference on the host, the same semantics.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 
 from dspark_trt.errors import DSparkError
 from dspark_trt.graphs.manifest import read_manifest
+from dspark_trt.graphs.one_row_matmuls import matmul_configs, one_row_matmuls_match
 from dspark_trt.graphs.ort_session import make_session
 from dspark_trt.graphs.verify_tail import VERIFY_OUTPUTS, no_verify_feeds, verify_feeds
 from dspark_trt.models.drafter import DraftStep
@@ -51,7 +53,11 @@ class OrtRuntime(Runtime):
         self.cache = KVCache(self.config, num_slots=num_slots, max_seq_len=self.max_seq_len + pad)
         self.sessions = {"target": self._make_session(engine_dir, "target", threads)}
         if fused:
-            self._target = FusedTargetGraph(self.sessions["target"], self.cache, batch_invariant=batch_invariant)
+            pad_matmuls = batch_invariant and not one_row_matmuls_match(
+                matmul_configs(engine_dir / manifest["graphs"]["target"]["file"]),
+                threads or len(os.sched_getaffinity(0)))
+            self._target = FusedTargetGraph(self.sessions["target"], self.cache, batch_invariant=batch_invariant,
+                                            pad_matmuls=pad_matmuls)
         else:
             self._target = PortableTargetGraph(self.sessions["target"], self.cache)
         self.verify_in_graph = set(VERIFY_OUTPUTS) <= set(self._target.outputs)
