@@ -82,7 +82,10 @@ def test_sampling_follows_the_default_engine_distribution(default_engines):
     from dspark_trt.graphs.manifest import load_engine_tokenizer
 
     tokenizer = load_engine_tokenizer(default_engines)
-    prompt = chat_prompt_ids(tokenizer, "Tell me a one-line story about a cat.")
+    # a chat turn without the template's system prompt: 1000 prefills of 15 tokens instead of 41 (most of the
+    # test's time on 2 cores)
+    prompt = tokenizer.encode("<|im_start|>user\nTell me a one-line story about a cat.<|im_end|>\n"
+                              "<|im_start|>assistant\n", add_special_tokens=False)
     params = SamplingParams(max_tokens=4, temperature=1.0, top_k=3)
     exact = _exact_distribution(default_engines, prompt, 4, params)
     runtime = OrtRuntime(default_engines, num_slots=16, max_seq_len=512)
