@@ -29,6 +29,34 @@ def test_blocks_dequantize_exactly_as_gguf(fmt):
     assert np.array_equal(weight.rows(order).dequantize(), weight.dequantize()[order])
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_matmul_nbits_packing_is_the_layout_onnx_runtime_reads(bits):
+    """Codes, scales and zero points packed by graphs/matmul_nbits.py, with an odd number of blocks per row (a
+    padded zero-point byte), give ONNX Runtime's MatMulNBits the product of the weight they stand for."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dspark_trt.graphs.matmul_nbits import pack_nibbles, pack_zero_points
+
+    rng = np.random.default_rng(bits)
+    n, k = 5, 96  # 3 blocks of 32
+    q = rng.integers(0, 1 << bits, (n, 3, 32), dtype=np.uint8)
+    zp = rng.integers(0, 1 << bits, (n, 3), dtype=np.uint8)
+    scales = (rng.random((n, 3)) * 0.1 + 0.01).astype(np.float32)
+    weight = ((q.astype(np.float32) - zp[..., None]) * scales[..., None]).reshape(n, k)
+    inits = [numpy_helper.from_array(pack_nibbles(q) if bits == 4 else q, "q"),
+             numpy_helper.from_array(scales.reshape(-1), "scales"),
+             numpy_helper.from_array(pack_zero_points(zp, bits), "zp")]
+    node = helper.make_node("MatMulNBits", ["x", "q", "scales", "zp"], ["y"], domain="com.microsoft", K=k, N=n,
+                            bits=bits, block_size=32, accuracy_level=0)
+    graph = helper.make_graph([node], "packing", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ weight.T, rtol=1e-5, atol=1e-5)
+
+
 def quantized_target(fmt: str = "Q4_1", seed: int = 0, qk_norm: bool = False):
     """A small random target whose 2-D weights are GGUF blocks of `fmt` (the torch model holds their exact
     dequantization, as load_target does for a GGUF): (model, {name: BlockWeight})."""

@@ -31,6 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dspark_trt.errors import DSparkError
 from dspark_trt.graphs.fused_target import INPUTS, cache_names
+from dspark_trt.graphs.matmul_nbits import pack_nibbles, pack_zero_points
 from dspark_trt.models.gguf_blocks import BLOCK, BlockWeight
 from dspark_trt.models.target import TargetConfig
 
@@ -99,11 +100,10 @@ class _Linear:
         n, k = w.shape
         blocks = k // BLOCK
         q = w.q.reshape(n, blocks, BLOCK)
-        packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8) if w.bits == 4 else q
+        packed = pack_nibbles(q) if w.bits == 4 else q
         inputs = [x, g.const(f"{stem}_q", packed), g.const(f"{stem}_scales", w.scales.reshape(-1))]
-        if w.bits == 4:  # explicit integer zero points (packed two per byte, rows padded to whole bytes)
-            zp = np.full((n, blocks + blocks % 2), w.offset, dtype=np.uint8)
-            inputs.append(g.const(f"{stem}_zp", (zp[:, 0::2] | (zp[:, 1::2] << 4)).reshape(-1)))
+        if w.bits == 4:  # explicit integer zero points
+            inputs.append(g.const(f"{stem}_zp", pack_zero_points(np.full((n, blocks), w.offset), 4)))
         # 8 bits: no zero point input means 128, the offset of Q8_0 as stored here
         y = g.op1("MatMulNBits", inputs, domain=MS, K=k, N=n, bits=w.bits, block_size=BLOCK,
                   accuracy_level=self.accuracy_level)

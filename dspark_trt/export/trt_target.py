@@ -37,6 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dspark_trt.errors import DSparkError
 from dspark_trt.export.fused_target import GraphBuilder, fuse_rows, fused_weights, rotary_caches, step_graph_model
 from dspark_trt.graphs.fused_target import cache_names
+from dspark_trt.graphs.matmul_nbits import pack_nibbles
 from dspark_trt.models.gguf_blocks import BLOCK, BlockWeight
 from dspark_trt.models.target import TargetConfig
 from dspark_trt_plugins import trt_ops_ort
@@ -49,10 +50,8 @@ SIGNED = {"Q4_0": (TensorProto.INT4, 8), "Q4_1": (TensorProto.INT4, 8), "Q8_0": 
 
 def pack_int4(values: np.ndarray) -> bytes:
     """ONNX INT4 raw data: two values per byte, the first in the low nibble (row-major order)."""
-    flat = values.reshape(-1).astype(np.int16) & 0xF
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.int16)])
-    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+    flat = values.reshape(-1)
+    return pack_nibbles(np.pad(flat, (0, flat.size % 2))).tobytes()
 
 
 def signed_blocks(w: BlockWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from dspark_trt.graphs.matmul_nbits import pack_nibbles
+
 WEIGHT_FORMATS = ("fp32", "int8", "int4")
 BLOCK_SIZE = 32  # int4: weights per scale along K
 ACCURACY_LEVEL = 4  # int4: int8 activations, ONNX Runtime's fast MatMulNBits kernels on CPU
@@ -48,9 +50,7 @@ def quantize_blocks(w: np.ndarray, bits: int, block_size: int = BLOCK_SIZE) -> t
     scales = np.abs(blocks).max(axis=-1) / qmax
     scales[scales == 0] = 1.0
     q = np.clip(np.rint(blocks / scales[..., None]), -qmax - 1, qmax).astype(np.int16) + 2 ** (bits - 1)
-    q = q.astype(np.uint8)
-    if bits == 4:  # two per byte, the first in the low nibble
-        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    q = pack_nibbles(q) if bits == 4 else q.astype(np.uint8)
     return np.ascontiguousarray(q), scales.astype(np.float32)
 
 

@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from dspark_trt.graphs.matmul_nbits import pack_nibbles, pack_zero_points
+
 MS = "com.microsoft"
 PROBE_ROWS = (1, 2, 3, 8)  # M = 1 against the kernels of a few longer passes
 
@@ -61,16 +63,13 @@ def one_row_matmuls_match(configs: tuple[tuple[int, int, int, bool, int], ...], 
 def _probe_model(k: int, n: int, bits: int, zero_points: bool, accuracy_level: int, rng) -> onnx.ModelProto:
     blocks, block = k // 32, 32
     q = rng.integers(0, 1 << bits, (n, blocks, block), dtype=np.uint8)
-    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else q
+    packed = pack_nibbles(q) if bits == 4 else q
     inits = [numpy_helper.from_array(packed, "q"),
              numpy_helper.from_array((rng.random(n * blocks) * 0.02).astype(np.float32), "scales")]
     inputs = ["x", "q", "scales"]
     if zero_points:
-        per_byte = 8 // bits
-        zp = rng.integers(0, 1 << bits, (n, -(-blocks // per_byte) * per_byte), dtype=np.uint8)
-        if bits == 4:
-            zp = zp[:, 0::2] | (zp[:, 1::2] << 4)
-        inits.append(numpy_helper.from_array(zp.reshape(-1).astype(np.uint8), "zero_points"))
+        zp = rng.integers(0, 1 << bits, (n, blocks), dtype=np.uint8)
+        inits.append(numpy_helper.from_array(pack_zero_points(zp, bits), "zero_points"))
         inputs.append("zero_points")
     node = helper.make_node("MatMulNBits", inputs, ["y"], domain=MS, K=k, N=n, bits=bits, block_size=block,
                             accuracy_level=accuracy_level)
