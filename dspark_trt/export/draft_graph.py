@@ -176,7 +176,7 @@ def _filter(scaled, top_k, top_p, filtering, nucleus: bool, vocab: int):
     if nucleus:  # a row without top-k normalises over the whole vocabulary, not the sorted prefix
         sorted_probs = torch.where((top_k == 0).unsqueeze(1), probs.gather(1, order), sorted_probs)
     mass_before = sorted_probs.double().cumsum(-1).float() - sorted_probs
-    drop = (drop | (mass_before >= top_p.unsqueeze(1))) & (rank > 0)
+    drop = (drop | ((mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1))) & (rank > 0)
     kept = torch.full_like(scaled, float("-inf")).scatter(1, order, values.masked_fill(drop, float("-inf")))
     return torch.where(filtering.unsqueeze(1), kept, scaled)
 
