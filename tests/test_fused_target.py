@@ -168,31 +168,36 @@ def test_accuracy_level_4_is_batch_invariant(tmp_path, fmt):
 def test_the_one_row_probe_predicts_whether_the_graph_needs_its_matmul_padding(tmp_path):
     """one_row_matmuls_match answers, for the graph's own MatMulNBits configurations, whether a lone token's
     logits equal the same token's inside a longer pass when the matmuls see it alone (no padding row): on
-    this CPU, whichever way it goes (AVX2 CPUs differ, AVX-512 ones agree)."""
+    this CPU, whichever way it goes (AVX2 CPUs differ, AVX-512 ones agree); one_row_padding asks it for the
+    layers and the LM head apart, and the runtime pads each as it says."""
     from dspark_trt.graphs.manifest import read_manifest
-    from dspark_trt.graphs.one_row_matmuls import matmul_configs, one_row_matmuls_match
+    from dspark_trt.graphs.one_row_matmuls import matmul_configs, one_row_matmuls_match, one_row_padding
 
     model, blocks = quantized_target("Q4_1")
     export_quantized(tmp_path, model, blocks, accuracy_level=4)
-    configs = matmul_configs(tmp_path / read_manifest(tmp_path)["graphs"]["target"]["file"])
+    graph = tmp_path / read_manifest(tmp_path)["graphs"]["target"]["file"]
+    configs = matmul_configs(graph)
     assert {(k, n) for k, n, *_ in configs} == {(64, 64 + 2 * 2 * 16), (64, 64), (64, 2 * 96), (96, 64), (64, 40)}
     assert all(bits == 4 and zero_points and level == 4 for _, _, bits, zero_points, level in configs)
     runtime = OrtRuntime(tmp_path, num_slots=1, max_seq_len=64)
-    assert runtime._target.pad_matmuls == (not one_row_matmuls_match(configs, runtime.sessions["target"]
-                                                                      .get_session_options().intra_op_num_threads))
+    threads = runtime.sessions["target"].get_session_options().intra_op_num_threads
+    layers, head = [c for c in configs if c[1] != 40], [c for c in configs if c[1] == 40]
+    assert one_row_padding(graph, 40, threads) == (not one_row_matmuls_match(tuple(layers), threads),
+                                                   not one_row_matmuls_match(tuple(head), threads))
+    assert (runtime._target.pad_matmuls, runtime._target.pad_head) == one_row_padding(graph, 40, threads)
     tokens = torch.randint(0, 40, (9,), generator=torch.Generator().manual_seed(3))
     slot = runtime.allocate_slot()
     together = runtime.target_forward(tokens, torch.tensor([slot]), torch.tensor([9]), "all").logits
 
-    def one_at_a_time(pad_matmuls: bool) -> torch.Tensor:
-        runtime._target.pad_matmuls = pad_matmuls
+    def one_at_a_time(pad: bool) -> torch.Tensor:
+        runtime._target.pad_matmuls = runtime._target.pad_head = pad
         runtime.rollback(slot, 5)
         return torch.stack([runtime.target_forward(t.reshape(1), torch.tensor([slot]), torch.tensor([1]),
                                                    "all").logits[0] for t in tokens[5:]])
 
-    assert torch.equal(one_at_a_time(pad_matmuls=True), together[5:])  # padded: equal on every CPU
+    assert torch.equal(one_at_a_time(pad=True), together[5:])  # padded: equal on every CPU
     # unpadded, as it runs where the probe says the kernels agree: equal exactly when they do
-    assert torch.equal(one_at_a_time(pad_matmuls=False), together[5:]) == one_row_matmuls_match(configs)
+    assert torch.equal(one_at_a_time(pad=False), together[5:]) == one_row_matmuls_match(configs)
 
 
 def test_a_slot_fills_to_the_limit_with_the_padding_rows_position_kept(tmp_path):

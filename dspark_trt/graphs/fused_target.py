@@ -44,16 +44,18 @@ class FusedFeeds:
 
 
 def fused_feeds(input_ids, slots, starts, query_lens, capacity: int,
-                logits_rows: str | np.ndarray = "last", min_query_len: int = 1, min_rows: int = 1) -> FusedFeeds:
+                logits_rows: str | np.ndarray = "last", min_query_len: int = 1, min_rows: int = 1,
+                min_logits_rows: int = 1) -> FusedFeeds:
     """Feeds for appending query_lens[r] tokens to slots[r], whose caches hold starts[r] positions.
 
     logits_rows: "last" (each request's last row), "all", or packed row indices.
     min_query_len: attention's query of a request has at least this many rows; the padding rows after
     its tokens (a copy of packed row 0) write K/V rows past the request's end that no real row reads.
-    min_rows (1 or 2, the latter with min_query_len > 1): no matmul sees fewer rows, for CPUs where
-    MatMulNBits' M = 1 kernel differs from its M >= 2 one (graphs/one_row_matmuls.py). A pass of one token
-    feeds a copy of it as the row that attention's padding row reads, and one logits row is gathered
-    twice; the copies' outputs are padding (`tokens` and `logits` count the real rows).
+    min_rows (1 or 2, the latter with min_query_len > 1): no matmul of the layers sees fewer rows, for CPUs
+    where MatMulNBits' M = 1 kernel differs from its M >= 2 one (graphs/one_row_matmuls.py): a pass of one
+    token feeds a copy of it as the row that attention's padding row reads. min_logits_rows (1 or 2): the
+    same for the LM head, whose kernel may agree where the layers' do not: one logits row is gathered twice.
+    The copies' outputs are padding (`tokens` and `logits` count the real rows).
     """
     ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
     slots = np.asarray(slots, dtype=np.int64)
@@ -86,7 +88,7 @@ def fused_feeds(input_ids, slots, starts, query_lens, capacity: int,
     if min_rows > 1 and min_query_len < 2:
         raise DSparkError("a matmul padding row needs attention's padding row (min_query_len >= 2)")
     logits = rows.size
-    if logits == 1 and min_rows > 1:
+    if logits == 1 and min_logits_rows > 1:
         rows = np.repeat(rows, 2)
     row_slots = slots[request_of_row] * s + offset
     tokens = ids.size

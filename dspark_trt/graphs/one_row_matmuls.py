@@ -3,9 +3,10 @@
 ONNX Runtime picks MatMulNBits' kernel by CPU features and the number of rows M. On some CPUs (AVX2 without
 AVX-512, measured) its M = 1 kernel sums in another order than the M >= 2 one (6e-7 on a [1, 576] x [576, 960]
 product, about 1 in a logit after 30 int8-activation layers), so a token decoded alone would not get the logits
-it gets beside drafts or other requests. Where that happens the fused target runtime never lets a matmul see
-one row (graphs/fused_target.py, `fused_feeds`'s `min_rows`), which costs a lone request's decode step about a
-sixth; where the kernels agree it does not need to.
+it gets beside drafts or other requests. Where that happens the fused target runtime never lets such a matmul see
+one row (graphs/fused_target.py, `fused_feeds`'s `min_rows` for the layers, `min_logits_rows` for the LM head);
+where the kernels agree it does not need to. `one_row_padding` answers for the layers and the head apart: on
+AVX2 the 4-bit kernels differ and the GGUF's 8-bit head's agree, and there a second head row cost 2.8x.
 
 `one_row_matmuls_match` answers for a graph's own MatMulNBits configurations (K, N, bits, zero points,
 accuracy level) with random weights: the kernel is chosen by those and the CPU, not by the weights' values.
@@ -36,6 +37,15 @@ def matmul_configs(model_path: str | Path) -> tuple[tuple[int, int, int, bool, i
             configs.add((attrs["K"], attrs["N"], attrs.get("bits", 4), len(node.input) > 3 and bool(node.input[3]),
                          attrs.get("accuracy_level", 0)))
     return tuple(sorted(configs))
+
+
+def one_row_padding(model_path: str | Path, vocab_size: int, threads: int | None = None) -> tuple[bool, bool]:
+    """(the layers' matmuls need a second row, the LM head does) for a target graph file on this CPU; the head
+    is the MatMulNBits whose N is the vocabulary."""
+    configs = matmul_configs(model_path)
+    head = tuple(c for c in configs if c[1] == vocab_size)
+    layers = tuple(c for c in configs if c[1] != vocab_size)
+    return not one_row_matmuls_match(layers, threads), not one_row_matmuls_match(head, threads)
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,7 +19,7 @@ import torch
 
 from dspark_trt.errors import DSparkError
 from dspark_trt.graphs.manifest import read_manifest
-from dspark_trt.graphs.one_row_matmuls import matmul_configs, one_row_matmuls_match
+from dspark_trt.graphs.one_row_matmuls import one_row_padding
 from dspark_trt.graphs.ort_session import make_session
 from dspark_trt.graphs.verify_tail import VERIFY_OUTPUTS, no_verify_feeds, verify_feeds
 from dspark_trt.models.drafter import DraftStep
@@ -53,11 +53,10 @@ class OrtRuntime(Runtime):
         self.cache = KVCache(self.config, num_slots=num_slots, max_seq_len=self.max_seq_len + pad)
         self.sessions = {"target": self._make_session(engine_dir, "target", threads)}
         if fused:
-            pad_matmuls = batch_invariant and not one_row_matmuls_match(
-                matmul_configs(engine_dir / manifest["graphs"]["target"]["file"]),
-                threads or len(os.sched_getaffinity(0)))
+            pad_matmuls, pad_head = one_row_padding(engine_dir / manifest["graphs"]["target"]["file"],
+                                                    self.vocab_size, threads or len(os.sched_getaffinity(0)))
             self._target = FusedTargetGraph(self.sessions["target"], self.cache, batch_invariant=batch_invariant,
-                                            pad_matmuls=pad_matmuls)
+                                            pad_matmuls=pad_matmuls, pad_head=pad_head)
         else:
             self._target = PortableTargetGraph(self.sessions["target"], self.cache)
         self.verify_in_graph = set(VERIFY_OUTPUTS) <= set(self._target.outputs)

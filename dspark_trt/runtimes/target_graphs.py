@@ -9,10 +9,12 @@
   a padding row after it (`min_query_len`): it writes a K/V row one position past the request's end,
   which the next token overwrites and no query reads, and the real row is the same as in a longer query.
   The pool keeps that one position (`PADDING_ROWS`). MatMulNBits has its own M = 1 kernel on some CPUs
-  (AVX2 without AVX-512; graphs/one_row_matmuls.py asks this one), and there no matmul sees one row
-  either (`pad_matmuls`): a pass of a single token feeds that padding row through the matmuls too, and a
-  single logits row is computed twice. Plain decoding that never speculates (gen-data) may turn the
-  padding off (`batch_invariant=False`).
+  (AVX2 without AVX-512; graphs/one_row_matmuls.py asks this one, per weight format), and there no matmul
+  sees one row either: a pass of a single token feeds that padding row through the layers' matmuls too
+  (`pad_matmuls`), and a single logits row is computed twice where the LM head's kernel needs it
+  (`pad_head`; the GGUF's 8-bit head computes one row alone as it does among others on AVX2, where a
+  second row made it 2.8x slower). Plain decoding that never speculates (gen-data) may turn the padding
+  off (`batch_invariant=False`).
 - `PortableTargetGraph` (standard ONNX, graphs/target_graph.py, what TensorRT compiles): the batch's
   past window is gathered into the feeds and the returned new rows are written back on the host.
 
@@ -35,11 +37,12 @@ class FusedTargetGraph:
     """A fused target session whose K/V live in `cache`'s buffers, bound in place."""
 
     def __init__(self, session: ort.InferenceSession, cache: KVCache, batch_invariant: bool = True,
-                 pad_matmuls: bool = True):
+                 pad_matmuls: bool = True, pad_head: bool = True):
         self.session = session
         self.cache = cache
         self.batch_invariant = batch_invariant
         self.pad_matmuls = batch_invariant and pad_matmuls
+        self.pad_head = batch_invariant and pad_head
         self._k = [k.numpy() for k in cache.k]
         self._v = [v.numpy() for v in cache.v]
         self.outputs = [o.name for o in session.get_outputs() if not o.name.startswith("present_")]
@@ -67,7 +70,7 @@ class FusedTargetGraph:
         starts = self.cache.lengths.numpy()[slots]
         inputs = fused_feeds(input_ids, slots, starts, query_lens, self.cache.max_seq_len, logits_rows,
                              min_query_len=1 + PADDING_ROWS if self.batch_invariant else 1,
-                             min_rows=2 if self.pad_matmuls else 1)
+                             min_rows=2 if self.pad_matmuls else 1, min_logits_rows=2 if self.pad_head else 1)
         binding = self._binding(inputs.batch)
         for name in self.outputs:  # rebound every run: a bound result would fix the next run's shape
             binding.bind_output(name, "cpu")
