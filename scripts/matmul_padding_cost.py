@@ -1,8 +1,9 @@
 """What the matmul padding rows cost a lone request: greedy decoding at batch 1 on a build-engines directory,
 with the fused runtime's padding as this CPU needs it (`pad_matmuls` for the layers, `pad_head` for the LM
-head), with both padded (as before the head was asked apart) and with none, alternating in one process (docs/benchmarks.md, batch invariance). Prints decode tok/s
-per round and the ratio of the medians, and what this CPU needs (graphs/one_row_matmuls.py). Without the
-padding the outputs may differ where the probe says the kernels differ.
+head), with both padded (as before the head was asked apart) and with none, alternating in one process
+(docs/benchmarks.md, batch invariance). Prints decode tok/s per round and each variant's median against
+none, and what this CPU needs (graphs/one_row_matmuls.py). Without the padding the outputs may differ where
+the probe says the kernels differ.
 
     python scripts/matmul_padding_cost.py --engines ENGINES --rounds 5
 """

@@ -51,7 +51,8 @@ def test_matmul_nbits_packing_is_the_layout_onnx_runtime_reads(bits):
                             bits=bits, block_size=32, accuracy_level=0)
     graph = helper.make_graph([node], "packing", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     x = rng.standard_normal((2, k)).astype(np.float32)
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, x @ weight.T, rtol=1e-5, atol=1e-5)
