@@ -80,7 +80,7 @@ def quantized_target(fmt: str = "Q4_1", seed: int = 0, qk_norm: bool = False):
     return model, blocks
 
 
-def export_quantized(tmp_path, model, blocks, accuracy_level: int, drafter=None):
+def export_quantized(tmp_path, model, blocks, accuracy_level: int, drafter=None, lm_head: str = "gguf"):
     import dspark_trt.export.fused_target as fused
 
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
@@ -88,7 +88,7 @@ def export_quantized(tmp_path, model, blocks, accuracy_level: int, drafter=None)
     fused.fused_weights = lambda target, m, weights: state | blocks
     try:
         return export_engines(model, drafter, tmp_path, graph="fused", weights="int4", source="(test blocks)",
-                              max_seq_len=256, accuracy_level=accuracy_level)
+                              max_seq_len=256, accuracy_level=accuracy_level, lm_head=lm_head)
     finally:
         fused.fused_weights = original
 
@@ -125,12 +125,15 @@ def test_fused_fp32_graph_equals_torch_with_taps_and_rollback(tmp_path, qk_norm)
                                                                             max_seq_len=64), 40, close)
 
 
-def test_int4_blocks_at_accuracy_level_1_equal_their_dequantized_reference(tmp_path):
+@pytest.mark.parametrize("lm_head", ["gguf", "fp32"])
+def test_int4_blocks_at_accuracy_level_1_equal_their_dequantized_reference(tmp_path, lm_head):
     """Q4_1 carried as MatMulNBits (zero point 0) + minimums x block sums: with float32 compute the graph
-    computes exactly what the GGUF's blocks say, up to float32 rounding."""
+    computes exactly what the GGUF's blocks say, up to float32 rounding; so does a float32 LM head."""
     model, blocks = quantized_target("Q4_1")
-    manifest = export_quantized(tmp_path, model, blocks, accuracy_level=1)
-    assert manifest["target"]["matmul_formats"] == {"Q4_1": 9}  # qkv, o, gate_up, down x 2 layers + head
+    manifest = export_quantized(tmp_path, model, blocks, accuracy_level=1, lm_head=lm_head)
+    # qkv, o, gate_up, down x 2 layers + head
+    assert manifest["target"]["matmul_formats"] == ({"Q4_1": 9} if lm_head == "gguf" else {"Q4_1": 8, "fp32": 1})
+    assert manifest["target"]["lm_head"] == lm_head
 
     def close(ours, ref):
         torch.testing.assert_close(ours.logits, ref.logits, atol=2e-4, rtol=1e-4)
@@ -139,12 +142,17 @@ def test_int4_blocks_at_accuracy_level_1_equal_their_dequantized_reference(tmp_p
             40, close)
 
 
-@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
-def test_accuracy_level_4_is_batch_invariant(tmp_path, fmt):
+@pytest.mark.parametrize("fmt,lm_head", [("Q4_1", "gguf"), ("Q8_0", "gguf"), ("Q4_1", "fp32")])
+def test_accuracy_level_4_is_batch_invariant(tmp_path, fmt, lm_head):
     """A row's logits do not depend on which rows share its pass: request A's tokens fed one per pass
-    (alone) equal, bit for bit, the same tokens fed four at a time beside other requests' rows."""
+    (alone) equal, bit for bit, the same tokens fed four at a time beside other requests' rows (the float32
+    head's Gemm is probed too: graphs/one_row_matmuls.py)."""
+    from dspark_trt.graphs.one_row_matmuls import matmul_configs
+
     model, blocks = quantized_target(fmt)
-    export_quantized(tmp_path, model, blocks, accuracy_level=4)
+    manifest = export_quantized(tmp_path, model, blocks, accuracy_level=4, lm_head=lm_head)
+    assert ((64, 40, 32, False, 0) in matmul_configs(tmp_path / manifest["graphs"]["target"]["file"])) == \
+        (lm_head == "fp32")
     tokens = torch.randint(0, 40, (13,), generator=torch.Generator().manual_seed(1))
     alone = OrtRuntime(tmp_path, num_slots=4, max_seq_len=64)
     slot = alone.allocate_slot()

@@ -17,7 +17,7 @@ import onnx
 from dspark_trt.build.validate import failures, validate_engines
 from dspark_trt.errors import DSparkError
 from dspark_trt.export.engines import export_engines
-from dspark_trt.export.fused_target import fused_supported
+from dspark_trt.export.fused_target import LM_HEADS, fused_supported
 from dspark_trt.export.tensorrt_build import build_plans, require_tensorrt
 from dspark_trt.export.weight_quant import WEIGHT_FORMATS
 from dspark_trt.graphs.manifest import CALIBRATION, sha256, write_manifest
@@ -38,6 +38,7 @@ class BuildOptions:
     weights: str | None = None  # None: default_weights()
     accuracy_level: int = 4  # int4 MatMulNBits compute: 4 = int8 activations (batch-invariant), 1 = float32
     draft_weights: str | None = None  # None: int8 on ONNX Runtime (integer GEMM), fp32 on TensorRT
+    lm_head: str = "gguf"  # the fused graph's LM head: the GGUF's blocks, or float32 (faster for large batches)
     max_seq_len: int | None = None  # None: min(2048, the target's max positions)
     max_batch_tokens: int = 512
     tolerance: float = 1e-3  # max abs error allowed, relative to max(1, the reference's magnitude)
@@ -73,6 +74,8 @@ def check_options(options: BuildOptions) -> None:
         raise DSparkError(f"unknown backend '{options.backend}': choose from {', '.join(BACKENDS)}")
     if options.backend == "tensorrt":
         require_tensorrt()
+    if options.lm_head not in LM_HEADS:
+        raise DSparkError(f"unknown LM head '{options.lm_head}': choose from {', '.join(LM_HEADS)}")
     if options.weights is not None and options.weights not in WEIGHTS:
         raise DSparkError(f"unknown weights '{options.weights}': choose from {', '.join(WEIGHTS)}")
     if options.draft_weights is not None and options.draft_weights not in WEIGHT_FORMATS:
@@ -115,13 +118,16 @@ def build_engines(options: BuildOptions, progress: Callable[[str], None] = _stde
         if weights == "int4" and not (fused or trt):
             raise DSparkError("--weights int4 needs the fused ONNX Runtime graph, which this target cannot use "
                               f"(GroupQueryAttention needs a head size divisible by 16, got {target.config.head_dim})")
+        if options.lm_head != "gguf" and not fused:
+            raise DSparkError(f"--lm-head {options.lm_head} is an option of the fused ONNX Runtime graph")
         if not fused and options.backend == "onnxruntime":
             progress(f"      head size {target.config.head_dim} is not a multiple of 16: the portable graph")
         manifest = export_engines(target, drafter, out, progress=lambda m: progress(f"      {m}"),
                                   graph="trt" if trt else "fused" if fused else "portable", weights=weights,
                                   source=options.target, max_seq_len=max_seq_len,
                                   accuracy_level=options.accuracy_level,
-                                  draft_weights=options.draft_weights or ("fp32" if trt else "int8"))
+                                  draft_weights=options.draft_weights or ("fp32" if trt else "int8"),
+                                  lm_head=options.lm_head)
     for name, graph in manifest["graphs"].items():
         with _step("check", progress, name):
             onnx.checker.check_model(str(out / graph["file"]), full_check=True)  # full: strict shape inference

@@ -52,13 +52,15 @@ def graph_entry(path: Path, out_dir: Path) -> dict:
 
 def export_engines(target, drafter, out_dir: str | Path, progress=lambda message: None, verify: bool = True,
                    graph: str = "portable", weights: str = "fp32", source: str | None = None,
-                   max_seq_len: int = 2048, accuracy_level: int = 4, draft_weights: str = "fp32") -> dict:
+                   max_seq_len: int = 2048, accuracy_level: int = 4, draft_weights: str = "fp32",
+                   lm_head: str = "gguf") -> dict:
     """Export target (with the drafter's taps; verify: ending in DSparkVerify) and drafter graphs into
     out_dir and write the manifest.
 
     graph: "fused" (ONNX Runtime's fused LLM operators, weights "int4" from the GGUF `source`'s blocks
-    or "fp32"), "trt" (the same contract for TensorRT: blocked DequantizeLinear, TensorRT's KV-cache
-    update and attention; weights "int4" or "fp32") or "portable" (standard ONNX, float32).
+    or "fp32"; lm_head "gguf" or "fp32", export/fused_target.py), "trt" (the same contract for TensorRT:
+    blocked DequantizeLinear, TensorRT's KV-cache update and attention; weights "int4" or "fp32") or
+    "portable" (standard ONNX, float32).
     """
     from dspark_trt.models.drafter_checkpoint import config_to_dict
 
@@ -68,7 +70,8 @@ def export_engines(target, drafter, out_dir: str | Path, progress=lambda message
     progress(f"exporting target graph ({graph}, {weights} weights)")
     if graph == "fused":
         path, target_report = export_fused_target(source, target, out_dir / "target.onnx", max_seq_len, taps,
-                                                  weights=weights, accuracy_level=accuracy_level, verify=verify)
+                                                  weights=weights, accuracy_level=accuracy_level, verify=verify,
+                                                  lm_head=lm_head)
     elif graph == "trt":  # the TensorRT flavour of the fused graph's contract (export/trt_target.py)
         from dspark_trt.export.trt_target import export_trt_target
 

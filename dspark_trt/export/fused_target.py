@@ -37,6 +37,7 @@ from dspark_trt.models.target import TargetConfig
 
 OPSET = 23  # RMSNormalization (the first layer's norm, which has no residual to add yet)
 WEIGHTS = ("int4", "fp32")
+LM_HEADS = ("gguf", "fp32")  # the LM head as the GGUF stores it (Q8_0 for SmolLM2), or float32
 DEFAULT_ACCURACY_LEVEL = 4
 MS = "com.microsoft"
 
@@ -138,12 +139,19 @@ def rotary_caches(config: TargetConfig, max_positions: int) -> tuple[np.ndarray,
 
 
 def build_fused_target(config: TargetConfig, weights: dict, max_positions: int, tap_layers: Sequence[int] = (),
-                       accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> tuple[onnx.ModelProto, dict]:
+                       accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+                       lm_head: str = "gguf") -> tuple[onnx.ModelProto, dict]:
     """(model, weight report) for parameters `weights` (name -> float32 [N, K] / [N] array or BlockWeight).
+
+    lm_head: "gguf" (the head's own blocks, as the layers') or "fp32" (its exact float32 dequantization, a `Gemm`
+    that reads the embedding table itself when the two are tied: no more weight bytes). On AVX2 the float32
+    head was 1.2x faster for passes of 16-48 rows and 0.83x for a lone token (docs/benchmarks.md).
 
     Inputs and outputs are graphs/fused_target.py's contract; the report says which formats carry the
     matmuls and how many bytes their weights take.
     """
+    if lm_head not in LM_HEADS:
+        raise DSparkError(f"unknown LM head '{lm_head}': choose from {', '.join(LM_HEADS)}")
     if list(tap_layers) != sorted(set(tap_layers)):
         raise DSparkError(f"tap layers must be strictly increasing, got {list(tap_layers)}")
     cfg = config
@@ -158,7 +166,8 @@ def build_fused_target(config: TargetConfig, weights: dict, max_positions: int, 
 
     cos, sin = rotary_caches(cfg, max_positions)
     cos_name, sin_name = g.const("cos_cache", cos), g.const("sin_cache", sin)
-    x = g.op1("Gather", [g.const("embed_tokens", dense("embed_tokens.weight")), "input_ids"], axis=0)
+    embed = g.const("embed_tokens", dense("embed_tokens.weight"))
+    x = g.op1("Gather", [embed, "input_ids"], axis=0)
     tapped = []
     residual, pending = x, None  # pending: the sublayer output not yet added to the residual
     flat_shape = g.const("flat_shape", np.array([-1, heads * d]))
@@ -205,13 +214,20 @@ def build_fused_target(config: TargetConfig, weights: dict, max_positions: int, 
     final = g.op("SkipSimplifiedLayerNormalization", [pending, residual, gamma], 4, domain=MS, epsilon=eps)
     if cfg.num_layers - 1 in tap_layers:
         tapped.append(final[3])
-    head = weights.get("lm_head.weight", weights["embed_tokens.weight"]) if not cfg.tie_word_embeddings \
-        else weights["embed_tokens.weight"]
-    linear(g.op1("Gather", [final[0], "logits_rows"], axis=0), head, "lm_head")
-    g.nodes[-1].output[0] = "logits"  # the last node written is the head's (MatMul/MatMulNBits/Add)
+    tied = cfg.tie_word_embeddings or "lm_head.weight" not in weights
+    head = weights["embed_tokens.weight"] if tied else weights["lm_head.weight"]
+    rows = g.op1("Gather", [final[0], "logits_rows"], axis=0)
+    if lm_head == "fp32":  # B [V, H] as stored, transposed by the Gemm
+        b = embed if tied else g.const("lm_head", dense("lm_head.weight"))
+        g.op("Gemm", [rows, b], outputs=["logits"], transB=1)
+        linear.formats["fp32"] = linear.formats.get("fp32", 0) + 1
+        linear.bytes += 0 if tied else head.shape[0] * head.shape[1] * 4
+    else:
+        linear(rows, head, "lm_head")
+        g.nodes[-1].output[0] = "logits"  # the last node written is the head's (MatMul/MatMulNBits/Add)
     model = step_graph_model(g, cfg, tapped, "capacity", "dspark_target_fused", [helper.make_opsetid(MS, 1)])
     report = {"matmul_formats": dict(sorted(linear.formats.items())), "matmul_weight_bytes": int(linear.bytes),
-              "accuracy_level": accuracy_level}
+              "accuracy_level": accuracy_level, "lm_head": lm_head}
     return model, report
 
 
@@ -256,7 +272,7 @@ def fused_weights(target: str, model, weights: str) -> dict:
 
 def export_fused_target(target: str, model, path: str | Path, max_positions: int, tap_layers: Sequence[int] = (),
                         weights: str = "int4", accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
-                        verify: bool = True) -> tuple[Path, dict]:
+                        verify: bool = True, lm_head: str = "gguf") -> tuple[Path, dict]:
     """Write the fused target graph (weights as external data next to it); returns (path, weight report)."""
     from dspark_trt.export.target_graph import add_verify_tail
 
@@ -265,7 +281,7 @@ def export_fused_target(target: str, model, path: str | Path, max_positions: int
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx_model, report = build_fused_target(model.config, fused_weights(target, model, weights), max_positions,
-                                            tap_layers, accuracy_level)
+                                            tap_layers, accuracy_level, lm_head)
     if verify:
         add_verify_tail(onnx_model, model.config.vocab_size)
     data = path.with_suffix(".onnx.data")

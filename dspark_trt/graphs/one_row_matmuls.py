@@ -27,11 +27,16 @@ PROBE_ROWS = (1, 2, 3, 8)  # M = 1 against the kernels of a few longer passes
 
 
 def matmul_configs(model_path: str | Path) -> tuple[tuple[int, int, int, bool, int], ...]:
-    """(K, N, bits, has zero points, accuracy level) of each distinct MatMulNBits in a graph file (its
-    weights, in external data, are not read)."""
+    """(K, N, bits, has zero points, accuracy level) of each distinct MatMulNBits in a graph file, and
+    (K, N, 32, False, 0) of each float32 `Gemm` with a transposed initializer B (the float32 LM head); the
+    weights, in external data, are not read."""
     graph = onnx.load(str(model_path), load_external_data=False).graph
+    dims = {init.name: tuple(init.dims) for init in graph.initializer}
     configs = set()
     for node in graph.node:
+        if node.op_type == "Gemm" and node.input[1] in dims:
+            n, k = dims[node.input[1]]
+            configs.add((k, n, 32, False, 0))
         if node.op_type == "MatMulNBits" and node.domain == MS:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             configs.add((attrs["K"], attrs["N"], attrs.get("bits", 4), len(node.input) > 3 and bool(node.input[3]),
@@ -41,7 +46,7 @@ def matmul_configs(model_path: str | Path) -> tuple[tuple[int, int, int, bool, i
 
 def one_row_padding(model_path: str | Path, vocab_size: int, threads: int | None = None) -> tuple[bool, bool]:
     """(the layers' matmuls need a second row, the LM head does) for a target graph file on this CPU; the head
-    is the MatMulNBits whose N is the vocabulary."""
+    is the MatMulNBits or float32 Gemm whose N is the vocabulary."""
     configs = matmul_configs(model_path)
     head = tuple(c for c in configs if c[1] == vocab_size)
     layers = tuple(c for c in configs if c[1] != vocab_size)
@@ -71,6 +76,9 @@ def one_row_matmuls_match(configs: tuple[tuple[int, int, int, bool, int], ...], 
 
 
 def _probe_model(k: int, n: int, bits: int, zero_points: bool, accuracy_level: int, rng) -> onnx.ModelProto:
+    if bits == 32:
+        return _model(helper.make_node("Gemm", ["x", "w"], ["y"], transB=1), k, n,
+                      [numpy_helper.from_array((rng.standard_normal((n, k)) * 0.02).astype(np.float32), "w")])
     blocks, block = k // 32, 32
     q = rng.integers(0, 1 << bits, (n, blocks, block), dtype=np.uint8)
     packed = pack_nibbles(q) if bits == 4 else q
@@ -83,6 +91,12 @@ def _probe_model(k: int, n: int, bits: int, zero_points: bool, accuracy_level: i
         inputs.append("zero_points")
     node = helper.make_node("MatMulNBits", inputs, ["y"], domain=MS, K=k, N=n, bits=bits, block_size=block,
                             accuracy_level=accuracy_level)
-    graph = helper.make_graph([node], "one_row_probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+    return _model(node, k, n, inits)
+
+
+def _model(node: onnx.NodeProto, k: int, n: int, inits: list) -> onnx.ModelProto:
+    """A one-node graph y [M, n] = node(x [M, k])."""
+    graph = helper.make_graph([node], "one_row_probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)])
