@@ -220,8 +220,7 @@ def build_fused_target(config: TargetConfig, weights: dict, max_positions: int, 
     if lm_head == "fp32":  # B [V, H] as stored, transposed by the Gemm
         b = embed if tied else g.const("lm_head", dense("lm_head.weight"))
         g.op("Gemm", [rows, b], outputs=["logits"], transB=1)
-        linear.formats["fp32"] = linear.formats.get("fp32", 0) + 1
-        linear.bytes += 0 if tied else head.shape[0] * head.shape[1] * 4
+        linear._count("fp32", 0 if tied else head.shape[0] * head.shape[1] * 4)  # tied: the embedding's bytes
     else:
         linear(rows, head, "lm_head")
         g.nodes[-1].output[0] = "logits"  # the last node written is the head's (MatMul/MatMulNBits/Add)
