@@ -49,7 +49,7 @@ from dspark_trt.training.draft_vocab import COVERAGE_SIZES, count_response_token
 from dspark_trt.training.data import FeatureExtractor, load_samples, read_training_prompts, regenerate_responses
 from dspark_trt.training.feature_cache import CachedFeatureExtractor, target_identity
 from dspark_trt.training.losses import LossWeights
-from dspark_trt.training.trainer import PRECISIONS, STATE_FILE, Trainer, TrainConfig
+from dspark_trt.training.trainer import PRECISIONS, STATE_FILE, Trainer, TrainConfig, bf16_is_slow
 
 RESPONSES_FILE = "responses.jsonl"
 DRAFT_VOCAB_FILE = "draft_vocab.json"
@@ -198,6 +198,9 @@ def _drafter(args: argparse.Namespace, target, out: Path, config, responses: Pat
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    if args.precision == "bf16" and bf16_is_slow():
+        print("train-draft: warning: this CPU has no bfloat16 matmul instructions (avx512_bf16, amx_bf16); bf16 "
+              "autocast is emulated there and ran 14x slower than --precision fp32 on such a CPU", file=sys.stderr)
     out = Path(args.out)
     target, tokenizer = load_target(args.target)
     config = _drafter_config(args, target, out)
