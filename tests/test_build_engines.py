@@ -151,6 +151,8 @@ def test_bad_options_are_rejected(tmp_path):
         build_engines(BuildOptions(out=str(tmp_path), max_seq_len=4))
     with pytest.raises(DSparkError, match="unknown backend 'tvm'"):
         build_engines(BuildOptions(out=str(tmp_path), backend="tvm"))
+    with pytest.raises(DSparkError, match="unknown LM head 'int2': choose from gguf, fp32"):
+        build_engines(BuildOptions(out=str(tmp_path), lm_head="int2"))
 
 
 def test_generate_on_engines_equals_generate_on_torch(built, pair):  # noqa: F811
