@@ -151,9 +151,11 @@ def regenerate_responses(runtime, tokenizer, prompts: list[Prompt], out_path: st
                 stats["added"] += 1
                 stats["tokens"] += len(request.output_ids)
                 if progress and (stats["added"] % 25 == 0 or not (queue or still)):
-                    rate = stats["tokens"] / (time.perf_counter() - start)
+                    elapsed = time.perf_counter() - start
+                    left = (len(todo) - stats["added"]) * elapsed / stats["added"]  # at this session's pace
                     print(f"regenerate: {len(done) + stats['added']}/{len(done) + len(todo)} responses, "
-                          f"{stats['tokens']} tokens, {rate:.0f} generated tok/s", file=sys.stderr)
+                          f"{stats['tokens']} tokens, {stats['tokens'] / elapsed:.0f} generated tok/s, "
+                          f"about {left / 3600:.1f} h left", file=sys.stderr)
             pending = still
     stats["seconds"] = time.perf_counter() - start
     stats["tokens_per_second"] = stats["tokens"] / stats["seconds"]
