@@ -101,19 +101,21 @@ def _greedy_apart(target_logits, draft_tokens, draft_probs, row_offsets, tempera
     for them, from the argmax alone), the rest by the rule, so that no [N, V] distribution is built for greedy
     rows (of a 48-request batch with a quarter sampled, that was a tenth of the pass)."""
     counts = row_offsets[1:] - row_offsets[:-1]
+    request_ids = torch.arange(counts.numel())
+    request_of_row = torch.repeat_interleave(request_ids, counts)
+    request_of_draft = torch.repeat_interleave(request_ids, counts - 1)  # a request's rows: its drafts, then one
     accepted = torch.zeros(counts.numel(), dtype=torch.long)
     next_token = torch.zeros(counts.numel(), dtype=torch.long)
-    for requests in (greedy.nonzero().squeeze(1).tolist(), (~greedy).nonzero().squeeze(1).tolist()):
-        rows = torch.cat([torch.arange(int(row_offsets[r]), int(row_offsets[r + 1])) for r in requests])
-        drafts = torch.cat([torch.arange(int(row_offsets[r]) - r, int(row_offsets[r + 1]) - r - 1) for r in requests])
+    for part, is_greedy_part in ((greedy, True), (~greedy, False)):
+        requests, rows, drafts = part.nonzero().squeeze(1), part[request_of_row], part[request_of_draft]
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts[requests].cumsum(0)])
-        if bool(greedy[requests[0]]):
-            part = greedy_verdict(target_logits[rows].argmax(dim=-1), draft_tokens[drafts], offsets)
+        if is_greedy_part:
+            verdict = greedy_verdict(target_logits[rows].argmax(dim=-1), draft_tokens[drafts], offsets)
         else:
-            part = dspark_verify(target_logits[rows], draft_tokens[drafts],
-                                 None if draft_probs is None else draft_probs[drafts], offsets,
-                                 temperature[requests], top_k[requests], top_p[requests], uniforms[rows])
-        accepted[requests], next_token[requests] = part.accepted, part.next_token
+            verdict = dspark_verify(target_logits[rows], draft_tokens[drafts],
+                                    None if draft_probs is None else draft_probs[drafts], offsets,
+                                    temperature[requests], top_k[requests], top_p[requests], uniforms[rows])
+        accepted[requests], next_token[requests] = verdict.accepted, verdict.next_token
     return VerifyResult(accepted=accepted, next_token=next_token)
 
 
