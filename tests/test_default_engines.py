@@ -101,3 +101,36 @@ def test_sampling_follows_the_default_engine_distribution(default_engines):
     accepted = sum(r.stats.draft_tokens_accepted for r in requests)
     verified = sum(r.stats.draft_tokens_verified for r in requests)
     assert 30 <= accepted < 0.95 * verified  # drafts were both accepted and rejected
+
+
+def test_eval_on_the_engines_counts_the_rounds_of_an_independent_run(default_engines, tmp_path):
+    """`dspark-trt eval --engines`: the pair as served (its drafter and calibration from the directory); τ and
+    its counts equal those of the same prompts decoded here on the same engines (greedy, fixed γ = block)."""
+    import json
+
+    from dspark_trt.cli import main
+    from dspark_trt.graphs.manifest import load_engine_tokenizer, read_manifest
+
+    dataset = tmp_path / "two.jsonl"
+    dataset.write_text("".join(json.dumps({"turns": [p]}) + "\n" for p in PROMPTS[:2]))
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--engines", str(default_engines), "--datasets", str(dataset), "--max-new-tokens", "24",
+                 "--concurrency", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+
+    runtime = OrtRuntime(default_engines, num_slots=2)
+    engine = Engine(runtime, make_scheduler("fixed", runtime.block_size, has_confidence=True), record_rounds=True)
+    tokenizer = load_engine_tokenizer(default_engines)
+    own = engine.generate([chat_prompt_ids(tokenizer, p) for p in PROMPTS[:2]],
+                          SamplingParams(max_tokens=24, stop_ids=tuple(runtime.eos_token_ids)))
+    rounds = sum(len(r.stats.round_verified) for r in own)
+    ds = report["datasets"]["two"]
+    assert ds["rounds"] == rounds and ds["generated_tokens"] == sum(len(r.output_ids) for r in own)
+    assert ds["tau"] == pytest.approx(sum(len(r.output_ids) - 1 for r in own) / rounds)
+    manifest = read_manifest(default_engines)
+    assert report["machine"]["runtime"] == "onnxruntime" and report["draft"]["weights"] == "int8"
+    assert report["draft"]["graph_sha256"]["draft"] == manifest["graphs"]["draft"]["sha256"]
+    assert report["calibration"] is not None  # build-engines copied the shipped drafter's
+    with pytest.raises(SystemExit) as refused:  # one pair or the other
+        main(["eval", "--engines", str(default_engines), "--draft", "default", "--datasets", str(dataset)])
+    assert refused.value.code == 2

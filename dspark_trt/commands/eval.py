@@ -8,6 +8,10 @@ histogram, P(position k accepted | positions < k accepted) (Fig. 2), tokens/s, a
 the confidence head's prefix-survival predictions per position, raw and after STS when a calibration
 is given (default: DRAFT/calibration.json if present). The results JSON records the exact command,
 git revision, dataset sha256, target/drafter identity, machine and options, so runs can be reproduced.
+
+`--engines DIR` evaluates the pair of a build-engines directory instead (its drafter and calibration, on ONNX
+Runtime or TensorRT): the drafter as it is served, several times faster than the torch reference on a CPU. Its
+τ is that of the quantized pair, so compare drafters on the same runtime.
 """
 from __future__ import annotations
 
@@ -39,7 +43,11 @@ from dspark_trt.spec.scheduler import SCHEDULE_MODES
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="smollm2", help="alias, .gguf file or HF directory (default smollm2)")
-    parser.add_argument("--draft", required=True, help="drafter directory (DeepSpec format), or 'default' for the shipped one")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--draft", help="drafter directory (DeepSpec format), or 'default' for the shipped one: "
+                                        "evaluated on the torch reference")
+    source.add_argument("--engines", metavar="DIR", help="a build-engines directory with a drafter: its pair, as "
+                                                          "served (ONNX Runtime, or TensorRT where it holds plans)")
     parser.add_argument("--datasets", nargs="+", required=True, metavar="FILE",
                         help="JSONL files of {'turns': [...]} lines; each is reported under its file stem")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -64,13 +72,18 @@ def run(args: argparse.Namespace) -> int:
     for name, value in (("--max-new-tokens", args.max_new_tokens), ("--concurrency", args.concurrency)):
         if value < 1:
             raise DSparkError(f"{name} must be >= 1, got {value}")
-    if not resolve_drafter(args.draft).is_dir():
+    if args.engines is not None:
+        from dspark_trt.graphs.manifest import read_manifest
+
+        if read_manifest(args.engines)["draft"] is None:
+            raise DSparkError(f"{args.engines}: the engines have no drafter to evaluate (build them with --draft)")
+    elif not resolve_drafter(args.draft).is_dir():
         raise DSparkError(f"drafter directory not found: {args.draft}")
     calibration_path = _calibration_path(args)
     temps = torch.tensor(load_calibration(calibration_path).temperatures) if calibration_path else None
 
     engine, tokenizer = build_engine(EngineOptions(
-        target=args.target, draft=args.draft, schedule=args.schedule, gamma=args.gamma, threshold=args.threshold,
+        target=args.target, draft=args.draft, engines=args.engines, schedule=args.schedule, gamma=args.gamma, threshold=args.threshold,
         cost_table=args.cost_table, calibration=str(calibration_path) if calibration_path else None,
         num_slots=args.concurrency))
     gamma = engine.runtime.block_size
@@ -143,6 +156,10 @@ def _calibration_path(args: argparse.Namespace) -> Path | None:
         return None
     if args.calibration:
         return Path(args.calibration)  # load_calibration names a missing or malformed file
+    if args.engines is not None:
+        from dspark_trt.graphs.manifest import engines_calibration
+
+        return engines_calibration(args.engines)
     return stored_calibration(args.draft)
 
 
@@ -161,28 +178,55 @@ def _sha256_files(paths: list[Path]) -> str:
 
 def _provenance(args: argparse.Namespace, engine, calibration_path: Path | None, temps: torch.Tensor | None) -> dict:
     """Everything needed to rerun this evaluation and to know what was measured where."""
-    from dspark_trt.models.sources import resolve_model
-
-    draft = resolve_drafter(args.draft)
-    target_config = json.dumps(dataclasses.asdict(engine.runtime.target.config), sort_keys=True, default=str)
     options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+    target, draft = (_engine_pair(args.engines, engine) if args.engines is not None
+                     else _torch_pair(args.target, args.draft, engine))
     return {
         "command": shlex.join(["dspark-trt", *sys.argv[1:]]),
         "git_revision": _git_revision(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"hostname": platform.node(), "platform": platform.platform(), "processor": platform.machine(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "python": platform.python_version(), "torch": torch.__version__, "runtime": "torch (CPU)"},
-        "target": {"name": args.target, "path": str(resolve_model(args.target).path),
-                   "config_sha256": hashlib.sha256(target_config.encode()).hexdigest()},
-        "draft": {"path": str(draft.resolve()), "block_size": engine.runtime.block_size,
-                  "config_sha256": hashlib.sha256((draft / "config.json").read_bytes()).hexdigest(),
-                  "weights_sha256": _sha256_files(list(draft.glob("*.safetensors")))},
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "runtime": "torch (CPU)" if args.engines is None else engine.runtime.name},
+        "target": target,
+        "draft": draft,
         "calibration": None if calibration_path is None else {
             "path": str(calibration_path.resolve()), "sha256": hashlib.sha256(calibration_path.read_bytes()).hexdigest(),
             "temperatures": temps.tolist()},
         "options": options,
     }
+
+
+def _config_sha256(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _torch_pair(target_name: str, draft_name: str, engine) -> tuple[dict, dict]:
+    """(target, draft) identities of the torch reference's pair."""
+    from dspark_trt.models.sources import resolve_model
+
+    draft = resolve_drafter(draft_name)
+    return ({"name": target_name, "path": str(resolve_model(target_name).path),
+             "config_sha256": _config_sha256(dataclasses.asdict(engine.runtime.target.config))},
+            {"path": str(draft.resolve()), "block_size": engine.runtime.block_size,
+             "config_sha256": hashlib.sha256((draft / "config.json").read_bytes()).hexdigest(),
+             "weights_sha256": _sha256_files(list(draft.glob("*.safetensors")))})
+
+
+def _engine_pair(engines: str, engine) -> tuple[dict, dict]:
+    """(target, draft) identities of an engine directory's pair, from its manifest (which holds each graph's
+    sha256)."""
+    from dspark_trt.graphs.manifest import read_manifest
+
+    manifest = read_manifest(engines)
+    graphs = {name: entry.get("sha256") for name, entry in manifest["graphs"].items()}
+    target_info = {k: v for k, v in manifest["target"].items() if k != "config"}
+    return ({"engines": str(Path(engines).resolve()), **target_info,
+             "config_sha256": _config_sha256(manifest["target"]["config"]), "graph_sha256": graphs.pop("target")},
+            {"engines": str(Path(engines).resolve()), "block_size": engine.runtime.block_size,
+             "weights": manifest["draft"]["weights"], "config_sha256": _config_sha256(manifest["draft"]["config"]),
+             "graph_sha256": graphs})
 
 
 def _git_revision() -> str:
