@@ -72,20 +72,22 @@ def run(args: argparse.Namespace) -> int:
     for name, value in (("--max-new-tokens", args.max_new_tokens), ("--concurrency", args.concurrency)):
         if value < 1:
             raise DSparkError(f"{name} must be >= 1, got {value}")
+    manifest = None  # the engine directory's, read once
     if args.engines is not None:
         from dspark_trt.graphs.manifest import read_manifest
 
-        if read_manifest(args.engines)["draft"] is None:
+        manifest = read_manifest(args.engines)
+        if manifest["draft"] is None:
             raise DSparkError(f"{args.engines}: the engines have no drafter to evaluate (build them with --draft)")
     elif not resolve_drafter(args.draft).is_dir():
         raise DSparkError(f"drafter directory not found: {args.draft}")
-    calibration_path = _calibration_path(args)
+    calibration_path = _calibration_path(args, manifest)
     temps = torch.tensor(load_calibration(calibration_path).temperatures) if calibration_path else None
 
     engine, tokenizer = build_engine(EngineOptions(
-        target=args.target, draft=args.draft, engines=args.engines, schedule=args.schedule, gamma=args.gamma, threshold=args.threshold,
-        cost_table=args.cost_table, calibration=str(calibration_path) if calibration_path else None,
-        num_slots=args.concurrency))
+        target=args.target, draft=args.draft, engines=args.engines, schedule=args.schedule, gamma=args.gamma,
+        threshold=args.threshold, cost_table=args.cost_table,
+        calibration=str(calibration_path) if calibration_path else None, num_slots=args.concurrency))
     gamma = engine.runtime.block_size
     if temps is not None and temps.numel() < gamma:
         raise DSparkError(f"calibration {calibration_path} has {temps.numel()} temperatures; the drafter's "
@@ -113,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         raise DSparkError("no verification round happened: every prompt ended at its first token; "
                           "raise --max-new-tokens")
     report = json_safe({
-        **_provenance(args, engine, calibration_path, temps),
+        **_provenance(args, manifest, engine, calibration_path, temps),
         "datasets": results,
         "all": {**_throughput(totals), **eval_stats(overall, gamma, temps)},
     })
@@ -149,7 +151,7 @@ def _read_datasets(paths: list[str], limit: int | None) -> dict[str, tuple[Path,
     return datasets
 
 
-def _calibration_path(args: argparse.Namespace) -> Path | None:
+def _calibration_path(args: argparse.Namespace, manifest: dict | None) -> Path | None:
     if args.no_calibration:
         if args.calibration:
             raise DSparkError("--calibration and --no-calibration contradict each other")
@@ -159,7 +161,7 @@ def _calibration_path(args: argparse.Namespace) -> Path | None:
     if args.engines is not None:
         from dspark_trt.graphs.manifest import engines_calibration
 
-        return engines_calibration(args.engines)
+        return engines_calibration(args.engines, manifest)
     return stored_calibration(args.draft)
 
 
@@ -176,10 +178,11 @@ def _sha256_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _provenance(args: argparse.Namespace, engine, calibration_path: Path | None, temps: torch.Tensor | None) -> dict:
+def _provenance(args: argparse.Namespace, manifest: dict | None, engine, calibration_path: Path | None,
+                temps: torch.Tensor | None) -> dict:
     """Everything needed to rerun this evaluation and to know what was measured where."""
     options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
-    target, draft = (_engine_pair(args.engines, engine) if args.engines is not None
+    target, draft = (_engine_pair(args.engines, manifest, engine) if manifest is not None
                      else _torch_pair(args.target, args.draft, engine))
     return {
         "command": shlex.join(["dspark-trt", *sys.argv[1:]]),
@@ -188,7 +191,7 @@ def _provenance(args: argparse.Namespace, engine, calibration_path: Path | None,
         "machine": {"hostname": platform.node(), "platform": platform.platform(), "processor": platform.machine(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "python": platform.python_version(), "torch": torch.__version__,
-                    "runtime": "torch (CPU)" if args.engines is None else engine.runtime.name},
+                    "runtime": "torch (CPU)" if manifest is None else engine.runtime.name},
         "target": target,
         "draft": draft,
         "calibration": None if calibration_path is None else {
@@ -214,12 +217,9 @@ def _torch_pair(target_name: str, draft_name: str, engine) -> tuple[dict, dict]:
              "weights_sha256": _sha256_files(list(draft.glob("*.safetensors")))})
 
 
-def _engine_pair(engines: str, engine) -> tuple[dict, dict]:
+def _engine_pair(engines: str, manifest: dict, engine) -> tuple[dict, dict]:
     """(target, draft) identities of an engine directory's pair, from its manifest (which holds each graph's
     sha256)."""
-    from dspark_trt.graphs.manifest import read_manifest
-
-    manifest = read_manifest(engines)
     graphs = {name: entry.get("sha256") for name, entry in manifest["graphs"].items()}
     target_info = {k: v for k, v in manifest["target"].items() if k != "config"}
     return ({"engines": str(Path(engines).resolve()), **target_info,
