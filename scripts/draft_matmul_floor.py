@@ -4,7 +4,8 @@ One profiled pass of the engine directory's draft graph at each R gives every we
 (M rows, K, N, and its format: MatMul = float32, MatMulIntegerToFloat = int8 with its per-row activation
 quantization, MatMulNBits = int4). Each is then timed standalone (random weights of the same format, the same
 session options as the runtime's drafter, the cost of an empty run subtracted), in all three formats, and summed.
-The whole pass and the one-token target step are timed as `bench draft` times them (minimum over rounds). Prints one JSON object.
+The whole pass and the one-token target step are timed as `bench draft` times them (minimum over rounds).
+Prints one JSON object.
 
     python scripts/draft_matmul_floor.py --engines ENGINES --requests 1 4 16 --out floor.json
 """
@@ -149,10 +150,12 @@ def main() -> None:
         best_each = sum(row["count"] * min(row[f"{w} us"] for w in sums) for row in rows)
         pass_ms, target_ms = _pass_ms(args.engines, r, args.context, rounds=30)
         result["by_requests"][str(r)] = {
-            "pass ms": round(pass_ms, 2), "target step ms": round(target_ms, 2), "weight matmuls as built ms": round(as_built / 1000, 2),
+            "pass ms": round(pass_ms, 2), "target step ms": round(target_ms, 2),
+            "weight matmuls as built ms": round(as_built / 1000, 2),
             "best format per matmul ms": round(best_each / 1000, 2),
             **{f"all {w} ms": round(v / 1000, 2) for w, v in sums.items()}, "matmuls": rows}
-        print(f"R={r}: pass {pass_ms:.2f} ms (target step {target_ms:.2f} ms), its weight matmuls {as_built / 1000:.2f} ms as built, "
+        print(f"R={r}: pass {pass_ms:.2f} ms (target step {target_ms:.2f} ms), its weight matmuls "
+              f"{as_built / 1000:.2f} ms as built, "
               f"{best_each / 1000:.2f} ms with the best format for each", flush=True)
     result["environment"] = environment()
     text = json.dumps(result, indent=1)
