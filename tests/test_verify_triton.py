@@ -1,4 +1,5 @@
-"""The Triton DSparkVerify kernel against the torch reference, under TRITON_INTERPRET=1 on CPU.
+"""The Triton DSparkVerify kernel against the torch reference, under TRITON_INTERPRET=1 on CPU, or compiled for
+a GPU with DSPARK_TRITON_DEVICE=cuda (the reference still runs on the CPU).
 
 Given the same uniforms both must give identical accepted counts and next tokens. Uniforms are kept
 away from decision boundaries (acceptance ratios, CDF steps) so float32 rounding differences between
@@ -7,7 +8,9 @@ result with every uniform shifted by ±EPS.
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+DEVICE = os.environ.get("DSPARK_TRITON_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import pytest
 import torch
@@ -15,7 +18,17 @@ import torch
 from dspark_trt.spec.verify import dspark_verify
 
 triton = pytest.importorskip("triton", reason="triton cannot be imported")
-from dspark_trt_plugins.triton_kernel import dspark_verify_triton  # noqa: E402
+from dspark_trt_plugins.triton_kernel import dspark_verify_triton as _kernel  # noqa: E402
+
+if DEVICE != "cpu" and not torch.cuda.is_available():
+    pytest.skip(f"DSPARK_TRITON_DEVICE={DEVICE} but torch sees no GPU", allow_module_level=True)
+
+
+def dspark_verify_triton(**inputs):
+    """The kernel on DEVICE, its result back on the CPU beside the reference's."""
+    moved = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    result = _kernel(**moved)
+    return type(result)(accepted=result.accepted.cpu(), next_token=result.next_token.cpu())
 
 EPS = 1e-5  # well above float32 cumsum rounding over V <= 1000, rarely hit by chance
 

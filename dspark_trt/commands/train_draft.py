@@ -38,6 +38,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from dspark_trt.devices import resolve_device
 from dspark_trt.errors import DSparkError
 from dspark_trt.models.drafter_checkpoint import (SMOLLM2_MASK_TOKEN_ID, drafter_config_for_target, init_from,
                                                   load_drafter, random_drafter)
@@ -111,6 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "too (the reference's bf16 target cache; cached features are float16 either way)")
     g.add_argument("--kl-warmup", type=float, default=0.0, metavar="FRAC",
                    help="train the first FRAC of the steps with forward KL to the target in place of the L1 term")
+    g.add_argument("--device", default="cpu",
+                   help="where the target's feature forward and the drafter's training run: cpu, or an accelerator "
+                        "torch knows (cuda, cuda:1); the data, the anchors and the checkpoints are the same either way")
     g.add_argument("--feature-cache", help="directory caching the target's features per sequence (float16), so later "
                                            "epochs and other runs on the same data skip the target forward "
                                            "(default OUT/feature_cache; 'none' to disable)")
@@ -198,11 +202,13 @@ def _drafter(args: argparse.Namespace, target, out: Path, config, responses: Pat
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    if args.precision == "bf16" and bf16_is_slow():
+    if args.precision == "bf16" and args.device == "cpu" and bf16_is_slow():
         print("train-draft: warning: this CPU has no bfloat16 matmul instructions (avx512_bf16, amx_bf16); bf16 "
               "autocast is emulated there and ran 14x slower than --precision fp32 on such a CPU", file=sys.stderr)
     out = Path(args.out)
+    device = resolve_device(args.device)
     target, tokenizer = load_target(args.target)
+    target.to(device)
     config = _drafter_config(args, target, out)
     extractor = FeatureExtractor(target, config.target_layer_ids, max_batch=args.batch_size,
                                  max_length=args.max_length, precision=args.precision)
@@ -217,7 +223,9 @@ def run(args: argparse.Namespace) -> int:
                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                      top_p=args.top_p, seed=args.seed)
         print(f"train-draft: {stats['added']} new responses in {responses}", file=sys.stderr)
-    drafter = _drafter(args, target, out, config, responses)
+    # made on the CPU, where checkpoints load, from the target's weights there; then both go to the device
+    drafter = _drafter(args, target.cpu(), out, config, responses).to(device)
+    target.to(device)
     if args.feature_cache != "none":
         extractor = CachedFeatureExtractor(extractor, args.feature_cache or out / "feature_cache",
                                            target_id=target_identity(target),

@@ -32,6 +32,7 @@ class EngineOptions:
     max_batch_tokens: int = 512
     max_queue_size: int = 1024  # requests waiting for a slot before new ones are refused
     check_files: bool = False  # check the engine files against their manifest's sha256 first (served models do)
+    device: str = "cpu"  # the torch runtime's models run here (e.g. "cuda"); engine directories pick their own
 
 
 def build_engine(options: EngineOptions, call: Call | None = None) -> tuple[Engine, object]:
@@ -71,8 +72,9 @@ def _torch_runtime(options: EngineOptions) -> tuple[Runtime, object]:
     if options.draft is not None and options.schedule != "off":
         from dspark_trt.models.drafter_checkpoint import load_drafter
 
-        drafter = load_drafter(options.draft, target=target)
-    return TorchRuntime(target, drafter, num_slots=options.num_slots, max_seq_len=options.max_seq_len), tokenizer
+        drafter = load_drafter(options.draft, target=target).to(options.device)
+    return TorchRuntime(target.to(options.device), drafter, num_slots=options.num_slots,
+                        max_seq_len=options.max_seq_len), tokenizer
 
 
 def _engine_dir_runtime(options: EngineOptions, call: Call | None) -> tuple[Runtime, object]:

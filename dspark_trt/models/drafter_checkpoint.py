@@ -266,7 +266,7 @@ def save_drafter(model: DSparkDrafter, path: str | Path, dtype: torch.dtype | No
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     raw = config_to_dict(model.config)
-    state = {k: _cast(v, dtype).detach().contiguous().clone() for k, v in model.state_dict().items()
+    state = {k: _cast(v, dtype).detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
              if not (share_target_embeddings and k in TARGET_TENSORS)}
     raw.pop(SHARES_TARGET_EMBEDDINGS, None)
     if share_target_embeddings:

@@ -24,7 +24,7 @@ class SlotTable:
     def __init__(self, num_slots: int, max_seq_len: int):
         self.num_slots = num_slots
         self.max_seq_len = max_seq_len
-        self.lengths = torch.zeros(num_slots, dtype=torch.long)
+        self.lengths = torch.zeros(num_slots, dtype=torch.long, device="cpu")
         self._free = list(range(num_slots))  # a heap: the lowest free slot first
         self._used: set[int] = set()
 
@@ -58,19 +58,23 @@ class KVCache(SlotTable):
     """A SlotTable with per layer K and V of shape [num_slots, num_kv_heads, max_seq_len, head_dim].
 
     A request holds one slot from admission to finish. Its cache length says how many positions are
-    valid; rolling back rejected draft tokens only sets the length back (later writes overwrite).
+    valid; rolling back rejected draft tokens only sets the length back (later writes overwrite). The
+    lengths stay on the CPU (bookkeeping); K and V live on `device`.
     """
 
-    def __init__(self, config, num_slots: int, max_seq_len: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, config, num_slots: int, max_seq_len: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
         super().__init__(num_slots, max_seq_len)
         shape = (num_slots, config.num_kv_heads, max_seq_len, config.head_dim)
-        self.k = [untouched_zeros(shape, dtype) for _ in range(config.num_layers)]
-        self.v = [untouched_zeros(shape, dtype) for _ in range(config.num_layers)]
+        self.k = [untouched_zeros(shape, dtype, device) for _ in range(config.num_layers)]
+        self.v = [untouched_zeros(shape, dtype, device) for _ in range(config.num_layers)]
 
 
-def untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
     """Zeros whose pages stay untouched until written (numpy's calloc; torch.zeros writes every page), so a
     slot pool is resident only as far as requests have filled it: 16 slots of 2,048 positions are 1.5 GB for
-    SmolLM2-135M."""
+    SmolLM2-135M. On an accelerator, plain zeros there."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
     size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
     return torch.from_numpy(np.zeros(size, np.uint8)).view(dtype).view(shape)

@@ -1,8 +1,14 @@
-"""The torch reference runtime: our TargetModel with a slot KV cache, and the DSpark drafter."""
+"""The torch reference runtime: our TargetModel with a slot KV cache, and the DSpark drafter.
+
+The models run on the device their weights are on (CPU here; CUDA where present): the engine's tensors stay on
+the CPU and cross to the device and back at each call, as the other runtimes' do."""
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
+from dspark_trt.devices import device_scope
 from dspark_trt.errors import DSparkError
 from dspark_trt.models.drafter import DraftStep
 from dspark_trt.models.target import TargetModel, TargetStep
@@ -22,8 +28,10 @@ class TorchRuntime(Runtime):
         self.eos_token_ids = list(target.config.eos_token_ids)
         self.max_seq_len = min(max_seq_len, target.config.max_position_embeddings)
         self.num_slots = num_slots
+        weight = next(target.parameters())
+        self.device = weight.device
         self.cache = KVCache(target.config, num_slots=num_slots, max_seq_len=self.max_seq_len,
-                             dtype=next(target.parameters()).dtype)
+                             dtype=weight.dtype, device=self.device)
         if drafter is not None:
             _check_pair(target, drafter)
             self.block_size = drafter.config.block_size
@@ -35,26 +43,38 @@ class TorchRuntime(Runtime):
 
     def _reset_draft_context(self, slot: int) -> None:
         if self.drafter is not None:
-            self._draft_states[slot] = self.drafter.new_state()
+            with device_scope(self.device):
+                self._draft_states[slot] = self.drafter.new_state()
 
     @torch.inference_mode()
     def target_forward(self, input_ids, slots, query_lens, logits_rows: str) -> TargetStep:
         starts = self.cache.lengths[slots]
-        positions = torch.cat([torch.arange(int(s), int(s) + int(q)) for s, q in zip(starts, query_lens)])
-        return self.target(input_ids, positions, slots, query_lens, self.cache, tap_layers=self.tap_layers,
-                           logits_rows=logits_rows)
+        with device_scope(self.device):  # tensors the model makes as it runs go where its weights are
+            positions = torch.cat([torch.arange(int(s), int(s) + int(q)) for s, q in zip(starts, query_lens)])
+            step = self.target(input_ids.to(self.device), positions, slots, query_lens, self.cache,
+                               tap_layers=self.tap_layers, logits_rows=logits_rows)
+        return _on_cpu(step)
 
     @torch.inference_mode()
     def extend_context(self, slots, new_features) -> None:
-        for slot, features in zip(slots, new_features):
-            self.drafter.extend_context(self._draft_states[int(slot)], features)
+        with device_scope(self.device):
+            for slot, features in zip(slots, new_features):
+                self.drafter.extend_context(self._draft_states[int(slot)], features.to(self.device))
 
     @torch.inference_mode()
     def draft(self, slots, new_features, anchors, temperature, top_k, top_p, uniforms) -> DraftStep:
         states = [self._draft_states[int(s)] for s in slots]
         empty = torch.zeros(0, len(self.tap_layers) * self.target.config.hidden_size)
-        features = [f if f is not None else empty for f in new_features]
-        return self.drafter.draft_batch(states, features, anchors, temperature, top_k, top_p, uniforms)
+        features = [(f if f is not None else empty).to(self.device) for f in new_features]
+        inputs = [None if t is None else t.to(self.device) for t in (anchors, temperature, top_k, top_p, uniforms)]
+        with device_scope(self.device):
+            return _on_cpu(self.drafter.draft_batch(states, features, *inputs))
+
+
+def _on_cpu(result):
+    """A TargetStep or DraftStep with its tensors on the CPU, where the engine works (no copy on the CPU)."""
+    return dataclasses.replace(result, **{f.name: getattr(result, f.name).cpu() for f in dataclasses.fields(result)
+                                          if isinstance(getattr(result, f.name), torch.Tensor)})
 
 
 def _check_pair(target: TargetModel, drafter) -> None:

@@ -1,6 +1,7 @@
 """Anchor sampling and teacher-forced block targets (DSPARK_SPEC.md 6.2 and 6.3)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,10 @@ class Blocks:
     prev_tokens: torch.Tensor  # [A, B] [token p, labels[:-1]] (teacher forcing)
     weights: torch.Tensor  # [A, B] position weight where supervised, else 0
     target_rows: torch.Tensor  # [A, B] packed row of position p+k: its target state predicts label k
+
+    def to(self, device: torch.device) -> "Blocks":
+        """Built on the CPU (index arithmetic over the samples), used where the drafter runs."""
+        return Blocks(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
 
 
 def build_blocks(samples: list[Sample], anchors: list[torch.Tensor], block_size: int,

@@ -20,6 +20,7 @@ from typing import Iterable
 
 import torch
 
+from dspark_trt.devices import device_scope
 from dspark_trt.engine.engine import Engine
 from dspark_trt.engine.prompts import chat_prompt_ids
 from dspark_trt.engine.request import SamplingParams
@@ -226,8 +227,10 @@ class FeatureExtractor:
         if last in tap_layers:
             raise DSparkError(f"tap layer {last} is the target's last layer; the drafter must not tap it (spec 1.2)")
         self.tap_layers = list(tap_layers) + [last]
-        self.cache = KVCache(target.config, num_slots=max_batch, max_seq_len=max_length,
-                             dtype=next(target.parameters()).dtype)
+        weight = next(target.parameters())
+        self.device = weight.device  # the features are made, and returned, where the target's weights are
+        self.cache = KVCache(target.config, num_slots=max_batch, max_seq_len=max_length, dtype=weight.dtype,
+                             device=self.device)
 
     @torch.no_grad()
     def __call__(self, samples: list[Sample]) -> TargetFeatures:
@@ -235,24 +238,31 @@ class FeatureExtractor:
             raise DSparkError(f"{len(samples)} sequences exceed the feature batch limit {self.cache.num_slots}")
         lens = torch.tensor([len(s) for s in samples])
         self.cache.lengths.zero_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with device_scope(self.device), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                       enabled=self.precision == "bf16"):
             taps, last_hidden = self._forward(samples, lens)
         return TargetFeatures(
             taps=taps,
             last_hidden=last_hidden,
             # in float32 from the hidden state, as the trainer takes the teacher's logits from it
             target_lse=logsumexp_rows(self.target.lm_head, last_hidden),
-            positions=torch.cat([torch.arange(n) for n in lens]),
-            seq=torch.repeat_interleave(torch.arange(len(samples)), lens),
+            **packed_rows(lens, self.device),
         )
 
     def _forward(self, samples: list[Sample], lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(taps, final-normed last hidden state), float32."""
-        out = self.target(torch.cat([s.input_ids for s in samples]), torch.cat([torch.arange(n) for n in lens]),
-                          torch.arange(len(samples)), lens, self.cache, tap_layers=self.tap_layers,
-                          logits_rows=torch.zeros(0, dtype=torch.long))
+        out = self.target(torch.cat([s.input_ids for s in samples]).to(self.device),
+                          torch.cat([torch.arange(n) for n in lens]), torch.arange(len(samples), device="cpu"),
+                          lens, self.cache, tap_layers=self.tap_layers, logits_rows=torch.zeros(0, dtype=torch.long))
         h = self.target.config.hidden_size
         return out.taps[:, :-h].float(), self.target.norm(out.taps[:, -h:]).float()
+
+
+def packed_rows(lens: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """positions and seq of TargetFeatures for sequences of lengths `lens`, on `device`."""
+    lens = lens.cpu()
+    return {"positions": torch.cat([torch.arange(int(n)) for n in lens]).to(device),
+            "seq": torch.repeat_interleave(torch.arange(lens.numel()), lens).to(device)}
 
 
 def logsumexp_rows(lm_head: torch.nn.Module, hidden: torch.Tensor, chunk: int = 256) -> torch.Tensor:

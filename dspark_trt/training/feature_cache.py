@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dspark_trt.training.data import FeatureExtractor, Sample, TargetFeatures
+from dspark_trt.training.data import FeatureExtractor, Sample, TargetFeatures, packed_rows
 
 FORMAT = "taps-hidden-lse/2"  # part of every file's name: files of another layout are never read
 
@@ -55,15 +55,15 @@ class CachedFeatureExtractor:
             starts = torch.cumsum(torch.tensor([0] + [len(samples[i]) for i in missing]), 0).tolist()
             for j, i in enumerate(missing):
                 rows = slice(starts[j], starts[j + 1])
-                per_sample[i] = (fresh.taps[rows], fresh.last_hidden[rows], fresh.target_lse[rows])
+                per_sample[i] = (fresh.taps[rows].cpu(), fresh.last_hidden[rows].cpu(), fresh.target_lse[rows].cpu())
                 self._store(self._path(samples[i]), per_sample[i])
         lens = torch.tensor([len(s) for s in samples])
+        device = self.extractor.device
         return TargetFeatures(
-            taps=torch.cat([taps.float() for taps, _, _ in per_sample]),
-            last_hidden=torch.cat([hidden.float() for _, hidden, _ in per_sample]),
-            target_lse=torch.cat([lse.float() for _, _, lse in per_sample]),
-            positions=torch.cat([torch.arange(n) for n in lens]),
-            seq=torch.repeat_interleave(torch.arange(len(samples)), lens),
+            taps=torch.cat([taps.float() for taps, _, _ in per_sample]).to(device),
+            last_hidden=torch.cat([hidden.float() for _, hidden, _ in per_sample]).to(device),
+            target_lse=torch.cat([lse.float() for _, _, lse in per_sample]).to(device),
+            **packed_rows(lens, device),
         )
 
     def _store(self, path: Path, features: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:

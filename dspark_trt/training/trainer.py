@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from dspark_trt.devices import device_scope
 from dspark_trt.errors import DSparkError
 from dspark_trt.models.drafter import DSparkDrafter
 from dspark_trt.models.drafter_checkpoint import load_drafter, save_drafter
@@ -95,6 +96,7 @@ class Trainer:
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, config.steps, config.warmup_frac))
         self.weights = position_weights(drafter.config.block_size, config.loss.decay_gamma)
+        self.device = next(drafter.parameters()).device  # the target's features must come on it too
         self.step = 0
 
     # ---- checkpoints -------------------------------------------------------------------------
@@ -135,7 +137,7 @@ class Trainer:
         n, out = len(self.samples), []
         for i in range(step * self.config.batch_size, (step + 1) * self.config.batch_size):
             epoch, index = divmod(i, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + epoch))
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + epoch), device="cpu")
             out.append(self.samples[int(perm[index])])
         return out
 
@@ -143,10 +145,11 @@ class Trainer:
         """Teacher-forced DSpark loss of one packed batch of sequences."""
         features = self.extractor(samples)
         anchors = [sample_anchors(s.loss_mask, self.config.num_anchors, generator) for s in samples]
-        blocks = build_blocks(samples, anchors, self.drafter.config.block_size, self.weights)
+        blocks = build_blocks(samples, anchors, self.drafter.config.block_size, self.weights).to(self.device)
         if blocks.anchor_ids.numel() == 0:
             raise DSparkError("a training batch has no anchor (responses need at least 2 supervised tokens)")
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+        with device_scope(self.device), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                       enabled=self.config.precision == "bf16"):
             logits, _, conf = self.drafter.forward_packed(
                 features.taps, features.positions, features.seq, blocks.anchor_ids, blocks.anchor_positions,
                 blocks.anchor_seq, blocks.prev_tokens)
