@@ -35,6 +35,18 @@ def _train(device: str, tmp_path, steps: int = 3) -> tuple[list[float], dict]:
     return [r["loss"] for r in records], {k: v.cpu() for k, v in drafter.state_dict().items()}
 
 
+def test_the_padded_feature_forward_used_off_the_cpu_gives_the_cpu_features():
+    """Off the CPU the extractor attends once per layer over the padded batch (no KV cache); forced here on the
+    CPU, its features equal the per-sequence path's."""
+    target = tiny_target(vocab_size=16, seed=1, num_layers=3)
+    extractor = FeatureExtractor(target, [0, 1], max_batch=4, max_length=64)
+    cached = extractor(_samples())
+    extractor.cache = None
+    padded = extractor(_samples())
+    for name in ("taps", "last_hidden", "target_lse", "positions", "seq"):
+        torch.testing.assert_close(getattr(padded, name), getattr(cached, name), atol=1e-5, rtol=1e-5, msg=name)
+
+
 @cuda
 def test_a_training_run_on_cuda_follows_the_cpu_run(tmp_path):
     """Same data, anchors and initial weights: the losses and the trained weights agree to float tolerance."""

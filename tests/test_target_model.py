@@ -123,6 +123,25 @@ def test_ragged_batch_equals_each_request_alone(tiny_qwen3):
         assert (out.logits[r] - ref.logits[0]).abs().max() < 1e-5
 
 
+def test_fresh_sequences_without_a_cache_equal_the_cached_ragged_batch(tiny_qwen3):
+    """cache=None (one padded causal attention call per layer, training's feature forward) gives each row the
+    logits and taps of the ragged batch appended to empty slots; positions must then count from 0."""
+    model, _ = load_target(str(tiny_qwen3[0]))
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [11, 12, 13, 14], [15]]
+    ids = torch.tensor([t for p in prompts for t in p])
+    positions = torch.cat([torch.arange(len(p)) for p in prompts])
+    lens = torch.tensor([len(p) for p in prompts])
+    cache = KVCache(model.config, num_slots=4, max_seq_len=16)
+    slots = torch.tensor([cache.allocate() for _ in prompts])
+    with torch.no_grad():
+        cached = model(ids, positions, slots, lens, cache, tap_layers=[0, 1], logits_rows="all")
+        fresh = model(ids, positions, None, lens, None, tap_layers=[0, 1], logits_rows="all")
+    torch.testing.assert_close(fresh.logits, cached.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fresh.taps, cached.taps, atol=1e-5, rtol=1e-5)
+    with pytest.raises(DSparkError, match="count from 0"):
+        model(ids, positions + 1, None, lens, None)
+
+
 def test_rollback_then_refeed_equals_never_fed(tiny_qwen3):
     model, _ = load_target(str(tiny_qwen3[0]))
     cache = KVCache(model.config, num_slots=1, max_seq_len=64)

@@ -3,7 +3,9 @@
 One forward takes the new tokens of several requests concatenated, each appended to its own KV
 slot, and returns logits for the rows asked for plus the hidden states of the tap layers the
 drafter needs. This is what `transformers` does not give: ragged batches, rollback (the cache
-length is just set back) and taps of raw layer outputs.
+length is just set back) and taps of raw layer outputs. Without a cache (`cache=None`) the sequences are
+fresh and nothing is kept: each layer's attention is then one causal call over the batch padded to its
+longest sequence, as training's feature forward wants on a GPU (one call per sequence and layer bounded it).
 """
 from __future__ import annotations
 
@@ -99,7 +101,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, layer: int, cache, batch: "RaggedBatch") -> torch.Tensor:
+    def forward(self, x, cos, sin, layer: int, cache, batch: "RaggedBatch | PaddedBatch") -> torch.Tensor:
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
@@ -107,6 +109,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is None:  # fresh sequences: right padding is never attended to under the causal mask
+            out = F.scaled_dot_product_attention(batch.pad(q), batch.pad(k), batch.pad(v), is_causal=True,
+                                                 enable_gqa=True)
+            return self.o_proj(batch.unpad(out).reshape(t, -1))
         k_cache, v_cache = cache.k[layer], cache.v[layer]
         out = torch.empty(t, self.num_heads, self.head_dim, dtype=x.dtype)
         for slot, start, lo, hi in batch.segments:
@@ -152,6 +158,34 @@ class RaggedBatch:
     segments: list[tuple[int, int, int, int]]
 
 
+@dataclass
+class PaddedBatch:
+    """Fresh sequences of the flat batch laid out as [S, T] (T the longest): `index` holds each cell's row, or
+    the row count for padding; `cells` each row's flat cell."""
+
+    index: torch.Tensor  # [S, T]
+    cells: torch.Tensor  # [rows]
+
+    @classmethod
+    def of(cls, query_lens: torch.Tensor, device: torch.device) -> "PaddedBatch":
+        lens = query_lens.cpu()
+        width = int(lens.max())
+        column = torch.arange(width)
+        valid = column < lens.unsqueeze(1)  # [S, T]
+        index = torch.full(valid.shape, int(lens.sum()), dtype=torch.long)
+        index[valid] = torch.arange(int(lens.sum()))
+        return cls(index=index.to(device), cells=torch.nonzero(valid.flatten()).flatten().to(device))
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[rows, H, d] -> [S, H, T, d], zeros in the padding."""
+        x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
+        return x[self.index].transpose(1, 2)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """[S, H, T, d] -> [rows, H, d]."""
+        return x.transpose(1, 2).flatten(0, 1)[self.cells]
+
+
 class TargetModel(nn.Module):
     def __init__(self, config: TargetConfig):
         super().__init__()
@@ -176,10 +210,18 @@ class TargetModel(nn.Module):
     ) -> TargetStep:
         """Append each request's tokens to its slot; see the module docstring for the contract.
 
-        Request r's positions must be cache.lengths[slots[r]] + arange(query_lens[r]). Tap id l is the
-        raw output of decoder layer l (before the final norm); -1 is the embedding output.
+        Request r's positions must be cache.lengths[slots[r]] + arange(query_lens[r]) (without a cache,
+        arange(query_lens[r]); slots are then unused). Tap id l is the raw output of decoder layer l (before the
+        final norm); -1 is the embedding output.
         """
-        batch = self._ragged_batch(positions, slots, query_lens, cache)
+        if cache is None:
+            starts = torch.cumsum(query_lens, 0) - query_lens
+            if bool((positions != torch.arange(positions.numel(), device=positions.device)
+                     - torch.repeat_interleave(starts, query_lens).to(positions.device)).any()):
+                raise DSparkError("without a cache every sequence is fresh: positions must count from 0")
+            batch = PaddedBatch.of(query_lens, positions.device)
+        else:
+            batch = self._ragged_batch(positions, slots, query_lens, cache)
         taps = sorted(set(tap_layers))
         if list(tap_layers) != taps:
             raise DSparkError(f"tap layers must be strictly increasing, got {list(tap_layers)}")
@@ -192,7 +234,8 @@ class TargetModel(nn.Module):
             x = layer(x, cos, sin, i, cache, batch)
             if i in taps:
                 tapped.append(x)
-        cache.lengths[slots] += query_lens
+        if cache is not None:
+            cache.lengths[slots] += query_lens
         if isinstance(logits_rows, str):
             if logits_rows == "last":
                 x = x[query_lens.cumsum(0) - 1]

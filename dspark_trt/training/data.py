@@ -215,8 +215,8 @@ class TargetFeatures:
 
 
 class FeatureExtractor:
-    """One ragged target forward per batch with taps at the drafter's layers (plus the last, for the
-    teacher's final hidden state). The KV cache is reused across batches. precision "bf16" runs the forward
+    """One target forward per batch of fresh sequences with taps at the drafter's layers (plus the last, for the
+    teacher's final hidden state). precision "bf16" runs the forward
     under bfloat16 autocast, as the reference recipe's bf16 target cache (spec 6.4), the logsumexp in float32."""
 
     def __init__(self, target: TargetModel, tap_layers: list[int], max_batch: int, max_length: int,
@@ -227,17 +227,23 @@ class FeatureExtractor:
         if last in tap_layers:
             raise DSparkError(f"tap layer {last} is the target's last layer; the drafter must not tap it (spec 1.2)")
         self.tap_layers = list(tap_layers) + [last]
+        self.max_batch, self.max_length = max_batch, max_length
         weight = next(target.parameters())
-        self.device = weight.device  # the features are made, and returned, where the target's weights are
-        self.cache = KVCache(target.config, num_slots=max_batch, max_seq_len=max_length, dtype=weight.dtype,
-                             device=self.device)
+        self.device = weight.device  # the features are made, and returned, where the weights are
+        # the CPU attends per sequence in a reused KV cache (padding to the longest cost 8% of the forward there);
+        # elsewhere one padded call per layer, since one call per sequence and layer bounded a GPU's step
+        self.cache = (KVCache(target.config, num_slots=max_batch, max_seq_len=max_length, dtype=weight.dtype)
+                      if self.device.type == "cpu" else None)
 
     @torch.no_grad()
     def __call__(self, samples: list[Sample]) -> TargetFeatures:
-        if len(samples) > self.cache.num_slots:
-            raise DSparkError(f"{len(samples)} sequences exceed the feature batch limit {self.cache.num_slots}")
+        if len(samples) > self.max_batch:
+            raise DSparkError(f"{len(samples)} sequences exceed the feature batch limit {self.max_batch}")
         lens = torch.tensor([len(s) for s in samples])
-        self.cache.lengths.zero_()
+        if int(lens.max()) > self.max_length:
+            raise DSparkError(f"a sequence of {int(lens.max())} tokens exceeds the feature length limit {self.max_length}")
+        if self.cache is not None:
+            self.cache.lengths.zero_()
         with device_scope(self.device), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                        enabled=self.precision == "bf16"):
             taps, last_hidden = self._forward(samples, lens)
@@ -252,8 +258,8 @@ class FeatureExtractor:
     def _forward(self, samples: list[Sample], lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(taps, final-normed last hidden state), float32."""
         out = self.target(torch.cat([s.input_ids for s in samples]).to(self.device),
-                          torch.cat([torch.arange(n) for n in lens]), torch.arange(len(samples), device="cpu"),
-                          lens, self.cache, tap_layers=self.tap_layers, logits_rows=torch.zeros(0, dtype=torch.long))
+                          torch.cat([torch.arange(n) for n in lens]), torch.arange(len(samples), device="cpu"), lens,
+                          self.cache, tap_layers=self.tap_layers, logits_rows=torch.zeros(0, dtype=torch.long))
         h = self.target.config.hidden_size
         return out.taps[:, :-h].float(), self.target.norm(out.taps[:, -h:]).float()
 
