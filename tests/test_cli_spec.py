@@ -1,7 +1,7 @@
 """The speculative CLI end to end on a tiny model pair: generate with each schedule, profile, calibrate."""
+import contextlib
+import io
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -43,16 +43,20 @@ def pair(tmp_path_factory):
     return root
 
 
-def _cli(*args):
-    out = subprocess.run([sys.executable, "-m", "dspark_trt", *args], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    return out
+def _cli(*args) -> str:
+    """The CLI run in this process (a subprocess a call spent seconds importing); returns its stdout."""
+    from dspark_trt.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(list(args)) == 0
+    return out.getvalue()
 
 
 def _generate(pair, *extra):
     out = _cli("generate", "--target", str(pair / "target"), "--prompts-file", str(pair / "prompts.jsonl"),
                "--max-tokens", "12", "--json", *extra)
-    return [json.loads(line) for line in out.stdout.splitlines()]
+    return [json.loads(line) for line in out.splitlines()]
 
 
 @pytest.mark.slow
@@ -69,7 +73,7 @@ def test_every_schedule_gives_the_autoregressive_greedy_output(pair):
     assert table["metadata"]["runtime"] == "torch"
     calib = pair / "calib.json"
     report = json.loads(_cli("calibrate", "--target", str(pair / "target"), "--draft", str(pair / "draft"),
-                             "--prompts", str(pair / "prompts.jsonl"), "--out", str(calib), "--json").stdout)
+                             "--prompts", str(pair / "prompts.jsonl"), "--out", str(calib), "--json"))
     assert report["rounds"] > 0 and len(report["temperatures"]) == 4
     assert json.loads(calib.read_text())["temperatures"] == report["temperatures"]
     for extra in (["--schedule", "fixed"], ["--schedule", "fixed", "--gamma", "2"],

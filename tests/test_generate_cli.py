@@ -1,7 +1,8 @@
 """`dspark-trt generate --no-spec` end to end: JSON record, parity with transformers, bad input."""
+import contextlib
+import io
 import json
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,8 +12,18 @@ from dspark_trt.engine.prompts import chat_prompt_ids
 PROMPT = "Write a haiku about the sea."
 
 
-def _generate(*args):
-    return subprocess.run([sys.executable, "-m", "dspark_trt", "generate", *args], capture_output=True, text=True)
+def _generate(*args) -> SimpleNamespace:
+    """`dspark-trt generate ARGS` in this process (a subprocess a call spent seconds importing): its exit code,
+    stdout and stderr."""
+    from dspark_trt.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(["generate", *args])
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 @pytest.mark.slow
