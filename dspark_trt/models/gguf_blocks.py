@@ -13,7 +13,6 @@ Other tensor types are not returned (the exporter keeps those weights in float32
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -76,12 +75,9 @@ def decode_blocks(type_name: str, raw: np.ndarray, n: int, k: int) -> BlockWeigh
     return BlockWeight(type_name, q.reshape(n, k), scales, mins)
 
 
-def read_block_weights(path: str | Path, name_of) -> dict[str, BlockWeight]:
-    """Every 2-D tensor of the GGUF stored in a block format read here, keyed by name_of(gguf name)
-    (None skips it). Shapes are [out, in] as in torch."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
+def read_block_weights(reader, name_of) -> dict[str, BlockWeight]:
+    """Every 2-D tensor of the opened GGUF (models/gguf_reader.py) stored in a block format read here, keyed by
+    name_of(gguf name) (None skips it). Shapes are [out, in] as in torch."""
     weights = {}
     for tensor in reader.tensors:
         fmt = tensor.tensor_type.name

@@ -16,9 +16,9 @@ def load_target(name_or_path: str, dtype: torch.dtype = torch.float32):
     """(TargetModel in eval mode, tokenizer) for an alias, a .gguf file or a HF directory."""
     source = resolve_model(name_or_path)
     if source.kind == "gguf":
-        import gguf
+        from dspark_trt.models.gguf_reader import open_gguf
 
-        reader = gguf.GGUFReader(source.path)
+        reader = open_gguf(source.path)
         config = _gguf_config(reader, source.path)
         state = _read_gguf(reader, source.path, config)
     else:
@@ -148,10 +148,11 @@ def load_block_weights(name_or_path: str) -> tuple[TargetConfig, dict]:
     source = resolve_model(name_or_path)
     if source.kind != "gguf":
         return TargetConfig.from_hf(load_config(source)), {}
-    import gguf
+    from dspark_trt.models.gguf_reader import open_gguf
 
-    config = _gguf_config(gguf.GGUFReader(source.path), source.path)
-    blocks = read_block_weights(source.path, lambda name: gguf_param_name(name, source.path))
+    reader = open_gguf(source.path)
+    config = _gguf_config(reader, source.path)
+    blocks = read_block_weights(reader, lambda name: gguf_param_name(name, source.path))
     for name, weight in blocks.items():
         heads = _permuted_heads(name, config)
         if heads is not None:
