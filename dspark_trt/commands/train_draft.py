@@ -208,24 +208,24 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     device = resolve_device(args.device)
     target, tokenizer = load_target(args.target)
-    target.to(device)
     config = _drafter_config(args, target, out)
-    extractor = FeatureExtractor(target, config.target_layer_ids, max_batch=args.batch_size,
-                                 max_length=args.max_length, precision=args.precision)
     if args.responses:
         responses = Path(args.responses)
     else:
         responses = out / RESPONSES_FILE
-        runtime = TorchRuntime(target, None, num_slots=args.gen_batch,
+        runtime = TorchRuntime(target.to(device), None, num_slots=args.gen_batch,
                                max_seq_len=min(args.max_length + args.max_new_tokens + 1,
                                                target.config.max_position_embeddings))
         stats = regenerate_responses(runtime, tokenizer, _prompts(args), responses,
                                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                      top_p=args.top_p, seed=args.seed)
         print(f"train-draft: {stats['added']} new responses in {responses}", file=sys.stderr)
-    # made on the CPU, where checkpoints load, from the target's weights there; then both go to the device
-    drafter = _drafter(args, target.cpu(), out, config, responses).to(device)
+        target.cpu()
+    # made on the CPU, where checkpoints load, from the target's weights there; then both go to the device once
+    drafter = _drafter(args, target, out, config, responses).to(device)
     target.to(device)
+    extractor = FeatureExtractor(target, config.target_layer_ids, max_batch=args.batch_size,
+                                 max_length=args.max_length, precision=args.precision)
     if args.feature_cache != "none":
         extractor = CachedFeatureExtractor(extractor, args.feature_cache or out / "feature_cache",
                                            target_id=target_identity(target),
