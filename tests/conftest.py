@@ -18,6 +18,38 @@ def smollm2():
     return load_target("smollm2")
 
 
+@contextlib.contextmanager
+def smollm2_loaded_once(smollm2):
+    """While open, the commands under test that load the target by name get the session's `smollm2` (a second
+    load from the GGUF takes about 17 s on 2 cores; how it loads is tested in test_foundation and
+    test_target_model). For commands that only read the target; any other name loads as usual."""
+    from dspark_trt.models import weights
+
+    original = weights.load_target
+
+    def load_target(name_or_path, dtype=torch.float32):
+        return smollm2 if (name_or_path, dtype) == ("smollm2", torch.float32) else original(name_or_path, dtype)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(weights, "load_target", load_target)
+        patch.setattr("dspark_trt.engine.factory.load_target", load_target)
+        yield
+
+
+@pytest.fixture(scope="session")
+def smollm2_portable_engines(smollm2, tmp_path_factory):
+    """(engine directory, drafter): SmolLM2 and a random drafter (block 5) exported as the portable fp32 graphs
+    (about 35 s on 2 cores: shared by the graph's check and the runtime's on the real model)."""
+    from dspark_trt.export.engines import export_engines
+    from dspark_trt.models.drafter_checkpoint import drafter_config_for_target, random_drafter
+
+    model, _ = smollm2
+    drafter = random_drafter(drafter_config_for_target(model.config, block_size=5), seed=0, target=model)
+    out = tmp_path_factory.mktemp("smollm2_portable")
+    export_engines(model, drafter, out)
+    return out, drafter
+
+
 @pytest.fixture(scope="session")
 def smollm2_hf():
     """transformers' own model loaded from the same GGUF (the parity reference)."""

@@ -155,15 +155,15 @@ def test_bad_options_are_rejected(tmp_path):
         build_engines(BuildOptions(out=str(tmp_path), lm_head="int2"))
 
 
-def test_generate_on_engines_equals_generate_on_torch(built, pair):  # noqa: F811
+def test_generate_on_engines_equals_generate_on_torch(built, pair, capsys):  # noqa: F811
+    from dspark_trt.cli import main
+
     out, _ = built
     common = ["--prompts-file", str(pair / "prompts.jsonl"), "--limit", "3", "--max-tokens", "10", "--json"]
 
-    def generate(*args):
-        result = subprocess.run([sys.executable, "-m", "dspark_trt", "generate", *args, *common],
-                                capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr
-        return [json.loads(line)["token_ids"] for line in result.stdout.splitlines()]
+    def generate(*args):  # in this process: a subprocess spent seconds importing
+        assert main(["generate", *args, *common]) == 0
+        return [json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines()]
 
     torch_ids = generate("--target", str(pair / "target"), "--draft", str(pair / "draft"), "--schedule", "fixed")
     assert generate("--engines", str(out), "--schedule", "fixed") == torch_ids

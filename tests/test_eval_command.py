@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import tiny_drafter, tiny_target
+from conftest import smollm2_loaded_once, tiny_drafter, tiny_target
 from dspark_trt.cli import main
 from dspark_trt.engine.request import RequestStats
 from dspark_trt.spec.eval_stats import Rounds, eval_stats, json_safe, rounds_from_requests
@@ -104,8 +104,8 @@ BLOCK = 4
 TEMPS = [2.0] * BLOCK
 
 
-# End to end on the real target (loaded twice: by the fixture and by the command) and a random drafter:
-# about a minute on 2 idle cores, hence `slow`.
+# End to end on the real target (the session's, handed to the command) and a random drafter: about half a
+# minute on 2 idle cores, hence `slow`.
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, smollm2):
     """A random SmolLM2 drafter with a calibration next to it, evaluated by the CLI on a 2-prompt dataset."""
@@ -121,7 +121,8 @@ def evaluated(tmp_path_factory, smollm2):
     dataset.write_text("".join(json.dumps({"turns": [p]}) + "\n" for p in PROMPTS))
     argv = ["--draft", str(root / "draft"), "--datasets", str(dataset), "--max-new-tokens", str(MAX_NEW),
             "--plot", str(root / "plots"), "--out", str(root / "out.json")]
-    assert _eval(argv) == 0
+    with smollm2_loaded_once(smollm2):
+        assert _eval(argv) == 0
     return root, json.loads((root / "out.json").read_text())
 
 

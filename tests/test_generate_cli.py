@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import smollm2_loaded_once
 
 from dspark_trt.engine.prompts import chat_prompt_ids
 
@@ -28,7 +29,8 @@ def _generate(*args) -> SimpleNamespace:
 
 @pytest.mark.slow
 def test_greedy_generate_equals_transformers(smollm2, smollm2_hf):
-    out = _generate("--target", "smollm2", "--no-spec", "--prompt", PROMPT, "--max-tokens", "64", "--json")
+    with smollm2_loaded_once(smollm2):
+        out = _generate("--target", "smollm2", "--no-spec", "--prompt", PROMPT, "--max-tokens", "64", "--json")
     assert out.returncode == 0, out.stderr
     record = json.loads(out.stdout.strip().splitlines()[-1])
     _, tokenizer = smollm2

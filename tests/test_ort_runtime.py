@@ -149,17 +149,15 @@ def test_engines_of_an_older_dspark_trt_ask_to_be_rebuilt(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_default_pair_greedy_identical(smollm2, tmp_path):
+def test_smollm2_default_pair_greedy_identical(smollm2, smollm2_portable_engines):
     from dspark_trt.engine.prompts import chat_prompt_ids
-    from dspark_trt.models.drafter_checkpoint import drafter_config_for_target, random_drafter
 
     model, tokenizer = smollm2
-    drafter = random_drafter(drafter_config_for_target(model.config, block_size=5), seed=0, target=model)
-    export_engines(model, drafter, tmp_path)
+    engines, drafter = smollm2_portable_engines
     prompts = [chat_prompt_ids(tokenizer, t) for t in ("Name three colors.", "What is 12 times 12?")]
     params = SamplingParams(max_tokens=16, stop_ids=tuple(model.config.eos_token_ids))
     ref = _run(TorchRuntime(model, drafter, num_slots=2, max_seq_len=256), prompts, params)
-    ort = _run(OrtRuntime(tmp_path, num_slots=2, max_seq_len=256), prompts, params)
+    ort = _run(OrtRuntime(engines, num_slots=2, max_seq_len=256), prompts, params)
     assert [r.output_ids for r in ort] == [r.output_ids for r in ref]
 
 

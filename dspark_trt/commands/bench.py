@@ -76,6 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--draft-vocab", type=int, nargs="+", default=[0, 8192], help="sizes to time (0: full)")
     train.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["fp32"],
                        help="train-draft --precision values to time at each size")
+    train.add_argument("--batch-size", type=int, default=4, help="sequences per step (train-draft --batch-size)")
+    train.add_argument("--num-anchors", type=int, default=64, help="blocks per sequence (train-draft --num-anchors)")
     draft = sub.add_parser("draft", help="draft pass cost of engine directories, interleaved")
     draft.add_argument("--engines", nargs="+", required=True, help="build-engines directories with drafters")
     draft.add_argument("--rounds", type=int, default=15)
@@ -167,9 +169,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.benchmark == "train":
         from dspark_trt.bench.train import measure_training, training_table
 
-        if args.steps < 1 or any(v < 0 for v in args.draft_vocab):
-            raise DSparkError("--steps must be >= 1 and --draft-vocab sizes >= 0")
+        if min(args.steps, args.batch_size, args.num_anchors) < 1 or any(v < 0 for v in args.draft_vocab):
+            raise DSparkError("--steps, --batch-size and --num-anchors must be >= 1 and --draft-vocab sizes >= 0")
         result = measure_training(args.target, args.responses, args.steps, tuple(args.draft_vocab),
+                                  batch_size=args.batch_size, num_anchors=args.num_anchors,
                                   precisions=tuple(args.precision), progress=progress)
         summary = training_table(result)
     elif args.benchmark == "draft":
