@@ -47,7 +47,8 @@ from dspark_trt.models.weights import load_target
 from dspark_trt.runtimes.torch_runtime import TorchRuntime
 from dspark_trt.training.code_prompts import other_language_prompts, stdlib_prompts
 from dspark_trt.training.draft_vocab import COVERAGE_SIZES, count_response_tokens, coverage_table, select_draft_vocab
-from dspark_trt.training.data import FeatureExtractor, load_samples, read_training_prompts, regenerate_responses
+from dspark_trt.training.data import (FeatureExtractor, feature_taps, load_samples, read_training_prompts,
+                                      regenerate_responses)
 from dspark_trt.training.feature_cache import CachedFeatureExtractor, target_identity
 from dspark_trt.training.losses import LossWeights
 from dspark_trt.training.trainer import PRECISIONS, STATE_FILE, Trainer, TrainConfig, bf16_is_slow
@@ -209,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     target, tokenizer = load_target(args.target)
     config = _drafter_config(args, target, out)
+    feature_taps(target.config, config.target_layer_ids)  # checked before the long regeneration
     if args.responses:
         responses = Path(args.responses)
     else:

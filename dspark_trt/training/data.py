@@ -214,6 +214,14 @@ class TargetFeatures:
     seq: torch.Tensor  # [M] index of the sequence in the batch
 
 
+def feature_taps(config, tap_layers: list[int]) -> list[int]:
+    """The layers a feature pass taps: the drafter's, then the last (the teacher's final hidden state)."""
+    last = config.num_layers - 1
+    if last in tap_layers:
+        raise DSparkError(f"tap layer {last} is the target's last layer; the drafter must not tap it (spec 1.2)")
+    return list(tap_layers) + [last]
+
+
 class FeatureExtractor:
     """One target forward per batch of fresh sequences with taps at the drafter's layers (plus the last, for the
     teacher's final hidden state). precision "bf16" runs the forward
@@ -223,10 +231,7 @@ class FeatureExtractor:
                  precision: str = "fp32"):
         self.target = target
         self.precision = precision
-        last = target.config.num_layers - 1
-        if last in tap_layers:
-            raise DSparkError(f"tap layer {last} is the target's last layer; the drafter must not tap it (spec 1.2)")
-        self.tap_layers = list(tap_layers) + [last]
+        self.tap_layers = feature_taps(target.config, tap_layers)
         self.max_batch, self.max_length = max_batch, max_length
         weight = next(target.parameters())
         self.device = weight.device  # the features are made, and returned, where the weights are
