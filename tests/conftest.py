@@ -21,7 +21,7 @@ def smollm2():
 @contextlib.contextmanager
 def smollm2_loaded_once(smollm2):
     """While open, the commands under test that load the target by name get the session's `smollm2` (a second
-    load from the GGUF takes about 17 s on 2 cores; how it loads is tested in test_foundation and
+    load from the GGUF takes about 12 s on 2 cores; how it loads is tested in test_foundation and
     test_target_model). For commands that only read the target; any other name loads as usual."""
     from dspark_trt.models import weights
 
