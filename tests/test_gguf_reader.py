@@ -1,6 +1,9 @@
 """models/gguf_reader.py: the same fields and tensors as gguf's own reader, on a GGUF written here."""
+import os
+
 import gguf
 import numpy as np
+import pytest
 
 from dspark_trt.models.gguf_reader import open_gguf
 
@@ -31,3 +34,25 @@ def test_open_gguf_reads_what_ggufs_reader_reads(tmp_path):
     for tensor, other in zip(ours.tensors, theirs.tensors):
         assert tensor.tensor_type == other.tensor_type and list(tensor.shape) == list(other.shape)
         assert np.array_equal(tensor.data, other.data) and type(tensor.data) is np.ndarray  # no memmap slices
+
+
+def test_open_gguf_parses_an_unchanged_file_once(tmp_path):
+    path = tmp_path / "tiny.gguf"
+
+    def write(value):
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_block_count(value)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+
+    write(2)
+    first = open_gguf(path)
+    assert open_gguf(str(path)) is first
+    with pytest.raises(ValueError):  # read-only: no reader can change what the next one sees
+        first.data[0] = 0
+    write(3)  # rewritten: parsed again
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    second = open_gguf(path)
+    assert second is not first and int(second.fields["llama.block_count"].parts[-1][0]) == 3

@@ -6,6 +6,7 @@ gguf.GGUFReader slices its numpy.memmap once per field part; SmolLM2's vocabular
 from the page cache on demand, never copied."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import gguf
@@ -25,4 +26,14 @@ class GGUFFile(gguf.GGUFReader):
 
 
 def open_gguf(path: str | Path) -> GGUFFile:
-    return GGUFFile(str(path))
+    """The file parsed once per process while it is unchanged (same size and modification time):
+    build-engines reads one GGUF twice, for the float weights and for the blocks, at 3 s a parse.
+    The map is read-only, so readers cannot change what the next one sees."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _parsed(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed(path: str, size: int, mtime_ns: int) -> GGUFFile:
+    return GGUFFile(path)
