@@ -28,8 +28,42 @@ from onnx import TensorProto, helper
 from dspark_trt.errors import DSparkError
 from dspark_trt.spec.verify import dspark_verify
 
+
+def _import_extensions():
+    """onnxruntime_extensions without its model converters. The package's __init__ imports `cvt`
+    (gen_processing_models), which imports transformers: 1.8-3 s at the start of every process that runs a
+    target graph, the Triton model stubs included, for an API this module does not use. While the package
+    loads, `cvt` is a placeholder whose gen_processing_models imports the real one when called; the
+    placeholder leaves sys.modules at once, so a later `import onnxruntime_extensions.cvt` is the real one."""
+    import sys
+    import types
+
+    name = "onnxruntime_extensions.cvt"
+    if "onnxruntime_extensions" in sys.modules or name in sys.modules:
+        import onnxruntime_extensions
+
+        return onnxruntime_extensions
+
+    def gen_processing_models(*args, **kwargs):
+        from onnxruntime_extensions.cvt import gen_processing_models as real
+
+        return real(*args, **kwargs)
+
+    placeholder = types.ModuleType(name)
+    placeholder.gen_processing_models = gen_processing_models
+    sys.modules[name] = placeholder
+    try:
+        import onnxruntime_extensions
+    finally:
+        if sys.modules.get(name) is placeholder:
+            del sys.modules[name]
+    return onnxruntime_extensions
+
+
 try:
-    from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
+    _extensions = _import_extensions()
+    PyCustomOpDef, get_library_path, onnx_op = _extensions.PyCustomOpDef, _extensions.get_library_path, \
+        _extensions.onnx_op
 except ImportError:  # the error is raised when a session needs the op
     onnx_op = None
 

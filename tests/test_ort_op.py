@@ -155,3 +155,16 @@ def test_in_graph_verification_equals_torch_over_rounds(tmp_path):
             features.append(ref_step.taps[int(offsets[i]): int(offsets[i]) + int(ref.accepted[i]) + 1])
         anchors = ref.next_token
     assert accepted_total > 0
+
+
+def test_the_op_loads_without_transformers():
+    """onnxruntime_extensions' package imports its converters (transformers, seconds per Triton model
+    process); ort_op keeps them out and a later import of them still gets the real module."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dspark_trt_plugins.ort_op as op\n"
+            "assert op.onnx_op is not None and 'transformers' not in sys.modules\n"
+            "import onnxruntime_extensions.cvt as cvt\n"
+            "assert hasattr(cvt, 'convert_tokenizer') and 'transformers' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
