@@ -59,10 +59,13 @@ def test_greedy_accepts_while_draft_is_target_argmax_then_takes_target_argmax():
 
 def test_greedy_shortcut_equals_the_general_rule_on_random_batches(monkeypatch):
     """All-greedy passes take a shortcut (no [N, V] distributions); it must give what the general rule gives,
-    with one-hot drafts and with drafts drawn from a spread q, including ties between equal logits."""
+    with one-hot drafts and with drafts drawn from a spread q, including ties between equal logits, and with no
+    drafts at all."""
     g = torch.Generator().manual_seed(1)
     for trial in range(50):
         counts = torch.randint(1, 6, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g)
+        if trial < 5:  # plain decoding: no drafts at all
+            counts = torch.ones_like(counts)
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
         n_rows, n_req = int(offsets[-1]), counts.numel()
         logits = torch.randint(0, 3, (n_rows, 4), generator=g).float()  # many ties

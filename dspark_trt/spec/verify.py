@@ -126,6 +126,9 @@ def greedy_verdict(argmax: torch.Tensor, draft_tokens: torch.Tensor, row_offsets
     (q(d) > 0: d was drawn from it): accept while the draft is the argmax; the residual max(0, p - q) is zero
     but at a, so the next token is the stopping row's argmax. No [N, V] distribution is built.
     """
+    if draft_tokens.numel() == 0:  # plain decoding: every request has one row, its argmax is the token
+        return VerifyResult(accepted=torch.zeros(row_offsets.numel() - 1, dtype=torch.long),
+                            next_token=argmax[row_offsets[1:] - 1])
     n_rows = argmax.numel()
     counts = row_offsets[1:] - row_offsets[:-1]
     request_of_row = torch.repeat_interleave(torch.arange(counts.numel()), counts)
