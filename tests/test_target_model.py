@@ -142,6 +142,37 @@ def test_fresh_sequences_without_a_cache_equal_the_cached_ragged_batch(tiny_qwen
         model(ids, positions + 1, None, lens, None)
 
 
+def test_batched_decode_equals_the_ragged_decode(tiny_qwen3):
+    """A cache with batched_decode runs passes of one token per request as one masked attention call per layer
+    (slots out of order, contexts of different lengths); the logits, taps and cache rows are the ragged path's
+    within rounding, and passes of more tokens keep the ragged path."""
+    model, _ = load_target(str(tiny_qwen3[0]))
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [11, 12, 13, 14]]
+    caches, outputs = [], []
+    for batched in (False, True):
+        cache = KVCache(model.config, num_slots=4, max_seq_len=32, batched_decode=batched)
+        slots = [3, 0, 2]
+        for slot in slots:
+            cache.lengths[slot] = 0
+        with torch.no_grad():
+            model(torch.tensor([t for p in prompts for t in p]), torch.cat([torch.arange(len(p)) for p in prompts]),
+                  torch.tensor(slots), torch.tensor([len(p) for p in prompts]), cache)
+            steps = []
+            for step in range(3):
+                starts = cache.lengths[torch.tensor(slots)]
+                steps.append(model(torch.tensor([20 + step, 30 + step, 40 + step]), starts.clone(), torch.tensor(slots),
+                                   torch.ones(3, dtype=torch.long), cache, tap_layers=[0, 1], logits_rows="all"))
+        caches.append(cache)
+        outputs.append(steps)
+    for ragged, batched in zip(*outputs):
+        torch.testing.assert_close(batched.logits, ragged.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batched.taps, ragged.taps, atol=1e-5, rtol=1e-5)
+    for layer in range(model.config.num_layers):
+        torch.testing.assert_close(caches[1].k[layer][:, :, :10], caches[0].k[layer][:, :, :10], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(caches[1].v[layer][:, :, :10], caches[0].v[layer][:, :, :10], atol=1e-5, rtol=1e-5)
+    assert caches[1].lengths[torch.tensor([3, 0, 2])].tolist() == [10, 5, 7]
+
+
 def test_rollback_then_refeed_equals_never_fed(tiny_qwen3):
     model, _ = load_target(str(tiny_qwen3[0]))
     cache = KVCache(model.config, num_slots=1, max_seq_len=64)

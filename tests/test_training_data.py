@@ -19,7 +19,7 @@ from dspark_trt.training.data import (FeatureExtractor, Prompt, Sample, finished
 from dspark_trt.training.draft_vocab import count_response_tokens
 from dspark_trt.training.losses import position_weights
 
-from conftest import tiny_target
+from conftest import smollm2_loaded_once, tiny_target
 
 
 class CharTokenizer:
@@ -77,6 +77,33 @@ def test_greedy_regeneration_is_the_targets_argmax_and_resumes(tmp_path):
         assert row["prompt_ids"] == ids and row["domain"] == prompt.domain
         assert row["response_ids"] == _greedy(target, ids, 12, stop_ids=(5,))
     assert _regen(target, tok, PROMPTS, out, max_new_tokens=12, progress=False) == 0
+
+
+def test_gen_data_on_the_target_itself_is_its_greedy_decoding(tmp_path, smollm2):
+    """`gen-data --target` (the torch runtime, decode passes batched over the requests in one attention call per
+    layer: what a GPU runs) writes each prompt's greedy response, the one the engine decodes for it alone."""
+    from dspark_trt.cli import main
+    from dspark_trt.engine.engine import Engine
+    from dspark_trt.engine.request import SamplingParams
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"turns": ["Name three colors."], "domain": "chat"}\n'
+                       '{"turns": ["What is 12 + 30? Explain."], "domain": "math"}\n'
+                       '{"turns": ["Write a haiku about rain."], "domain": "chat"}\n')
+    out = tmp_path / "responses.jsonl"
+    args = ["gen-data", "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "12", "--concurrency", "3",
+            "--sampled-share", "0"]
+    with smollm2_loaded_once(smollm2):
+        assert main([*args, "--target", "smollm2"]) == 0
+    assert main([*args, "--engines", str(tmp_path), "--device", "cuda"]) == 2  # engines run on the CPU
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3
+    model, tokenizer = smollm2
+    engine = Engine(TorchRuntime(model, None, num_slots=1, max_seq_len=256))
+    for row in rows:
+        params = SamplingParams(max_tokens=12, stop_ids=tuple(model.config.eos_token_ids))
+        alone = engine.generate([row["prompt_ids"]], params)
+        assert row["response_ids"] == alone[0].output_ids and len(row["response_ids"]) >= 1
 
 
 def test_sampled_regeneration_is_reproducible_per_prompt(tmp_path):

@@ -6,6 +6,7 @@ drafter needs. This is what `transformers` does not give: ragged batches, rollba
 length is just set back) and taps of raw layer outputs. Without a cache (`cache=None`) the sequences are
 fresh and nothing is kept: each layer's attention is then one causal call over the batch padded to its
 longest sequence, as training's feature forward wants on a GPU (one call per sequence and layer bounded it).
+A cache with `batched_decode` does the same for passes of one new token per request (plain decoding on a GPU).
 """
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, layer: int, cache, batch: "RaggedBatch | PaddedBatch") -> torch.Tensor:
+    def forward(self, x, cos, sin, layer: int, cache, batch: "RaggedBatch | DecodeBatch | PaddedBatch") -> torch.Tensor:
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
@@ -114,6 +115,14 @@ class Attention(nn.Module):
                                                  enable_gqa=True)
             return self.o_proj(batch.unpad(out).reshape(t, -1))
         k_cache, v_cache = cache.k[layer], cache.v[layer]
+        if isinstance(batch, DecodeBatch):  # one new row per request, all requests in one masked call
+            k_cache[batch.slots, :, batch.starts] = k
+            v_cache[batch.slots, :, batch.starts] = v
+            width = batch.mask.shape[-1]
+            out = F.scaled_dot_product_attention(q.unsqueeze(2), k_cache[batch.slots, :, :width],
+                                                 v_cache[batch.slots, :, :width], attn_mask=batch.mask,
+                                                 enable_gqa=True)
+            return self.o_proj(out.reshape(t, -1))
         out = torch.empty(t, self.num_heads, self.head_dim, dtype=x.dtype)
         for slot, start, lo, hi in batch.segments:
             end = start + hi - lo
@@ -156,6 +165,24 @@ class RaggedBatch:
     """Per request: (slot, cache length before this pass, first row, end row) in the flat batch."""
 
     segments: list[tuple[int, int, int, int]]
+
+
+@dataclass
+class DecodeBatch:
+    """One new row per request (cache.batched_decode): the requests' slots and cache lengths before the pass, and
+    the key mask [R, 1, 1, L] over the longest context L, on the model's device."""
+
+    slots: torch.Tensor
+    starts: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def of(cls, ragged: RaggedBatch, device: torch.device) -> "DecodeBatch":
+        slots = torch.tensor([slot for slot, *_ in ragged.segments], device=device)
+        starts = torch.tensor([start for _, start, *_ in ragged.segments], device=device)
+        width = int(starts.max()) + 1
+        mask = torch.arange(width, device=device) <= starts[:, None]
+        return cls(slots, starts, mask[:, None, None, :])
 
 
 @dataclass
@@ -222,6 +249,8 @@ class TargetModel(nn.Module):
             batch = PaddedBatch.of(query_lens, positions.device)
         else:
             batch = self._ragged_batch(positions, slots, query_lens, cache)
+            if getattr(cache, "batched_decode", False) and bool((query_lens == 1).all()):
+                batch = DecodeBatch.of(batch, positions.device)
         taps = sorted(set(tap_layers))
         if list(tap_layers) != taps:
             raise DSparkError(f"tap layers must be strictly increasing, got {list(tap_layers)}")

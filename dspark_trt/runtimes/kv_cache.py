@@ -60,11 +60,17 @@ class KVCache(SlotTable):
     A request holds one slot from admission to finish. Its cache length says how many positions are
     valid; rolling back rejected draft tokens only sets the length back (later writes overwrite). The
     lengths stay on the CPU (bookkeeping); K and V live on `device`.
+
+    batched_decode: a pass of one new token per request attends over all of them at once (the target's
+    `DecodeBatch`: one attention call per layer, not one per request). Its results then depend on the batch in
+    the last bits, so only plain decoding that needs no identity with speculation turns it on (gen-data on a GPU,
+    where one call per request and layer bounds the step).
     """
 
     def __init__(self, config, num_slots: int, max_seq_len: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", batched_decode: bool = False):
         super().__init__(num_slots, max_seq_len)
+        self.batched_decode = batched_decode
         shape = (num_slots, config.num_kv_heads, max_seq_len, config.head_dim)
         self.k = [untouched_zeros(shape, dtype, device) for _ in range(config.num_layers)]
         self.v = [untouched_zeros(shape, dtype, device) for _ in range(config.num_layers)]

@@ -21,7 +21,10 @@ class TorchRuntime(Runtime):
 
     name = "torch"
 
-    def __init__(self, target: TargetModel, drafter=None, num_slots: int = 8, max_seq_len: int = 2048):
+    def __init__(self, target: TargetModel, drafter=None, num_slots: int = 8, max_seq_len: int = 2048,
+                 batch_invariant: bool = True):
+        """batch_invariant=False: decode passes attend over all requests in one call per layer (KVCache's
+        batched_decode), for plain decoding that needs no identity with speculation (gen-data on a GPU)."""
         self.target = target
         self.drafter = drafter
         self.vocab_size = target.config.vocab_size
@@ -31,7 +34,7 @@ class TorchRuntime(Runtime):
         weight = next(target.parameters())
         self.device = weight.device
         self.cache = KVCache(target.config, num_slots=num_slots, max_seq_len=self.max_seq_len,
-                             dtype=weight.dtype, device=self.device)
+                             dtype=weight.dtype, device=self.device, batched_decode=not batch_invariant)
         if drafter is not None:
             _check_pair(target, drafter)
             self.block_size = drafter.config.block_size
