@@ -24,6 +24,7 @@ from dspark_trt.bench.speedup import AR, DSPARK, prompt_domain, speedup_table, s
 from dspark_trt.errors import DSparkError
 from dspark_trt.cache import cache_dir
 from dspark_trt.models.sources import ModelSource
+from dspark_trt.spec.cost_table import CostTable
 
 REAL_PEERS = cache_dir() / "peers"  # where `bench ar` caches the real model (read before any test moves it)
 
@@ -503,12 +504,18 @@ def test_speedup_table_lists_every_peer_what_it_ran_and_the_domains():
     assert lines[4].endswith("60.0   4.00  False  (identical to its plain decoding: False)")
     assert lines[5].endswith("skipped: not installed")
     assert lines[6] == "  llama.cpp: llama-cpp-python 0.3.36 (CPU), Q4_1 GGUF, n_ctx 512, 2 threads"
-    header = lines[8].split()
+    assert lines[7].startswith("ceiling: not computed (give --cost-table")
+    header = lines[9].split()
     assert header[-6:] == ["all", "(3)", "math", "(2)", "code", "(1)"]
-    assert lines[9].split()[-6:] == ["15.0", "(1.00x)", "10.0", "(1.00x)", "30.0", "(1.00x)"]
-    assert lines[11].split() == ["tau", "2.00", "2.29", "1.00"]
-    assert lines[12].split()[-6:] == ["40.0", "(2.67x)", "40.0", "(4.00x)", "40.0", "(1.33x)"]
-    assert len(lines) == 14
+    assert lines[10].split()[-6:] == ["15.0", "(1.00x)", "10.0", "(1.00x)", "30.0", "(1.00x)"]
+    assert lines[12].split() == ["tau", "2.00", "2.29", "1.00"]
+    assert lines[13].split()[-6:] == ["40.0", "(2.67x)", "40.0", "(4.00x)", "40.0", "(1.33x)"]
+    assert len(lines) == 15
+    result["ceiling"] = {"perfect_drafter_speedup": 1.83, "perfect_drafter_verified_tokens": 7, "plain_step_ms": 10.0,
+                         "draft_step_ms": 5.0, "predicted_speedup_at_measured_tau": 0.71}
+    assert speedup_table(result).splitlines()[7] == (
+        "ceiling on the cost table: a drafter whose every draft is accepted 1.83x (verifying 7 tokens; plain step "
+        "10.0 ms, draft step 5.0 ms); predicted at the measured tau 0.71x")
 
 
 def test_bench_speedup_end_to_end_per_domain(pair, tmp_path, monkeypatch, capsys):
@@ -521,11 +528,19 @@ def test_bench_speedup_end_to_end_per_domain(pair, tmp_path, monkeypatch, capsys
     (tmp_path / "gsm8k.jsonl").write_text("\n".join(lines[:2]) + "\n")
     (tmp_path / "mt-bench.jsonl").write_text("\n".join(lines[2:5]) + "\n")
     out = tmp_path / "speedup.json"
+    table = CostTable([1, 4, 16], [100.0, 60.0, 20.0], draft_requests=[1], draft_seconds=[0.004])
+    table.to_json(tmp_path / "cost.json")
     assert cli_main(["bench", "speedup", "--target", str(pair / "target"), "--draft", str(pair / "draft"),
                      "--prompts-file", str(tmp_path / "gsm8k.jsonl"),
                      "--prompts-file", str(tmp_path / "mt-bench.jsonl"),
-                     "--max-tokens", "8", "--out", str(out)]) == 0
+                     "--max-tokens", "8", "--cost-table", str(tmp_path / "cost.json"), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
+    block = json.loads((pair / "draft" / "config.json").read_text())["block_size"]
+    verified, best = table.perfect_drafter_ceiling(block)
+    assert result["ceiling"]["perfect_drafter_speedup"] == pytest.approx(best)
+    assert result["ceiling"]["perfect_drafter_verified_tokens"] == verified
+    assert result["ceiling"]["predicted_speedup_at_measured_tau"] == pytest.approx(
+        table.speculation_speedup(block + 1, result["mean_accepted_length"]))
     assert [r["domain"] for r in result["per_prompt"]] == ["math", "math", "chat", "chat", "chat"]
     assert {d: s["prompts"] for d, s in result["per_domain"].items()} == {"math": 2, "chat": 3}
     for row in result["per_prompt"]:

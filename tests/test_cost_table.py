@@ -119,3 +119,19 @@ def test_json_round_trip_keeps_the_rows_and_reads_tables_without_them(tmp_path):
     old = tmp_path / "old.json"  # a profile from before the rows existed
     old.write_text(json.dumps({"batch_sizes": [1, 8], "steps_per_second": [50.0, 25.0]}))
     assert CostTable.from_json(old).sps(8, 1) == 25.0
+
+
+def test_speculation_speedup_and_the_perfect_drafter_ceiling():
+    """One request, a draft step of 5 ms; verifying B tokens takes 1 / SPS(B): 10 ms for 1 or 2, 12.5 for 3, 20 for
+    4 ... 40 for 8."""
+    sps = [100.0, 100.0, 80.0, 50.0, 40.0, 35.0, 30.0, 25.0]
+    table = CostTable([1, 8], [100.0, 25.0], draft_requests=[1], draft_seconds=[0.005],
+                      by_requests={1: (list(range(1, 9)), sps)})
+    assert table.speculation_speedup(2, 2.0) == pytest.approx(0.020 / 0.015)
+    assert table.speculation_speedup(8, 1.5) == pytest.approx(0.015 / 0.045)  # tau 1.5 at gamma 7: a loss
+    # a perfect drafter commits all it verifies: v tokens in 5 ms + 1 / SPS(v), against v plain steps of 10 ms
+    assert table.perfect_drafter_ceiling(block_size=1) == (2, pytest.approx(0.020 / 0.015))
+    assert table.perfect_drafter_ceiling(block_size=3) == (3, pytest.approx(0.030 / 0.0175))  # 4 tokens: 1.6 only
+    assert table.perfect_drafter_ceiling(block_size=7) == (7, pytest.approx(0.070 / (0.005 + 1 / 30)))
+    free_drafts = CostTable([1, 8], [100.0, 25.0], by_requests={1: (list(range(1, 9)), sps)})  # no draft costs
+    assert free_drafts.perfect_drafter_ceiling(block_size=7) == (3, pytest.approx(0.030 / 0.0125))

@@ -21,6 +21,7 @@ from dspark_trt.engine.factory import EngineOptions, build_engine
 from dspark_trt.engine.prompts import chat_prompt_ids
 from dspark_trt.engine.request import SamplingParams
 from dspark_trt.models.sources import resolve_model
+from dspark_trt.spec.cost_table import CostTable
 
 PROMPT_LOOKUP_TOKENS = 10  # transformers' usual prompt_lookup_num_tokens; llama.cpp's gets the same
 AR, DSPARK = "ours AR", "ours DSpark"
@@ -100,8 +101,24 @@ def bench_speedup(target: str, draft: str, prompts: list[str], max_tokens: int, 
     return {"benchmark": "speedup", "target": target, "draft": str(draft), "schedule": schedule,
             "runtime": spec.runtime.name, "engines": engines, "cost_table": cost_table, "max_tokens": max_tokens,
             "threads": threads, **overall,
+            "ceiling": None if cost_table is None else ceiling(CostTable.from_json(cost_table),
+                                                               spec.runtime.block_size, schedule,
+                                                               overall["mean_accepted_length"]),
             "per_domain": {d: summarize([r for r in rows if r["domain"] == d]) for d in dict.fromkeys(domains)},
             "per_prompt": rows, "environment": environment()}
+
+
+def ceiling(table: CostTable, block_size: int, schedule: str, tau: float | None) -> dict:
+    """How far this run is from the limit, on the measured cost table (batch 1): the speedup of a drafter whose
+    every draft is accepted, and for the fixed schedule what the table predicts at the measured τ (so a gap
+    between the prediction and the run is the engine's, not the drafter's)."""
+    verified, speedup = table.perfect_drafter_ceiling(block_size)
+    result = {"perfect_drafter_speedup": speedup, "perfect_drafter_verified_tokens": verified,
+              "plain_step_ms": 1e3 / float(table.sps(1, 1)), "draft_step_ms": 1e3 * table.draft_step_seconds(1),
+              "verify_ms_by_tokens": {v: 1e3 / float(table.sps(v, 1)) for v in range(1, block_size + 2)}}
+    if schedule == "fixed" and tau is not None:
+        result["predicted_speedup_at_measured_tau"] = table.speculation_speedup(block_size + 1, tau)
+    return result
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -205,6 +222,15 @@ def speedup_table(result: dict) -> str:
         rows.append(f"{peer['name']:<36} {peer['tokens_per_second']:>8.1f} {peer['ratio_to_ar']:>6.2f}  "
                     f"{peer['token_identical_to_ar']}{plain}")
     rows += [f"  {peer['name']}: {peer['what_ran']}" for peer in result["peers"] if "what_ran" in peer]
+    limit = result.get("ceiling")
+    if limit is None:
+        rows.append("ceiling: not computed (give --cost-table, a `dspark-trt profile` of these engines)")
+    else:
+        rows.append(f"ceiling on the cost table: a drafter whose every draft is accepted "
+                    f"{limit['perfect_drafter_speedup']:.2f}x (verifying {limit['perfect_drafter_verified_tokens']} "
+                    f"tokens; plain step {limit['plain_step_ms']:.1f} ms, draft step {limit['draft_step_ms']:.1f} ms)"
+                    + ("" if "predicted_speedup_at_measured_tau" not in limit else
+                       f"; predicted at the measured tau {limit['predicted_speedup_at_measured_tau']:.2f}x"))
     per_domain = result.get("per_domain", {})
     if per_domain:
         columns = {"all": result, **per_domain}

@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     speedup.add_argument("--max-tokens", type=int, default=128)
     speedup.add_argument("--schedule", default="fixed")
     speedup.add_argument("--engines", help="build-engines directory of the pair: both decoders on ONNX Runtime")
-    speedup.add_argument("--cost-table", help="SPS(B) table for --schedule dspark/async (`dspark-trt profile`)")
+    speedup.add_argument("--cost-table", help="SPS(B) table (`dspark-trt profile`) of these engines: the dspark/async "
+                         "schedules read it, and the summary reports the speedup a perfect drafter would reach on it")
     speedup.add_argument("--no-peers", action="store_true",
                          help="skip the peers (transformers, onnxruntime-genai, llama.cpp; plain and prompt lookup)")
     served = sub.add_parser("served", help="tritonserver vs the in-process engine per concurrency, with server RSS")

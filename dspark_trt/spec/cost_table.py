@@ -92,6 +92,20 @@ class CostTable:
             return 0.0
         return float(np.interp(n_requests, self.draft_requests, self.draft_seconds))
 
+    def speculation_speedup(self, verified: int, committed: float, n_requests: int = 1) -> float:
+        """What rounds that verify `verified` tokens per request and commit `committed` of them gain over plain
+        decoding on these costs: `committed` plain steps (one token per request each) against one draft step plus
+        one verification pass."""
+        plain = 1.0 / float(self.sps(n_requests, n_requests))
+        verify = 1.0 / float(self.sps(verified * n_requests, n_requests))
+        return committed * plain / (self.draft_step_seconds(n_requests) + verify)
+
+    def perfect_drafter_ceiling(self, block_size: int, n_requests: int = 1) -> tuple[int, float]:
+        """(tokens verified per request, speedup) of the best round for a drafter whose every draft is accepted
+        (it commits all it verifies, at most block_size drafts + 1): the most any drafter gains on these costs."""
+        return max(((v, self.speculation_speedup(v, v, n_requests)) for v in range(2, block_size + 2)),
+                   key=lambda best: best[1])
+
     @classmethod
     def synthetic(cls, base_sps: float = 100.0, flat_until: int = 16, slope: float = 0.02,
                   max_batch: int = 512) -> "CostTable":
