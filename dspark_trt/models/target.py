@@ -249,7 +249,7 @@ class TargetModel(nn.Module):
             batch = PaddedBatch.of(query_lens, positions.device)
         else:
             batch = self._ragged_batch(positions, slots, query_lens, cache)
-            if getattr(cache, "batched_decode", False) and bool((query_lens == 1).all()):
+            if cache.batched_decode and bool((query_lens == 1).all()):
                 batch = DecodeBatch.of(batch, positions.device)
         taps = sorted(set(tap_layers))
         if list(tap_layers) != taps:
