@@ -14,6 +14,7 @@ import json
 import pstats
 import time
 
+from dspark_trt.bench.common import environment
 from dspark_trt.engine.factory import EngineOptions, build_engine
 from dspark_trt.engine.prompts import chat_prompt_ids, read_prompts_file
 from dspark_trt.engine.request import SamplingParams
@@ -31,7 +32,6 @@ def run_schedule(engines: str, prompts: list[str], max_tokens: int, gamma: int |
     ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
     params = SamplingParams(max_tokens=max_tokens, stop_ids=tuple(engine.runtime.eos_token_ids))
     engine.generate([ids[0]], SamplingParams(max_tokens=8))  # warm-up
-    steps_before = engine.steps
     profile = cProfile.Profile()
     started = time.perf_counter()
     profile.enable()
@@ -46,7 +46,7 @@ def run_schedule(engines: str, prompts: list[str], max_tokens: int, gamma: int |
         parts[part] = {"calls": sum(c for c, _ in hits), "seconds": sum(s for _, s in hits)}
     tokens = sum(len(o.output_ids) for o in outputs)
     decode_seconds = seconds - parts["prefill"]["seconds"]
-    return {"gamma": gamma, "tokens": tokens, "seconds": seconds, "steps": engine.steps - steps_before,
+    return {"gamma": gamma, "tokens": tokens, "seconds": seconds, "rounds": parts["target pass"]["calls"],
             "decode_tokens_per_second": (tokens - len(ids)) / decode_seconds, "parts": parts,
             "other_seconds": decode_seconds - sum(parts[p]["seconds"] for p in PARTS if p != "prefill")}
 
@@ -64,16 +64,16 @@ def main() -> None:
     runs = [run_schedule(args.engines, prompts, args.max_tokens, gamma) for gamma in [None, *args.gammas]]
     plain = runs[0]["decode_tokens_per_second"]
     for run in runs:
-        steps = max(run["steps"], 1)
-        split = ", ".join(f"{part} {1e3 * v['seconds'] / steps:.1f}" for part, v in run["parts"].items()
+        rounds = max(run["rounds"], 1)  # decode steps: one target pass each
+        split = ", ".join(f"{part} {1e3 * v['seconds'] / rounds:.1f}" for part, v in run["parts"].items()
                           if part != "prefill")
         print(f"{'plain' if run['gamma'] is None else 'fixed γ = %d' % run['gamma']:12s} "
               f"{run['decode_tokens_per_second']:6.1f} decode tok/s ({run['decode_tokens_per_second'] / plain:.2f}x "
-              f"plain), ms per step: {split}, rest {1e3 * run['other_seconds'] / steps:.1f}")
+              f"plain), ms per round: {split}, rest {1e3 * run['other_seconds'] / rounds:.1f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"engines": args.engines, "prompts_file": args.prompts_file, "limit": args.limit,
-                       "max_tokens": args.max_tokens, "runs": runs}, f, indent=1)
+                       "max_tokens": args.max_tokens, "runs": runs, "environment": environment()}, f, indent=1)
 
 
 if __name__ == "__main__":
