@@ -83,10 +83,14 @@ def test_tiny_in_process_sweep_writes_a_consistent_json_and_pngs(pair, tmp_path,
     modes = ["off", "fixed1", "fixed4", "threshold", "dspark", "async"]
     assert cli_main(["bench", "load", "--target", str(pair / "target"), "--draft", str(pair / "draft"),
                      "--prompts-file", str(pair / "prompts.jsonl"), "--limit", "3", "--modes", ",".join(modes),
-                     "--concurrency", "1,2", "--requests", "2", "--max-tokens", "8", "--out", str(tmp_path)]) == 0
+                     "--concurrency", "1,2", "--requests", "2", "--max-tokens", "8", "--out", str(tmp_path),
+                     "--llama-cpp-server"]) == 0
     printed = capsys.readouterr()
     result = json.loads((tmp_path / "load.json").read_text())
     assert result["modes"] == modes and result["concurrency"] == [1, 2]
+    # llama.cpp reads GGUF only: the tiny target is a Hugging Face directory, so its row says why it is skipped
+    reason = result["peers"]["llama.cpp server"]["skipped"]
+    assert "not a GGUF file" in reason and f"llama.cpp server: skipped ({reason})" in printed.out
     assert result["cost_table_source"] == "profiled at start"  # no --cost-table: measured once, written next to it
     assert json.loads((tmp_path / "load_cost_table.json").read_text())["steps_per_second"]
     assert result["environment"]["git_revision"] and result["environment"]["command"]

@@ -726,10 +726,10 @@ def test_serve_prints_how_to_call_it_and_stops_cleanly_on_sigterm(engines, tmp_p
     import subprocess
     import sys
 
-    from dspark_trt.serving.tritonserver import _free_ports
+    from dspark_trt.serving.tritonserver import free_ports
 
     repo = package_repository(PackageOptions(engines=str(engines), out=str(tmp_path / "repo"), schedule="off"))
-    http, grpc, metrics_port, supervisor = _free_ports("127.0.0.1", 4)
+    http, grpc, metrics_port, supervisor = free_ports("127.0.0.1", 4)
     process = subprocess.Popen([sys.executable, "-m", "dspark_trt", "serve", "--repo", str(repo), "--http-port",
                                 str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics_port),
                                 "--supervisor-port", str(supervisor)],
@@ -793,7 +793,7 @@ def test_serve_without_repo_speculates_with_dspark_and_profiles_its_cost_table_o
     import sys
 
     from dspark_trt.serving.default_pair import default_options, default_repository
-    from dspark_trt.serving.tritonserver import _free_ports
+    from dspark_trt.serving.tritonserver import free_ports
 
     monkeypatch.setenv("DSPARK_TRT_CACHE", str(tmp_path / "cache"))
     prompts = [json.loads(line)["turns"][0] for line in (pair / "prompts.jsonl").read_text().splitlines()][:3]
@@ -801,7 +801,7 @@ def test_serve_without_repo_speculates_with_dspark_and_profiles_its_cost_table_o
                      *[a for p in prompts for a in ("--prompt", p)]]) == 0
     expected = [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()]
     target, draft, cache_dir = str(pair / "target"), str(pair / "draft"), str(tmp_path / "serve")
-    http, grpc, metrics_port, supervisor = _free_ports("127.0.0.1", 4)
+    http, grpc, metrics_port, supervisor = free_ports("127.0.0.1", 4)
     process = subprocess.Popen([sys.executable, "-m", "dspark_trt", "serve", "--target", target, "--draft", draft,
                                 "--cache-dir", cache_dir, "--http-port", str(http),
                                 "--grpc-port", str(grpc), "--metrics-port", str(metrics_port),

@@ -14,7 +14,8 @@ Definitions (one place, used by every driver):
                      request's rounds (pooled)
   τ                  tokens committed per round (accepted drafts + bonus), pooled over rounds
 Two drivers produce the same request records: the in-process engine and (--served) a real
-tritonserver over tritonclient gRPC streaming.
+tritonserver over tritonclient gRPC streaming; `--llama-cpp-server` adds a peer's points from the same loop
+over llama.cpp's HTTP server (bench/llama_cpp_server.py).
 """
 from __future__ import annotations
 
@@ -195,9 +196,11 @@ def closed_loop_engine(engine, prompts: list[list[int]], params, concurrency: in
 
 def sweep_engine(options, modes: list[Mode], concurrency: list[int], prompts: list[str], max_tokens: int,
                  num_requests: int | None, duration_s: float | None, cost_table: str | None, profile_out: Path,
-                 progress: Progress = lambda msg: None) -> tuple[list[dict], str | None]:
+                 progress: Progress = lambda msg: None,
+                 after_concurrency: Callable[[int], None] = lambda c: None) -> tuple[list[dict], str | None]:
     """(points, cost table path used) of the in-process sweep; one runtime shared by every mode.
-    Without a cost table the dspark/async modes get one profiled here, written to profile_out."""
+    Without a cost table the dspark/async modes get one profiled here, written to profile_out.
+    after_concurrency(C) runs after every mode's point at C (a peer's point, measured minutes from ours)."""
     from dataclasses import replace
 
     from dspark_trt.engine.engine import Engine
@@ -229,7 +232,8 @@ def sweep_engine(options, modes: list[Mode], concurrency: list[int], prompts: li
                             max_batch_tokens=options.max_batch_tokens, detokenize=base.detokenize)
             engine.generate([ids[0]], SamplingParams(max_tokens=4))  # warm-up outside the clock
             records = closed_loop_engine(engine, ids, params, c, num_requests, duration_s)
-            points.append(_point(mode, c, records, progress))
+            points.append(_point(mode.name, c, records, progress))
+        after_concurrency(c)
     order = {mode.name: k for k, mode in enumerate(modes)}
     return sorted(points, key=lambda p: (order[p["mode"]], p["concurrency"])), cost_table
 
@@ -248,10 +252,10 @@ def _profile_once(runtime, max_concurrency: int, out: Path, progress: Progress) 
     return str(out)
 
 
-def _point(mode: Mode, concurrency: int, records: list[RequestRecord], progress: Progress) -> dict:
-    point = {"mode": mode.name, "concurrency": concurrency, **summarize(records),
+def _point(name: str, concurrency: int, records: list[RequestRecord], progress: Progress) -> dict:
+    point = {"mode": name, "concurrency": concurrency, **summarize(records),
              "per_request": [asdict(r) for r in records]}
-    progress(f"{mode.name:>9} C={concurrency:<3} {point['aggregate_tokens_per_second']:7.1f} tok/s aggregate, "
+    progress(f"{name:>9} C={concurrency:<3} {point['aggregate_tokens_per_second']:7.1f} tok/s aggregate, "
              f"{point['per_user_tokens_per_second_median']:6.1f} tok/s per user (median), "
              f"ℓ {point['mean_verify_length']:.2f}, τ {point['tau'] or float('nan'):.2f}")
     return point
@@ -378,7 +382,7 @@ def sweep_served(options, modes: list[Mode], concurrency: list[int], prompts: li
             closed_loop_served(server.grpc_url, prompts[:1], 4, 1, 1, None, count)  # warm-up
             for c in concurrency:
                 records = closed_loop_served(server.grpc_url, prompts, max_tokens, c, num_requests, duration_s, count)
-                points.append(_point(mode, c, records, progress))
+                points.append(_point(mode.name, c, records, progress))
         finally:
             server.stop()
     return points, cost_table
@@ -397,8 +401,12 @@ def greedy_mismatches(points: list[dict], reference_mode: str = "off") -> list[s
 # ---- the benchmark ------------------------------------------------------------------------------------
 def bench_load(options, modes: list[Mode], concurrency: list[int], prompts: list[str], max_tokens: int,
                num_requests: int | None, duration_s: float | None, cost_table: str | None, out: Path,
-               served: bool = False, cache_dir: str | None = None, progress: Progress = lambda msg: None) -> dict:
-    """Run the sweep, write <out>/load[_served].json and its two PNGs; returns the result dict."""
+               served: bool = False, cache_dir: str | None = None, llama_cpp_server: bool = False,
+               progress: Progress = lambda msg: None) -> dict:
+    """Run the sweep, write <out>/load[_served].json and its two PNGs; returns the result dict. With
+    llama_cpp_server, llama.cpp's server (bench/llama_cpp_server.py) runs the same closed loop at every C:
+    in-process right after our modes at that C, served after the whole sweep (ours needs the cores)."""
+    import contextlib
     import json
     import tempfile
 
@@ -416,14 +424,22 @@ def bench_load(options, modes: list[Mode], concurrency: list[int], prompts: list
     out.mkdir(parents=True, exist_ok=True)
     name = "load_served" if served else "load"
     profile_out = out / f"{name}_cost_table.json"
-    if served:  # the repositories and server logs of the sweep go away with it (a failure quotes the log)
-        with tempfile.TemporaryDirectory(prefix="dspark-load-served-") as workdir:
-            points, cost_table = sweep_served(options, modes, concurrency, prompts, max_tokens, num_requests,
-                                              duration_s, cost_table, cache_dir, Path(workdir), profile_out,
-                                              progress)
-    else:
-        points, cost_table = sweep_engine(options, modes, concurrency, prompts, max_tokens, num_requests,
-                                          duration_s, cost_table, profile_out, progress)
+    peers: dict = {}
+    with contextlib.ExitStack() as stack:
+        run_peer = lambda c: None  # noqa: E731
+        if llama_cpp_server:
+            run_peer, peers = _llama_cpp_server_peer(options, prompts, max_tokens, num_requests, duration_s,
+                                                     out / f"{name}_llama_cpp_server.log", stack, progress)
+        if served:  # the repositories and server logs of the sweep go away with it (a failure quotes the log)
+            with tempfile.TemporaryDirectory(prefix="dspark-load-served-") as workdir:
+                points, cost_table = sweep_served(options, modes, concurrency, prompts, max_tokens, num_requests,
+                                                  duration_s, cost_table, cache_dir, Path(workdir), profile_out,
+                                                  progress)
+            for c in concurrency:
+                run_peer(c)
+        else:
+            points, cost_table = sweep_engine(options, modes, concurrency, prompts, max_tokens, num_requests,
+                                              duration_s, cost_table, profile_out, progress, run_peer)
     result = {
         "benchmark": "load", "driver": "tritonserver (tritonclient gRPC streaming)" if served else "in-process engine",
         "target": options.target, "draft": options.draft, "engines": options.engines,
@@ -432,13 +448,51 @@ def bench_load(options, modes: list[Mode], concurrency: list[int], prompts: list
         "cost_table": cost_table,
         "cost_table_source": None if cost_table is None else "given" if given_table else "profiled at start",
         "greedy_mismatches_vs_off": greedy_mismatches(points) if any(m.name == "off" for m in modes) else None,
-        "points": points, "environment": environment(),
+        "points": points, "peers": peers, "environment": environment(),
     }
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     title = f"{options.target} + {options.draft or 'no drafter'} ({'served' if served else 'in-process'})"
-    frontier_plot(points, title, out / f"{name}_frontier.png")
+    frontier_plot(points + [p for peer in peers.values() for p in peer.get("points", [])], title,
+                  out / f"{name}_frontier.png")
     budget_plot(points, title, out / f"{name}_budget.png")
     return result
+
+
+def _llama_cpp_server_peer(options, prompts: list[str], max_tokens: int, num_requests: int | None,
+                           duration_s: float | None, log_path: Path, stack, progress: Progress):
+    """(run_peer(C), peers): llama.cpp's server started (and stopped by `stack`), run_peer appending its point
+    at C to peers[PEER_NAME]["points"]; or a no-op and the reason it is skipped."""
+    from dspark_trt.bench.llama_cpp_server import PEER_NAME, closed_loop_http, start_peer
+    from dspark_trt.bench.peers import default_threads
+
+    tokenizer = _tokenizer(options)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in prompts]
+    n_ctx = max(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts) + max_tokens + 16
+    server, reason = start_peer(options.target, n_ctx, default_threads(), log_path)
+    if server is None:
+        progress(f"{PEER_NAME} skipped: {reason}")
+        return (lambda c: None), {PEER_NAME: {"skipped": reason}}
+    stack.callback(server.stop)
+    peer = {"description": server.describe(), "points": []}
+    count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+
+    def run_peer(c: int) -> None:
+        closed_loop_http(server.host, server.port, texts[:1], 4, 1, 1, None, count)  # warm-up, as every mode's
+        records = closed_loop_http(server.host, server.port, texts, max_tokens, c, num_requests, duration_s, count)
+        peer["points"].append(_point(PEER_NAME, c, records, progress))
+    return run_peer, {PEER_NAME: peer}
+
+
+def _tokenizer(options):
+    """The tokenizer of the engines (or, without them, of the target) the sweep runs."""
+    if options.engines:
+        from dspark_trt.graphs.manifest import load_engine_tokenizer
+
+        return load_engine_tokenizer(options.engines)
+    from dspark_trt.models.sources import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model(options.target))
 
 
 def summary_table(result: dict) -> str:
@@ -451,4 +505,11 @@ def summary_table(result: dict) -> str:
                     f"{p['per_user_tokens_per_second_median']:>9.1f} {p['per_user_tokens_per_second_p10']:>9.1f} "
                     f"{p['ttft_seconds_median']:>9.3f} {p['ttft_seconds_p90']:>9.3f} "
                     f"{p['mean_verify_length']:>5.2f} {tau:>5}")
+    for name, peer in result.get("peers", {}).items():
+        if "skipped" in peer:
+            rows.append(f"{name}: skipped ({peer['skipped']})")
+        for p in peer.get("points", []):
+            rows.append(f"{name:>9} {p['concurrency']:>3} {p['aggregate_tokens_per_second']:>10.1f} "
+                        f"{p['per_user_tokens_per_second_median']:>9.1f} {p['per_user_tokens_per_second_p10']:>9.1f} "
+                        f"{p['ttft_seconds_median']:>9.3f} {p['ttft_seconds_p90']:>9.3f} {'-':>5} {'-':>5}")
     return "\n".join(rows)

@@ -114,6 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--calibration", help="STS temperatures (default: the one stored next to the drafter)")
     load.add_argument("--served", action="store_true", help="through a real tritonserver (tritonclient gRPC)")
     load.add_argument("--cache-dir", help="--served: where engines are built (as for `serve`)")
+    load.add_argument("--llama-cpp-server", action="store_true",
+                      help="also run the closed loop against llama.cpp's server (llama-cpp-python[server], "
+                           "`make peers`) on the target's GGUF, at every concurrency")
     load.add_argument("--out", required=True, help="directory for load.json and the PNGs")
     load.add_argument("--json", action="store_true")
 
@@ -215,6 +218,6 @@ def _run_load(args: argparse.Namespace, progress) -> int:
     prompts = [p for f in args.prompts_file for p in read_prompts_file(f, args.limit)]
     result = bench_load(options, modes, concurrency, prompts, args.max_tokens, args.requests, args.seconds,
                         args.cost_table, Path(args.out), served=args.served, cache_dir=args.cache_dir,
-                        progress=progress)
+                        llama_cpp_server=args.llama_cpp_server, progress=progress)
     print(json.dumps(result) if args.json else summary_table(result))
     return 0

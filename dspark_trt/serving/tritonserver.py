@@ -161,7 +161,7 @@ def server_environment(install: TritonInstall, extra: dict[str, str] | None = No
     return env
 
 
-def _free_ports(address: str, count: int) -> list[int]:
+def free_ports(address: str, count: int) -> list[int]:
     """Ports free right now on address (all held open together, so they are distinct)."""
     with contextlib.ExitStack() as stack:
         sockets = []
@@ -263,7 +263,7 @@ class TritonServer:
             workdir.mkdir(parents=True, exist_ok=True)
         backends = prepare_backend_directory(self.install, self.workdir)
         if self._ports is None:
-            free = iter(_free_ports(self.address, sum(p == 0 for p in self.requested_ports)))
+            free = iter(free_ports(self.address, sum(p == 0 for p in self.requested_ports)))
             self._ports = tuple(p or next(free) for p in self.requested_ports)
         self.log_path = workdir / "tritonserver.log"
         self._log_file = self._log_file or open(self.log_path, "ab")
