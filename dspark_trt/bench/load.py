@@ -496,20 +496,16 @@ def _tokenizer(options):
 
 
 def summary_table(result: dict) -> str:
-    """A plain-text table of the points, one row per (mode, concurrency)."""
+    """A plain-text table of the points, one row per (mode, concurrency), then the peers' (no rounds: ℓ, τ '-')."""
     rows = [f"{'mode':>9} {'C':>3} {'agg tok/s':>10} {'user med':>9} {'user p10':>9} {'TTFT med':>9} "
             f"{'TTFT p90':>9} {'ℓ':>5} {'τ':>5}"]
-    for p in result["points"]:
-        tau = "-" if p["tau"] is None else f"{p['tau']:.2f}"
+    peers = result.get("peers", {})
+    for p in result["points"] + [p for peer in peers.values() for p in peer.get("points", [])]:
+        rounds = p["mode"] not in peers
+        tau = f"{p['tau']:.2f}" if rounds and p["tau"] is not None else "-"
+        verify = f"{p['mean_verify_length']:.2f}" if rounds else "-"
         rows.append(f"{p['mode']:>9} {p['concurrency']:>3} {p['aggregate_tokens_per_second']:>10.1f} "
                     f"{p['per_user_tokens_per_second_median']:>9.1f} {p['per_user_tokens_per_second_p10']:>9.1f} "
-                    f"{p['ttft_seconds_median']:>9.3f} {p['ttft_seconds_p90']:>9.3f} "
-                    f"{p['mean_verify_length']:>5.2f} {tau:>5}")
-    for name, peer in result.get("peers", {}).items():
-        if "skipped" in peer:
-            rows.append(f"{name}: skipped ({peer['skipped']})")
-        for p in peer.get("points", []):
-            rows.append(f"{name:>9} {p['concurrency']:>3} {p['aggregate_tokens_per_second']:>10.1f} "
-                        f"{p['per_user_tokens_per_second_median']:>9.1f} {p['per_user_tokens_per_second_p10']:>9.1f} "
-                        f"{p['ttft_seconds_median']:>9.3f} {p['ttft_seconds_p90']:>9.3f} {'-':>5} {'-':>5}")
+                    f"{p['ttft_seconds_median']:>9.3f} {p['ttft_seconds_p90']:>9.3f} {verify:>5} {tau:>5}")
+    rows += [f"{name}: skipped ({peer['skipped']})" for name, peer in peers.items() if "skipped" in peer]
     return "\n".join(rows)
