@@ -79,8 +79,9 @@ def test_logit_controls_and_log_probs_give_the_torch_runtimes_tokens(tmp_path, t
 
 def test_a_gated_engine_extends_the_drafter_context_as_torch_does(tmp_path):
     """A draft gate that finds drafting never pays skips most steps and probes one request at a time: on ONNX
-    Runtime the skipped steps' features reach the drafter through the `context` graph, one call a step, and each
-    probe drafts what the torch reference drafts (the same accepted drafts every round), greedy = plain."""
+    Runtime the skipped steps' features reach the drafter through the `context` graph, one call a step for the
+    requests whose backlog reached a block's rows, and each probe drafts what the torch reference drafts (the
+    same accepted drafts every round), greedy = plain."""
     from dspark_trt.spec.cost_table import CostTable
 
     target = tiny_target(vocab_size=6, seed=2, scale=3.0)
@@ -104,7 +105,7 @@ def test_a_gated_engine_extends_the_drafter_context_as_torch_does(tmp_path):
     assert [r.output_ids for r in ort] == [r.output_ids for r in ref] == [r.output_ids for r in plain]
     assert [r.stats.round_accepted for r in ort] == [r.stats.round_accepted for r in ref]
     assert sum(r.stats.draft_tokens_accepted for r in ort) > 0  # probes resumed drafting and were accepted
-    assert len(extensions) > 10 and max(extensions) == 3  # skipped steps of all three requests, one call each
+    assert len(extensions) > 5 and max(extensions) >= 2  # backlogs of skipped steps, requests batched in a call
 
 
 def test_slots_are_recycled_and_rolled_back(tmp_path):

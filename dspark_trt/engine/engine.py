@@ -2,12 +2,14 @@
 
 Each step (1) admits waiting requests into free slots, (2) prefills prompts in chunks, (3) drafts a
 block for every decoding request in one draft pass (or, with the draft gate, for one or none of them),
-having first extended the drafter's context of every request that does not draft this step with its
-new target features, in one call, (4) lets the scheduler pick each request's verification length from
-calibrated confidences, (5) verifies all prefixes in one target pass with the DSparkVerify semantics,
-and (6) commits accepted tokens, rolls back rejected K/V and streams the new tokens. So the drafter
-always holds a request's context but the last step's rows, which its next draft pass or context
-extension carries. The engine knows nothing about the backend: it talks to a `Runtime`.
+having first extended, in one call, the drafter's context of the requests that do not draft this step and
+whose target features not yet given to the drafter have reached a backlog of `context_backlog` rows,
+(4) lets the scheduler pick each request's verification length from calibrated confidences, (5) verifies
+all prefixes in one target pass with the DSparkVerify semantics, and (6) commits accepted tokens, rolls
+back rejected K/V and streams the new tokens. So the drafter holds a request's context but its backlog,
+which the next draft pass carries: while the draft gate declines, most steps make no drafter call at all
+(at one row, an extension call's cost is mostly its fixed overhead). The engine knows nothing about the
+backend: it talks to a `Runtime`.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ class Engine:
         max_queue_size: int = 1024,
         detokenize: Callable[[list[int]], str] | None = None,
         record_rounds: bool = False,
+        context_backlog: int | None = None,
     ):
         self.runtime = runtime
         self.scheduler = scheduler or _no_speculation
@@ -58,6 +61,11 @@ class Engine:
         self.max_queue_size = max_queue_size
         self.detokenize = detokenize
         self.record_rounds = record_rounds  # keep per-round confidences (for calibration and eval)
+        # rows of target features a request's drafter context may lag behind; by default a verified block and
+        # its bonus token, so a draft pass carries fewer than two blocks' rows per request after the prompt
+        self.context_backlog = runtime.block_size + 1 if context_backlog is None else context_backlog
+        if self.context_backlog < 1:
+            raise ValueError(f"context_backlog must be >= 1, got {context_backlog}")
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count()
@@ -112,7 +120,8 @@ class Engine:
         max_lengths = self._max_lengths(decoding)  # nothing below changes them before the decode pass
         if decoding:
             self._guard(decoding, self._plan_drafts, decoding, max_lengths)
-        extending = [r for r in self.running if r.pending_features is not None and r.last_draft_step != self.steps]
+        extending = [r for r in self.running if r.pending_features is not None and r.last_draft_step != self.steps
+                     and len(r.pending_features) >= self.context_backlog]
         if extending:
             self._guard(extending, self._extend_contexts, extending)
         live = [i for i, r in enumerate(decoding) if not r.done]
@@ -164,7 +173,7 @@ class Engine:
         row = 0
         for i, (request, chunk) in enumerate(batch):
             if self.speculate and out.taps is not None:
-                request.pending_features = out.taps[row: row + len(chunk)]
+                _add_features(request, out.taps[row: row + len(chunk)])
             row += len(chunk)
             request.prefilled += len(chunk)
             if request.prefilled < len(request.prompt_ids):
@@ -180,7 +189,7 @@ class Engine:
             self._commit(request, [token], _logprobs(request, raw, [token]))
 
     def _extend_contexts(self, requests: list[Request]) -> None:
-        """Give the drafter the new target features of requests that do not draft this step, in one call."""
+        """Give the drafter the backlog of requests that do not draft this step, in one call."""
         self.runtime.extend_context(torch.tensor([r.slot for r in requests], dtype=torch.long),
                                     [self._take_features(r) for r in requests])
 
@@ -297,7 +306,7 @@ class Engine:
         # the target cache keeps the anchor and the accepted drafts; the new anchor is not cached yet
         self.runtime.rollback(request.slot, start + accepted + 1)
         if self.speculate and out.taps is not None:
-            request.pending_features = out.taps[row0: row0 + accepted + 1]
+            _add_features(request, out.taps[row0: row0 + accepted + 1])
         self._commit(request, new_ids, _logprobs(request, out.logits[row0: row0 + accepted + 1], new_ids))
 
     def _commit(self, request: Request, new_ids: list[int], logprobs: list[float] | None = None) -> None:
@@ -354,6 +363,12 @@ class Engine:
             return None
         temps = self.sts_temperatures if self.sts_temperatures is not None else torch.ones(confidence_logits.shape[1])
         return apply_sts(confidence_logits.float(), temps)
+
+
+def _add_features(request: Request, taps: torch.Tensor) -> None:
+    """Append a pass's target taps to the rows the drafter has not seen yet."""
+    pending = request.pending_features
+    request.pending_features = taps if pending is None else torch.cat([pending, taps])
 
 
 def _history(request: Request) -> History | None:

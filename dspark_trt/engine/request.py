@@ -123,8 +123,8 @@ class Request:
     prefilled: int = 0  # prompt tokens already in the target cache
     anchor: int | None = None  # last committed token, whose target K/V is not cached yet
     last_draft_step: int = -1  # the engine step of its last draft (the gate's probe takes the stalest)
-    # the target taps of its latest pass that the drafter has not seen yet: the next step's draft pass or context
-    # extension (Runtime.extend_context) takes them, so they are never more than one step's rows
+    # the target taps the drafter has not seen yet (its backlog): the next draft pass takes them, or a context
+    # extension (Runtime.extend_context) once they reach the engine's context_backlog rows
     pending_features: torch.Tensor | None = None
     generator: torch.Generator | None = None
     cancel_requested: bool = False

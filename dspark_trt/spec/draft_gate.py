@@ -17,8 +17,9 @@ one-request draft, so new requests or a change in their confidences are noticed 
 concurrency.
 
 Lossless: the decision rests on earlier steps only, and a step that does not draft is plain decoding
-from the target. The engine extends the drafter's context with a skipped step's target features
-(Runtime.extend_context), so it stays complete for the next draft, which carries one step's rows only.
+from the target. The drafter's context stays complete for the next draft: the engine keeps skipped steps'
+target features as a backlog, which that draft carries, or a context extension (Runtime.extend_context)
+once it reaches a block's rows.
 """
 from __future__ import annotations
 
