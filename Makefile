@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml setup.py Makefile
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# optional: the peers of `dspark-trt bench ar` / `bench speedup` (onnxruntime-genai; llama.cpp through
+# optional: the peers of `dspark-trt bench ar` / `bench speedup` / `bench load --llama-cpp-server` (onnxruntime-genai; llama.cpp through
 # llama-cpp-python, compiled from its sdist for the CPU only: a few minutes once)
 LLAMA_CMAKE_ARGS ?= -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF
 peers: setup
