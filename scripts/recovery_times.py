@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from dspark_trt.serving.processes import python_stubs, stat_fields
-from dspark_trt.serving.tritonserver import _free_ports, http_status
+from dspark_trt.serving.tritonserver import free_ports, http_status
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 BODY = {"text_input": "What is the capital of France?", "max_tokens": 24}
@@ -90,7 +90,7 @@ def one_fault(serve: subprocess.Popen, victim: str, ports: dict[str, int]) -> Fa
 def supervised(serve_args: list[str]) -> Iterator[tuple[subprocess.Popen, dict[str, int]]]:
     """`dspark-trt serve` with serve_args on free ports (http, grpc, metrics, supervisor), from the moment it
     is serving; SIGTERMed on exit."""
-    ports = dict(zip(("http", "grpc", "metrics", "supervisor"), _free_ports("127.0.0.1", 4)))
+    ports = dict(zip(("http", "grpc", "metrics", "supervisor"), free_ports("127.0.0.1", 4)))
     serve = subprocess.Popen([sys.executable, "-m", "dspark_trt", "serve", *serve_args,
                               *(a for name, port in ports.items() for a in (f"--{name}-port", str(port)))],
                              stdout=subprocess.PIPE, text=True)
