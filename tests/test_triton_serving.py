@@ -218,7 +218,8 @@ def test_split_runtime_gives_the_in_process_tokens(engines):
 
 
 def test_a_split_request_resuming_drafting_ships_one_steps_rows(engines):
-    """Under a draft gate that finds drafting never pays, dspark_draft gets one extend-only call a step (no anchors,
+    """Under a draft gate that finds drafting never pays and an engine without a context backlog, dspark_draft gets
+    one extend-only call a step (no anchors,
     nothing back) for the requests that do not draft, so a probe that resumes drafting after skipped steps carries
     only the last step's rows, never their backlog; the tokens are the in-process engine's and plain decoding's."""
     from dspark_trt.engine.engine import Engine
@@ -241,7 +242,9 @@ def test_a_split_request_resuming_drafting_ships_one_steps_rows(engines):
     def gated(runtime):
         scheduler = make_scheduler("dspark", runtime.block_size, cost_table=table, min_predicted_gain=0.0)
         scheduler.gate.smoothing = 0.0  # no learning of step times: both engines take the same decisions
-        return Engine(runtime, scheduler)
+        # an extension on every skipped step (no backlog): the split's per-step cadence is what is checked here;
+        # the default backlog's contract is tests/test_draft_gate.py's
+        return Engine(runtime, scheduler, context_backlog=1)
 
     prompts, params = [[5, 6, 7], [8, 9, 10, 5, 6, 7, 8]], SamplingParams(max_tokens=24, stop_ids=(NEVER,))
     runtime = BlsRuntime(engines, call, num_slots=2)
@@ -299,7 +302,7 @@ def test_extend_only_calls_overlap_the_target_pass_but_never_a_draft_call(engine
 
     table = CostTable([1, 8], [10.0, 10.0], draft_requests=[1, 8], draft_seconds=[10.0, 10.0])
     scheduler = make_scheduler("dspark", 7, cost_table=table, min_predicted_gain=0.0)
-    engine = Engine(BlsRuntime(engines, call, num_slots=2), scheduler)
+    engine = Engine(BlsRuntime(engines, call, num_slots=2), scheduler, context_backlog=1)  # an extension a step
     params = SamplingParams(max_tokens=16, stop_ids=(NEVER,))
     plain = Engine(BlsRuntime(engines, call, num_slots=2, use_drafter=False)).generate([[5, 6, 7]], params)
     got = engine.generate([[5, 6, 7]], params)
