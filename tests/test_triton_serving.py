@@ -219,9 +219,9 @@ def test_split_runtime_gives_the_in_process_tokens(engines):
 
 def test_a_split_request_resuming_drafting_ships_one_steps_rows(engines):
     """Under a draft gate that finds drafting never pays and an engine without a context backlog, dspark_draft gets
-    one extend-only call a step (no anchors,
-    nothing back) for the requests that do not draft, so a probe that resumes drafting after skipped steps carries
-    only the last step's rows, never their backlog; the tokens are the in-process engine's and plain decoding's."""
+    one extend-only call a step (no anchors, nothing back) for the requests that do not draft, so a probe that
+    resumes drafting after skipped steps carries only the last step's rows, never their backlog; the tokens are the
+    in-process engine's and plain decoding's."""
     from dspark_trt.engine.engine import Engine
     from dspark_trt.runtimes.bls_runtime import BlsRuntime
     from dspark_trt.runtimes.ort_runtime import OrtRuntime
