@@ -31,12 +31,12 @@ def served(tmp_path_factory):
     """The server on the smollm2 GGUF (1 thread: the machine is shared), the tokenizer, the templated prompts."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (`make peers`)")
     pytest.importorskip("sse_starlette", reason="llama-cpp-python's server extra not installed (`make peers`)")
+    from dspark_trt.engine.prompts import chat_prompt_text
     from dspark_trt.models.sources import load_tokenizer, resolve_model
 
     source = resolve_model("smollm2")
     tokenizer = load_tokenizer(source)
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                           tokenize=False) for p in PROMPTS]
+    texts = [chat_prompt_text(tokenizer, p) for p in PROMPTS]
     with LlamaCppServer(source.path, 160, 1, tmp_path_factory.mktemp("llama") / "server.log") as server:
         yield server, tokenizer, texts, source
 

@@ -464,10 +464,10 @@ def _llama_cpp_server_peer(options, prompts: list[str], max_tokens: int, num_req
     at C to peers[PEER_NAME]["points"]; or a no-op and the reason it is skipped."""
     from dspark_trt.bench.llama_cpp_server import PEER_NAME, closed_loop_http, start_peer
     from dspark_trt.bench.peers import default_threads
+    from dspark_trt.engine.prompts import chat_prompt_text
 
     tokenizer = _tokenizer(options)
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                           tokenize=False) for p in prompts]
+    texts = [chat_prompt_text(tokenizer, p) for p in prompts]
     n_ctx = max(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts) + max_tokens + 16
     server, reason = start_peer(options.target, n_ctx, default_threads(), log_path)
     if server is None:
@@ -477,8 +477,7 @@ def _llama_cpp_server_peer(options, prompts: list[str], max_tokens: int, num_req
     peer = {"description": server.describe(), "points": []}
     count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
     # not one of the sweep's prompts: the server would find the whole of it cached for the point's first request
-    warm_up = tokenizer.apply_chat_template([{"role": "user", "content": "Hello."}], add_generation_prompt=True,
-                                            tokenize=False)
+    warm_up = chat_prompt_text(tokenizer, "Hello.")
 
     def run_peer(c: int) -> None:
         closed_loop_http(server.host, server.port, [warm_up], 4, 1, 1, None, count)  # as every mode's warm-up

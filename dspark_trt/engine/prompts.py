@@ -16,6 +16,12 @@ def chat_prompt_ids(tokenizer, text: str) -> list[int]:
     return list(ids)
 
 
+def chat_prompt_text(tokenizer, text: str) -> str:
+    """The chat-templated prompt as text (what a server that templates nothing itself is sent)."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
 def read_prompts_file(path: str | Path, limit: int | None = None) -> list[str]:
     """First user turns of a JSONL file whose lines are {"turns": [str, ...]} (the eval-set format)."""
     path = Path(path)
