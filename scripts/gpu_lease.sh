@@ -76,6 +76,7 @@ run() {
     local site=$WAIT/site
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$KIT"/*.whl
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$site" .
+    rm -rf build  # setuptools' staging copy of the package, left in the checkout
     export PYTHONPATH=$site PYTHONUNBUFFERED=1 DSPARK_TRT_CACHE=$WAIT/cache
     local dspark=(python3 -m dspark_trt) target=$WAIT/$GGUF_NAME
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
