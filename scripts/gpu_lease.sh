@@ -75,8 +75,9 @@ run() {
         { echo "the GGUF's parts are incomplete: $(ls "$WAIT") (stash each part first, back to back)"; exit 1; }
     local site=$WAIT/site
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$KIT"/*.whl
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$site" .
-    rm -rf build  # setuptools' staging copy of the package, left in the checkout
+    local source=$WAIT/source  # a copy to install from: setuptools stages its build in the source tree
+    rm -rf "$source" && mkdir -p "$source" && cp -r pyproject.toml setup.py README.md dspark_trt plugins "$source/"
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$site" "$source"
     export PYTHONPATH=$site PYTHONUNBUFFERED=1 DSPARK_TRT_CACHE=$WAIT/cache
     local dspark=(python3 -m dspark_trt) target=$WAIT/$GGUF_NAME
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
