@@ -11,8 +11,6 @@ import json
 import random
 import tempfile
 
-import torch
-
 from dspark_trt.bench.common import environment
 from dspark_trt.models.drafter_checkpoint import load_drafter
 from dspark_trt.models.weights import load_target
@@ -30,7 +28,6 @@ def main() -> None:
     parser.add_argument("--num-anchors", type=int, default=64)
     parser.add_argument("--out")
     args = parser.parse_args()
-    torch.manual_seed(0)
 
     target, _ = load_target("smollm2")
     drafter = load_drafter(args.draft, target=target).eval()
