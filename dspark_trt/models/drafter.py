@@ -99,6 +99,7 @@ class DraftAttention(nn.Module):
     def __init__(self, cfg: DrafterConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.block_size = cfg.block_size
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
@@ -114,11 +115,12 @@ class DraftAttention(nn.Module):
         return k.transpose(0, 1), v.transpose(0, 1)
 
     def forward(self, a: torch.Tensor, cos, sin, contexts: list[tuple[torch.Tensor, torch.Tensor]],
-                masks: list[torch.Tensor] | None = None):
-        """Block states a [R, B, H] attend to each request's context K/V and to the whole block.
+                context_masks: list[torch.Tensor] | None = None):
+        """Block states a [R, b, H] attend to each request's context K/V and to their block.
 
-        Inference passes no mask (a block sees all its context and itself); training packs many
-        blocks into one row per sequence and passes a mask [B, n_ctx + B] per row (True = may attend), spec 1.4.
+        Inference passes no mask: a row is one block, which sees all its context and itself. Training packs
+        many blocks into one row per sequence and passes a mask [b, n_ctx] per row (True = may attend):
+        each block of the row sees the context the mask allows and its own block only (spec 1.4).
         """
         r, b, _ = a.shape
         q = apply_rotary(self.q_norm(self.q_proj(a).view(r, b, self.n_heads, self.head_dim)), cos, sin)
@@ -126,13 +128,32 @@ class DraftAttention(nn.Module):
         v = self.v_proj(a).view(r, b, self.n_kv, self.head_dim)
         out = torch.empty_like(q)
         for i, (ctx_k, ctx_v) in enumerate(contexts):
+            if context_masks is not None:
+                out[i] = self._blockwise(q[i], k[i], v[i], ctx_k, ctx_v, context_masks[i])
+                continue
             keys = torch.cat([ctx_k, k[i].transpose(0, 1)], dim=1).unsqueeze(0)
             values = torch.cat([ctx_v, v[i].transpose(0, 1)], dim=1).unsqueeze(0)
-            mask = masks[i] if masks is not None else None
-            att = F.scaled_dot_product_attention(q[i].transpose(0, 1).unsqueeze(0), keys, values, attn_mask=mask,
-                                                 enable_gqa=True)
+            att = F.scaled_dot_product_attention(q[i].transpose(0, 1).unsqueeze(0), keys, values, enable_gqa=True)
             out[i] = att.squeeze(0).transpose(0, 1)
         return self.o_proj(out.reshape(r, b, -1))
+
+    def _blockwise(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_k: torch.Tensor,
+                   ctx_v: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
+        """One training row of w/B blocks (q [w, heads, d], k/v [w, n_kv, d]): one softmax over the context scores
+        ctx_mask [w, n] allows and the block's own B scores. The same attention as a dense mask [w, n + w],
+        without its w x w block-to-block scores (a row of 512 blocks of 7 spent most of a training step there)."""
+        w, n, bs = q.shape[0], ctx_k.shape[1], self.block_size
+        g, d = self.n_heads // self.n_kv, self.head_dim
+        qh = q.transpose(0, 1).reshape(self.n_kv, g, w, d) * d ** -0.5  # query head h uses K/V head h // g
+        ctx_scores = (qh @ ctx_k.unsqueeze(1).transpose(-1, -2)).masked_fill(~ctx_mask, float("-inf"))
+        kb = k.transpose(0, 1).reshape(self.n_kv, 1, w // bs, bs, d)
+        vb = v.transpose(0, 1).reshape(self.n_kv, 1, w // bs, bs, d)
+        block_scores = qh.reshape(self.n_kv, g, w // bs, bs, d) @ kb.transpose(-1, -2)
+        probs = torch.cat([ctx_scores, block_scores.reshape(self.n_kv, g, w, bs)], dim=-1).softmax(-1)
+        ctx_probs, block_probs = probs.split([n, bs], dim=-1)
+        out = ctx_probs @ ctx_v.unsqueeze(1) + (block_probs.reshape(self.n_kv, g, w // bs, bs, bs) @ vb).reshape(
+            self.n_kv, g, w, d)
+        return out.reshape(self.n_heads, w, d).transpose(0, 1)
 
 
 class DraftLayer(nn.Module):
@@ -143,8 +164,8 @@ class DraftLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, contexts, masks=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, contexts, masks)
+    def forward(self, x, cos, sin, contexts, context_masks=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, contexts, context_masks)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -227,12 +248,12 @@ class DSparkDrafter(nn.Module):
         return [layer.self_attn.context_kv(ctx, cos, sin) for layer in self.layers]
 
     def backbone(self, block_ids: torch.Tensor, positions: torch.Tensor, contexts: list[list[tuple]],
-                 masks: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 context_masks: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(h [R, b, H], U [R, b, N] float32) of block rows; contexts[layer][row] = that row's context K/V."""
         x = self.embed_tokens(block_ids)
         cos, sin = self.rotary(positions, x.dtype)
         for layer, layer_contexts in zip(self.layers, contexts):
-            x = layer(x, cos, sin, layer_contexts, masks)
+            x = layer(x, cos, sin, layer_contexts, context_masks)
         hidden = self.norm(x)
         return hidden, self.lm_head(hidden).float()
 
@@ -251,8 +272,8 @@ class DSparkDrafter(nn.Module):
         """
         b = self.config.block_size
         a = anchor_ids.shape[0]
-        # one row per sequence holding its blocks (padded to the longest), attending to that sequence's
-        # context only: the attention then costs Σ_s a_s·(n_s + a_s) instead of A·(M + A) for one packed row
+        # one row per sequence holding its blocks (padded to the longest), each block attending to that
+        # sequence's context before its anchor and to itself: Σ_s a_s·B·(n_s + B) scores, not A·B·(M + A·B)
         n_seq = int(ctx_seq.max()) + 1 if ctx_seq.numel() else 0
         n_seq = max(n_seq, int(anchor_seq.max()) + 1)
         per_seq = torch.bincount(anchor_seq, minlength=n_seq)
@@ -266,18 +287,16 @@ class DSparkDrafter(nn.Module):
         block_ids[anchor_seq, column * b] = anchor_ids
         positions[slot] = anchor_positions.unsqueeze(1) + torch.arange(b)
         block_of = torch.arange(width) // b
-        own_block = block_of.unsqueeze(1) == block_of.unsqueeze(0)
         anchor_at = torch.zeros(n_seq, width // b, dtype=torch.long)
         anchor_at[anchor_seq, column] = anchor_positions
         kv = self.context_kv(features, ctx_positions)
-        contexts, masks = [[] for _ in self.layers], []
+        contexts, context_masks = [[] for _ in self.layers], []
         for seq in range(n_seq):
             rows = ctx_seq == seq
             for layer, (k, v) in zip(contexts, kv):
                 layer.append((k[:, rows], v[:, rows]))
-            sees_ctx = ctx_positions[rows].unsqueeze(0) < anchor_at[seq, block_of].unsqueeze(1)
-            masks.append(torch.cat([sees_ctx, own_block], dim=1))
-        hidden, base_logits = self.backbone(block_ids, positions, contexts, masks)
+            context_masks.append(ctx_positions[rows].unsqueeze(0) < anchor_at[seq, block_of].unsqueeze(1))
+        hidden, base_logits = self.backbone(block_ids, positions, contexts, context_masks)
         hidden, base_logits = hidden[slot], base_logits[slot]
         logits = base_logits
         if self.markov_head is not None:
