@@ -272,32 +272,24 @@ class DSparkDrafter(nn.Module):
         """
         b = self.config.block_size
         a = anchor_ids.shape[0]
-        # one row per sequence holding its blocks (padded to the longest), each block attending to that
-        # sequence's context before its anchor and to itself: Σ_s a_s·B·(n_s + B) scores, not A·B·(M + A·B)
-        n_seq = int(ctx_seq.max()) + 1 if ctx_seq.numel() else 0
-        n_seq = max(n_seq, int(anchor_seq.max()) + 1)
-        per_seq = torch.bincount(anchor_seq, minlength=n_seq)
-        width = int(per_seq.max()) * b
-        order = torch.argsort(anchor_seq, stable=True)
-        column = torch.empty(a, dtype=torch.long)  # block j's index within its sequence's row
-        column[order] = torch.arange(a) - torch.repeat_interleave(torch.cumsum(per_seq, 0) - per_seq, per_seq)
-        block_ids = torch.full((n_seq, width), self.config.mask_token_id, dtype=torch.long)
-        positions = torch.zeros(n_seq, width, dtype=torch.long)
-        slot = anchor_seq.unsqueeze(1), column.unsqueeze(1) * b + torch.arange(b)  # [A, B] cells of each block
-        block_ids[anchor_seq, column * b] = anchor_ids
-        positions[slot] = anchor_positions.unsqueeze(1) + torch.arange(b)
-        block_of = torch.arange(width) // b
-        anchor_at = torch.zeros(n_seq, width // b, dtype=torch.long)
-        anchor_at[anchor_seq, column] = anchor_positions
         kv = self.context_kv(features, ctx_positions)
-        contexts, context_masks = [[] for _ in self.layers], []
-        for seq in range(n_seq):
+        # one row per sequence, holding just its blocks (no padding to the longest: the linears and the LM head
+        # cost what the blocks need), each block attending to the context before its anchor and to itself
+        order = torch.argsort(anchor_seq, stable=True)
+        hidden, base_logits = [], []
+        for seq in torch.unique(anchor_seq).tolist():
+            blocks = order[anchor_seq[order] == seq]
+            block_ids = torch.full((len(blocks), b), self.config.mask_token_id, dtype=torch.long)
+            block_ids[:, 0] = anchor_ids[blocks]
+            positions = anchor_positions[blocks].unsqueeze(1) + torch.arange(b)
             rows = ctx_seq == seq
-            for layer, (k, v) in zip(contexts, kv):
-                layer.append((k[:, rows], v[:, rows]))
-            context_masks.append(ctx_positions[rows].unsqueeze(0) < anchor_at[seq, block_of].unsqueeze(1))
-        hidden, base_logits = self.backbone(block_ids, positions, contexts, context_masks)
-        hidden, base_logits = hidden[slot], base_logits[slot]
+            contexts = [[(k[:, rows], v[:, rows])] for k, v in kv]
+            sees_ctx = ctx_positions[rows].unsqueeze(0) < positions[:, :1].repeat_interleave(b, dim=0)
+            h, u = self.backbone(block_ids.view(1, -1), positions.view(1, -1), contexts, [sees_ctx])
+            hidden.append(h.view(len(blocks), b, -1))
+            base_logits.append(u.view(len(blocks), b, -1))
+        back = torch.argsort(order)  # from sequence order to the anchors' order
+        hidden, base_logits = torch.cat(hidden)[back], torch.cat(base_logits)[back]
         logits = base_logits
         if self.markov_head is not None:
             head = self.markov_head
