@@ -141,7 +141,7 @@ class DraftAttention(nn.Module):
                    ctx_v: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
         """One training row of w/B blocks (q [w, heads, d], k/v [w, n_kv, d]): one softmax over the context scores
         ctx_mask [w, n] allows and the block's own B scores. The same attention as a dense mask [w, n + w],
-        without its w x w block-to-block scores (a row of 512 blocks of 7 spent most of a training step there)."""
+        without its w x w block-to-block scores (at 512 anchors per sequence the largest cost of a training step)."""
         w, n, bs = q.shape[0], ctx_k.shape[1], self.block_size
         g, d = self.n_heads // self.n_kv, self.head_dim
         qh = q.transpose(0, 1).reshape(self.n_kv, g, w, d) * d ** -0.5  # query head h uses K/V head h // g
