@@ -143,15 +143,15 @@ class DraftAttention(nn.Module):
         ctx_mask [w, n] allows and the block's own B scores. The same attention as a dense mask [w, n + w],
         without its w x w block-to-block scores (at 512 anchors per sequence the largest cost of a training step)."""
         w, n, bs = q.shape[0], ctx_k.shape[1], self.block_size
-        g, d = self.n_heads // self.n_kv, self.head_dim
+        g, d, blocks = self.n_heads // self.n_kv, self.head_dim, w // bs
         qh = q.transpose(0, 1).reshape(self.n_kv, g, w, d) * d ** -0.5  # query head h uses K/V head h // g
         ctx_scores = (qh @ ctx_k.unsqueeze(1).transpose(-1, -2)).masked_fill(~ctx_mask, float("-inf"))
-        kb = k.transpose(0, 1).reshape(self.n_kv, 1, w // bs, bs, d)
-        vb = v.transpose(0, 1).reshape(self.n_kv, 1, w // bs, bs, d)
-        block_scores = qh.reshape(self.n_kv, g, w // bs, bs, d) @ kb.transpose(-1, -2)
+        kb = k.transpose(0, 1).reshape(self.n_kv, 1, blocks, bs, d)
+        vb = v.transpose(0, 1).reshape(self.n_kv, 1, blocks, bs, d)
+        block_scores = qh.reshape(self.n_kv, g, blocks, bs, d) @ kb.transpose(-1, -2)
         probs = torch.cat([ctx_scores, block_scores.reshape(self.n_kv, g, w, bs)], dim=-1).softmax(-1)
         ctx_probs, block_probs = probs.split([n, bs], dim=-1)
-        out = ctx_probs @ ctx_v.unsqueeze(1) + (block_probs.reshape(self.n_kv, g, w // bs, bs, bs) @ vb).reshape(
+        out = ctx_probs @ ctx_v.unsqueeze(1) + (block_probs.reshape(self.n_kv, g, blocks, bs, bs) @ vb).reshape(
             self.n_kv, g, w, d)
         return out.reshape(self.n_heads, w, d).transpose(0, 1)
 
