@@ -201,16 +201,3 @@ def test_an_unknown_precision_is_refused(tmp_path):
     trainer = _setup(tmp_path, 1)
     with pytest.raises(DSparkError, match="unknown precision 'fp8'"):
         Trainer(trainer.drafter, trainer.extractor, trainer.samples, TrainConfig(precision="fp8"), tmp_path)
-
-
-def test_bf16_is_slow_reads_the_cpus_bfloat16_instructions(tmp_path):
-    from dspark_trt.training.trainer import bf16_is_slow
-
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
-    assert bf16_is_slow(cpuinfo)  # AVX2 only: emulated
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
-    assert not bf16_is_slow(cpuinfo)
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n")
-    assert not bf16_is_slow(cpuinfo)
-    assert not bf16_is_slow(tmp_path / "missing")  # cannot tell: no warning

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from dspark_trt.cpu import cpu_model, kernel_flags
+
 
 def environment() -> dict:
     import transformers
@@ -20,7 +22,7 @@ def environment() -> dict:
     except (OSError, subprocess.SubprocessError):
         revision = None
     return {
-        "machine": platform.machine(), "processor": platform.processor() or None, "cpus": os.cpu_count(),
+        "machine": platform.machine(), "cpu": cpu_model(), "cpu_flags": kernel_flags(), "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__, "git_revision": revision,
         "command": "dspark-trt " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("dspark-trt") else " ".join(sys.argv),

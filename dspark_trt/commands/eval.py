@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from dspark_trt.cpu import cpu_model, kernel_flags
 from dspark_trt.engine.factory import EngineOptions, build_engine
 from dspark_trt.engine.prompts import chat_prompt_ids, read_prompts_file
 from dspark_trt.engine.request import SamplingParams
@@ -189,7 +190,8 @@ def _provenance(args: argparse.Namespace, manifest: dict | None, engine, calibra
         "git_revision": _git_revision(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"hostname": platform.node(), "platform": platform.platform(), "processor": platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "cpu": cpu_model(), "cpu_flags": kernel_flags(), "cpu_count": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "runtime": "torch (CPU)" if manifest is None else engine.runtime.name},
         "target": target,

@@ -51,7 +51,8 @@ from dspark_trt.training.data import (FeatureExtractor, feature_taps, load_sampl
                                       regenerate_responses)
 from dspark_trt.training.feature_cache import CachedFeatureExtractor, target_identity
 from dspark_trt.training.losses import LossWeights
-from dspark_trt.training.trainer import PRECISIONS, STATE_FILE, Trainer, TrainConfig, bf16_is_slow
+from dspark_trt.cpu import bf16_is_slow
+from dspark_trt.training.trainer import PRECISIONS, STATE_FILE, Trainer, TrainConfig
 
 RESPONSES_FILE = "responses.jsonl"
 DRAFT_VOCAB_FILE = "draft_vocab.json"

@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 
 from dspark_trt import __version__
 from dspark_trt.cache import cache_dir
+from dspark_trt.cpu import cpu_model
 from dspark_trt.engine.factory import EngineOptions, build_engine
 from dspark_trt.engine.profiler import plan_profile, profile_runtime
 from dspark_trt.errors import DSparkError, ModelNotFoundError
@@ -112,7 +113,7 @@ def machine_identity() -> dict:
             libraries[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
-    return {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
             "torch_threads": torch.get_num_threads(), "arch": platform.machine(),
             "python": platform.python_version(), "libraries": libraries,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
@@ -186,13 +187,3 @@ def _weight_files(directory: Path) -> list[Path]:
 
 def _stamps(files: list[Path]) -> list[list]:
     return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"

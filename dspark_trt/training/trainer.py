@@ -32,21 +32,6 @@ LSE_MARGIN = 0.1  # nats: float16 rounding moves logits by ~1e-2, a head that is
 # options a resumed run may change (the others must match its checkpoint's)
 BOOKKEEPING = ("checkpoint_every", "log_every", "milestone_every", "validate_every", "precision")
 PRECISIONS = ("fp32", "bf16")
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 instructions that multiply bfloat16 natively
-
-
-def bf16_is_slow(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
-    """Whether this x86 CPU lacks bfloat16 matmul instructions: there torch emulates bfloat16 and the drafter's
-    training step ran 14x slower than in float32 (AVX2, docs/benchmarks.md), where AVX512-BF16 made it 1.3-1.5x
-    faster. False when it cannot tell (no cpuinfo)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
-    return flags is not None and not any(flag in flags for flag in BF16_CPU_FLAGS)
-
-
 @dataclass
 class TrainConfig:
     steps: int = 1000
