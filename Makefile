@@ -24,9 +24,13 @@ test: setup
 
 # optional: the peers of `dspark-trt bench ar` / `bench speedup` / `bench load --llama-cpp-server` (onnxruntime-genai; llama.cpp through
 # llama-cpp-python, compiled from its sdist for the CPU only: a few minutes once)
-LLAMA_CMAKE_ARGS ?= -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF
+# ggml's AMX kernels died of SIGILL (tileloadd, at the first batched matmul) on a Xeon VM with AMX (stop 39), so x86
+# builds leave them out; --no-cache-dir: a wheel built here before with other flags is not reused
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS ?= -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF \
+	$(if $(filter x86_64,$(shell uname -m)),'-DCMAKE_C_FLAGS=$(NO_AMX)' '-DCMAKE_CXX_FLAGS=$(NO_AMX)')
 peers: setup
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -e ".[peers]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --no-cache-dir -e ".[peers]"
 
 # optional: NVIDIA AIPerf for `dspark-trt bench aiperf`, in its own venv (it needs numpy 2; the serving stack pins < 2)
 AIPERF_VENV ?= .venv-aiperf
