@@ -38,6 +38,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from dspark_trt.cpu import bf16_is_slow
 from dspark_trt.devices import resolve_device
 from dspark_trt.errors import DSparkError
 from dspark_trt.models.drafter_checkpoint import (SMOLLM2_MASK_TOKEN_ID, drafter_config_for_target, init_from,
@@ -51,7 +52,6 @@ from dspark_trt.training.data import (FeatureExtractor, feature_taps, load_sampl
                                       regenerate_responses)
 from dspark_trt.training.feature_cache import CachedFeatureExtractor, target_identity
 from dspark_trt.training.losses import LossWeights
-from dspark_trt.cpu import bf16_is_slow
 from dspark_trt.training.trainer import PRECISIONS, STATE_FILE, Trainer, TrainConfig
 
 RESPONSES_FILE = "responses.jsonl"

@@ -32,6 +32,8 @@ LSE_MARGIN = 0.1  # nats: float16 rounding moves logits by ~1e-2, a head that is
 # options a resumed run may change (the others must match its checkpoint's)
 BOOKKEEPING = ("checkpoint_every", "log_every", "milestone_every", "validate_every", "precision")
 PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000
