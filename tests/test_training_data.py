@@ -15,7 +15,7 @@ from dspark_trt.runtimes.torch_runtime import TorchRuntime
 from dspark_trt.training.blocks import build_blocks, sample_anchors
 from dspark_trt.training.code_prompts import other_language_prompts, stdlib_prompts
 from dspark_trt.training.data import (FeatureExtractor, Prompt, Sample, finished_keys, load_samples, make_sample,
-                                      read_training_prompts, regenerate_responses)
+                                      read_training_prompts, regenerate_responses, split_held_out)
 from dspark_trt.training.draft_vocab import count_response_tokens
 from dspark_trt.training.losses import position_weights
 
@@ -254,3 +254,11 @@ def test_prompts_with_unicode_line_separators_inside_strings_are_one_line(tmp_pa
                     + json.dumps({"turns": ["c"]}) + "\n", encoding="utf-8")
     assert [p.text for p in read_training_prompts([path])] == ["a\u2028b", "c"]
     assert read_prompts_file(path) == ["a\u2028b", "c"]
+
+
+def test_split_held_out_keeps_every_100th_sample_at_most_64_out_of_training():
+    samples = list(range(7000))
+    held_out, training = split_held_out(samples)
+    assert held_out == list(range(0, 6400, 100))  # capped at 64: 6400 and later strides train
+    assert 6400 in training and 100 not in training and 101 in training
+    assert sorted(held_out + training) == samples

@@ -49,14 +49,13 @@ from dspark_trt.runtimes.torch_runtime import TorchRuntime
 from dspark_trt.training.code_prompts import other_language_prompts, stdlib_prompts
 from dspark_trt.training.draft_vocab import COVERAGE_SIZES, count_response_tokens, coverage_table, select_draft_vocab
 from dspark_trt.training.data import (FeatureExtractor, feature_taps, load_samples, read_training_prompts,
-                                      regenerate_responses)
+                                      regenerate_responses, split_held_out)
 from dspark_trt.training.feature_cache import CachedFeatureExtractor, target_identity
 from dspark_trt.training.losses import LossWeights
 from dspark_trt.training.trainer import PRECISIONS, STATE_FILE, Trainer, TrainConfig
 
 RESPONSES_FILE = "responses.jsonl"
 DRAFT_VOCAB_FILE = "draft_vocab.json"
-VALIDATION_STRIDE, VALIDATION_MAX = 100, 64
 RECIPES = {"dspark": LossWeights(), "dflash": LossWeights(ce=1.0, tv=0.0, conf=0.0)}
 
 
@@ -241,8 +240,7 @@ def run(args: argparse.Namespace) -> int:
                                precision=args.precision)
     held_out = []
     if args.validate_every:  # every 100th sequence, at most 64, out of training
-        held_out = samples[::VALIDATION_STRIDE][:VALIDATION_MAX]
-        samples = [s for i, s in enumerate(samples) if i % VALIDATION_STRIDE or i // VALIDATION_STRIDE >= VALIDATION_MAX]
+        held_out, samples = split_held_out(samples)
     trainer = Trainer(drafter, extractor, samples, train_config, out, held_out=held_out)
     if trainer.restore():
         print(f"train-draft: resuming {out} at step {trainer.step}/{args.steps}", file=sys.stderr)

@@ -29,6 +29,9 @@ from dspark_trt.models.target import TargetModel
 from dspark_trt.runtimes.kv_cache import KVCache
 
 
+VALIDATION_STRIDE, VALIDATION_MAX = 100, 64  # held-out sequences: every 100th, at most 64
+
+
 @dataclass(frozen=True)
 class Prompt:
     text: str
@@ -201,6 +204,14 @@ def load_samples(path: str | Path, max_length: int = 2048, min_loss_tokens: int 
         if int(sample.loss_mask.sum()) >= min_loss_tokens:
             samples.append(sample)
     return samples
+
+
+def split_held_out(samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """(held out, training): every VALIDATION_STRIDE-th sample, at most VALIDATION_MAX, kept out of training. They
+    are train-draft's validation sequences, and their prompts the shipped drafter's calibration prompts."""
+    held_out = samples[::VALIDATION_STRIDE][:VALIDATION_MAX]
+    training = [s for i, s in enumerate(samples) if i % VALIDATION_STRIDE or i // VALIDATION_STRIDE >= VALIDATION_MAX]
+    return held_out, training
 
 
 @dataclass
