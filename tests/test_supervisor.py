@@ -36,6 +36,11 @@ class FakeServer:
             (processes.SHM_DIR / region).write_bytes(b"")
             argv = [str(self.tmp_path / STUB_NAME), "-", region, "0", "0", str(self.pid), "dir", "0", f"{model}_0_0"]
             self.children.append(subprocess.Popen(argv, executable=sys.executable, stdin=subprocess.PIPE))
+        # Popen returns once the child's exec has closed its close-on-exec pipe, which the kernel does before it
+        # lays out the new command line; like tritonserver, which reads stubs only once it is ready, wait for them.
+        deadline = time.monotonic() + 10
+        while len(python_stubs(self.pid)) < len(self.models) and time.monotonic() < deadline:
+            time.sleep(0.01)
         self.stubs = python_stubs(self.pid)
 
     def start(self, timeout_s: float) -> None:
