@@ -14,7 +14,7 @@ from dspark_trt.engine.request import SamplingParams
 from dspark_trt.models.drafter_checkpoint import load_drafter, random_drafter
 from dspark_trt.runtimes.torch_runtime import TorchRuntime
 from dspark_trt.spec.scheduler import make_scheduler
-from dspark_trt.training.trainer import Trainer
+from dspark_trt.training.trainer import TrainConfig, Trainer, lr_factor
 
 from conftest import tiny_target
 from test_training_data import CharTokenizer
@@ -87,6 +87,19 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny, tmp_path, monkeypa
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=name)
     # resuming with other settings is refused, not silently mixed
     assert main(_args(prompts, tmp_path / "resumed", 12, "--num-anchors", "8")) == 2
+
+
+def test_a_finished_run_trains_on_when_its_steps_are_raised(tiny, tmp_path):
+    _, prompts = tiny
+    out = tmp_path / "run"
+    assert main(_args(prompts, out, 6)) == 0
+    assert main(_args(prompts, out, 10)) == 0
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 11))  # steps 7-10 appended, 1-6 not retaken
+    # from step 7 on, the rate is the 10-step run's cosine, not the 6-step one's (which had ended near 0)
+    for r in records[6:]:
+        assert r["lr"] == pytest.approx(1e-2 * lr_factor(r["step"] - 1, 10, TrainConfig().warmup_frac))
+    assert records[6]["lr"] > 3 * records[5]["lr"]
 
 
 @pytest.mark.parametrize("extra, message", [

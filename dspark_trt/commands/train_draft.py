@@ -92,7 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"token id of the block's mask slots: one that text never contains "
                         f"(default {SMOLLM2_MASK_TOKEN_ID}, SmolLM2's <empty_output>)")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=2000)
+    g.add_argument("--steps", type=int, default=2000,
+                   help="optimizer steps in all; a resumed run may raise it to train on, with the cosine decay "
+                        "recomputed over the new total")
     g.add_argument("--lr", type=float, default=6e-4)
     g.add_argument("--batch-size", type=int, default=4, help="sequences per step")
     g.add_argument("--num-anchors", type=int, default=64, help="blocks per sequence")

@@ -29,8 +29,9 @@ STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
 MILESTONES = "milestones"
 LSE_MARGIN = 0.1  # nats: float16 rounding moves logits by ~1e-2, a head that is not the target's by far more
-# options a resumed run may change (the others must match its checkpoint's)
-BOOKKEEPING = ("checkpoint_every", "log_every", "milestone_every", "validate_every", "precision")
+# options a resumed run may change (the others must match its checkpoint's). A larger `steps` extends a run,
+# finished or not: the batches go on through the same permutations, the cosine is recomputed over the new total.
+BOOKKEEPING = ("checkpoint_every", "log_every", "milestone_every", "validate_every", "precision", "steps")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -81,7 +82,7 @@ class Trainer:
         params = [p for p in drafter.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, config.steps, config.warmup_frac))
+            self.optimizer, lambda s: lr_factor(s, self.config.steps, self.config.warmup_frac))
         self.weights = position_weights(drafter.config.block_size, config.loss.decay_gamma)
         self.device = next(drafter.parameters()).device  # the target's features must come on it too
         self.step = 0
@@ -114,8 +115,11 @@ class Trainer:
             raise DSparkError(f"{self.out_dir} holds a drafter of another shape; use a new --out to start over")
         self.drafter.load_state_dict(saved.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
         self.step = int(state["step"])
+        # the rate of this step under this run's total (it may have been raised since), not the saved one
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.config.steps, self.config.warmup_frac),
+            last_epoch=self.step - 1)
         return True
 
     # ---- training ----------------------------------------------------------------------------
