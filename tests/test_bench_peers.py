@@ -547,6 +547,9 @@ def test_bench_speedup_end_to_end_per_domain(pair, tmp_path, monkeypatch, capsys
         runs = row["runs"]
         assert runs[AR]["tokens"] == row["tokens"] and all(0 < run["tokens"] <= 8 for run in runs.values())
         assert runs["transformers prompt lookup (10)"]["token_identical_to_plain"]
+        # the fixed schedule drafts every step; what it verified and accepted is counted from the drafts
+        assert row["drafted_steps"] == row["steps"] and 0 <= row["drafts_accepted"] <= row["drafts_verified"]
+        assert row["drafts_verified"] <= block * row["steps"]
     ar_tokens = sum(r["runs"][AR]["tokens"] for r in result["per_prompt"])
     ar_seconds = sum(r["runs"][AR]["seconds"] for r in result["per_prompt"])
     assert result["ar_tokens_per_second"] == pytest.approx(ar_tokens / ar_seconds)

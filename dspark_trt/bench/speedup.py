@@ -89,6 +89,10 @@ def bench_speedup(target: str, draft: str, prompts: list[str], max_tokens: int, 
                      "dspark_tokens_per_second": len(s.output_ids) / s_s,
                      "mean_accepted_length": s.stats.mean_accepted_length,
                      "accepted_tokens": sum(s.stats.accepted_lengths), "steps": len(s.stats.accepted_lengths),
+                     # how often it drafted (a gate may skip the pass) and what verification made of the drafts
+                     "drafted_steps": s.stats.draft_tokens_proposed // spec.runtime.block_size,
+                     "drafts_verified": s.stats.draft_tokens_verified,
+                     "drafts_accepted": s.stats.draft_tokens_accepted,
                      "runs": runs})
         progress(f"prompt {i + 1}/{len(prompts)} ({domain}): AR {rows[-1]['ar_tokens_per_second']:.1f} tok/s, "
                  f"DSpark {rows[-1]['dspark_tokens_per_second']:.1f} tok/s, tau {s.stats.mean_accepted_length:.2f}"
