@@ -56,6 +56,25 @@ def test_the_gate_prices_a_step_from_the_cost_row_of_its_request_count():
         assert gate.plan(ML) == plan
 
 
+def test_the_gate_prices_each_outcome_of_the_rule_not_the_mean_batch():
+    # a jagged row, as on the int4 CPU engines: a second row costs 1.6x one, the rest are free (0.16 s up to 8).
+    # The rule verified nothing on an unsure round (1 token, 0.1 s + draft) and all 7 on a sure one (0.16 s + draft).
+    jagged = CostTable([1, 2, 8], [10.0, 6.25, 6.25], draft_requests=[1, 8], draft_seconds=[0.02] * 2)
+    unsure, sure = torch.full((1, 7), 0.1), torch.full((1, 7), 0.95)
+    assert schedule_dspark(unsure, jagged, torch.tensor([7])).tolist() == [0]
+    assert schedule_dspark(sure, jagged, torch.tensor([7])).tolist() == [7]
+    gate = DraftGate(jagged, smoothing=0.5)
+    observe(gate, unsure, 0, seconds=0.12)
+    observe(gate, sure, 7, seconds=0.18)
+    tokens = 1 + 0.5 * sum(0.95 ** k for k in range(1, 8))  # E over the two rounds: 3.95
+    per_outcome = tokens / (0.5 * 0.12 + 0.5 * 0.18) / 10 - 1  # 3.95 / 0.15 s = 26 tok/s against plain 10
+    assert gate.predicted_gain(torch.tensor([7])) == pytest.approx(per_outcome)  # 1.63, not 3.95 / 0.18 s: 1.19
+    # the rule on the two rounds' mean survival would verify nothing (1.525 tokens at 6.25 passes/s < 10): skip
+    mean = (survival(unsure, torch.tensor([7])) + survival(sure, torch.tensor([7]))) / 2
+    conditional = mean / torch.cat([torch.ones(1, 1, dtype=mean.dtype), mean[:, :-1]], dim=1)
+    assert schedule_dspark(conditional, jagged, torch.tensor([7])).tolist() == [0]
+
+
 def test_accepted_drafts_correct_confidences_that_run_high():
     # HIGH predicts 1.71 accepted drafts per step: 2.71 tokens / 0.15 s = 18 tok/s against plain 10
     honest, optimistic = DraftGate(flat_table(0.05)), DraftGate(flat_table(0.05))

@@ -4,17 +4,22 @@ Algorithm 1 decides how many drafts to verify once they exist, when their cost i
 draft pass costs about as much as a target step (a CPU, or any machine near saturation) the better move
 is often not to draft: at high concurrency Algorithm 1 verifies nothing, and a step that drafted for
 nothing is slower than plain decoding. So before each decode step the gate compares the throughput it
-predicts for drafting (expected tokens from recent rounds' calibrated survival, the batch Algorithm 1
-would verify, the profiled SPS(B) and draft seconds) with plain decoding (R·SPS(R)), and drafts only
-when the gain clears `min_predicted_gain`. Both predicted step times are corrected by how long such
+predicts for drafting with plain decoding (R·SPS(R)), and drafts only when the gain clears
+`min_predicted_gain`. The prediction is what the verification rule made of recent drafts: the expected
+tokens (calibrated survival) of the drafts it verified, and how often it verified 0, 1, ... γ of them,
+each count priced on the cost table (profiled SPS(B) and draft seconds). Not the rule applied to the
+mean survival: the rule verifies much on confident rounds and nothing on the others, which is worth more
+than a middling round; and not the price of the mean batch: on a jagged table (the int4 CPU engines: a
+second row costs 38% more than one, the third and fourth about nothing) the mean of the prices is not
+the price of the mean. Replayed on recorded rounds, those two made the gate skip most math steps where
+drafting every step gained 16% (docs/benchmarks.md). Both predicted step times are corrected by how long such
 steps really took here (an EWMA of measured / predicted seconds), so a cost table profiled under other
 conditions, or engine overhead it does not see, cannot keep the gate wrong; the expected tokens are
 corrected the same way, by the drafts really accepted over those the calibrated survival predicted for
 what was verified, so confidences that run high (calibrated on other prompts) cannot keep it drafting.
 While it declines, it probes after skipping 1, 2, 4, ... `max_backoff` steps: the engine drafts for one
-request (the one longest without a draft), which refreshes the survival estimate for the cost of a
-one-request draft, so new requests or a change in their confidences are noticed cheaply at any
-concurrency.
+request (the one longest without a draft), which refreshes the estimate for the cost of a one-request
+draft, so new requests or a change in their confidences are noticed cheaply at any concurrency.
 
 Lossless: the decision rests on earlier steps only, and a step that does not draft is plain decoding
 from the target. The drafter's context stays complete for the next draft: the engine keeps skipped steps'
@@ -23,13 +28,16 @@ once it reaches a block's rows.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from dspark_trt.spec.cost_table import CostTable
-from dspark_trt.spec.scheduler import MIN_PREDICTED_GAIN, Scheduler, early_break, survival
+from dspark_trt.spec.scheduler import MIN_PREDICTED_GAIN, Scheduler, survival
 
 SMOOTHING = 0.2  # EWMA weight of the newest observation
-MAX_BACKOFF = 64  # the longest run of steps without drafting before the gate looks again
+# the longest run of steps without drafting before the gate looks again: at one request a probe costs a draft
+# and a verification, and at 64 a skipping gate missed the stretches where drafting paid (replayed rounds)
+MAX_BACKOFF = 16
 
 
 class DraftGate:
@@ -43,7 +51,10 @@ class DraftGate:
         self.min_predicted_gain = min_predicted_gain
         self.max_backoff = max_backoff
         self.smoothing = smoothing
-        self.survival: torch.Tensor | None = None  # [γ] EWMA of the mean prefix survival per position
+        # EWMAs over drafting requests of what the rule made of their drafts: expected tokens (1 + calibrated
+        # survival of the drafts verified), and the share of them that verified 0, 1, ... γ drafts [γ + 1]
+        self.expected_tokens: float | None = None
+        self.verified_share: torch.Tensor | None = None
         self.time_scale = {"draft": 1.0, "plain": 1.0}  # EWMA of measured / predicted step seconds
         self._accepted: float | None = None  # EWMA of the drafts accepted per drafted step that verified
         self._predicted: float | None = None  # EWMA of the accepted drafts survival predicted for those steps
@@ -54,7 +65,7 @@ class DraftGate:
     def plan(self, max_lengths: torch.Tensor) -> str:
         """This step: "draft" (every request drafts), "probe" (one does) or "skip" (none does).
         max_lengths [R]: the most drafts each decoding request may verify."""
-        if self.survival is None:  # nothing known yet: learn from one request's draft
+        if self.expected_tokens is None:  # nothing known yet: learn from one request's draft
             return self._decide("probe")
         if self.predicted_gain(max_lengths) >= self.min_predicted_gain:
             self._backoff, self._declined = 1, 0
@@ -67,13 +78,14 @@ class DraftGate:
 
     def predicted_gain(self, max_lengths: torch.Tensor) -> float:
         """Predicted throughput of drafting over plain decoding, minus 1, for these requests."""
-        n = max_lengths.shape[0]
-        a = self.survival.unsqueeze(0).expand(n, -1)
-        a = torch.where(torch.arange(a.shape[1]) < max_lengths.unsqueeze(1), a, torch.zeros_like(a))
-        _, expected, batch = early_break(a, self.cost_table)
-        expected = n + self.token_scale * (expected - n)
-        plain_rate = n / self._plain_seconds(n)
-        return expected / self._draft_seconds(n, batch) / plain_rate - 1.0
+        n, room = max_lengths.shape[0], int((max_lengths > 0).sum())  # only requests with room verify drafts
+        expected = n + self.token_scale * room * (self.expected_tokens - 1.0)
+        share = self.verified_share.numpy()
+        counts = np.arange(share.shape[0], dtype=np.float64)
+        others = max(room - 1, 0) * float(share @ counts)  # the other requests' drafts, at their mean
+        batches = n + others + counts * (room > 0)
+        seconds = float(share @ self._draft_seconds(n, batches))
+        return expected / seconds / (n / self._plain_seconds(n)) - 1.0
 
     @property
     def token_scale(self) -> float:
@@ -85,9 +97,12 @@ class DraftGate:
         """A drafted step: the calibrated confidences [k, γ] of the k requests that drafted, the requests
         in its target pass, the drafts verified [k] and accepted [k] for each drafter, its seconds."""
         k, gamma = calibrated_conf.shape
-        mean = survival(calibrated_conf, torch.full((k,), gamma)).mean(dim=0)
-        self.survival = mean if self.survival is None else self._blend(self.survival, mean)
         predicted_accepted = float(survival(calibrated_conf, lengths).sum())
+        expected = 1.0 + predicted_accepted / k
+        share = torch.bincount(lengths.long(), minlength=gamma + 1).double() / k
+        first = self.expected_tokens is None
+        self.expected_tokens = expected if first else self._blend(self.expected_tokens, expected)
+        self.verified_share = share if first else self._blend(self.verified_share, share)
         if predicted_accepted > 0:
             got = float(accepted.sum())
             first = self._predicted is None
@@ -99,14 +114,14 @@ class DraftGate:
     def observe_plain(self, n_requests: int, seconds: float) -> None:
         self._rescale("plain", seconds / self._profiled_plain_seconds(n_requests))
 
-    def _draft_seconds(self, n_requests: int, batch: int) -> float:
+    def _draft_seconds(self, n_requests: int, batch: float | np.ndarray) -> float | np.ndarray:
         """Predicted seconds of a step where every request drafts and `batch` tokens are verified."""
         return self.time_scale["draft"] * self._profiled_draft_seconds(n_requests, batch, drafting=n_requests)
 
     def _plain_seconds(self, n_requests: int) -> float:
         return self.time_scale["plain"] * self._profiled_plain_seconds(n_requests)
 
-    def _profiled_draft_seconds(self, n_requests: int, batch: int, drafting: int) -> float:
+    def _profiled_draft_seconds(self, n_requests: int, batch: float | np.ndarray, drafting: int) -> float | np.ndarray:
         """The cost table's seconds for a pass of `batch` tokens over n_requests after `drafting` drafted."""
         return 1.0 / self.cost_table.sps(batch, n_requests) + self.cost_table.draft_step_seconds(drafting)
 
