@@ -11,8 +11,8 @@ each count priced on the cost table (profiled SPS(B) and draft seconds). Not the
 mean survival: the rule verifies much on confident rounds and nothing on the others, which is worth more
 than a middling round; and not the price of the mean batch: on a jagged table (the int4 CPU engines: a
 second row costs 38% more than one, the third and fourth about nothing) the mean of the prices is not
-the price of the mean. Replayed on recorded rounds, those two made the gate skip most math steps where
-drafting every step gained 16% (docs/benchmarks.md). Both predicted step times are corrected by how long such
+the price of the mean. Replayed on recorded rounds priced on a cost table (scripts/replay_gate.py), those
+two made the gate skip most math steps where drafting every step gained 16% (docs/benchmarks.md). Both predicted step times are corrected by how long such
 steps really took here (an EWMA of measured / predicted seconds), so a cost table profiled under other
 conditions, or engine overhead it does not see, cannot keep the gate wrong; the expected tokens are
 corrected the same way, by the drafts really accepted over those the calibrated survival predicted for
@@ -35,9 +35,7 @@ from dspark_trt.spec.cost_table import CostTable
 from dspark_trt.spec.scheduler import MIN_PREDICTED_GAIN, Scheduler, survival
 
 SMOOTHING = 0.2  # EWMA weight of the newest observation
-# the longest run of steps without drafting before the gate looks again: at one request a probe costs a draft
-# and a verification, and at 64 a skipping gate missed the stretches where drafting paid (replayed rounds)
-MAX_BACKOFF = 16
+MAX_BACKOFF = 64  # the longest run of steps without drafting before the gate looks again
 
 
 class DraftGate:
