@@ -12,9 +12,12 @@ mean survival: the rule verifies much on confident rounds and nothing on the oth
 than a middling round; and not the price of the mean batch: on a jagged table (the int4 CPU engines: a
 second row costs 38% more than one, the third and fourth about nothing) the mean of the prices is not
 the price of the mean. Replayed on recorded rounds priced on a cost table (scripts/replay_gate.py), those
-two made the gate skip most math steps where drafting every step gained 16% (docs/benchmarks.md). Both predicted step times are corrected by how long such
-steps really took here (an EWMA of measured / predicted seconds), so a cost table profiled under other
-conditions, or engine overhead it does not see, cannot keep the gate wrong; the expected tokens are
+two made the gate skip most math steps where drafting every step gained 16% (docs/benchmarks.md, "Stop 40";
+on the engines themselves drafting did not pay there, and the gate gained nothing either way).
+
+Both predicted step times are corrected by how long such steps really took here (an EWMA of measured /
+predicted seconds), so a cost table profiled under other conditions, or engine overhead it does not see,
+cannot keep the gate wrong; the expected tokens are
 corrected the same way, by the drafts really accepted over those the calibrated survival predicted for
 what was verified, so confidences that run high (calibrated on other prompts) cannot keep it drafting.
 While it declines, it probes after skipping 1, 2, 4, ... `max_backoff` steps: the engine drafts for one
@@ -119,7 +122,8 @@ class DraftGate:
     def _plain_seconds(self, n_requests: int) -> float:
         return self.time_scale["plain"] * self._profiled_plain_seconds(n_requests)
 
-    def _profiled_draft_seconds(self, n_requests: int, batch: float | np.ndarray, drafting: int) -> float | np.ndarray:
+    def _profiled_draft_seconds(self, n_requests: int, batch: float | np.ndarray,
+                                drafting: int) -> float | np.ndarray:
         """The cost table's seconds for a pass of `batch` tokens over n_requests after `drafting` drafted."""
         return 1.0 / self.cost_table.sps(batch, n_requests) + self.cost_table.draft_step_seconds(drafting)
 
