@@ -81,18 +81,17 @@ class Trainer:
             frozen.weight.requires_grad_(False)
         params = [p for p in drafter.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.config.steps, self.config.warmup_frac))
+        self.schedule = self._schedule_from(0)
         self.weights = position_weights(drafter.config.block_size, config.loss.decay_gamma)
         self.device = next(drafter.parameters()).device  # the target's features must come on it too
         self.step = 0
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self) -> None:
-        """Drafter in DeepSpec format in out_dir, plus optimizer/schedule state, written atomically."""
+        """Drafter in DeepSpec format in out_dir, plus the optimizer's state and the step, written atomically (the
+        rate follows from the step and the config)."""
         save_drafter(self.drafter, self.out_dir)
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                 "config": asdict(self.config)}
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "config": asdict(self.config)}
         tmp = self.out_dir / (STATE_FILE + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.out_dir / STATE_FILE)
@@ -116,11 +115,13 @@ class Trainer:
         self.drafter.load_state_dict(saved.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
-        # the rate of this step under this run's total (it may have been raised since), not the saved one
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.config.steps, self.config.warmup_frac),
-            last_epoch=self.step - 1)
+        self.schedule = self._schedule_from(self.step)  # under this run's total, which may have been raised since
         return True
+
+    def _schedule_from(self, step: int) -> torch.optim.lr_scheduler.LambdaLR:
+        """Warmup + cosine over config.steps, its optimizer's rate set for `step`."""
+        return torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.config.steps, self.config.warmup_frac), last_epoch=step - 1)
 
     # ---- training ----------------------------------------------------------------------------
     def batch_for(self, step: int) -> list[Sample]:
