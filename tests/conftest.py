@@ -80,12 +80,13 @@ def tiny_target(vocab_size: int = 8, seed: int = 0, num_layers: int = 2, scale: 
     return model.eval()
 
 
-def tiny_drafter(target, block_size: int, seed: int = 0, draft_ids: list[int] | None = None, **overrides):
+def tiny_drafter(target, block_size: int, seed: int = 0, draft_ids: list[int] | None = None, num_draft_layers: int = 1,
+                 **overrides):
     """A random-weight DSpark drafter fitted to a tiny target (its own, unrelated predictions), over the
     target tokens draft_ids (a reduced draft vocabulary) when given."""
     from dspark_trt.models.drafter_checkpoint import drafter_config_for_target, random_drafter
 
-    cfg = drafter_config_for_target(target.config, block_size=block_size, num_draft_layers=1,
+    cfg = drafter_config_for_target(target.config, block_size=block_size, num_draft_layers=num_draft_layers,
                                     target_layer_ids=[0, 1], markov_rank=4,
                                     mask_token_id=target.config.vocab_size - 1,
                                     draft_vocab_size=len(draft_ids) if draft_ids else None, **overrides)

@@ -158,6 +158,29 @@ def test_init_from_a_full_drafter_cuts_its_output_rows_to_the_draft_vocabulary()
     assert torch.equal(other.state_dict()["fc.weight"], reference.state_dict()["fc.weight"])
 
 
+def test_a_drafter_grown_from_fewer_layers_drafts_what_its_source_did_and_trains_its_new_layers():
+    from dspark_trt.models.drafter_checkpoint import init_from
+
+    _, source = _pair()
+    target = tiny_target(vocab_size=16)
+    grown = tiny_drafter(target, block_size=4, seed=9, draft_ids=DRAFT_IDS, num_draft_layers=3)
+    init_from(grown, source)
+    for key, value in source.state_dict().items():
+        assert torch.equal(grown.state_dict()[key], value), key
+    mine, theirs = _draft(grown, 0.8, seed=3), _draft(source, 0.8, seed=3)
+    assert torch.equal(mine.tokens, theirs.tokens)
+    torch.testing.assert_close(mine.logits, theirs.logits)
+    torch.testing.assert_close(mine.confidence_logits, theirs.confidence_logits)
+    # the new layers are not dead: their residual writes get gradients, so training moves them
+    kv = grown.context_kv(torch.randn(5, grown.fc.in_features), torch.arange(5))
+    hidden, _ = grown.backbone(torch.tensor([[5, 15, 15, 15]]), torch.arange(5, 9), [[layer_kv] for layer_kv in kv])
+    hidden.square().sum().backward()
+    for weight in (grown.layers[2].mlp.down_proj.weight, grown.layers[2].self_attn.o_proj.weight):
+        assert float(weight.grad.abs().sum()) > 0
+    with pytest.raises(UnsupportedModelError, match="has 3 layers; this drafter has 1"):
+        init_from(tiny_drafter(target, block_size=4, draft_ids=DRAFT_IDS), grown)
+
+
 def test_kl_warm_start_replaces_the_l1_term_and_reaches_zero_at_the_target():
     from dspark_trt.training.losses import LossWeights, dspark_loss
 

@@ -184,15 +184,27 @@ def init_from(drafter: DSparkDrafter, source: DSparkDrafter) -> None:
     """Copy `source`'s weights into `drafter` (same architecture), the output rows of `drafter`'s draft vocabulary
     taken from `source`'s; `drafter`'s own vocabulary mapping is kept. A token `source` does not predict (a
     draft vocabulary chosen again on more data) keeps `drafter`'s fresh rows: the LM head's is the target's
-    (frozen, spec 1.6), the Markov head's a fresh initialisation."""
+    (frozen, spec 1.6), the Markov head's a fresh initialisation.
+
+    A `drafter` with more layers than `source` is grown: its extra layers come after `source`'s, fresh but with
+    their writes to the residual stream (attention's o_proj, the MLP's down_proj) zero, so the grown drafter
+    drafts exactly what `source` did until training moves them."""
+    have, want = source.config.num_hidden_layers, drafter.config.num_hidden_layers
+    if want < have:
+        raise UnsupportedModelError(f"the initial drafter has {have} layers; this drafter has {want} (a drafter can "
+                                    f"be grown from fewer layers, not cut)")
     ours, theirs = drafter.state_dict(), source.state_dict()
     tokens = drafter.draft_ids if drafter.draft_ids is not None else torch.arange(drafter.config.vocab_size)
     index = source.to_draft_ids(tokens) if source.draft_ids is not None else tokens
     known = index >= 0  # rows of `drafter` that `source` predicts
     state = {}
     for key, value in ours.items():
+        layer = _layer_of(key)
         if key in ("d2t", "t2d"):
             state[key] = value
+            continue
+        if layer is not None and layer >= have:  # a grown layer
+            state[key] = torch.zeros_like(value) if key.split(".", 2)[2] in RESIDUAL_WRITES else value
             continue
         if key not in theirs:
             raise UnsupportedModelError(f"the initial drafter has no tensor '{key}' (another architecture)")
@@ -211,6 +223,13 @@ def init_from(drafter: DSparkDrafter, source: DSparkDrafter) -> None:
 
 
 OUTPUT_ROWS = ("lm_head.weight", "markov_head.markov_w2.weight")  # one row per draft-vocabulary token
+RESIDUAL_WRITES = ("self_attn.o_proj.weight", "mlp.down_proj.weight")  # what a draft layer adds to its input
+
+
+def _layer_of(key: str) -> int | None:
+    """The draft layer a tensor belongs to ('layers.3.mlp...' -> 3), None outside the layers."""
+    parts = key.split(".", 2)
+    return int(parts[1]) if parts[0] == "layers" else None
 
 
 def _head_rows(weight: torch.Tensor, draft_ids: torch.Tensor | None) -> torch.Tensor:
