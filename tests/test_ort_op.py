@@ -114,9 +114,11 @@ def test_bad_op_input_reports_the_reference_error(verify_session):
         ort_op.check_outputs(accepted, next_token)
 
 
-def test_in_graph_verification_equals_torch_over_rounds(tmp_path):
+@pytest.mark.parametrize("greedy", [False, True])
+def test_in_graph_verification_equals_torch_over_rounds(tmp_path, greedy):
     """Draft, verify, commit, roll back for several rounds: the target graph's DSparkVerify node and
-    dspark_verify on the torch runtime's logits commit the same tokens (greedy and T>0 requests)."""
+    dspark_verify on the torch runtime's logits commit the same tokens (greedy and T>0 requests; a pass of
+    greedy requests only comes without q, as the engine sends it)."""
     target = tiny_target(vocab_size=6, seed=2, scale=3.0)  # a pair whose drafts get accepted
     drafter = tiny_drafter(target, block_size=4, seed=2)
     export_engines(target, drafter, tmp_path)
@@ -130,7 +132,8 @@ def test_in_graph_verification_equals_torch_over_rounds(tmp_path):
     ids = torch.randint(0, 6, (int(lens.sum()),), generator=g)
     features = list(ref_rt.target_forward(ids, slots, lens, "last").taps.split(lens.tolist()))
     ort_rt.target_forward(ids, slots, lens, "last")
-    sampling = (torch.tensor([0.0, 1.0, 0.8]), torch.tensor([0, 0, 3]), torch.tensor([1.0, 0.9, 1.0]))
+    sampling = ((torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.ones(3)) if greedy else
+                (torch.tensor([0.0, 1.0, 0.8]), torch.tensor([0, 0, 3]), torch.tensor([1.0, 0.9, 1.0])))
     anchors, accepted_total = torch.randint(0, 6, (3,), generator=g), 0
     for ells in ([4, 4, 4], [2, 0, 3], [4, 1, 0], [3, 4, 2]):
         draft = ref_rt.draft(slots, features, anchors, *sampling, torch.rand(3, 4, generator=g, dtype=torch.float64))
@@ -143,7 +146,8 @@ def test_in_graph_verification_equals_torch_over_rounds(tmp_path):
         ref_step = ref_rt.target_forward(rows, slots, ells + 1, "all")
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), (ells + 1).cumsum(0)])
         ref = dspark_verify(ref_step.logits, d_tokens, d_probs, offsets, *sampling, uniforms)
-        step, ours = ort_rt.target_verify(rows, slots, ells + 1, d_tokens, d_probs, *sampling, uniforms)
+        step, ours = ort_rt.target_verify(rows, slots, ells + 1, d_tokens, d_probs[:0] if greedy else d_probs,
+                                          *sampling, uniforms)
         assert torch.equal(ours.accepted, ref.accepted) and torch.equal(ours.next_token, ref.next_token)
         assert torch.equal(step.logits.argmax(-1), ref_step.logits.argmax(-1))
         accepted_total += int(ref.accepted.sum())

@@ -26,7 +26,7 @@ from dspark_trt.runtimes.base import Runtime
 from dspark_trt.spec.calibration import apply_sts
 from dspark_trt.spec.controls import History, apply_controls
 from dspark_trt.spec.draft_gate import GatedScheduler
-from dspark_trt.spec.sampling import sample_from_uniform, token_logprobs, uniforms, warp_probs
+from dspark_trt.spec.sampling import is_greedy, sample_from_uniform, token_logprobs, uniforms, warp_probs
 from dspark_trt.spec.scheduler import Scheduler
 
 
@@ -223,13 +223,15 @@ class Engine:
         row_offsets = torch.zeros(n + 1, dtype=torch.long)
         row_offsets[1:] = rows_per_request.cumsum(0)  # where each request's rows start in the pass
         pieces, draft_tokens, draft_probs = [], [], []
+        greedy = bool(is_greedy(temperature).all())  # then verification reads no q: none is gathered (~0.2 MB a token)
         for i, request in enumerate(requests):
             ell = int(lengths[i])
             pieces.append(anchors[i: i + 1])
             if ell:
                 pieces.append(draft.tokens[row_of[i], :ell])
                 draft_tokens.append(draft.tokens[row_of[i], :ell])
-                draft_probs.append(draft.probs[row_of[i], :ell])
+                if not greedy:
+                    draft_probs.append(draft.probs[row_of[i], :ell])
         vocab = rt.vocab_size
         controlled = any(r.params.needs_logits for r in requests)  # else the pass runs as if controls did not exist
         out, result = rt.target_verify(

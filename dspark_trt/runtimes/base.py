@@ -71,7 +71,8 @@ class Runtime(ABC):
                       top_k: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor,
                       controls: Sequence[History | None] | None = None) -> tuple[TargetStep, VerifyResult]:
         """A decode pass: request r appends [anchor, d_0 .. d_{l-1}] (query_lens[r] = l + 1 rows), and the
-        DSparkVerify op (plugins/SCHEMA.md) accepts a prefix of each draft.
+        DSparkVerify op (plugins/SCHEMA.md) accepts a prefix of each draft. draft_probs holds q of every draft
+        token [N, V], or nothing [0, V] when every request of the pass is greedy (greedy verification reads none).
 
         Without `controls` the engine reads only the verdicts and the taps, so a runtime may return the logits
         empty (the served one does, to spare the transfer). With `controls` (one History per request, None for

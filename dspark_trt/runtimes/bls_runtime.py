@@ -26,7 +26,7 @@ from dspark_trt.models.drafter import DraftStep
 from dspark_trt.models.target import TargetConfig, TargetStep
 from dspark_trt.runtimes.base import Runtime
 from dspark_trt.runtimes.kv_cache import SlotTable
-from dspark_trt.spec.sampling import greedy_probs, is_greedy
+from dspark_trt.spec.sampling import greedy_probs
 from dspark_trt.spec.verify import VerifyResult
 
 TARGET_MODEL = "dspark_target"
@@ -75,19 +75,18 @@ class BlsRuntime(Runtime):
     def target_verify(self, input_ids, slots, query_lens, draft_tokens, draft_probs, temperature, top_k, top_p,
                       uniforms, controls=None) -> tuple[TargetStep, VerifyResult]:
         """Verified in `dspark_target`'s graph: only the verdicts and taps come back, no logits. Greedy
-        rounds send no draft probabilities (the op ignores them for greedy requests). A pass with `controls`
+        passes come with no draft probabilities (Runtime.target_verify), and send none. A pass with `controls`
         brings the logits back and is verified here, on the controlled logits (Runtime.target_verify)."""
         if controls is not None:
             return super().target_verify(input_ids, slots, query_lens, draft_tokens, draft_probs, temperature,
                                          top_k, top_p, uniforms, controls)
         slots_np, lens = np.asarray(slots, np.int64), np.asarray(query_lens, np.int64)
         temperature = np.asarray(temperature, np.float32)
-        probs = np.asarray(draft_probs, np.float32)
         out = self.call(TARGET_MODEL, {
             "input_ids": np.asarray(input_ids, np.int64), "slots": slots_np, "starts": self._lengths[slots_np],
             "query_lens": lens, "all_logits": np.array([True]),
             "draft_tokens": np.asarray(draft_tokens, np.int64),
-            "draft_probs": probs[:0] if is_greedy(temperature).all() else probs,
+            "draft_probs": np.asarray(draft_probs, np.float32),
             "temperature": temperature, "top_k": np.asarray(top_k, np.int64),
             "top_p": np.asarray(top_p, np.float32), "uniforms": np.asarray(uniforms, np.float32),
         }, VERIFY_OUTPUTS)

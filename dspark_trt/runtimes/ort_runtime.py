@@ -99,6 +99,8 @@ class OrtRuntime(Runtime):
             step, outputs = self._target_pass(input_ids, slots, query_lens, "all", None)
             return step, greedy_verdict(torch.from_numpy(outputs["argmax"]), torch.as_tensor(draft_tokens),
                                         row_offsets)
+        if len(draft_probs) < len(draft_tokens):  # a greedy pass: no q is read, but a kernel takes a row per draft
+            draft_probs = np.zeros((len(draft_tokens), self.vocab_size), np.float32)
         args = (draft_tokens, draft_probs, row_offsets, temperature, top_k, top_p, uniforms)
         rows = torch.arange(int(row_offsets[-1]))
         step, outputs = self._target_pass(input_ids, slots, query_lens, "all", verify_feeds(rows, *args))

@@ -46,8 +46,6 @@ class TargetService:
         ids, lens = torch.as_tensor(inputs["input_ids"]), torch.as_tensor(inputs["query_lens"])
         if "draft_tokens" in inputs:  # a decode pass, verified in the graph's DSparkVerify node
             tokens, probs = torch.as_tensor(inputs["draft_tokens"]), torch.as_tensor(inputs["draft_probs"])
-            if probs.shape[0] == 0:  # greedy: the op does not read them, but takes one row per draft
-                probs = torch.zeros(len(tokens), rt.vocab_size)
             step, verdict = rt.target_verify(ids, slots, lens, tokens, probs,
                                              *(torch.as_tensor(inputs[k]) for k in ("temperature", "top_k", "top_p",
                                                                                    "uniforms")))
