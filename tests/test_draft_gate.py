@@ -69,6 +69,9 @@ def test_the_gate_prices_each_outcome_of_the_rule_not_the_mean_batch():
     tokens = 1 + 0.5 * sum(0.95 ** k for k in range(1, 8))  # E over the two rounds: 3.95
     per_outcome = tokens / (0.5 * 0.12 + 0.5 * 0.18) / 10 - 1  # 3.95 / 0.15 s = 26 tok/s against plain 10
     assert gate.predicted_gain(torch.tensor([7])) == pytest.approx(per_outcome)  # 1.63, not 3.95 / 0.18 s: 1.19
+    observe(gate, unsure, 0, seconds=0.12)  # the next draft moves the shares to 3/4 and 1/4: priced anew
+    later = (0.5 * tokens + 0.5) / (0.75 * 0.12 + 0.25 * 0.18) / 10 - 1
+    assert gate.predicted_gain(torch.tensor([7])) == pytest.approx(later)
     # the rule on the two rounds' mean survival would verify nothing (1.525 tokens at 6.25 passes/s < 10): skip
     mean = (survival(unsure, torch.tensor([7])) + survival(sure, torch.tensor([7]))) / 2
     conditional = mean / torch.cat([torch.ones(1, 1, dtype=mean.dtype), mean[:, :-1]], dim=1)
@@ -116,10 +119,11 @@ def test_measured_step_times_correct_a_cost_table_that_is_too_optimistic():
     assert gate.predicted_gain(ML) < 0  # 2.71 / 0.4 s = 6.8 tok/s < 10
 
 
-def test_an_engine_whose_gate_skips_drafts_keeps_the_drafter_context_whole_and_greedy_exact():
+@pytest.mark.parametrize("backlog", [4 + 1, None])  # a block's rows; the default, four blocks'
+def test_an_engine_whose_gate_skips_drafts_keeps_the_drafter_context_whole_and_greedy_exact(backlog):
     """A request that does not draft keeps its new target features as a backlog, which its next draft carries,
-    or the step's one extension call once it reaches a block's rows: the drafter never misses a position and
-    never lags more than a block behind, and most skipped steps make no drafter call."""
+    or the step's one extension call once it reaches the engine's context_backlog rows: the drafter never
+    misses a position and never lags more than that behind, and most skipped steps make no drafter call."""
     target = tiny_target(vocab_size=4, seed=3, scale=3.0)
     drafter = tiny_drafter(target, 4, seed=3)
     prompts = [[3, 1, 2, 1, 0, 2, 3], [2, 1], [1, 3, 2, 0, 2, 3, 3, 1, 0, 0, 2]]
@@ -130,7 +134,7 @@ def test_an_engine_whose_gate_skips_drafts_keeps_the_drafter_context_whole_and_g
         scheduler = make_scheduler("dspark", 4, cost_table=flat_table(draft_seconds), min_predicted_gain=0.0)
         assert isinstance(scheduler, GatedScheduler)
         scheduler.gate.smoothing = 0.0  # no learning of step times: the tiny model's would make drafting free
-        engine = Engine(runtime, scheduler)
+        engine = Engine(runtime, scheduler, context_backlog=backlog)
         draft, extend = runtime.draft, runtime.extend_context
         calls, drafted, extended = [], {}, {}  # slots per draft call; slots drafting / extended at each step
 
@@ -140,8 +144,8 @@ def test_an_engine_whose_gate_skips_drafts_keeps_the_drafter_context_whole_and_g
                 state = runtime._draft_states[slot]
                 # the drafter sees every cached target position, skipped steps' included...
                 assert state.length + rows == runtime.cache_length(slot)
-                # ...at most a backlog short of a block's rows, plus a verified block and the bonus token
-                assert state.length == 0 or rows <= 2 * (4 + 1) - 1
+                # ...at most a row short of the backlog, plus a verified block and the bonus token
+                assert state.length == 0 or rows <= engine.context_backlog - 1 + 4 + 1
 
         def checked_draft(slots, new_features, *args):
             check_rows(slots, new_features)
@@ -151,7 +155,7 @@ def test_an_engine_whose_gate_skips_drafts_keeps_the_drafter_context_whole_and_g
 
         def checked_extend(slots, new_features):
             check_rows(slots, new_features)
-            assert engine.context_backlog == 4 + 1 and all(f.shape[0] >= engine.context_backlog for f in new_features)
+            assert all(f.shape[0] >= engine.context_backlog for f in new_features)
             assert engine.steps not in extended  # one call a step
             extended[engine.steps] = slots.tolist()
             return extend(slots, new_features)
@@ -168,11 +172,12 @@ def test_an_engine_whose_gate_skips_drafts_keeps_the_drafter_context_whole_and_g
             assert decisions["skip"] > 2 * len(calls) and drafted_rows < rounds / 4
             probed = [c[0] for c in calls if len(c) == 1]  # a probe drafts for one request...
             assert len(probed) == decisions["probe"] and len(set(probed)) == 3  # ...each in turn
-            # a request's skipped steps add a row each: one extension per block's rows of them, not one per step
+            # a request's skipped steps add a row each: one extension per backlog's rows of them, not one per step
             skipped = rounds - drafted_rows
-            assert 0 < sum(len(slots) for slots in extended.values()) <= skipped / 4
+            assert 0 < sum(len(slots) for slots in extended.values()) <= skipped / (engine.context_backlog - 1)
         else:  # after the first step's probe, every round of every request drafted
             assert decisions["skip"] == 0 and decisions["probe"] == 1 and calls[0] == [calls[1][0]]
             assert drafted_rows == rounds - 2
-            # only the first step extended (the prompts of at least a block's rows that did not probe)
-            assert list(extended) == [1] and set(extended[1]) <= set(calls[1][1:])
+            # only the first step extended: the prompts of at least the backlog's rows that did not probe
+            long_prompts = any(len(p) >= engine.context_backlog for p in prompts)
+            assert list(extended) == ([1] if long_prompts else []) and set(extended.get(1, [])) <= set(calls[1][1:])

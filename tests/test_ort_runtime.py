@@ -93,7 +93,7 @@ def test_a_gated_engine_extends_the_drafter_context_as_torch_does(tmp_path):
     def gated(runtime):
         scheduler = make_scheduler("dspark", 4, cost_table=table, min_predicted_gain=0.0)
         scheduler.gate.smoothing = 0.0  # no learning of step times: both engines take the same decisions
-        return Engine(runtime, scheduler)
+        return Engine(runtime, scheduler, context_backlog=4 + 1)  # a block's rows: extensions come often
 
     ref = gated(TorchRuntime(target, drafter, num_slots=4, max_seq_len=64)).generate(PROMPTS, params)
     runtime = OrtRuntime(tmp_path, num_slots=4, max_seq_len=64)

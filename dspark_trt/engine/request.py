@@ -123,9 +123,11 @@ class Request:
     prefilled: int = 0  # prompt tokens already in the target cache
     anchor: int | None = None  # last committed token, whose target K/V is not cached yet
     last_draft_step: int = -1  # the engine step of its last draft (the gate's probe takes the stalest)
-    # the target taps the drafter has not seen yet (its backlog): the next draft pass takes them, or a context
-    # extension (Runtime.extend_context) once they reach the engine's context_backlog rows
-    pending_features: torch.Tensor | None = None
+    # the target taps the drafter has not seen yet (its backlog), a piece per pass, joined when taken: the next
+    # draft pass takes them, or a context extension (Runtime.extend_context) once they reach the engine's
+    # context_backlog rows
+    pending_features: list[torch.Tensor] = field(default_factory=list)
+    pending_rows: int = 0
     generator: torch.Generator | None = None
     cancel_requested: bool = False
 

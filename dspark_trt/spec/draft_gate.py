@@ -59,6 +59,8 @@ class DraftGate:
         self.time_scale = {"draft": 1.0, "plain": 1.0}  # EWMA of measured / predicted step seconds
         self._accepted: float | None = None  # EWMA of the drafts accepted per drafted step that verified
         self._predicted: float | None = None  # EWMA of the accepted drafts survival predicted for those steps
+        self._prices: dict[tuple[int, int], tuple[float, float]] = {}  # _step_prices, until the next draft
+        self._plain_prices: dict[int, float] = {}
         self._backoff = 1
         self._declined = 0
         self.decisions = {"draft": 0, "probe": 0, "skip": 0}
@@ -81,12 +83,23 @@ class DraftGate:
         """Predicted throughput of drafting over plain decoding, minus 1, for these requests."""
         n, room = max_lengths.shape[0], int((max_lengths > 0).sum())  # only requests with room verify drafts
         expected = n + self.token_scale * room * (self.expected_tokens - 1.0)
-        share = self.verified_share.numpy()
-        counts = np.arange(share.shape[0], dtype=np.float64)
-        others = max(room - 1, 0) * float(share @ counts)  # the other requests' drafts, at their mean
-        batches = n + others + counts * (room > 0)
-        seconds = float(share @ self._draft_seconds(n, batches))
-        return expected / seconds / (n / self._plain_seconds(n)) - 1.0
+        draft_seconds, plain_seconds = self._step_prices(n, room)
+        return (expected / (self.time_scale["draft"] * draft_seconds)
+                / (n / (self.time_scale["plain"] * plain_seconds)) - 1.0)
+
+    def _step_prices(self, n: int, room: int) -> tuple[float, float]:
+        """The cost table's seconds of a drafted step (over the rule's recent outcomes, each priced) and of a
+        plain step, for n requests of which `room` may verify drafts. Kept until a draft changes the outcomes:
+        a gate that declines asks every step, and the table's interpolations were most of its cost."""
+        key = (n, room)
+        if key not in self._prices:
+            share = self.verified_share.numpy()
+            counts = np.arange(share.shape[0], dtype=np.float64)
+            others = max(room - 1, 0) * float(share @ counts)  # the other requests' drafts, at their mean
+            batches = n + others + counts * (room > 0)
+            self._prices[key] = (float(share @ self._profiled_draft_seconds(n, batches, drafting=n)),
+                                 self._profiled_plain_seconds(n))
+        return self._prices[key]
 
     @property
     def token_scale(self) -> float:
@@ -104,6 +117,7 @@ class DraftGate:
         first = self.expected_tokens is None
         self.expected_tokens = expected if first else self._blend(self.expected_tokens, expected)
         self.verified_share = share if first else self._blend(self.verified_share, share)
+        self._prices.clear()
         if predicted_accepted > 0:
             got = float(accepted.sum())
             first = self._predicted is None
@@ -115,20 +129,15 @@ class DraftGate:
     def observe_plain(self, n_requests: int, seconds: float) -> None:
         self._rescale("plain", seconds / self._profiled_plain_seconds(n_requests))
 
-    def _draft_seconds(self, n_requests: int, batch: float | np.ndarray) -> float | np.ndarray:
-        """Predicted seconds of a step where every request drafts and `batch` tokens are verified."""
-        return self.time_scale["draft"] * self._profiled_draft_seconds(n_requests, batch, drafting=n_requests)
-
-    def _plain_seconds(self, n_requests: int) -> float:
-        return self.time_scale["plain"] * self._profiled_plain_seconds(n_requests)
-
     def _profiled_draft_seconds(self, n_requests: int, batch: float | np.ndarray,
                                 drafting: int) -> float | np.ndarray:
         """The cost table's seconds for a pass of `batch` tokens over n_requests after `drafting` drafted."""
         return 1.0 / self.cost_table.sps(batch, n_requests) + self.cost_table.draft_step_seconds(drafting)
 
     def _profiled_plain_seconds(self, n_requests: int) -> float:
-        return 1.0 / self.cost_table.sps(n_requests, n_requests)
+        if n_requests not in self._plain_prices:  # the table does not change: asked every plain step
+            self._plain_prices[n_requests] = 1.0 / float(self.cost_table.sps(n_requests, n_requests))
+        return self._plain_prices[n_requests]
 
     def _rescale(self, kind: str, ratio: float) -> None:
         self.time_scale[kind] = self._blend(self.time_scale[kind], ratio)
