@@ -550,11 +550,11 @@ def test_a_gated_server_gives_the_drafter_its_context_in_extend_only_calls(engin
     table = tmp_path / "never_pays.json"
     CostTable([1, 8], [10.0, 10.0], draft_requests=[1, 8], draft_seconds=[10.0, 10.0]).to_json(table)
     prompts = [json.loads(line)["turns"][0] for line in (pair / "prompts.jsonl").read_text().splitlines()][:3]
-    assert cli_main(["generate", "--no-spec", "--target", str(pair / "target"), "--max-tokens", "24", "--min-tokens",
-                     "24", "--json", *[a for p in prompts for a in ("--prompt", p)]]) == 0  # no early end
+    assert cli_main(["generate", "--no-spec", "--target", str(pair / "target"), "--max-tokens", "64", "--min-tokens",
+                     "64", "--json", *[a for p in prompts for a in ("--prompt", p)]]) == 0  # no early end
     expected = [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()]
     with packaged_server(engines, tmp_path, schedule="dspark", cost_table=str(table), num_slots=4) as served:
-        got = grpc_stream(served, {str(i): dict(text=p, max_tokens=24, min_tokens=24, stream=True)
+        got = grpc_stream(served, {str(i): dict(text=p, max_tokens=64, min_tokens=64, stream=True)
                                    for i, p in enumerate(prompts)})
         gate = metrics(served)
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -564,7 +564,8 @@ def test_a_gated_server_gives_the_drafter_its_context_in_extend_only_calls(engin
                if line.startswith('nv_inference_request_success{model="dspark_draft"')]
     drafts = sum(gate[f'dspark_draft_gate_steps{{decision="{d}"}}'] for d in ("draft", "probe"))
     assert gate['dspark_draft_gate_steps{decision="skip"}'] > 5 and drafts > 0
-    assert calls > drafts + 5  # the skipped steps' extend-only calls, besides the probes' draft calls
+    # the skipped steps' extend-only calls (one per four blocks' rows of backlog), besides the probes' draft calls
+    assert calls >= drafts + 3
     assert 'nv_inference_request_failure{model="dspark_draft",reason="BACKEND",version="1"} 0' in triton
 
 
