@@ -27,7 +27,7 @@ draft, so new requests or a change in their confidences are noticed cheaply at a
 Lossless: the decision rests on earlier steps only, and a step that does not draft is plain decoding
 from the target. The drafter's context stays complete for the next draft: the engine keeps skipped steps'
 target features as a backlog, which that draft carries, or a context extension (Runtime.extend_context)
-once it reaches a block's rows.
+once it reaches the engine's context_backlog (four blocks' rows by default).
 """
 from __future__ import annotations
 
