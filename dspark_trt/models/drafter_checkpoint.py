@@ -204,7 +204,7 @@ def init_from(drafter: DSparkDrafter, source: DSparkDrafter) -> None:
             state[key] = value
             continue
         if layer is not None and layer >= have:  # a grown layer
-            state[key] = torch.zeros_like(value) if key.split(".", 2)[2] in RESIDUAL_WRITES else value
+            state[key] = torch.zeros_like(value) if key.endswith(RESIDUAL_WRITES) else value
             continue
         if key not in theirs:
             raise UnsupportedModelError(f"the initial drafter has no tensor '{key}' (another architecture)")

@@ -66,7 +66,8 @@ class OrtDrafter:
         self._store(rows, *out)
 
     def draft(self, slots, new_features, anchors, temperature, top_k, top_p, uniforms) -> DraftStep:
-        """draft_compact, with q spelled out as one-hots where it came back empty (the engine verifies with it)."""
+        """draft_compact, with q spelled out as one-hots where it came back empty (the engine gathers q only for a pass
+        that has sampled requests; an all-greedy pass verifies without it)."""
         step = self.draft_compact(slots, new_features, anchors, temperature, top_k, top_p, uniforms)
         if step.probs.shape[-1] == 0:
             step.probs = torch.from_numpy(greedy_probs(step.tokens.numpy(), self.config.vocab_size))
