@@ -80,7 +80,7 @@ def _matmul_session(m: int, k: int, n: int, weights: str):
                               [numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     if weights != "fp32":
-        quantize_matmuls(model, weights, min_elements=1)
+        quantize_matmuls(model, weights, min_elements=1, min_depth=1)
     return ort.InferenceSession(model.SerializeToString(), _options())
 
 

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from conftest import SHARED, tiny_drafter, tiny_target
 from dspark_trt import load_drafter
 from dspark_trt.export.draft_graph import export_drafter
-from dspark_trt.export.weight_quant import all_graphs, dequantize_blocks, quantize_blocks, quantize_columns
+from dspark_trt.export.weight_quant import (MIN_DEPTH, all_graphs, dequantize_blocks, quantize_blocks,
+                                            quantize_columns)
 from dspark_trt.graphs.draft_graph import GRAPH_NAMES
 from dspark_trt.models.drafter_checkpoint import config_to_dict, drafter_config_for_target, random_drafter
 from dspark_trt.runtimes.ort_drafter import OrtDrafter
@@ -50,7 +51,9 @@ def test_deepspec_fixture_two_rounds(tmp_path):
         _assert_cache_equals(rt, [1], [state])  # the context K/V the graph returned, cached
         assert int(rt.context.lengths[1]) == int(ref[f"round{i}.anchor_position"])
         assert out.tokens[0].tolist() == ref[f"round{i}.greedy_tokens"].tolist()
-        assert torch.equal(out.probs[0], torch.nn.functional.one_hot(out.tokens[0], drafter.config.vocab_size).float())
+        assert out.probs.shape[-1] == 0  # greedy: q left out, each token's one-hot
+        assert torch.equal(out.full_probs(drafter.config.vocab_size)[0],
+                           torch.nn.functional.one_hot(out.tokens[0], drafter.config.vocab_size).float())
         assert (out.confidence_logits[0] - ref[f"round{i}.confidence_logits"]).abs().max() < TOL
 
 
@@ -100,15 +103,16 @@ def test_one_call_equals_torch(variant, tmp_path):
             ours = rt.draft(torch.tensor(slots), [f if f.shape[0] else None for f in new], anchors, t, k, p, uniforms)
             new = [f[:0] for f in new]  # the context grows once per round
             assert torch.equal(ours.tokens, ref.tokens), name
-            assert ours.probs.shape == ref.probs.shape == (3, 4, 24)
-            assert (ours.probs - ref.probs).abs().max() < PROBS_TOL, name
-            assert (ours.probs.gather(2, ours.tokens[..., None]) > 0).all()  # never a zero-probability token
+            assert ours.probs.shape == (3, 4, 0 if name == "greedy" else 24) and ref.probs.shape == (3, 4, 24)
+            q = ours.full_probs(24)
+            assert (q - ref.probs).abs().max() < PROBS_TOL, name
+            assert (q.gather(2, ours.tokens[..., None]) > 0).all()  # never a zero-probability token
             if ref.confidence_logits is None:
                 assert ours.confidence_logits is None
             else:
                 assert (ours.confidence_logits - ref.confidence_logits).abs().max() < TOL, name
             if name == "top_k_top_p":
-                support = (ours.probs > 0).sum(-1)
+                support = (q > 0).sum(-1)
                 assert (support[0] <= 3).all() and (support[1] <= 5).all()
                 filtered += int((support < 24).sum())
         _assert_cache_equals(rt, slots, states)
@@ -126,11 +130,14 @@ def test_heads_absent_means_outputs_absent(tmp_path):
     assert out.confidence_logits is None and out.tokens.shape == (1, 3)
 
 
+WIDE = 128  # _wide_target's hidden size: deep enough for its weights to be quantized (weight_quant.MIN_DEPTH)
+
+
 def _wide_target(**sizes):
-    """A target with hidden 64 (a multiple of the quantization block) and a 2048-token vocabulary, or `sizes`."""
+    """A target with hidden WIDE (a multiple of the quantization block) and a 2048-token vocabulary, or `sizes`."""
     from dspark_trt.models.target import TargetConfig, TargetModel
 
-    config = TargetConfig(**dict(arch="llama", vocab_size=2048, hidden_size=64, intermediate_size=96, num_layers=2,
+    config = TargetConfig(**dict(arch="llama", vocab_size=2048, hidden_size=WIDE, intermediate_size=96, num_layers=2,
                                  num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
                                  max_position_embeddings=128, tie_word_embeddings=False, eos_token_ids=[]) | sizes)
     torch.manual_seed(0)
@@ -271,8 +278,8 @@ def test_nucleus_bound_holds_the_top_p_set():
 @pytest.mark.parametrize("weights, op, min_agreement", [("int8", "MatMulIntegerToFloat", 0.9),
                                                         ("int4", "MatMulNBits", 0.6)])
 def test_quantized_weights_draft_like_fp32(weights, op, min_agreement, tmp_path):
-    """The big MatMuls (LM head, the Markov head's W2 at every block position, the backbone's) run on
-    quantized weights; greedy tokens mostly agree with the fp32 graph's, and at T>0 every token is drawn
+    """The big MatMuls (LM head, the backbone's) run on quantized weights, the Markov head's shallow W2 on
+    float32 ones; greedy tokens mostly agree with the fp32 graph's, and at T>0 every token is drawn
     from a proper q."""
     drafter = _variant_drafter(_wide_target(), block_size=5, markov_rank=32)
     fp32 = _runtime(drafter, tmp_path / "fp32", num_slots=8)
@@ -282,16 +289,17 @@ def test_quantized_weights_draft_like_fp32(weights, op, min_agreement, tmp_path)
     nodes = [n for graph in all_graphs(model.graph) for n in graph.node]
     sizes = {i.name: list(i.dims) for i in model.graph.initializer}
     quantized = [sizes[n.input[1]] for n in nodes if n.op_type == op]
-    assert quantized.count([2048, 2, 16] if weights == "int4" else [64, 2048]) == 1  # the LM head
+    assert quantized.count([2048, WIDE // 32, 16] if weights == "int4" else [WIDE, 2048]) == 1  # the LM head
     columns = [s[0] if weights == "int4" else s[-1] for s in quantized]  # MatMulNBits: [N, ...]; int8: [K, N]
-    assert columns.count(2048) == 1 + 5  # and W2 at the 5 block positions
+    assert columns.count(2048) == 1
     if weights == "int4":
         assert all(len(n.input) == 3 for n in nodes if n.op_type == op)  # no zero points: the fast kernels
-    big = [n for n in nodes if n.op_type == "MatMul" and np.prod(sizes.get(n.input[1], [0])) >= 1 << 16]
-    assert not big  # every big weight went
+    floats = [sizes.get(n.input[1], [0]) for n in nodes if n.op_type == "MatMul"]
+    assert floats.count([32, 2048]) == 5  # W2 (rank 32: shallower than MIN_DEPTH) stays float32 at the 5 positions
+    assert not [s for s in floats if np.prod(s) >= 1 << 16 and s[0] >= MIN_DEPTH]  # every other big weight went
     g = torch.Generator().manual_seed(0)
     slots = torch.arange(8)
-    new = [torch.randn(6, 2 * 64, generator=g) for _ in slots]
+    new = [torch.randn(6, 2 * WIDE, generator=g) for _ in slots]
     anchors = torch.randint(0, 2048, (8,), generator=g)
     greedy = (torch.zeros(8), torch.zeros(8, dtype=torch.long), torch.ones(8))
     a, b = fp32.draft(slots, new, anchors, *greedy, None), quant.draft(slots, new, anchors, *greedy, None)
@@ -312,7 +320,7 @@ def test_drafts_do_not_depend_on_the_batch(weights, tmp_path):
     drafter = _variant_drafter(_wide_target(), block_size=5, markov_rank=32)
     rt = _runtime(drafter, tmp_path, weights=weights, num_slots=9)
     g = torch.Generator().manual_seed(1)
-    new = [torch.randn(6, 2 * 64, generator=g) for _ in range(8)]
+    new = [torch.randn(6, 2 * WIDE, generator=g) for _ in range(8)]
     anchors = torch.randint(0, 2048, (8,), generator=g)
     t, k, p = torch.full((8,), 0.8), torch.zeros(8, dtype=torch.long), torch.ones(8)
     u = torch.rand(8, 5, generator=g, dtype=torch.float64)
@@ -337,7 +345,7 @@ def test_validation_of_the_draft_graph(weights, tmp_path):
     states = [drafter.new_state() for _ in range(3)]
     report = {}
     for n_new in ([5, 2, 7], [1, 3, 2]):
-        features = [torch.randn(n, 2 * 64, generator=g) for n in n_new]
+        features = [torch.randn(n, 2 * WIDE, generator=g) for n in n_new]
         agree, total = _validate_draft(report, drafter, ort_rt, torch.arange(3), states, features,
                                        torch.randint(0, 2048, (3,), generator=g), g)
         assert total == 3 * 3 * 5 and agree >= 0.8 * total

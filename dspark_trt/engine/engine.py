@@ -228,16 +228,17 @@ class Engine:
         row_offsets = torch.zeros(n + 1, dtype=torch.long)
         row_offsets[1:] = rows_per_request.cumsum(0)  # where each request's rows start in the pass
         pieces, draft_tokens, draft_probs = [], [], []
-        greedy = bool(is_greedy(temperature).all())  # then verification reads no q: none is gathered (~0.2 MB a token)
+        vocab = rt.vocab_size
+        # an all-greedy pass verifies without q: none is gathered (~0.2 MB a token), nor spelled out by the drafter
+        q = None if draft is None or is_greedy(temperature).all() else draft.full_probs(vocab)
         for i, request in enumerate(requests):
             ell = int(lengths[i])
             pieces.append(anchors[i: i + 1])
             if ell:
                 pieces.append(draft.tokens[row_of[i], :ell])
                 draft_tokens.append(draft.tokens[row_of[i], :ell])
-                if not greedy:
-                    draft_probs.append(draft.probs[row_of[i], :ell])
-        vocab = rt.vocab_size
+                if q is not None:
+                    draft_probs.append(q[row_of[i], :ell])
         controlled = any(r.params.needs_logits for r in requests)  # else the pass runs as if controls did not exist
         out, result = rt.target_verify(
             torch.cat(pieces), slots, rows_per_request,

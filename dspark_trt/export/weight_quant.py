@@ -13,7 +13,10 @@
 
 Measured on these 2-core machines (the drafter's LM head, 576 x 49,152, M = 7 per request): MatMulNBits
 with 8-bit weights is no faster than float32 from M = 28 on, while the int8 GEMM is about 3x faster than
-float32 at every M; MatMulNBits 4-bit is fastest at M = 1 only.
+float32 at every M; MatMulNBits 4-bit is fastest at M = 1 only. A weight with fewer than MIN_DEPTH rows (K)
+stays float32 in both schemes: there the activation's quantization costs more than the integer GEMM saves (the
+Markov head's rank-64 W2, 64 x 8,192, once per block position: float32 17 us, int8 64 us at M = 1 on the AMX
+Xeon; 56 against 128 us on the AVX2 VM).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ BLOCK_SIZE = 32  # int4: weights per scale along K
 ACCURACY_LEVEL = 4  # int4: int8 activations, ONNX Runtime's fast MatMulNBits kernels on CPU
 WEIGHT_QMAX = 63  # int8: 7-bit weights, exact on CPUs without VNNI too (see above)
 MIN_ELEMENTS = 1 << 16  # smaller weights stay float32 (they cost nothing measurable)
+MIN_DEPTH = 128  # weights with fewer rows (K) stay float32: quantizing the activation costs more than it saves
 MS_DOMAIN = "com.microsoft"
 CONSTANTS = {"wq/one": np.array(1.0, np.float32), "wq/zero_point": np.array(128, np.uint8),
              "wq/qmax": np.array(127.0, np.float32), "wq/tiny": np.array(1e-30, np.float32)}
@@ -95,10 +99,11 @@ def inline_initializer_identities(model: onnx.ModelProto) -> None:
         graph.node.extend(kept)
 
 
-def quantize_matmuls(model: onnx.ModelProto, weights: str, min_elements: int = MIN_ELEMENTS) -> list[str]:
+def quantize_matmuls(model: onnx.ModelProto, weights: str, min_elements: int = MIN_ELEMENTS,
+                     min_depth: int = MIN_DEPTH) -> list[str]:
     """Turn every MatMul(A, W) whose W is a top-level float32 initializer [K, N] with at least min_elements
-    (int4: K a multiple of BLOCK_SIZE) into the `weights` scheme, in the main graph and its subgraphs; in
-    place. Returns the names of the weights replaced."""
+    and K >= min_depth (int4: K a multiple of BLOCK_SIZE) into the `weights` scheme, in the main graph and its
+    subgraphs; in place. Returns the names of the weights replaced."""
     inline_initializer_identities(model)
     top = model.graph
     inits = {i.name: i for i in top.initializer}
@@ -108,7 +113,7 @@ def quantize_matmuls(model: onnx.ModelProto, weights: str, min_elements: int = M
         nodes = []
         for node in graph.node:
             init = inits.get(node.input[1]) if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") else None
-            if init is None or not _quantizable(init, weights, min_elements):
+            if init is None or not _quantizable(init, weights, min_elements, min_depth):
                 nodes.append(node)
                 continue
             name = init.name
@@ -146,8 +151,8 @@ def quantize_matmuls(model: onnx.ModelProto, weights: str, min_elements: int = M
     return sorted(done)
 
 
-def _quantizable(init: onnx.TensorProto, weights: str, min_elements: int) -> bool:
-    return (init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2
+def _quantizable(init: onnx.TensorProto, weights: str, min_elements: int, min_depth: int) -> bool:
+    return (init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2 and init.dims[0] >= min_depth
             and init.dims[0] * init.dims[1] >= min_elements and (weights == "int8" or init.dims[0] % BLOCK_SIZE == 0))
 
 

@@ -88,11 +88,20 @@ class DraftStep:
     returns what the tokens were drawn from (logits, base_logits) and the block's hidden states."""
 
     tokens: torch.Tensor  # [R, B] target ids
-    probs: torch.Tensor  # [R, B, V] the distribution q each token was drawn from, over the target vocabulary
+    # [R, B, V] the distribution q each token was drawn from, over the target vocabulary; a runtime may return
+    # [R, B, 0] when every request drafted greedily (q is then each token's one-hot: full_probs)
+    probs: torch.Tensor
     confidence_logits: torch.Tensor | None  # [R, B] pre-sigmoid, None without a confidence head
     logits: torch.Tensor | None = None  # [R, B, N] U + B over the draft vocabulary
     base_logits: torch.Tensor | None = None  # [R, B, N] U
     block_hidden: torch.Tensor | None = None  # [R, B, H]
+
+    def full_probs(self, vocab_size: int) -> torch.Tensor:
+        """q [R, B, V], spelled out as one-hots where a greedy pass left it empty (only a verification pass that
+        mixes in sampled requests reads it: 0.2 MB a draft token)."""
+        if self.probs.shape[-1]:
+            return self.probs
+        return F.one_hot(self.tokens, vocab_size).float()
 
 
 class DraftAttention(nn.Module):

@@ -26,7 +26,6 @@ from dspark_trt.models.drafter import DraftStep
 from dspark_trt.models.target import TargetConfig, TargetStep
 from dspark_trt.runtimes.base import Runtime
 from dspark_trt.runtimes.kv_cache import SlotTable
-from dspark_trt.spec.sampling import greedy_probs
 from dspark_trt.spec.verify import VerifyResult
 
 TARGET_MODEL = "dspark_target"
@@ -124,8 +123,7 @@ class BlsRuntime(Runtime):
         }, DRAFT_OUTPUTS)
         self._context[inputs["slots"]] += inputs["feature_counts"]
         conf = out.get("confidence_logits")
-        probs = out["probs"] if out["probs"].shape[-1] else greedy_probs(out["tokens"], self.vocab_size)  # all greedy
-        return DraftStep(tokens=torch.from_numpy(out["tokens"]), probs=torch.from_numpy(probs),
+        return DraftStep(tokens=torch.from_numpy(out["tokens"]), probs=torch.from_numpy(out["probs"]),
                          confidence_logits=torch.from_numpy(conf) if conf is not None and conf.size else None)
 
     def _context_inputs(self, slots, new_features) -> dict[str, np.ndarray]:

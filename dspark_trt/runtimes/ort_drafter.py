@@ -21,7 +21,6 @@ from dspark_trt.graphs.draft_graph import (CONTEXT_INPUTS, GRAPH_NAMES, METADATA
 from dspark_trt.graphs.ort_session import make_session, run
 from dspark_trt.models.drafter import DraftStep
 from dspark_trt.runtimes.kv_cache import KVCache
-from dspark_trt.spec.sampling import greedy_probs
 
 
 class OrtDrafter:
@@ -66,17 +65,9 @@ class OrtDrafter:
         self._store(rows, *out)
 
     def draft(self, slots, new_features, anchors, temperature, top_k, top_p, uniforms) -> DraftStep:
-        """draft_compact, with q spelled out as one-hots where it came back empty (the engine gathers q only for a pass
-        that has sampled requests; an all-greedy pass verifies without it)."""
-        step = self.draft_compact(slots, new_features, anchors, temperature, top_k, top_p, uniforms)
-        if step.probs.shape[-1] == 0:
-            step.probs = torch.from_numpy(greedy_probs(step.tokens.numpy(), self.config.vocab_size))
-        return step
-
-    def draft_compact(self, slots, new_features, anchors, temperature, top_k, top_p, uniforms) -> DraftStep:
         """Append each slot's new context features, then draft one block per slot: one `draft` call. When every
-        request is greedy, q comes back empty ([R, B, 0]): it is the one-hot of each token (target ids, target
-        vocabulary), which dspark_draft does not ship over BLS (BlsRuntime builds it where it is used)."""
+        request is greedy, q comes back empty ([R, B, 0]; DraftStep.full_probs): the engine reads q only for a
+        verification pass with sampled requests, and dspark_draft does not ship one-hots over BLS."""
         slots_np = np.asarray(slots, dtype=np.int64)
         rows = self._new_rows(slots_np, new_features, room=self.block_size)
         if uniforms is None:

@@ -91,7 +91,7 @@ class DraftService:
         if "anchors" not in inputs:
             drafter.extend_context(slots, per_slot)
             return {}
-        step = drafter.draft_compact(slots, per_slot, torch.as_tensor(inputs["anchors"]),
+        step = drafter.draft(slots, per_slot, torch.as_tensor(inputs["anchors"]),
                                      torch.as_tensor(inputs["temperature"]), torch.as_tensor(inputs["top_k"]),
                                      torch.as_tensor(inputs["top_p"]), torch.as_tensor(inputs["uniforms"]))
         conf = step.confidence_logits

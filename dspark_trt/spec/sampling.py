@@ -8,19 +8,10 @@ an inverse-CDF lookup, which makes runs reproducible from a per-request seed and
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 GREEDY_TEMPERATURE = 1e-5  # below this a temperature means greedy (argmax), as in the reference
 PARTIAL_SORT_WIDTH = 1024  # candidates sorted for a row with top-p alone before its whole row is
-
-
-def greedy_probs(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
-    """q of greedy draws [..., vocab_size]: the one-hot of each token. Built where it is used rather than
-    shipped (a block of 16 requests' one-hots is 22 MB over BLS); calloc'd, so only the ones' pages are touched."""
-    probs = np.zeros((*tokens.shape, vocab_size), np.float32)
-    np.put_along_axis(probs, tokens[..., None], 1.0, axis=-1)
-    return probs
 
 
 def is_greedy(temperature):
