@@ -219,9 +219,9 @@ def test_split_runtime_gives_the_in_process_tokens(engines):
 
 def test_a_split_request_resuming_drafting_ships_one_steps_rows(engines):
     """Under a draft gate that finds drafting never pays and an engine without a context backlog, dspark_draft gets
-    one extend-only call a step (no anchors, nothing back) for the requests that do not draft, so a probe that
-    resumes drafting after skipped steps carries only the last step's rows, never their backlog; the tokens are the
-    in-process engine's and plain decoding's."""
+    one extend-only call a step (no anchors, nothing back) for the requests with new rows, so a probe that resumes
+    drafting after skipped steps carries none of their rows; the tokens are the in-process engine's and plain
+    decoding's."""
     from dspark_trt.engine.engine import Engine
     from dspark_trt.runtimes.bls_runtime import BlsRuntime
     from dspark_trt.runtimes.ort_runtime import OrtRuntime
@@ -258,7 +258,7 @@ def test_a_split_request_resuming_drafting_ships_one_steps_rows(engines):
         extend_only = "anchors" not in inputs
         assert (result == {}) == extend_only
         for slot, start, rows in zip(inputs["slots"], inputs["context_starts"], inputs["feature_counts"]):
-            assert start == 0 or 0 < rows <= runtime.block_size + 1  # after the prompt: one step's rows at most
+            assert start == 0 or rows <= (runtime.block_size + 1) * extend_only  # a draft carries no backlog
             resumed += not extend_only and last.get(slot) == "extended"
             last[slot] = "extended" if extend_only else "drafted"
     assert resumed >= 2 and sum("anchors" not in inputs for inputs, _ in draft_calls) > 10

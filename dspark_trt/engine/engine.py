@@ -2,8 +2,8 @@
 
 Each step (1) admits waiting requests into free slots, (2) prefills prompts in chunks, (3) drafts a
 block for every decoding request in one draft pass (or, with the draft gate, for one or none of them),
-having first extended, in one call, the drafter's context of the requests that do not draft this step and
-whose target features not yet given to the drafter have reached a backlog of `context_backlog` rows,
+having first extended, in one call, the drafter's context of the requests whose target features not yet
+given to the drafter have reached a backlog of `context_backlog` rows (a new prompt's, or skipped steps'),
 (4) lets the scheduler pick each request's verification length from calibrated confidences, (5) verifies
 all prefixes in one target pass with the DSparkVerify semantics, and (6) commits accepted tokens, rolls
 back rejected K/V and streams the new tokens. So the drafter holds a request's context but its backlog,
@@ -120,19 +120,19 @@ class Engine:
         prefilling = [r for r in self.running if r.prefilled < len(r.prompt_ids)]
         if prefilling:
             self._guard(prefilling, self._prefill, prefilling)
-        started = time.perf_counter()  # a decode step's seconds, for the draft gate, include the extension
         decoding = [r for r in self.running if r.anchor is not None and not r.done]
         max_lengths = self._max_lengths(decoding)  # nothing below changes them before the decode pass
         if decoding:
             self._guard(decoding, self._plan_drafts, decoding, max_lengths)
-        extending = [r for r in self.running
-                     if r.pending_rows >= self.context_backlog and r.last_draft_step != self.steps]
+        # every request with a backlog, drafting or not: a draft carries less than a backlog, so the decode pass
+        # the gate times never carries a prompt (a probe drafts for the stalest request, often one just prefilled)
+        extending = [r for r in self.running if r.pending_rows >= self.context_backlog]
         if extending:
             self._guard(extending, self._extend_contexts, extending)
         live = [i for i, r in enumerate(decoding) if not r.done]
         if live:
             decoding = [decoding[i] for i in live]
-            self._guard(decoding, self._decode, decoding, max_lengths[live], started)
+            self._guard(decoding, self._decode, decoding, max_lengths[live])
         self.running = [r for r in self.running if not r.done]
 
     def _guard(self, requests: list[Request], fn, *args) -> None:
@@ -198,9 +198,13 @@ class Engine:
         self.runtime.extend_context(torch.tensor([r.slot for r in requests], dtype=torch.long),
                                     [self._take_features(r) for r in requests])
 
-    def _decode(self, requests: list[Request], max_lengths: torch.Tensor, started: float) -> None:
+    def _decode(self, requests: list[Request], max_lengths: torch.Tensor) -> None:
         """One decode step of `requests` (max_lengths: _max_lengths's); those whose last_draft_step is this step
-        draft first."""
+        draft first. The draft gate is told the step's seconds from here on: a context extension before it is
+        not the price of either choice (a new prompt's rows are extended whatever the gate decides, and the
+        backlog's calls cost a few hundredths of a millisecond a step), and timing it made a prompt's first
+        step look 2.5x a plain step, which kept the gate drafting for the next several."""
+        started = time.perf_counter()
         rt = self.runtime
         n = len(requests)
         temperature = torch.tensor([r.params.temperature for r in requests], dtype=torch.float32)

@@ -16,8 +16,13 @@ two made the gate skip most math steps where drafting every step gained 16% (doc
 on the engines themselves drafting did not pay there, and the gate gained nothing either way).
 
 Both predicted step times are corrected by how long such steps really took here (an EWMA of measured /
-predicted seconds), so a cost table profiled under other conditions, or engine overhead it does not see,
-cannot keep the gate wrong; the expected tokens are
+predicted seconds per number of requests in the step), so a cost table profiled under other conditions, or
+engine overhead it does not see, cannot keep the gate wrong. Per number of requests, because that overhead is
+a different share of a step at another count: served at 16 concurrent streams, plain steps last timed while 3
+requests ran (1.31x the table) made drafting look cheaper than plain decoding at 16 (1.18x): the gate drafted
+and ran 12-22% below plain decoding. A count where only one kind of step was timed uses that kind's scale for
+both, so the table alone compares them until the other kind is timed there (and the other's scale is where its
+own starts from). The expected tokens are
 corrected the same way, by the drafts really accepted over those the calibrated survival predicted for
 what was verified, so confidences that run high (calibrated on other prompts) cannot keep it drafting.
 While it declines, it probes after skipping 1, 2, 4, ... `max_backoff` steps: the engine drafts for one
@@ -56,7 +61,8 @@ class DraftGate:
         # survival of the drafts verified), and the share of them that verified 0, 1, ... γ drafts [γ + 1]
         self.expected_tokens: float | None = None
         self.verified_share: torch.Tensor | None = None
-        self.time_scale = {"draft": 1.0, "plain": 1.0}  # EWMA of measured / predicted step seconds
+        # EWMA of measured / predicted step seconds, per kind of step and number of requests in it
+        self.time_scale: dict[str, dict[int, float]] = {"draft": {}, "plain": {}}
         self._accepted: float | None = None  # EWMA of the drafts accepted per drafted step that verified
         self._predicted: float | None = None  # EWMA of the accepted drafts survival predicted for those steps
         self._prices: dict[tuple[int, int], tuple[float, float]] = {}  # _step_prices, until the next draft
@@ -84,8 +90,14 @@ class DraftGate:
         n, room = max_lengths.shape[0], int((max_lengths > 0).sum())  # only requests with room verify drafts
         expected = n + self.token_scale * room * (self.expected_tokens - 1.0)
         draft_seconds, plain_seconds = self._step_prices(n, room)
-        return (expected / (self.time_scale["draft"] * draft_seconds)
-                / (n / (self.time_scale["plain"] * plain_seconds)) - 1.0)
+        return (expected / (self.scale("draft", n) * draft_seconds) / (n / (self.scale("plain", n) * plain_seconds))
+                - 1.0)
+
+    def scale(self, kind: str, n_requests: int) -> float:
+        """Measured / predicted seconds of `kind` steps ("draft", "plain") of n_requests; the other kind's where
+        only it was timed at that count, 1 where neither was."""
+        other = self.time_scale["plain" if kind == "draft" else "draft"]
+        return self.time_scale[kind].get(n_requests, other.get(n_requests, 1.0))
 
     def _step_prices(self, n: int, room: int) -> tuple[float, float]:
         """The cost table's seconds of a drafted step (over the rule's recent outcomes, each priced) and of a
@@ -124,10 +136,10 @@ class DraftGate:
             self._accepted = got if first else self._blend(self._accepted, got)
             self._predicted = predicted_accepted if first else self._blend(self._predicted, predicted_accepted)
         batch = n_requests + int(lengths.sum())
-        self._rescale("draft", seconds / self._profiled_draft_seconds(n_requests, batch, drafting=k))
+        self._rescale("draft", n_requests, seconds / self._profiled_draft_seconds(n_requests, batch, drafting=k))
 
     def observe_plain(self, n_requests: int, seconds: float) -> None:
-        self._rescale("plain", seconds / self._profiled_plain_seconds(n_requests))
+        self._rescale("plain", n_requests, seconds / self._profiled_plain_seconds(n_requests))
 
     def _profiled_draft_seconds(self, n_requests: int, batch: float | np.ndarray,
                                 drafting: int) -> float | np.ndarray:
@@ -139,8 +151,8 @@ class DraftGate:
             self._plain_prices[n_requests] = 1.0 / float(self.cost_table.sps(n_requests, n_requests))
         return self._plain_prices[n_requests]
 
-    def _rescale(self, kind: str, ratio: float) -> None:
-        self.time_scale[kind] = self._blend(self.time_scale[kind], ratio)
+    def _rescale(self, kind: str, n_requests: int, ratio: float) -> None:
+        self.time_scale[kind][n_requests] = self._blend(self.scale(kind, n_requests), ratio)
 
     def _blend(self, old, new):
         return (1 - self.smoothing) * old + self.smoothing * new
