@@ -78,6 +78,19 @@ def test_the_gate_prices_each_outcome_of_the_rule_not_the_mean_batch():
     assert schedule_dspark(conditional, jagged, torch.tensor([7])).tolist() == [0]
 
 
+def test_a_batch_of_drafts_outweighs_one_probe():
+    """A step where 16 requests drafted is 16 rounds of evidence, a probe one: after a confident probe, one step
+    of 16 unconfident drafters brings the prediction down to theirs, and the gate stops drafting for all."""
+    gate = DraftGate(flat_table(0.05))
+    observe(gate, HIGH, 2, seconds=0.15)  # a probe: 2.71 tokens in 0.15 s, drafting pays
+    sixteen = torch.full((16,), 2)
+    assert gate.plan(sixteen) == "draft"
+    lengths = torch.ones(16, dtype=torch.long)
+    gate.observe_draft(LOW.repeat(16, 1), 16, lengths, survival(LOW.repeat(16, 1), lengths), seconds=0.15)
+    assert gate.expected_tokens < 1.3  # the batch's 1.2, not 0.8 x 2.71 + 0.2 x 1.2 = 2.4
+    assert gate.predicted_gain(sixteen) < 0 and gate.plan(sixteen) != "draft"
+
+
 def test_accepted_drafts_correct_confidences_that_run_high():
     # HIGH predicts 1.71 accepted drafts per step: 2.71 tokens / 0.15 s = 18 tok/s against plain 10
     honest, optimistic = DraftGate(flat_table(0.05)), DraftGate(flat_table(0.05))

@@ -58,7 +58,8 @@ class DraftGate:
         self.max_backoff = max_backoff
         self.smoothing = smoothing
         # EWMAs over drafting requests of what the rule made of their drafts: expected tokens (1 + calibrated
-        # survival of the drafts verified), and the share of them that verified 0, 1, ... γ drafts [γ + 1]
+        # survival of the drafts verified), and the share of them that verified 0, 1, ... γ drafts [γ + 1]; a step
+        # where k requests drafted counts as k rounds, so one probe's request cannot outweigh a whole batch's
         self.expected_tokens: float | None = None
         self.verified_share: torch.Tensor | None = None
         # EWMA of measured / predicted step seconds, per kind of step and number of requests in it
@@ -127,8 +128,9 @@ class DraftGate:
         expected = 1.0 + predicted_accepted / k
         share = torch.bincount(lengths.long(), minlength=gamma + 1).double() / k
         first = self.expected_tokens is None
-        self.expected_tokens = expected if first else self._blend(self.expected_tokens, expected)
-        self.verified_share = share if first else self._blend(self.verified_share, share)
+        weight = 1.0 - (1.0 - self.smoothing) ** k  # k requests' rounds, each weighed as a probe's one
+        self.expected_tokens = expected if first else self._blend(self.expected_tokens, expected, weight)
+        self.verified_share = share if first else self._blend(self.verified_share, share, weight)
         self._prices.clear()
         if predicted_accepted > 0:
             got = float(accepted.sum())
@@ -154,8 +156,9 @@ class DraftGate:
     def _rescale(self, kind: str, n_requests: int, ratio: float) -> None:
         self.time_scale[kind][n_requests] = self._blend(self.scale(kind, n_requests), ratio)
 
-    def _blend(self, old, new):
-        return (1 - self.smoothing) * old + self.smoothing * new
+    def _blend(self, old, new, weight: float | None = None):
+        weight = self.smoothing if weight is None else weight
+        return (1 - weight) * old + weight * new
 
     def _decide(self, plan: str) -> str:
         self.decisions[plan] += 1
