@@ -92,8 +92,8 @@ class DraftService:
             drafter.extend_context(slots, per_slot)
             return {}
         step = drafter.draft(slots, per_slot, torch.as_tensor(inputs["anchors"]),
-                                     torch.as_tensor(inputs["temperature"]), torch.as_tensor(inputs["top_k"]),
-                                     torch.as_tensor(inputs["top_p"]), torch.as_tensor(inputs["uniforms"]))
+                             torch.as_tensor(inputs["temperature"]), torch.as_tensor(inputs["top_k"]),
+                             torch.as_tensor(inputs["top_p"]), torch.as_tensor(inputs["uniforms"]))
         conf = step.confidence_logits
         return {"tokens": step.tokens.numpy().astype(np.int64), "probs": step.probs.float().numpy(),
                 "confidence_logits": np.zeros((0, 0), np.float32) if conf is None else conf.float().numpy()}
