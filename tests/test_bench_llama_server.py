@@ -49,15 +49,17 @@ def test_the_server_closed_loop_decodes_greedily_what_llama_cpp_decodes_in_proce
     records = closed_loop_http(server.host, server.port, texts, 12, 2, 4, None, count)
     assert sorted(r.prompt for r in records) == [0, 0, 1, 1]  # round robin, every request answered
     assert all(0 < r.tokens <= 12 and r.submit <= r.first_token <= r.finish for r in records)
-    # the same prompt twice (greedy, and the second from the first's cached prefix): the same answer
-    assert len({r.output_digest for r in records if r.prompt == 0}) == 1
+    # the first round's budgets ramp (6, 12: bench/load.request_budget), then every request's is 12
+    assert sorted(r.max_tokens for r in records) == [6, 12, 12, 12]
+    # the same prompt twice at one budget (greedy, the second from the first's cached prefix): the same answer
+    assert len({r.output_digest for r in records if r.prompt == 1}) == 1
     # and it is llama.cpp's own greedy answer in this process, from our template's token ids
     local = LlamaCppPeer(source.path, 160, 1)
     eos = (local.llm.token_eos(),)
     for index, text in enumerate(texts):
         ids = local.generate(tokenizer.encode(text, add_special_tokens=False), 12, eos).output_ids
         answer = local.llm.detokenize([t for t in ids if t not in eos]).decode()
-        record = next(r for r in records if r.prompt == index)
+        record = next(r for r in records if r.prompt == index and r.max_tokens == 12)
         assert count(answer) == record.tokens and digest(answer) == record.output_digest
 
 

@@ -4,7 +4,7 @@ import json
 
 import matplotlib.pyplot as plt
 import pytest
-from test_triton_serving import engines, pair  # noqa: F401 - the tiny pair and its engines, shared
+from test_triton_serving import NEVER, engines, pair  # noqa: F401 - the tiny pair and its engines, shared
 
 from dspark_trt.bench.load import (RequestRecord, greedy_mismatches, pareto_front, parse_concurrency, parse_modes,
                                    percentile, summarize)
@@ -224,3 +224,30 @@ def test_bench_served_runs_both_paths_per_concurrency_on_one_schedule(pair, tmp_
     assert "served text equal to in-process: yes" in capsys.readouterr().out
     assert cli_main(["bench", "served", "--seconds", "0"]) == 2
     assert "--seconds must be > 0 and --rounds >= 1" in capsys.readouterr().err
+
+
+def test_the_closed_loop_ramps_the_first_round_so_plain_decoding_is_not_in_lockstep(pair):  # noqa: F811
+    """Four clients of plain decoding with equal budgets would finish every request at the same step and resubmit
+    together; the first round's budgets ramp (2, 4, 6, 8 tokens), so the clients' next requests go out at
+    different steps, and a ramped request's output is the prefix of its prompt's full one."""
+    from dspark_trt.bench.load import closed_loop_engine, request_budget
+    from dspark_trt.engine.engine import Engine
+    from dspark_trt.engine.request import SamplingParams
+    from dspark_trt.models.weights import load_target
+    from dspark_trt.runtimes.torch_runtime import TorchRuntime
+
+    assert [request_budget(n, 4, 8) for n in range(6)] == [2, 4, 6, 8, 8, 8]
+    target, _ = load_target(str(pair / "target"))
+    engine = Engine(TorchRuntime(target, num_slots=4, max_seq_len=64))
+    prompts = [[5, 6, 7], [8, 9, 10], [6, 7], [9, 5, 8, 6]]
+    records = closed_loop_engine(engine, prompts, SamplingParams(max_tokens=8, stop_ids=(NEVER,)), 4, 8, None,
+                                 digest_of=lambda ids: " ".join(map(str, ids)))
+    assert [r.max_tokens for r in sorted(records, key=lambda r: r.submit)] == [2, 4, 6, 8, 8, 8, 8, 8]
+    assert all(1 <= r.tokens <= r.max_tokens for r in records)
+    first_finish = min(r.finish for r in records)
+    later = sorted(r.submit for r in records if r.submit >= first_finish)  # the four sent as the others finished
+    gaps = [b - a for a, b in zip(later, later[1:])]
+    assert len(later) == 4
+    assert min(gaps) > 1e-4  # one a step (requests sent within one step go out microseconds apart)
+    full = {r.prompt: r.output_digest for r in records if r.max_tokens == 8}
+    assert all(full[r.prompt].startswith(r.output_digest) for r in records)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from dspark_trt.bench.load import RequestRecord, digest
+from dspark_trt.bench.load import RequestRecord, digest, request_budget
 from dspark_trt.bench.peers import PeerUnavailable, import_peer
 from dspark_trt.errors import DSparkError
 
@@ -154,7 +154,7 @@ def closed_loop_http(host: str, port: int, prompts: list[str], max_tokens: int, 
                      num_requests: int | None, duration_s: float | None, count_tokens: Callable[[str], int],
                      timeout_s: float = 600.0) -> list[RequestRecord]:
     """The closed loop of bench/load.py over the server: `concurrency` client threads, prompts round robin,
-    until num_requests were sent or duration_s passed (those in flight run to their end). Tokens are
+    budgets by request_budget, until num_requests were sent or duration_s passed (those in flight run to their end). Tokens are
     count_tokens(text), as in the served sweep; no rounds (ℓ 0, τ none)."""
     lock = threading.Lock()
     records: list[RequestRecord] = []
@@ -173,16 +173,16 @@ def closed_loop_http(host: str, port: int, prompts: list[str], max_tokens: int, 
 
     def client() -> None:
         while (number := claim()) is not None:
-            index = number % len(prompts)
+            index, budget = number % len(prompts), request_budget(number, concurrency, max_tokens)
             try:
-                submit, first, text = stream_completion(host, port, prompts[index], max_tokens, timeout_s)
+                submit, first, text = stream_completion(host, port, prompts[index], budget, timeout_s)
             except Exception as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
                 with lock:
                     errors.append(exc)
                 return
             finish = time.perf_counter()
             record = RequestRecord(prompt=index, submit=submit, first_token=first or finish, finish=finish,
-                                   tokens=count_tokens(text), output_digest=digest(text))
+                                   tokens=count_tokens(text), output_digest=digest(text), max_tokens=budget)
             with lock:
                 records.append(record)
 

@@ -131,13 +131,14 @@ def combined(rounds: list[list]) -> dict:
 
 
 def mismatched_prompts(local: list, remote: list) -> list[int]:
-    """Prompts whose served output differs from the in-process one (each side's digest of the decoded text)."""
-    local_digests: dict[int, set[str]] = {}
+    """Prompts whose served output differs from the in-process one at the same budget (each side's digest of the
+    decoded text)."""
+    local_digests: dict[tuple, set[str]] = {}
     for record in local:
-        local_digests.setdefault(record.prompt, set()).add(record.output_digest)
-    served_differs = {r.prompt for r in remote
-                      if r.prompt in local_digests and r.output_digest not in local_digests[r.prompt]}
-    return sorted(served_differs | {p for p, digests in local_digests.items() if len(digests) > 1})
+        local_digests.setdefault((record.prompt, record.max_tokens), set()).add(record.output_digest)
+    served_differs = {r.prompt for r in remote if (r.prompt, r.max_tokens) in local_digests
+                      and r.output_digest not in local_digests[r.prompt, r.max_tokens]}
+    return sorted(served_differs | {p for (p, _), digests in local_digests.items() if len(digests) > 1})
 
 
 def served_table(result: dict) -> str:
