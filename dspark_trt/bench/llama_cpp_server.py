@@ -154,8 +154,8 @@ def closed_loop_http(host: str, port: int, prompts: list[str], max_tokens: int, 
                      num_requests: int | None, duration_s: float | None, count_tokens: Callable[[str], int],
                      timeout_s: float = 600.0) -> list[RequestRecord]:
     """The closed loop of bench/load.py over the server: `concurrency` client threads, prompts round robin,
-    budgets by request_budget, until num_requests were sent or duration_s passed (those in flight run to their end). Tokens are
-    count_tokens(text), as in the served sweep; no rounds (ℓ 0, τ none)."""
+    budgets by request_budget, until num_requests were sent or duration_s passed (those in flight run to their
+    end). Tokens are count_tokens(text), as in the served sweep; no rounds (ℓ 0, τ none)."""
     lock = threading.Lock()
     records: list[RequestRecord] = []
     errors: list[BaseException] = []
