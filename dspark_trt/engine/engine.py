@@ -353,7 +353,7 @@ class Engine:
                 error: str | None = None) -> None:
         request.status, request.finish_reason, request.error = status, reason, error
         request.finish_time = time.perf_counter()
-        request.pending_features, request.pending_rows = [], 0
+        request.pending_features = []
         if request.slot is not None:
             self.runtime.free_slot(request.slot)
             request.slot = None
@@ -366,7 +366,7 @@ class Engine:
     @staticmethod
     def _take_features(request: Request) -> torch.Tensor | None:
         """The target taps the drafter has not seen yet (None if there are none)."""
-        pieces, request.pending_features, request.pending_rows = request.pending_features, [], 0
+        pieces, request.pending_features = request.pending_features, []
         if not pieces:
             return None
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
@@ -382,7 +382,6 @@ class Engine:
 def _add_features(request: Request, taps: torch.Tensor) -> None:
     """Append a pass's target taps to the rows the drafter has not seen yet."""
     request.pending_features.append(taps)
-    request.pending_rows += len(taps)
 
 
 def _history(request: Request) -> History | None:

@@ -127,9 +127,12 @@ class Request:
     # draft pass takes them, or a context extension (Runtime.extend_context) once they reach the engine's
     # context_backlog rows
     pending_features: list[torch.Tensor] = field(default_factory=list)
-    pending_rows: int = 0
     generator: torch.Generator | None = None
     cancel_requested: bool = False
+
+    @property
+    def pending_rows(self) -> int:
+        return sum(len(piece) for piece in self.pending_features)
 
     @property
     def done(self) -> bool:
