@@ -178,7 +178,7 @@ class Engine:
         row = 0
         for i, (request, chunk) in enumerate(batch):
             if self.speculate and out.taps is not None:
-                _add_features(request, out.taps[row: row + len(chunk)])
+                request.pending_features.append(out.taps[row: row + len(chunk)])
             row += len(chunk)
             request.prefilled += len(chunk)
             if request.prefilled < len(request.prompt_ids):
@@ -318,7 +318,7 @@ class Engine:
         # the target cache keeps the anchor and the accepted drafts; the new anchor is not cached yet
         self.runtime.rollback(request.slot, start + accepted + 1)
         if self.speculate and out.taps is not None:
-            _add_features(request, out.taps[row0: row0 + accepted + 1])
+            request.pending_features.append(out.taps[row0: row0 + accepted + 1])
         self._commit(request, new_ids, _logprobs(request, out.logits[row0: row0 + accepted + 1], new_ids))
 
     def _commit(self, request: Request, new_ids: list[int], logprobs: list[float] | None = None) -> None:
@@ -377,11 +377,6 @@ class Engine:
             return None
         temps = self.sts_temperatures if self.sts_temperatures is not None else torch.ones(confidence_logits.shape[1])
         return apply_sts(confidence_logits.float(), temps)
-
-
-def _add_features(request: Request, taps: torch.Tensor) -> None:
-    """Append a pass's target taps to the rows the drafter has not seen yet."""
-    request.pending_features.append(taps)
 
 
 def _history(request: Request) -> History | None:
